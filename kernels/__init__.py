@@ -1,0 +1,20 @@
+"""Triton kernels of tritonquant, each launcher (``triton_*``) beside its plain-torch reference (``torch_*``).
+
+Installed as ``tritonquant.kernels``. Only ``tritonquant.codec`` chooses between the two.
+"""
+
+from .bitpack import torch_pack_bool, torch_unpack_bool, triton_pack_bool, triton_unpack_bool
+from .dequantize import torch_dequantize, triton_dequantize
+from .quantize import payload_nbytes, torch_quantize, triton_quantize
+
+__all__ = [
+    "payload_nbytes",
+    "torch_dequantize",
+    "torch_pack_bool",
+    "torch_quantize",
+    "torch_unpack_bool",
+    "triton_dequantize",
+    "triton_pack_bool",
+    "triton_quantize",
+    "triton_unpack_bool",
+]

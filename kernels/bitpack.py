@@ -1,0 +1,119 @@
+"""Dense bit packing of small integer codes, and the lossless 1-bit path for bool tensors.
+
+Layout (pinned by golden-byte tests, described in docs/format.md): codes are packed
+least-significant-bits first. With ``per_byte = 8 // bits``, code ``i`` of the stream lands in byte
+``i // per_byte`` at bit offset ``(i % per_byte) * bits``. A stream of n codes takes
+``ceil(n / per_byte)`` bytes; groups are whole bytes because group sizes are powers of two >= 8.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import BOOL_BLOCK_BYTES, launch_options
+
+# ---------------------------------------------------------------------------------------------
+# Triton helpers shared by the quantize and dequantize kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def pack_codes(codes, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
+    """[ROWS, COLS] uint8 codes < 2**BITS -> [ROWS, COLS * BITS // 8] uint8 bytes."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    if PER_BYTE == 1:
+        return codes
+    grouped = tl.reshape(codes, (ROWS, COLS // PER_BYTE, PER_BYTE))
+    shifts = (tl.arange(0, PER_BYTE) * BITS).to(tl.uint8)
+    # The shifted fields are disjoint, so their sum is their bitwise or.
+    return tl.sum(grouped << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def unpack_codes(packed, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.constexpr):
+    """[ROWS, COLS * BITS // 8] uint8 bytes -> [ROWS, COLS] uint8 codes (inverse of pack_codes)."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    if PER_BYTE == 1:
+        return packed
+    shifts = (tl.arange(0, PER_BYTE) * BITS).to(tl.uint8)
+    fields = (packed[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(fields, (ROWS, COLS)).to(tl.uint8)
+
+
+def torch_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reference for ``pack_codes``: uint8 codes [..., m] with m % (8 // bits) == 0 -> uint8 [..., m * bits // 8]."""
+    per_byte = 8 // bits
+    fields = codes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32)
+    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
+    return (fields << shifts).sum(dim=-1).to(torch.uint8)
+
+
+def torch_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Reference for ``unpack_codes``: uint8 [..., k] -> uint8 codes [..., k * 8 // bits]."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
+    fields = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# bool <-> 1-bit, lossless
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pack_bool_kernel(src_ptr, dst_ptr, n_elements, BLOCK_BYTES: tl.constexpr):
+    # One program packs BLOCK_BYTES output bytes = 8 * BLOCK_BYTES input elements.
+    pid = tl.program_id(0)
+    byte_idx = pid.to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    elem_idx = byte_idx[:, None] * 8 + tl.arange(0, 8)[None, :]
+    bits = tl.load(src_ptr + elem_idx, mask=elem_idx < n_elements, other=0)
+    codes = (bits != 0).to(tl.uint8)
+    packed = tl.reshape(pack_codes(codes, BLOCK_BYTES, 8, 1), (BLOCK_BYTES,))
+    tl.store(dst_ptr + byte_idx, packed, mask=byte_idx * 8 < n_elements)
+
+
+@triton.jit
+def _unpack_bool_kernel(src_ptr, dst_ptr, n_elements, BLOCK_BYTES: tl.constexpr):
+    pid = tl.program_id(0)
+    byte_idx = pid.to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    packed = tl.load(src_ptr + byte_idx, mask=byte_idx * 8 < n_elements, other=0)
+    codes = unpack_codes(tl.reshape(packed, (BLOCK_BYTES, 1)), BLOCK_BYTES, 8, 1)
+    elem_idx = byte_idx[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(dst_ptr + elem_idx, codes, mask=elem_idx < n_elements)
+
+
+def packed_bool_nbytes(n_elements: int) -> int:
+    return (n_elements + 7) // 8
+
+
+def triton_pack_bool(flat: torch.Tensor) -> torch.Tensor:
+    """bool [n] (contiguous) -> uint8 [ceil(n / 8)], element i at bit i % 8 of byte i // 8."""
+    n = flat.numel()
+    out = torch.empty(packed_bool_nbytes(n), dtype=torch.uint8, device=flat.device)
+    if n:
+        grid = (triton.cdiv(out.numel(), BOOL_BLOCK_BYTES),)
+        _pack_bool_kernel[grid](flat.view(torch.uint8), out, n, BLOCK_BYTES=BOOL_BLOCK_BYTES, **launch_options())
+    return out
+
+
+def torch_pack_bool(flat: torch.Tensor) -> torch.Tensor:
+    """Reference for ``triton_pack_bool``."""
+    n = flat.numel()
+    padded = torch.zeros(packed_bool_nbytes(n) * 8, dtype=torch.uint8, device=flat.device)
+    padded[:n] = flat.view(torch.uint8)
+    return torch_pack_codes(padded, 1)
+
+
+def triton_unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
+    """uint8 [ceil(n / 8)] -> writes bool [n] into ``out`` (contiguous, n = out.numel())."""
+    n = out.numel()
+    if n:
+        grid = (triton.cdiv(packed.numel(), BOOL_BLOCK_BYTES),)
+        _unpack_bool_kernel[grid](packed, out.view(torch.uint8), n, BLOCK_BYTES=BOOL_BLOCK_BYTES, **launch_options())
+
+
+def torch_unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
+    """Reference for ``triton_unpack_bool``."""
+    n = out.numel()
+    out.view(torch.uint8).copy_(torch_unpack_codes(packed, 1)[:n])

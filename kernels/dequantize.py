@@ -1,0 +1,69 @@
+"""Fused dequantize: load packed codes and the group's (base, step), decode, cast, store; one pass.
+
+Element i of group g decodes to ``base[g] + code[i] * step[g]`` in float32 (two roundings, no FMA),
+then rounds to the output dtype. See kernels/quantize.py for how base and step are chosen.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .bitpack import torch_unpack_codes, unpack_codes
+from .launch import default_group_tile, launch_options
+
+
+@triton.jit
+def _round_to(value, DTYPE: tl.constexpr):
+    """float32 -> DTYPE with round-to-nearest-even, identical on GPU and under the interpreter."""
+    if DTYPE == tl.bfloat16:
+        # Integer rounding of the float32 bits: the interpreter's own bf16 cast truncates.
+        # NaN is replaced by the quiet NaN first, so the rounding carry cannot turn it into +/-0.
+        bits = tl.where(value != value, 0x7FC00000, value.to(tl.uint32, bitcast=True))
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value.to(DTYPE)
+
+
+@triton.jit
+def _dequantize_kernel(
+    payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+):
+    BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_valid = rows < n_groups
+    in_idx = rows.to(tl.int64)[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
+    packed = tl.load(payload_ptr + in_idx, mask=row_valid[:, None], other=0)
+    code = unpack_codes(packed, ROWS, GROUP, BITS).to(tl.float32)
+    base = tl.load(meta_ptr + rows * 2, mask=row_valid, other=0.0)
+    step = tl.load(meta_ptr + rows * 2 + 1, mask=row_valid, other=0.0)
+    value = base[:, None] + code * step[:, None]
+    idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty), mask=idx < n_elements)
+
+
+def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int) -> None:
+    """Decode into ``out``, a contiguous 1-D float32/float16/bfloat16 tensor of the original n elements."""
+    n = out.numel()
+    n_groups = meta.shape[0]
+    if n == 0:
+        return
+    rows, num_warps = default_group_tile(n_groups, group_size)
+    grid = (triton.cdiv(n_groups, rows),)
+    _dequantize_kernel[grid](
+        payload, meta, out, n, n_groups,
+        BITS=bits, GROUP=group_size, ROWS=rows, num_warps=num_warps, **launch_options(),
+    )
+
+
+def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int) -> None:
+    """Plain-PyTorch reference for ``triton_dequantize``: same signature, same bits out."""
+    n = out.numel()
+    n_groups = meta.shape[0]
+    if n == 0:
+        return
+    code = torch_unpack_codes(payload.view(n_groups, -1), bits).float()
+    value = meta[:, 0:1] + code * meta[:, 1:2]
+    out.copy_(value.reshape(-1)[:n])

@@ -1,0 +1,33 @@
+"""Launch settings shared by every kernel: numerics options and the tile-size choice.
+
+All kernels run with ``enable_fp_fusion=False`` so that ``a * b + c`` is rounded twice, as the torch
+reference computes it; with fusion on, the compiler may emit FMAs and the backends would differ in the
+last bit. The tile choice lives here so that the tuner has one place to plug in.
+"""
+
+import os
+
+import triton
+
+BOOL_BLOCK_BYTES = 1024
+# Elements one program handles on a GPU, before tuning; the interpreter prefers fewer, larger tiles.
+GPU_TILE_ELEMENTS = 4096
+INTERPRETER_TILE_ELEMENTS = 1 << 16
+
+
+def is_interpreted() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_options() -> dict:
+    return {"enable_fp_fusion": False}
+
+
+def default_group_tile(n_groups: int, group_size: int) -> tuple[int, int]:
+    """(groups per program, num_warps) for the quantize/dequantize kernels, before any tuning."""
+    tile = INTERPRETER_TILE_ELEMENTS if is_interpreted() else GPU_TILE_ELEMENTS
+    rows = max(1, tile // group_size)
+    rows = min(rows, triton.next_power_of_2(max(n_groups, 1)))
+    num_warps = 4 if rows * group_size <= 4096 else 8
+    return rows, num_warps

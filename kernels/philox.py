@@ -1,0 +1,64 @@
+"""Philox4x32-10 in plain PyTorch, matching ``tl.rand(seed, offsets)`` bit for bit.
+
+Stochastic rounding draws its uniforms from a counter-based generator so that a draw depends only on
+(seed, element counter): no state is consumed from torch's global generator (dropout masks and
+``torch.rand`` stay unchanged) and the torch backend can reproduce the Triton kernel exactly.
+
+Triton's ``tl.rand(seed, offset)`` with an int64 ``offset`` runs Philox4x32 with
+counter = (offset_lo, offset_hi, 0, 0) and key = (seed_lo, seed_hi), then maps the first output word
+to a float in [0, 1). The same is done here with uint32 arithmetic emulated in int64 tensors.
+"""
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_ROUNDS = 10
+# Largest float32 with (2**31 - 1) * scale < 1 after rounding; the constant tl.rand uses.
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mul_hi_lo(constant: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of ``constant * value`` for uint32 operands held in int64.
+
+    The full 64-bit product overflows int64, so ``value`` is split into 16-bit halves.
+    """
+    value_lo = value & 0xFFFF
+    value_hi = value >> 16
+    low_part = constant * value_lo  # < 2**48
+    mid = constant * value_hi + (low_part >> 16)  # < 2**49
+    hi = mid >> 16
+    lo = ((mid & 0xFFFF) << 16) | (low_part & 0xFFFF)
+    return hi & _MASK32, lo & _MASK32
+
+
+def torch_philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1) for every int64 counter, equal to ``tl.rand(seed, counters)``.
+
+    Args:
+        seed: integer key, 0 <= seed < 2**64 (values >= 2**63 must be passed as their int64 wrap).
+        counters: int64 tensor of any shape; each element is an independent draw.
+    Returns:
+        float32 tensor with the shape and device of ``counters``.
+    """
+    counters = counters.to(torch.int64)
+    seed &= (1 << 64) - 1
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = counters & _MASK32
+    c1 = (counters >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    # Reinterpret the word as int32, fold negatives with bitwise not, scale into [0, 1).
+    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    folded = torch.where(signed < 0, ~signed, signed).to(torch.int32)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)

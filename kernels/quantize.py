@@ -1,0 +1,240 @@
+"""Fused quantize: load a group, reduce, choose the grid, round, pack, store; one pass over the input.
+
+Input: a flat tensor of n float32/float16/bfloat16 elements in physical memory order, cut into
+``n_groups = ceil(n / group_size)`` groups of consecutive elements (the last may be partial).
+Output:
+    payload  uint8 [n_groups * group_size * bits // 8]   codes, packed as in kernels/bitpack.py
+    meta     float32 [n_groups, 2]                        (base, step); element = base + code * step
+
+How the grid is chosen (docs/format.md has the full story):
+    * [lo, hi] = min/max of the group ("minmax"), or that range narrowed to mean +/- 3 sigma ("sigma").
+      If the group's values include zero (lo <= 0 <= hi) the grid range is widened to include zero.
+    * One-signed groups count away from zero: base is the range end nearest zero and step carries the
+      sign, so decoded values keep the group's sign; a group touching zero gets base = 0 exactly.
+    * Mixed-sign groups put zero on a grid point z, with at least one level on each side (bits >= 2):
+      base = -(z * step), so code z decodes to exactly 0.0.
+    * Codes are round-to-nearest (or stochastic) on that grid, then nudged so that exact zeros map to
+      zero and nonzero values never decode to zero or to the other sign.
+    * A group holding NaN or +/-Inf gets step = NaN, so every element of it decodes to NaN.
+
+The torch reference ``torch_quantize`` repeats the kernel's arithmetic operation for operation (fp32,
+correctly rounded division and square root, no fused multiply-add), so deterministic rounding is
+bit-identical across backends. The sigma statistics sum integers (16-bit fixed point of the centred
+values) because integer sums do not depend on the reduction order.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .bitpack import pack_codes, torch_pack_codes
+from .launch import default_group_tile, launch_options
+from .philox import torch_philox_uniform
+
+SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Moseley use 3)
+FIXED_POINT_SCALE = 32768.0  # centred values map into [-2**15, 2**15] for the sigma statistics
+_TINY_RANGE = 2.0**-100  # below this half-range the sigma statistics are taken as zero
+_MIN_NORMAL = 2.0**-126  # a step below this has no finite fp32 reciprocal
+
+
+def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
+    n_groups = -(-n_elements // group_size)
+    return n_groups * group_size * bits // 8
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr,
+):
+    LEVELS_M1: tl.constexpr = (1 << BITS) - 1
+    # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
+    Z_MIN: tl.constexpr = 1 if BITS > 1 else 0
+    Z_MAX: tl.constexpr = LEVELS_M1 - 1 if BITS > 1 else LEVELS_M1
+
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_valid = rows < n_groups
+    idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    valid = idx < n_elements
+    x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+
+    finite = tl.abs(x) < float("inf")  # false for NaN and +/-Inf
+    ok = valid & finite
+    bad = (tl.max((valid & ~finite).to(tl.int32), axis=1) > 0) | ~row_valid
+    lo = tl.where(bad, 0.0, tl.min(tl.where(ok, x, float("inf")), axis=1))
+    hi = tl.where(bad, 0.0, tl.max(tl.where(ok, x, -float("inf")), axis=1))
+    xs = tl.where(ok, x, 0.0)
+
+    if SIGMA:
+        center = lo * 0.5 + hi * 0.5
+        half = hi * 0.5 - lo * 0.5
+        to_fixed = tl.where(half > 0, tl.div_rn(FIXED_POINT_SCALE, tl.maximum(half, _TINY_RANGE)), 0.0)
+        fixed = (tl.where(ok, x - center[:, None], 0.0) * to_fixed[:, None]).to(tl.int32)
+        sum1 = tl.sum(fixed, axis=1)
+        sum2 = tl.sum((fixed * fixed).to(tl.int64), axis=1)
+        count = tl.maximum(tl.minimum(n_elements - rows.to(tl.int64) * GROUP, GROUP), 1).to(tl.float32)
+        mean_fixed = tl.div_rn(sum1.to(tl.float32), count)
+        var_fixed = tl.maximum(tl.div_rn(sum2.to(tl.float32), count) - mean_fixed * mean_fixed, 0.0)
+        unit = half * (1.0 / FIXED_POINT_SCALE)
+        mean = tl.minimum(tl.maximum(center + mean_fixed * unit, lo), hi)
+        width = SIGMA_WIDTH * (tl.sqrt_rn(var_fixed) * unit)
+        g_lo = tl.maximum(lo, mean - width)
+        g_hi = tl.minimum(hi, mean + width)
+        collapsed = g_hi <= g_lo
+        g_lo = tl.where(collapsed, lo, g_lo)
+        g_hi = tl.where(collapsed, hi, g_hi)
+    else:
+        g_lo = lo
+        g_hi = hi
+    g_lo = tl.where(lo <= 0, tl.minimum(g_lo, 0.0), g_lo)
+    g_hi = tl.where(hi >= 0, tl.maximum(g_hi, 0.0), g_hi)
+
+    has_neg = lo < 0
+    has_pos = hi > 0
+    mixed = has_neg & has_pos
+    negative_side = has_neg & ~has_pos
+    near = tl.where(negative_side, g_hi, g_lo)
+    far = tl.where(negative_side, g_lo, g_hi)
+    step = tl.div_rn(far - near, LEVELS_M1 * 1.0)
+    inv_step = tl.where(tl.abs(step) >= _MIN_NORMAL, tl.div_rn(1.0, step), 0.0)
+    z_mixed = tl.minimum(tl.maximum(tl.floor(-g_lo * inv_step + 0.5), Z_MIN * 1.0), Z_MAX * 1.0)
+    z = tl.where(mixed, z_mixed, tl.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
+    base = tl.where(mixed, -(z * step), near)
+
+    t = (xs - base[:, None]) * inv_step[:, None]
+    if STOCHASTIC:
+        t = t + tl.rand(seed, rng_offset + idx)
+    else:
+        t = t + 0.5
+    code = tl.minimum(tl.maximum(tl.floor(t), 0.0), LEVELS_M1 * 1.0)
+    nonzero = xs != 0
+    away = nonzero & ((xs > 0) == (step[:, None] > 0))  # value lies on the "code > z" side of zero
+    code = tl.where(away, tl.maximum(code, z[:, None] + 1.0), code)
+    code = tl.where(nonzero & ~away, tl.minimum(code, z[:, None] - 1.0), code)
+    code = tl.where(nonzero, code, z[:, None])
+    code = tl.minimum(tl.maximum(code, 0.0), LEVELS_M1 * 1.0)
+    code = tl.where(valid, code, 0.0).to(tl.uint8)
+
+    BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
+    packed = pack_codes(code, ROWS, GROUP, BITS)
+    out_idx = rows.to(tl.int64)[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
+    tl.store(payload_ptr + out_idx, packed, mask=row_valid[:, None])
+    tl.store(meta_ptr + rows * 2, base, mask=row_valid)
+    tl.store(meta_ptr + rows * 2 + 1, tl.where(bad, float("nan"), step), mask=row_valid)
+
+
+def triton_quantize(
+    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a contiguous 1-D float tensor. Returns (payload uint8, meta float32 [n_groups, 2]).
+
+    Element i draws its stochastic-rounding uniform from Philox(seed, counter = rng_offset + i).
+    """
+    n = flat.numel()
+    n_groups = -(-n // group_size)
+    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=flat.device)
+    meta = torch.empty((n_groups, 2), dtype=torch.float32, device=flat.device)
+    if n == 0:
+        return payload, meta
+    rows, num_warps = default_group_tile(n_groups, group_size)
+    grid = (triton.cdiv(n_groups, rows),)
+    _quantize_kernel[grid](
+        flat, payload, meta, n, n_groups, seed, rng_offset,
+        BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
+        num_warps=num_warps, **launch_options(),
+    )
+    return payload, meta
+
+
+def _exact_div(numerator: float, t: torch.Tensor) -> torch.Tensor:
+    # torch evaluates `scalar / tensor` as a reciprocal times the scalar (two roundings);
+    # tensor / tensor is the correctly rounded IEEE division that tl.div_rn computes.
+    return torch.full_like(t, numerator) / t
+
+
+def _exact_sqrt(t: torch.Tensor) -> torch.Tensor:
+    # torch's vectorized float32 sqrt on CPU can be 1 ulp off; the float64 root of a float32 value,
+    # rounded to float32, is the correctly rounded float32 root that tl.sqrt_rn computes.
+    return t.double().sqrt().float()
+
+
+def torch_quantize(
+    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch reference for ``triton_quantize``: same signature, same bits out."""
+    n = flat.numel()
+    n_groups = -(-n // group_size)
+    device = flat.device
+    levels_m1 = float((1 << bits) - 1)
+    z_min, z_max = (1.0, levels_m1 - 1.0) if bits > 1 else (0.0, levels_m1)
+    if n == 0:
+        empty = torch.empty(0, dtype=torch.uint8, device=device)
+        return empty, torch.empty((0, 2), dtype=torch.float32, device=device)
+
+    # [n_groups, group_size] view of the input, padded with zeros that `valid` masks out.
+    x = torch.zeros(n_groups * group_size, dtype=torch.float32, device=device)
+    x[:n] = flat.float()
+    x = x.view(n_groups, group_size)
+    valid = (torch.arange(n_groups * group_size, device=device) < n).view(n_groups, group_size)
+
+    finite = x.abs() < float("inf")
+    ok = valid & finite
+    bad = (valid & ~finite).any(dim=1)
+    inf = torch.tensor(float("inf"), device=device)
+    lo = torch.where(bad, 0.0, torch.where(ok, x, inf).amin(dim=1))
+    hi = torch.where(bad, 0.0, torch.where(ok, x, -inf).amax(dim=1))
+    xs = torch.where(ok, x, 0.0)
+
+    if sigma:
+        center = lo * 0.5 + hi * 0.5
+        half = hi * 0.5 - lo * 0.5
+        to_fixed = torch.where(half > 0, _exact_div(FIXED_POINT_SCALE, half.clamp(min=_TINY_RANGE)), 0.0)
+        fixed = (torch.where(ok, x - center[:, None], 0.0) * to_fixed[:, None]).to(torch.int32)
+        sum1 = fixed.sum(dim=1, dtype=torch.int64)
+        sum2 = (fixed * fixed).to(torch.int64).sum(dim=1)
+        count = (n - torch.arange(n_groups, device=device) * group_size).clamp(1, group_size).float()
+        mean_fixed = sum1.float() / count
+        var_fixed = (sum2.float() / count - mean_fixed * mean_fixed).clamp(min=0.0)
+        unit = half * (1.0 / FIXED_POINT_SCALE)
+        mean = torch.minimum(torch.maximum(center + mean_fixed * unit, lo), hi)
+        width = SIGMA_WIDTH * (_exact_sqrt(var_fixed) * unit)
+        g_lo = torch.maximum(lo, mean - width)
+        g_hi = torch.minimum(hi, mean + width)
+        collapsed = g_hi <= g_lo
+        g_lo = torch.where(collapsed, lo, g_lo)
+        g_hi = torch.where(collapsed, hi, g_hi)
+    else:
+        g_lo, g_hi = lo, hi
+    g_lo = torch.where(lo <= 0, g_lo.clamp(max=0.0), g_lo)
+    g_hi = torch.where(hi >= 0, g_hi.clamp(min=0.0), g_hi)
+
+    has_neg, has_pos = lo < 0, hi > 0
+    mixed = has_neg & has_pos
+    negative_side = has_neg & ~has_pos
+    near = torch.where(negative_side, g_hi, g_lo)
+    far = torch.where(negative_side, g_lo, g_hi)
+    step = (far - near) / levels_m1
+    inv_step = torch.where(step.abs() >= _MIN_NORMAL, _exact_div(1.0, step), 0.0)
+    z_mixed = torch.floor(-g_lo * inv_step + 0.5).clamp(z_min, z_max)
+    z = torch.where(mixed, z_mixed, torch.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
+    base = torch.where(mixed, -(z * step), near)
+
+    t = (xs - base[:, None]) * inv_step[:, None]
+    if stochastic:
+        counters = rng_offset + torch.arange(n_groups * group_size, device=device, dtype=torch.int64)
+        t = t + torch_philox_uniform(seed, counters).view(n_groups, group_size)
+    else:
+        t = t + 0.5
+    code = torch.floor(t).clamp(0.0, levels_m1)
+    nonzero = xs != 0
+    away = nonzero & ((xs > 0) == (step[:, None] > 0))
+    code = torch.where(away, torch.maximum(code, z[:, None] + 1.0), code)
+    code = torch.where(nonzero & ~away, torch.minimum(code, z[:, None] - 1.0), code)
+    code = torch.where(nonzero, code, z[:, None])
+    code = torch.where(valid, code.clamp(0.0, levels_m1), 0.0).to(torch.uint8)
+
+    payload = torch_pack_codes(code, bits).reshape(-1)
+    meta = torch.stack([base, torch.where(bad, float("nan"), step)], dim=1)
+    return payload, meta

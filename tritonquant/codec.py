@@ -1,0 +1,193 @@
+"""quantize / dequantize: layout handling around the kernels, and the one place that picks a backend.
+
+A tensor is packed in physical memory order: its storage is read as one flat run of elements, so
+channels_last and other permuted layouts cost no copy and come back with their strides. Broadcast
+(stride-0) dimensions are collapsed before packing and re-expanded after; a tensor with gaps between
+its elements is first copied densely, keeping its dimension order.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import kernels
+from .config import MAX_SEED, QuantConfig
+from .kernels.launch import is_interpreted
+from .packed import PackedTensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = FLOAT_DTYPES + (torch.bool,)
+
+_QUANTIZE = {"triton": kernels.triton_quantize, "torch": kernels.torch_quantize}
+_DEQUANTIZE = {"triton": kernels.triton_dequantize, "torch": kernels.torch_dequantize}
+_PACK_BOOL = {"triton": kernels.triton_pack_bool, "torch": kernels.torch_pack_bool}
+_UNPACK_BOOL = {"triton": kernels.triton_unpack_bool, "torch": kernels.torch_unpack_bool}
+
+
+class _RandomStream:
+    """The library's own Philox stream: a seed and a counter that every unseeded call advances."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._lock = threading.Lock()
+        self.seed = seed
+        self.offset = 0
+
+    def reserve(self, count: int) -> tuple[int, int]:
+        with self._lock:
+            offset = self.offset
+            self.offset = (self.offset + count) % 2**62
+            return self.seed, offset
+
+
+_stream = _RandomStream()
+
+
+def manual_seed(seed: int) -> None:
+    """Seed the library's stochastic-rounding stream (never torch's global generator)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
+    global _stream
+    _stream = _RandomStream(seed)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map "auto" to "triton" on CUDA and "torch" elsewhere; check that "triton" can run on ``device``."""
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not is_interpreted():
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 to interpret kernels on the CPU); "
+            f"got a tensor on {device.type}. Use backend='auto' or 'torch'."
+        )
+    return backend
+
+
+def quantize(
+    x: torch.Tensor,
+    *,
+    bits: int = 4,
+    scheme: str = "minmax",
+    stochastic: bool = False,
+    group_size: int = QuantConfig.group_size,
+    seed: int | None = None,
+    backend: str = "auto",
+) -> PackedTensor:
+    """Quantize and bit-pack ``x`` (float32/float16/bfloat16 of any shape and strides, or bool).
+
+    See ``QuantConfig`` for the keywords. bool tensors are packed losslessly at 1 bit whatever ``bits`` is.
+    Returns a ``PackedTensor``; ``dequantize`` restores shape, dtype, device and strides.
+    """
+    config = QuantConfig(bits, scheme, stochastic, group_size, seed, backend)
+    return quantize_with(x, config)
+
+
+def quantize_with(x: torch.Tensor, config: QuantConfig) -> PackedTensor:
+    """``quantize`` with an already validated config (the pack hook's path)."""
+    _check_input(x)
+    backend = resolve_backend(config.backend, x.device)
+    x = x.detach()
+    stored = _collapse_broadcast(x)
+    if not _is_dense(stored):
+        stored = torch.empty_like(stored).copy_(stored)
+    n = stored.numel()
+    flat = stored.as_strided((n,), (1,))
+    with _on_device(x.device):
+        if x.dtype == torch.bool:
+            payload, meta = _PACK_BOOL[backend](flat), None
+            bits, scheme, stochastic = 1, "bool", False
+        else:
+            seed, offset = _rng_for(config, n)
+            payload, meta = _QUANTIZE[backend](
+                flat, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset
+            )
+            bits, scheme, stochastic = config.bits, config.scheme, config.stochastic
+    return PackedTensor(
+        payload=payload,
+        meta=meta,
+        shape=x.shape,
+        stride=x.stride(),
+        stored_shape=stored.shape,
+        stored_stride=stored.stride(),
+        dtype=x.dtype,
+        bits=bits,
+        group_size=config.group_size,
+        scheme=scheme,
+        stochastic=stochastic,
+    )
+
+
+def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
+    """Restore a ``PackedTensor``: same shape, dtype and device; the same strides for dense and
+    broadcast inputs, dense strides in the same dimension order for inputs that had gaps."""
+    if not isinstance(packed, PackedTensor):
+        raise TypeError(f"dequantize expects a tritonquant.PackedTensor, got {type(packed).__name__}")
+    backend = resolve_backend(backend, packed.device)
+    out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=packed.device)
+    flat = out.as_strided((out.numel(),), (1,))
+    with _on_device(packed.device):
+        if packed.meta is None:
+            _UNPACK_BOOL[backend](packed.payload, flat)
+        else:
+            _DEQUANTIZE[backend](packed.payload, packed.meta, flat, packed.bits, packed.group_size)
+    if out.shape != packed.shape:
+        out = out.expand(packed.shape)
+    return out
+
+
+def _check_input(x: object) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise TypeError(f"x.dtype must be one of {allowed}; got {str(x.dtype).replace('torch.', '')}")
+    if x.device.type == "meta":
+        raise ValueError("x is on the meta device and holds no data to quantize")
+
+
+def _rng_for(config: QuantConfig, n_elements: int) -> tuple[int, int]:
+    if not config.stochastic:
+        return 0, 0
+    if config.seed is not None:
+        return config.seed, 0
+    padded = -(-n_elements // config.group_size) * config.group_size
+    return _stream.reserve(padded)
+
+
+def _collapse_broadcast(x: torch.Tensor) -> torch.Tensor:
+    """View of ``x`` with every stride-0 dimension of size > 1 narrowed to size 1."""
+    for dim, (size, stride) in enumerate(zip(x.shape, x.stride())):
+        if stride == 0 and size > 1:
+            x = x.narrow(dim, 0, 1)
+    return x
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """True when the elements of ``x`` fill one gap-free, non-overlapping run of its storage."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _on_device(device: torch.device):
+    """Make ``device`` current while launching: autograd's thread may sit on another GPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return _nullcontext
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_nullcontext = _NullContext()
