@@ -14,7 +14,14 @@ from .launch import default_group_tile, launch_options
 
 @triton.jit
 def _round_to(value, DTYPE: tl.constexpr):
-    """float32 -> DTYPE with round-to-nearest-even, identical on GPU and under the interpreter."""
+    """float32 -> DTYPE with round-to-nearest-even, identical on GPU and under the interpreter.
+
+    Finite values saturate at DTYPE's largest finite value: a grid may overshoot the group's range by up
+    to half a step (a step at 1 bit), which must not turn a finite fp16 input into Inf. NaN stays NaN.
+    """
+    if DTYPE != tl.float32:
+        limit: tl.constexpr = 65504.0 if DTYPE == tl.float16 else 3.3895313892515355e38
+        value = tl.where(value > limit, limit, tl.where(value < -limit, -limit, value))
     if DTYPE == tl.bfloat16:
         # Integer rounding of the float32 bits: the interpreter's own bf16 cast truncates.
         # NaN is replaced by the quiet NaN first, so the rounding carry cannot turn it into +/-0.
@@ -66,4 +73,7 @@ def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tenso
         return
     code = torch_unpack_codes(payload.view(n_groups, -1), bits).float()
     value = meta[:, 0:1] + code * meta[:, 1:2]
+    if out.dtype != torch.float32:
+        limit = torch.finfo(out.dtype).max
+        value = torch.where(value > limit, limit, torch.where(value < -limit, -limit, value))
     out.copy_(value.reshape(-1)[:n])

@@ -98,7 +98,8 @@ def _quantize_kernel(
     near = tl.where(negative_side, g_hi, g_lo)
     far = tl.where(negative_side, g_lo, g_hi)
     step = tl.div_rn(far - near, LEVELS_M1 * 1.0)
-    inv_step = tl.where(tl.abs(step) >= _MIN_NORMAL, tl.div_rn(1.0, step), 0.0)
+    invertible = tl.abs(step) >= _MIN_NORMAL
+    inv_step = tl.where(invertible, tl.div_rn(1.0, tl.where(invertible, step, 1.0)), 0.0)
     z_mixed = tl.minimum(tl.maximum(tl.floor(-g_lo * inv_step + 0.5), Z_MIN * 1.0), Z_MAX * 1.0)
     z = tl.where(mixed, z_mixed, tl.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
     base = tl.where(mixed, -(z * step), near)
@@ -216,7 +217,8 @@ def torch_quantize(
     near = torch.where(negative_side, g_hi, g_lo)
     far = torch.where(negative_side, g_lo, g_hi)
     step = (far - near) / levels_m1
-    inv_step = torch.where(step.abs() >= _MIN_NORMAL, _exact_div(1.0, step), 0.0)
+    invertible = step.abs() >= _MIN_NORMAL
+    inv_step = torch.where(invertible, _exact_div(1.0, torch.where(invertible, step, 1.0)), 0.0)
     z_mixed = torch.floor(-g_lo * inv_step + 0.5).clamp(z_min, z_max)
     z = torch.where(mixed, z_mixed, torch.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
     base = torch.where(mixed, -(z * step), near)

@@ -1,0 +1,29 @@
+"""Test tensors shaped like real activations, with the hard cases planted in known groups."""
+
+import torch
+
+
+def activation_like(n: int, dtype: torch.dtype = torch.float32, group_size: int = 64, seed: int = 0,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
+    """A flat tensor of n elements: mostly N(0.3, 2) values, with group-aligned stretches that are
+    ReLU outputs (zeros and positives), all negative, constant, all zero, tiny, and huge.
+
+    Values are drawn in float32 and rounded to ``dtype``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 2 + 0.3
+    planted = [
+        lambda v: v.clamp(min=0),  # post-ReLU: exact zeros and positives
+        lambda v: -v.abs() - 0.5,  # strictly negative
+        lambda v: torch.full_like(v, 1.75),  # constant
+        lambda v: torch.zeros_like(v),  # all zero
+        lambda v: v * 1e-6,  # tiny, mixed signs
+        lambda v: v * 1e3,  # large (still finite in fp16)
+        lambda v: v.abs() + 3.0,  # strictly positive, far from zero
+        lambda v: -v.clamp(min=0),  # -ReLU: zeros and negatives
+    ]
+    n_groups = -(-n // group_size)
+    for k in range(1, n_groups, 2):  # every other group gets a planted pattern
+        start, stop = k * group_size, min((k + 1) * group_size, n)
+        x[start:stop] = planted[(k // 2) % len(planted)](x[start:stop])
+    return x.to(dtype).to(device)

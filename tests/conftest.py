@@ -1,0 +1,36 @@
+"""Test setup: without a GPU, Triton kernels run on the CPU through the interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, so this file sets it before anything
+imports tritonquant. Tests that need CUDA carry the ``gpu`` marker and are skipped without one.
+"""
+
+import os
+import sys
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+# Backends that can run here: Triton runs interpreted on CPU.
+BACKENDS = ("torch", "triton")
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE

@@ -1,0 +1,277 @@
+"""Quantize/dequantize kernels against their torch references and against the format's rules.
+
+Rules checked here (docs/format.md): codes in range; error at most half a step for nearest rounding
+except where sign preservation moves a value, at most one step always (within the grid's window);
+exact zeros stay zero and signs never flip (1 bit: for one-signed groups); a non-finite group decodes
+to non-finite; stochastic rounding is unbiased and reproducible and leaves torch's RNG alone.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from tests.activations import activation_like
+from tritonquant.kernels import torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
+from tritonquant.kernels.quantize import payload_nbytes
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BITS = (1, 2, 4, 8)
+SIZES = (1, 63, 64, 1000, 4099)
+GROUP = 64
+
+
+def quantize(flat, bits, scheme="minmax", stochastic=False, seed=0, offset=0, group_size=GROUP, backend="torch"):
+    fn = triton_quantize if backend == "triton" else torch_quantize
+    return fn(flat, bits, group_size, scheme == "sigma", stochastic, seed, offset)
+
+
+def decode_fp32(payload, meta, n, bits, group_size=GROUP):
+    out = torch.empty(n, dtype=torch.float32, device=meta.device)
+    torch_dequantize(payload, meta, out, bits, group_size)
+    return out
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("scheme", ["minmax", "sigma"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+def test_triton_matches_torch_bit_for_bit(n, bits, dtype, scheme, stochastic, device):
+    x = activation_like(n, dtype, GROUP, seed=n + bits, device=device)
+    p_triton, m_triton = quantize(x, bits, scheme, stochastic, seed=11, offset=5, backend="triton")
+    p_torch, m_torch = quantize(x, bits, scheme, stochastic, seed=11, offset=5, backend="torch")
+    assert torch.equal(p_triton, p_torch)
+    assert torch.equal(m_triton, m_torch)
+    # NaN-filled outputs: any element a kernel forgets to write shows up.
+    out_triton = torch.full((n,), float("nan"), dtype=dtype, device=device)
+    out_torch = torch.full((n,), float("nan"), dtype=dtype, device=device)
+    triton_dequantize(p_triton, m_triton, out_triton, bits, GROUP)
+    torch_dequantize(p_torch, m_torch, out_torch, bits, GROUP)
+    assert torch.equal(out_triton, out_torch)
+    assert torch.isfinite(out_triton).all(), "finite inputs decode finite"
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_output_is_fp32_decode_rounded_to_dtype(dtype, device):
+    x = activation_like(2000, dtype, GROUP, seed=3, device=device)
+    payload, meta = quantize(x, 4, backend="triton")
+    out = torch.empty_like(x)
+    triton_dequantize(payload, meta, out, 4, GROUP)
+    assert torch.equal(out, decode_fp32(payload, meta, x.numel(), 4).to(dtype))
+
+
+def group_view(t, group_size=GROUP):
+    n_groups = -(-t.numel() // group_size)
+    padded = torch.full((n_groups * group_size,), float("nan"), dtype=torch.float32, device=t.device)
+    padded[: t.numel()] = t.float()
+    return padded.view(n_groups, group_size)
+
+
+def grid_facts(x, meta, bits):
+    """Per group: step, zero code z (or None), whether z was pushed off its nearest position."""
+    levels_m1 = 2**bits - 1
+    xg = group_view(x)
+    lo = torch.nan_to_num(xg, nan=float("inf")).amin(1)
+    hi = torch.nan_to_num(xg, nan=float("-inf")).amax(1)
+    base, step = meta[:, 0], meta[:, 1]
+    mixed = (lo < 0) & (hi > 0)
+    z = torch.where(mixed, torch.round(-base / step), torch.zeros_like(base))
+    # A side holding less than half a step still gets its own level; the other side loses up to half a step.
+    forced = mixed & (((z == 1) & (-lo < step / 2)) | ((z == levels_m1 - 1) & (hi < step / 2)))
+    return xg, lo, hi, step, forced
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_minmax_nearest_error_bounds(bits, device):
+    x = activation_like(4096, torch.float32, GROUP, seed=bits, device=device)
+    payload, meta = quantize(x, bits)
+    xh = group_view(decode_fp32(payload, meta, x.numel(), bits))
+    xg, lo, hi, step, forced = grid_facts(x, meta, bits)
+    err = (xh - xg).abs()
+    slack = 1 + 2**-16  # fp32 rounding in t = (x - base) / step
+    step = step.abs()[:, None]
+    assert (err <= step * slack + 1e-30).all(), "every value within one step"
+    zero_in_range = ((lo <= 0) & (hi >= 0))[:, None]
+    moved = zero_in_range & (xg != 0) & (xg.abs() < step * slack)
+    exempt = moved | forced[:, None]
+    assert (err[~exempt] <= (step / 2 * slack + 1e-30).expand_as(err)[~exempt]).all(), "half a step unless moved"
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_sigma_error_bounds_inside_window_and_clamps_outside(bits, device):
+    x = activation_like(4096, torch.float32, GROUP, seed=10 + bits, device=device)
+    x[::97] *= 30  # outliers that the sigma window leaves outside
+    payload, meta = quantize(x, bits, scheme="sigma")
+    xh = group_view(decode_fp32(payload, meta, x.numel(), bits))
+    xg = group_view(x)
+    base, step = meta[:, 0:1], meta[:, 1:2]
+    ends = torch.cat([base, base + (2**bits - 1) * step], dim=1)
+    g_lo, g_hi = ends.amin(1, keepdim=True), ends.amax(1, keepdim=True)
+    inside = (xg >= g_lo - step.abs() / 2) & (xg <= g_hi + step.abs() / 2)
+    err = (xh - xg).abs()
+    assert (err[inside] <= (step.abs() * (1 + 2**-16)).expand_as(err)[inside]).all()
+    outside = ~inside & ~xg.isnan()
+    assert outside.any(), "test needs values outside the window"
+    # Clamped values land on the window's end on their own side (or at zero when sign keeps them there).
+    assert (xh[outside] >= torch.minimum(g_lo, torch.zeros_like(g_lo)).expand_as(xh)[outside]).all()
+    assert (xh[outside] <= torch.maximum(g_hi, torch.zeros_like(g_hi)).expand_as(xh)[outside]).all()
+
+
+@pytest.mark.parametrize("scheme", ["minmax", "sigma"])
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_codes_in_range_and_stochastic_within_one_step(bits, scheme, device):
+    x = activation_like(2048, torch.float32, GROUP, seed=bits, device=device)
+    payload, meta = quantize(x, bits, scheme, stochastic=True, seed=5)
+    assert payload.dtype == torch.uint8
+    xh = decode_fp32(payload, meta, x.numel(), bits)
+    assert torch.isfinite(xh).all()
+    if scheme == "minmax":
+        step = group_view(torch.ones_like(x)) * meta[:, 1:2].abs()
+        assert ((group_view(xh) - group_view(x)).abs() <= step * (1 + 2**-16)).all()
+
+
+@pytest.mark.parametrize("scheme", ["minmax", "sigma"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_zeros_exact_and_signs_kept(bits, stochastic, scheme, device):
+    x = activation_like(4096, torch.float32, GROUP, seed=20 + bits, device=device)
+    payload, meta = quantize(x, bits, scheme, stochastic, seed=3)
+    xh = decode_fp32(payload, meta, x.numel(), bits)
+    zero = x == 0
+    assert zero.any() and (xh[zero] == 0).all()
+    xg, xhg = group_view(x), group_view(xh)
+    if bits == 1:  # one bit keeps signs for groups of one sign
+        one_signed = ~((xg.nan_to_num(0) < 0).any(1) & (xg.nan_to_num(0) > 0).any(1))
+        xg, xhg = xg[one_signed], xhg[one_signed]
+    pos, neg = xg > 0, xg < 0
+    assert (xhg[pos] > 0).all() and (xhg[neg] < 0).all()
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_relu_mask_recovered_exactly(bits, device):
+    pre = activation_like(4096, torch.float32, GROUP, seed=1, device=device)
+    post = pre.clamp(min=0)
+    payload, meta = quantize(post, bits)
+    xh = decode_fp32(payload, meta, post.numel(), bits)
+    assert torch.equal(xh > 0, post > 0)
+
+
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("scheme", ["minmax", "sigma"])
+def test_grid_values_and_constant_groups_roundtrip_exactly(bits, scheme, device):
+    levels = 2**bits
+    g = torch.Generator().manual_seed(bits)
+    # Groups of k * 0.25 with both ends of the grid present: every value sits on a grid point.
+    codes = torch.randint(0, levels, (8, GROUP), generator=g).float()
+    codes[:, 0], codes[:, 1] = 0, levels - 1
+    on_grid = (codes - codes.new_tensor([0, 1, 2, 0, 0, 1, 3, 0])[:, None].clamp(max=levels - 1)) * 0.25
+    constants = torch.tensor([0.0, -0.0, 1.5, -3.25, 1e-20, -7e30, 65504.0, 2.0**-126])[:, None].expand(8, GROUP)
+    x = torch.cat([on_grid, constants]).reshape(-1).to(device)
+    if scheme == "sigma":
+        x = x[on_grid.numel():]  # sigma narrows the window of spread groups; constants must still be exact
+    payload, meta = quantize(x, bits, scheme)
+    assert torch.equal(decode_fp32(payload, meta, x.numel(), bits), x)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_group_decodes_non_finite(bad_value, backend, device):
+    x = activation_like(5 * GROUP, torch.bfloat16, GROUP, seed=0, device=device)
+    x[2 * GROUP + 17] = bad_value
+    payload, meta = quantize(x, 4, backend=backend)
+    out = torch.empty_like(x)
+    (triton_dequantize if backend == "triton" else torch_dequantize)(payload, meta, out, 4, GROUP)
+    group = out.view(5, GROUP)
+    assert not torch.isfinite(group[2]).any()
+    assert torch.isfinite(group[[0, 1, 3, 4]]).all()
+
+
+def test_stochastic_rounding_is_unbiased(device):
+    # Values more than one step from zero, so sign preservation never moves them.
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(GROUP, generator=g) * 2 + 1).to(device)
+    x[0], x[1] = 1.0, 3.0
+    draws = 2000
+    total = torch.zeros_like(x)
+    for seed in range(draws):
+        payload, meta = quantize(x, 2, stochastic=True, seed=seed)
+        total += decode_fp32(payload, meta, x.numel(), 2)
+    step = (3.0 - 1.0) / 3
+    # One draw has sd <= step / 2; the mean of 2000 has sd <= step / 89; allow 5 sd.
+    assert ((total / draws - x).abs() <= 5 * step / 2 / draws**0.5).all()
+    nearest_payload, nearest_meta = quantize(x, 2)
+    nearest_bias = (decode_fp32(nearest_payload, nearest_meta, x.numel(), 2) - x).abs().mean()
+    assert (total / draws - x).abs().mean() < nearest_bias / 4, "averaging draws must beat nearest rounding"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_reproducible_and_seed_dependent(backend, device):
+    x = activation_like(1000, torch.float32, GROUP, seed=4, device=device)
+    a = quantize(x, 2, stochastic=True, seed=9, backend=backend)
+    b = quantize(x, 2, stochastic=True, seed=9, backend=backend)
+    c = quantize(x, 2, stochastic=True, seed=10, backend=backend)
+    d = quantize(x, 2, stochastic=True, seed=9, offset=GROUP, backend=backend)
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], d[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_leaves_global_rng_alone(backend, device):
+    x = activation_like(1000, torch.float32, GROUP, seed=4, device=device)
+    torch.manual_seed(123)
+    expected = torch.rand(8)
+    torch.manual_seed(123)
+    quantize(x, 2, stochastic=True, seed=1, backend=backend)
+    assert torch.equal(torch.rand(8), expected)
+
+
+@pytest.mark.parametrize("bits, group_size", list(itertools.product(BITS, [8, 64, 256, 4096])))
+def test_payload_size_is_n_bits_plus_metadata(bits, group_size, device):
+    n = 100_000
+    x = torch.randn(n, device=device)
+    payload, meta = quantize(x, bits, group_size=group_size)
+    n_groups = -(-n // group_size)
+    assert payload.numel() == payload_nbytes(n, bits, group_size) == n_groups * group_size * bits // 8
+    assert meta.shape == (n_groups, 2) and meta.dtype == torch.float32
+    ideal = n * bits / 8 + n_groups * 8
+    assert payload.nbytes + meta.nbytes <= ideal * 1.03
+
+
+GOLDEN_QUANTIZE = [
+    # name, input, bits, payload bytes, (base, step). Group of 8, codes packed LSB first.
+    ("relu_like", [0, 1, 2, 3, 0, 3, 2, 1], 2, [0b11100100, 0b01101100], (0.0, 1.0)),
+    # mixed signs: step 1, zero on code 1, base -1
+    ("mixed", [-1, 0, 1, 2, 2, 1, 0, -1], 2, [0b11100100, 0b00011011], (-1.0, 1.0)),
+    # all negative: counts down from the value nearest zero, step is negative
+    ("negative", [-4, -3, -2, -1, -4, -1, -1, -2], 2, [0b00011011, 0b01000011], (-1.0, -1.0)),
+    ("positive_4bit", [1, 16, 2, 3, 4, 5, 6, 7], 4, [0xF0, 0x21, 0x43, 0x65], (1.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("name, values, bits, payload, meta", GOLDEN_QUANTIZE, ids=[g[0] for g in GOLDEN_QUANTIZE])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_quantize_golden_bytes(name, values, bits, payload, meta, backend, device):
+    x = torch.tensor(values, dtype=torch.float32, device=device)
+    got_payload, got_meta = quantize(x, bits, group_size=8, backend=backend)
+    assert got_payload.tolist() == payload
+    assert got_meta.tolist() == [list(meta)]
+    assert torch.equal(decode_fp32(got_payload, got_meta, 8, bits, group_size=8), x)
+
+
+def test_sigma_window_is_mean_plus_minus_three_std(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 256, generator=g) + torch.linspace(-1, 1, 16)[:, None]
+    x[:, ::50] = 25.0  # outliers widen min..max far beyond the 3-sigma window
+    x[:, 1::50] = -25.0
+    payload, meta = quantize(x.reshape(-1).to(device), 8, scheme="sigma", group_size=256)
+    base, step = meta[:, 0].double().cpu(), meta[:, 1].double().cpu()
+    low_end = torch.minimum(base, base + 255 * step)
+    high_end = torch.maximum(base, base + 255 * step)
+    mean, std = x.double().mean(1), x.double().std(1, correction=0)
+    # Zero sits on a grid point, so each end is within half a step of the window's end;
+    # the 16-bit fixed-point statistics add at most ~1e-3 sigma.
+    tolerance = step.abs() / 2 + 1e-3 * std
+    assert ((low_end - (mean - 3 * std)).abs() <= tolerance).all()
+    assert ((high_end - (mean + 3 * std)).abs() <= tolerance).all()

@@ -1,0 +1,169 @@
+"""Public quantize/dequantize: layouts, dtypes, sizes, backends and input validation."""
+
+import pytest
+import torch
+
+import tritonquant as tq
+from tests.activations import activation_like
+from tests.conftest import BACKENDS
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _layouts():
+    """name -> function(dtype, device) building a tensor with that memory layout."""
+
+    def base(shape, dtype, device, seed=0):
+        return activation_like(torch.Size(shape).numel(), dtype, 16, seed, device).reshape(shape)
+
+    return {
+        "contiguous": lambda d, dev: base((4, 33), d, dev),
+        "channels_last": lambda d, dev: base((2, 8, 5, 7), d, dev).to(memory_format=torch.channels_last),
+        "transposed": lambda d, dev: base((24, 9), d, dev).t(),
+        "storage_offset": lambda d, dev: base((300,), d, dev)[37:],
+        "gaps": lambda d, dev: base((6, 40), d, dev)[:, ::3],
+        "broadcast": lambda d, dev: base((1, 50), d, dev).expand(7, 50),
+        "broadcast_middle": lambda d, dev: base((3, 1, 20), d, dev).expand(3, 4, 20),
+        "scalar": lambda d, dev: torch.tensor(-2.5, dtype=d, device=dev),
+        "empty": lambda d, dev: torch.empty(0, 5, dtype=d, device=dev),
+        "size_one_dims": lambda d, dev: base((1, 65, 1), d, dev),
+    }
+
+
+LAYOUTS = _layouts()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("layout", LAYOUTS.keys())
+def test_roundtrip_keeps_shape_dtype_device_and_strides(layout, dtype, backend, device):
+    x = LAYOUTS[layout](dtype, device)
+    p = tq.quantize(x, bits=8, group_size=16, backend=backend)
+    y = tq.dequantize(p, backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    if layout == "gaps":  # packed densely, same dimension order
+        assert y.stride() == torch.empty_like(x).stride()
+    else:
+        assert y.stride() == x.stride()
+    if x.numel():
+        assert (y.float() - x.float()).abs().max() <= (x.float().abs().max() + 1) * 2**-5
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.keys())
+@pytest.mark.parametrize("bits", [1, 2, 4, 8], ids=lambda b: f"{b}bit")
+def test_backends_agree_bit_for_bit_through_the_codec(layout, bits, device):
+    x = LAYOUTS[layout](torch.bfloat16, device)
+    a = tq.quantize(x, bits=bits, group_size=16, backend="triton")
+    b = tq.quantize(x, bits=bits, group_size=16, backend="torch")
+    assert torch.equal(a.payload, b.payload) and torch.equal(a.meta, b.meta)
+    assert torch.equal(tq.dequantize(a, backend="triton"), tq.dequantize(b, backend="torch"))
+
+
+def test_broadcast_is_not_materialized(device):
+    row = torch.randn(1, 1000, device=device)
+    x = row.expand(64, 1000)
+    p = tq.quantize(x, bits=4)
+    assert p.stored_numel == 1000
+    assert p.nbytes == tq.quantize(row, bits=4).nbytes
+    assert torch.equal(tq.dequantize(p), tq.dequantize(tq.quantize(row, bits=4)).expand(64, 1000))
+
+
+def test_channels_last_is_packed_in_memory_order(device):
+    x = torch.randn(2, 16, 4, 4, device=device).to(memory_format=torch.channels_last)
+    physical = x.permute(0, 2, 3, 1).contiguous().reshape(-1)
+    p = tq.quantize(x, bits=4, group_size=16)
+    q = tq.quantize(physical, bits=4, group_size=16)
+    assert torch.equal(p.payload, q.payload) and torch.equal(p.meta, q.meta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bool_is_lossless_at_one_bit(backend, device):
+    x = torch.randn(3, 1001, device=device) > 0.2
+    p = tq.quantize(x, bits=8, backend=backend)  # bits is irrelevant for bool
+    assert p.bits == 1 and p.meta is None and p.nbytes == (x.numel() + 7) // 8
+    assert torch.equal(tq.dequantize(p, backend=backend), x)
+    y = x.t()
+    assert torch.equal(tq.dequantize(tq.quantize(y, backend=backend), backend=backend), y)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8], ids=lambda b: f"{b}bit")
+def test_nbytes_counts_payload_and_metadata(bits, device):
+    x = torch.randn(10_000, device=device, dtype=torch.bfloat16)
+    p = tq.quantize(x, bits=bits)
+    n_groups = -(-10_000 // 256)
+    assert p.nbytes == n_groups * 256 * bits // 8 + n_groups * 8
+    assert p.raw_nbytes == 20_000
+    assert p.nbytes <= 1.03 * (10_000 * bits / 8 + n_groups * 8)
+
+
+def test_dequantize_preserves_requires_grad_free_result(device):
+    x = torch.randn(100, device=device, requires_grad=True)
+    y = tq.dequantize(tq.quantize(x))
+    assert not y.requires_grad
+
+
+def test_unseeded_stochastic_calls_advance_the_library_stream(device):
+    x = torch.randn(4096, device=device)
+    tq.manual_seed(5)
+    first = tq.quantize(x, bits=2, stochastic=True)
+    second = tq.quantize(x, bits=2, stochastic=True)
+    assert not torch.equal(first.payload, second.payload)
+    tq.manual_seed(5)
+    assert torch.equal(tq.quantize(x, bits=2, stochastic=True).payload, first.payload)
+
+
+BAD_ARGUMENTS = [
+    ({"bits": 3}, ValueError, r"bits must be one of \(1, 2, 4, 8\), got 3"),
+    ({"bits": True}, ValueError, r"bits must be one of"),
+    ({"group_size": 0}, ValueError, r"group_size must be a power of two from 8 to 4096, got 0"),
+    ({"group_size": 100}, ValueError, r"group_size must be a power of two"),
+    ({"group_size": 8192}, ValueError, r"group_size must be a power of two"),
+    ({"scheme": "foo"}, ValueError, r"scheme must be one of \('minmax', 'sigma'\), got 'foo'"),
+    ({"backend": "cuda"}, ValueError, r"backend must be one of \('auto', 'triton', 'torch'\)"),
+    ({"stochastic": "yes"}, TypeError, r"stochastic must be a bool"),
+    ({"seed": -1}, ValueError, r"seed must be None or an int in \[0, 2\*\*63 - 1\]"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_ARGUMENTS, ids=[str(b[0]) for b in BAD_ARGUMENTS])
+def test_bad_arguments_name_the_argument_and_allowed_values(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        tq.quantize(torch.randn(10), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        torch.arange(10),
+        torch.arange(10, dtype=torch.uint8),
+        torch.randn(10, dtype=torch.complex64),
+        torch.randn(10, dtype=torch.float64),
+    ],
+    ids=["int64", "uint8", "complex64", "float64"],
+)
+def test_unsupported_dtypes_are_rejected_with_the_allowed_list(x):
+    with pytest.raises(TypeError, match=r"x.dtype must be one of float32, float16, bfloat16, bool"):
+        tq.quantize(x)
+
+
+def test_non_tensor_sparse_and_meta_inputs_are_rejected():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        tq.quantize([1.0, 2.0])
+    with pytest.raises(TypeError, match="dense"):
+        tq.quantize(torch.eye(4).to_sparse())
+    with pytest.raises(ValueError, match="meta device"):
+        tq.quantize(torch.empty(4, device="meta"))
+    with pytest.raises(TypeError, match="PackedTensor"):
+        tq.dequantize(torch.randn(3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_triton_backend_on_cpu_without_interpreter_is_explained(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs a CUDA tensor"):
+        tq.quantize(torch.randn(10), backend="triton")
+
+
+def test_manual_seed_validates():
+    with pytest.raises(ValueError, match="seed must be an int"):
+        tq.manual_seed(-3)
