@@ -1,13 +1,34 @@
 """tritonquant: activation-compressed training for PyTorch.
 
     import tritonquant as tq
-    p = tq.quantize(x, bits=4)        # -> tq.PackedTensor
-    x_hat = tq.dequantize(p)          # same shape, dtype, device and strides as x
+
+    with tq.compress(bits=4) as session:     # every tensor autograd saves is packed
+        loss = model(batch)
+    loss.backward()                          # and restored here
+    print(session.report())
+
+    handle = tq.attach(model, bits=4)        # or: compress every forward of `model`
+
+    p = tq.quantize(x, bits=4)               # -> tq.PackedTensor
+    x_hat = tq.dequantize(p)                 # same shape, dtype, device and strides as x
 """
 
 from .codec import dequantize, manual_seed, quantize
-from .config import QuantConfig
+from .config import CompressConfig, QuantConfig
 from .packed import PackedTensor
+from .session import AttachHandle, Session, Stats, attach, compress
 
-__all__ = ["PackedTensor", "QuantConfig", "dequantize", "manual_seed", "quantize"]
+__all__ = [
+    "AttachHandle",
+    "CompressConfig",
+    "PackedTensor",
+    "QuantConfig",
+    "Session",
+    "Stats",
+    "attach",
+    "compress",
+    "dequantize",
+    "manual_seed",
+    "quantize",
+]
 __version__ = "0.1.0"

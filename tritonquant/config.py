@@ -57,3 +57,61 @@ class QuantConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Saved tensors whose storage is smaller than this pass through: a kernel launch and a Python hook cost
+# more than the few bytes they would save, and in real models such tensors are a negligible share.
+DEFAULT_MIN_BYTES = 64 * 1024
+QUANT_FIELDS = ("bits", "scheme", "stochastic", "group_size", "seed", "backend")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Settings of a ``compress`` block or an ``attach`` handle.
+
+    quant: how packed tensors are quantized (QuantConfig).
+    min_bytes: saved tensors whose storage holds fewer bytes pass through unpacked.
+    overrides: (key, QuantConfig or None) pairs. A key is a module name pattern (``fnmatch`` syntax,
+        matched against names like "layer1.0.conv1") or an ``nn.Module`` subclass. Tensors saved while
+        a matching module runs use that QuantConfig; None leaves them unpacked. The innermost running
+        module that matches decides; for one module a name match beats a type match.
+    """
+
+    quant: QuantConfig = QuantConfig()
+    min_bytes: int = DEFAULT_MIN_BYTES
+    overrides: tuple = ()
+
+    @classmethod
+    def from_kwargs(cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, **quant_kwargs) -> "CompressConfig":
+        unknown = sorted(set(quant_kwargs) - set(QUANT_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(QUANT_FIELDS + ('min_bytes', 'overrides'))}"
+            )
+        quant = QuantConfig(**quant_kwargs)
+        if not _is_int(min_bytes) or min_bytes < 0:
+            raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
+        return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant))
+
+
+def _parse_overrides(overrides: dict, base: QuantConfig) -> tuple:
+    import torch.nn as nn  # config stays importable without building torch.nn for plain quantize
+
+    if not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict mapping a module name pattern or class to settings, got {type(overrides).__name__}")
+    parsed = []
+    for key, value in overrides.items():
+        if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, nn.Module))):
+            raise TypeError(f"overrides keys must be module name patterns (str) or nn.Module subclasses, got {key!r}")
+        if value is None or value == "skip":
+            parsed.append((key, None))
+            continue
+        if not isinstance(value, dict):
+            raise TypeError(f"overrides[{key!r}] must be a dict of settings or None (leave unpacked), got {value!r}")
+        unknown = sorted(set(value) - set(QUANT_FIELDS))
+        if unknown:
+            raise ValueError(f"overrides[{key!r}] has unknown setting {unknown[0]!r}; allowed: {', '.join(QUANT_FIELDS)}")
+        fields = {name: getattr(base, name) for name in QUANT_FIELDS}
+        fields.update(value)
+        parsed.append((key, QuantConfig(**fields)))
+    return tuple(parsed)

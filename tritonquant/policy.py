@@ -1,0 +1,58 @@
+"""What the pack hook packs, and why everything else passes through.
+
+A saved tensor is packed only when packing can free memory and the codec can represent it:
+parameters, buffers and views of them are kept alive by their module anyway; tensors saved while
+backward runs (double backward, checkpoint recomputation) are short-lived; sparse, subclass (DTensor,
+FakeTensor, ...) and meta tensors have no flat storage to read; integer tensors (indices) and float64
+must stay exact; small tensors cost more in launches than they save.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codec import SUPPORTED_DTYPES
+
+PACKABLE_DEVICES = ("cuda", "cpu")
+
+REASONS = {
+    "parameter": "parameters, buffers and views of them",
+    "backward": "saved while backward runs",
+    "layout": "sparse or non-strided",
+    "subclass": "tensor subclass",
+    "device": "device without a backend",
+    "dtype": "integer, float64 or other unsupported dtype",
+    "small": "storage below min_bytes",
+    "excluded": "excluded by an override",
+}
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def pass_reason(t: torch.Tensor, module_tensors: set[int], min_bytes: int) -> str | None:
+    """Why ``t`` must not be packed (a key of REASONS), or None to pack it.
+
+    ``module_tensors`` holds the storage addresses of the parameters and buffers of modules seen
+    running in this block, so views and aliases of them are recognised too.
+    """
+    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        return "subclass"
+    if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+        return "parameter"
+    if in_backward():
+        return "backward"
+    if t.layout != torch.strided:
+        return "layout"
+    if t.device.type not in PACKABLE_DEVICES:
+        return "device"
+    if t.dtype not in SUPPORTED_DTYPES:
+        return "dtype"
+    storage = t.untyped_storage()
+    if storage.data_ptr() in module_tensors:
+        return "parameter"
+    if storage.nbytes() < min_bytes:
+        return "small"
+    return None

@@ -1,0 +1,350 @@
+"""compress() and attach(): saved-tensor hooks that pack activations in forward and restore them in backward.
+
+    with tq.compress(bits=4) as session:      # every tensor autograd saves inside the block is packed
+        loss = model(batch)
+    loss.backward()                           # unpacked here, outside the block
+    print(session.report())
+
+    handle = tq.attach(model, bits=4)         # every forward of `model` compressed, until handle.detach()
+
+Nesting: saved-tensor hooks form a stack and the innermost wins. A ``compress`` block entered inside
+another, or an attached module running inside a ``compress`` block, decides for the tensors saved
+while it is active; the outer one sees none of them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .codec import dequantize, quantize_with
+from .config import CompressConfig, QuantConfig
+from .packed import PackedTensor
+from .policy import pass_reason
+
+OUTSIDE_MODULES = "(outside modules)"
+
+
+@dataclass
+class ModuleStats:
+    """What one module saved during the forward pass."""
+
+    type_name: str
+    packed_tensors: int = 0
+    passed_tensors: int = 0
+    raw_bytes: int = 0
+    packed_bytes: int = 0
+    passed_bytes: int = 0
+    bits: set = field(default_factory=set)
+
+
+@dataclass
+class Stats:
+    """Byte and tensor counts of one ``compress`` block (or of an attached model's latest forward).
+
+    raw_bytes: bytes the packed tensors held before packing (each storage view counted once).
+    packed_bytes: bytes they hold packed (payload plus metadata).
+    passed_bytes: bytes of saved tensors kept as they were, parameters and buffers excluded
+        (those are held by the model anyway and cost the step nothing extra).
+    passed_by_reason: tensor counts per pass-through reason (see ``policy.REASONS``).
+    deduplicated: saves that reused a tensor already packed in this block.
+    """
+
+    raw_bytes: int = 0
+    packed_bytes: int = 0
+    packed_tensors: int = 0
+    passed_tensors: int = 0
+    passed_bytes: int = 0
+    deduplicated: int = 0
+    passed_by_reason: Counter = field(default_factory=Counter)
+    modules: dict[str, ModuleStats] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """raw_bytes / packed_bytes (1.0 when nothing was packed)."""
+        return self.raw_bytes / self.packed_bytes if self.packed_bytes else 1.0
+
+
+class _Packed:
+    """What autograd holds instead of a packed tensor."""
+
+    __slots__ = ("packed", "backend", "source", "__weakref__")
+
+    def __init__(self, packed: PackedTensor, backend: str, source: torch.Tensor) -> None:
+        self.packed = packed
+        self.backend = backend
+        # Weak: only used to tell whether a cache hit could be a reused address (see Session._pack).
+        self.source = weakref.ref(source)
+
+
+class _Kept:
+    """A tensor passed through unchanged, with its version to detect in-place changes before backward."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+
+
+class _ModuleStack:
+    """The modules running right now, innermost last, with their qualified names."""
+
+    def __init__(self) -> None:
+        self.frames: list[nn.Module] = []
+        self.names: dict[int, str] = {}
+
+    def push(self, module: nn.Module) -> None:
+        if not self.frames and id(module) not in self.names:
+            # A root module: name its whole tree once ("layer1.0.conv1"); the root itself is "".
+            for name, sub in module.named_modules():
+                self.names.setdefault(id(sub), name)
+        self.frames.append(module)
+
+    def pop(self, module: nn.Module) -> None:
+        # Search from the top: a forward that raised may have left frames above it.
+        for i in range(len(self.frames) - 1, -1, -1):
+            if self.frames[i] is module:
+                del self.frames[i:]
+                return
+
+    def name_of(self, module: nn.Module) -> str:
+        name = self.names.get(id(module))
+        return name if name else type(module).__name__
+
+    def current(self) -> nn.Module | None:
+        return self.frames[-1] if self.frames else None
+
+
+class Session:
+    """One compression scope: the hooks, the stats, and the per-block deduplication table."""
+
+    def __init__(self, config: CompressConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self._stack = _ModuleStack()
+        self._module_tensors: set[int] = set()
+        self._seen_modules: set[int] = set()
+        self._override_cache: dict[int, QuantConfig | None] = {}
+        self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._cuda_devices: set[int] = set()
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._module_hook_handles: list = []
+
+    # -- scope ------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Session":
+        self._module_hook_handles = [
+            nn.modules.module.register_module_forward_pre_hook(self._on_module_enter),
+            nn.modules.module.register_module_forward_hook(self._on_module_exit, always_call=True),
+        ]
+        self._open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+        for handle in self._module_hook_handles:
+            handle.remove()
+        self._module_hook_handles = []
+
+    def _open(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            device = torch.cuda.current_device()
+            torch.cuda.reset_peak_memory_stats(device)
+            self._cuda_devices.add(device)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+
+    def _close(self) -> None:
+        if self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
+        self._stack.frames.clear()
+
+    def _on_module_enter(self, module: nn.Module, args: object) -> None:
+        self._stack.push(module)
+        if id(module) not in self._seen_modules:
+            self._seen_modules.add(id(module))
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                self._module_tensors.add(tensor.untyped_storage().data_ptr())
+
+    def _on_module_exit(self, module: nn.Module, args: object, output: object) -> None:
+        self._stack.pop(module)
+
+    # -- hooks ------------------------------------------------------------------------------------
+
+    def _pack(self, t: torch.Tensor) -> _Packed | _Kept:
+        module = self._stack.current()
+        reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
+        quant = None
+        if reason is None:
+            quant = self._quant_config_for(module)
+            if quant is None:
+                reason = "excluded"
+        row = self._module_row(module)
+        if reason is not None:
+            self.stats.passed_by_reason[reason] += 1
+            self.stats.passed_tensors += 1
+            row.passed_tensors += 1
+            if reason != "parameter":
+                nbytes = t.untyped_storage().nbytes()
+                self.stats.passed_bytes += nbytes
+                row.passed_bytes += nbytes
+            return _Kept(t)
+
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+        hit = self._dedup.get(key)
+        # A live source means the storage cannot have been freed and its address reused.
+        if hit is not None and hit.source() is not None:
+            self.stats.deduplicated += 1
+            return hit
+        packed = quantize_with(t, quant)
+        handle = _Packed(packed, quant.backend, t)
+        self._dedup[key] = handle
+        if t.is_cuda:
+            self._cuda_devices.add(t.device.index)
+        self.stats.packed_tensors += 1
+        self.stats.raw_bytes += packed.raw_nbytes
+        self.stats.packed_bytes += packed.nbytes
+        row.packed_tensors += 1
+        row.raw_bytes += packed.raw_nbytes
+        row.packed_bytes += packed.nbytes
+        row.bits.add(packed.bits)
+        return handle
+
+    @staticmethod
+    def _unpack(handle: _Packed | _Kept) -> torch.Tensor:
+        if isinstance(handle, _Kept):
+            t = handle.tensor
+            if t._version != handle.version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: [{t.type()} {list(t.shape)}] is at version {t._version}; expected version "
+                    f"{handle.version} instead. Hint: the tensor was saved inside a tritonquant compression "
+                    "scope; modify a copy instead, or modify it after backward."
+                )
+            return t
+        # Never frees the packed data: retain_graph=True and grad_fn._saved_* may unpack again.
+        return dequantize(handle.packed, backend=handle.backend)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _quant_config_for(self, module: nn.Module | None) -> QuantConfig | None:
+        if not self.config.overrides:
+            return self.config.quant
+        for frame in reversed(self._stack.frames):
+            decision = self._override_cache.get(id(frame), self)
+            if decision is self:
+                decision = self._match_override(frame)
+                self._override_cache[id(frame)] = decision
+            if decision is not _NO_MATCH:
+                return decision
+        return self.config.quant
+
+    def _match_override(self, module: nn.Module):
+        name = self._stack.names.get(id(module), "")
+        for key, quant in self.config.overrides:
+            if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
+                return quant
+        for key, quant in self.config.overrides:
+            if isinstance(key, type) and isinstance(module, key):
+                return quant
+        return _NO_MATCH
+
+    def _module_row(self, module: nn.Module | None) -> ModuleStats:
+        if module is None:
+            name, type_name = OUTSIDE_MODULES, ""
+        else:
+            name, type_name = self._stack.name_of(module), type(module).__name__
+        row = self.stats.modules.get(name)
+        if row is None:
+            row = self.stats.modules[name] = ModuleStats(type_name)
+        return row
+
+    def peak_memory_bytes(self) -> dict[int, int]:
+        """Peak CUDA memory allocated per device since the block opened (empty on CPU)."""
+        return {device: torch.cuda.max_memory_allocated(device) for device in sorted(self._cuda_devices)}
+
+    def report(self) -> str:
+        """A table: one row per module that saved tensors, with raw/packed MB, ratio and bits, plus totals."""
+        from .report import format_report
+
+        return format_report(self.stats, self.config, self.peak_memory_bytes())
+
+
+_NO_MATCH = object()
+
+
+class AttachHandle:
+    """Compresses every forward of one model until ``detach()``. ``stats`` covers the latest forward."""
+
+    def __init__(self, model: nn.Module, config: CompressConfig) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.config = config
+        self.forwards = 0
+        self._session = Session(config)
+        self._depth = 0
+        self._handles = [
+            model.register_forward_pre_hook(self._enter_model),
+            model.register_forward_hook(self._exit_model, always_call=True),
+        ]
+        for module in model.modules():
+            self._handles.append(module.register_forward_pre_hook(self._track_enter))
+            self._handles.append(module.register_forward_hook(self._track_exit, always_call=True))
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    @property
+    def stats(self) -> Stats:
+        return self._session.stats
+
+    def _enter_model(self, module: nn.Module, args: object) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            self.forwards += 1
+            self._session = Session(self.config)
+            self._session._open()
+
+    def _exit_model(self, module: nn.Module, args: object, output: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._session._close()
+
+    def _track_enter(self, module: nn.Module, args: object) -> None:
+        self._session._on_module_enter(module, args)
+
+    def _track_exit(self, module: nn.Module, args: object, output: object) -> None:
+        self._session._on_module_exit(module, args, output)
+
+    def report(self) -> str:
+        return self._session.report()
+
+    def detach(self) -> None:
+        """Remove every hook; later forwards run uncompressed. Tensors already packed still unpack."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._session._close()
+
+
+def compress(**config) -> Session:
+    """Context manager packing every tensor autograd saves inside the block.
+
+    Keywords: ``bits``, ``scheme``, ``stochastic``, ``group_size``, ``seed``, ``backend`` (see
+    ``QuantConfig``), ``min_bytes`` and ``overrides`` (see ``CompressConfig``).
+    """
+    return Session(CompressConfig.from_kwargs(**config))
+
+
+def attach(model: nn.Module, **config) -> AttachHandle:
+    """Compress every forward of ``model`` (for trainers that own the loop). Same keywords as ``compress``."""
+    return AttachHandle(model, CompressConfig.from_kwargs(**config))
