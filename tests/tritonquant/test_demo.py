@@ -1,0 +1,36 @@
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tritonquant.demo import codec_table, pick_device, realistic_activation
+
+
+def test_demo_command_runs_and_prints_both_workloads():
+    result = subprocess.run(
+        [sys.executable, "-m", "tritonquant", "demo", "--steps", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "ReLU mask exact" in out and "CNN" in out and "transformer" in out
+    for bits in (8, 4, 2):
+        assert re.search(rf"^{bits}-bit\s+\d\.\d{{4}}", out, re.MULTILINE), f"no {bits}-bit gradient row"
+    assert out.count("total") == 2  # one per-module report per workload
+
+
+def test_codec_table_shows_exact_relu_masks_and_ratios():
+    table = codec_table(realistic_activation(torch.device("cpu")))
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert len(rows) == 8 and all(row[-1] == "yes" for row in rows)
+    ratios = {int(row[1]): float(row[4]) for row in rows if row[0] == "minmax"}
+    assert ratios[8] < ratios[4] < ratios[2] < ratios[1]
+
+
+def test_bad_demo_arguments_are_explained():
+    with pytest.raises(ValueError, match="device must be one of"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            pick_device("cuda")
