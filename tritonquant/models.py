@@ -41,6 +41,52 @@ class SmallCNN(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class Bottleneck(nn.Module):
+    """ResNet-50's block: 1x1 reduce, 3x3, 1x1 expand (x4), each with BatchNorm, ReLU after the sum."""
+
+    def __init__(self, in_channels: int, width: int, stride: int) -> None:
+        super().__init__()
+        out_channels = 4 * width
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return F.relu(self.shortcut(x) + self.bn3(self.conv3(y)))
+
+
+class ResNet50Like(nn.Module):
+    """ResNet-50's layout (stages of 3, 4, 6, 3 bottlenecks, widths 64..512, 25.6M parameters at 1000
+    classes): [batch, 3, H, W] -> [batch, classes]. ``blocks`` lists the bottlenecks for checkpointing."""
+
+    def __init__(self, classes: int = 1000, stages: tuple[int, ...] = (3, 4, 6, 3)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
+        blocks, in_channels = [], 64
+        for stage, depth in enumerate(stages):
+            width = 64 * 2**stage
+            for i in range(depth):
+                blocks.append(Bottleneck(in_channels, width, stride=2 if i == 0 and stage > 0 else 1))
+                in_channels = 4 * width
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(in_channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -72,16 +118,21 @@ class TransformerBlock(nn.Module):
 
 
 class TinyTransformer(nn.Module):
-    """[batch, seq] token ids (int64) -> [batch, seq, vocab] logits; causal language model."""
+    """[batch, seq] token ids (int64) -> [batch, seq, vocab] logits; causal language model.
+
+    ``TinyTransformer(vocab=50257, dim=768, heads=12, layers=12, seq=1024, tied=True)`` has GPT-2
+    small's shape (124M parameters)."""
 
     def __init__(self, vocab: int = 128, dim: int = 64, heads: int = 4, layers: int = 2, seq: int = 64,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, tied: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(seq, dim)
         self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, dropout, gated=i % 2 == 1) for i in range(layers)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
+        if tied:  # GPT-2 shares the output projection with the token embedding
+            self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)

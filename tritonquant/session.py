@@ -49,8 +49,8 @@ class Stats:
 
     raw_bytes: bytes the packed tensors held before packing (each storage view counted once).
     packed_bytes: bytes they hold packed (payload plus metadata).
-    passed_bytes: bytes of saved tensors kept as they were, parameters and buffers excluded
-        (those are held by the model anyway and cost the step nothing extra).
+    passed_bytes: bytes of the storages of saved tensors kept as they were, each counted once;
+        parameters and buffers excluded (the model holds them anyway: they cost the step nothing).
     passed_by_reason: tensor counts per pass-through reason (see ``policy.REASONS``).
     deduplicated: saves that reused a tensor already packed in this block.
     """
@@ -133,6 +133,7 @@ class Session:
         self._override_cache: dict[int, QuantConfig | None] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._cuda_devices: set[int] = set()
+        self._kept_storages: set[int] = set()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._module_hook_handles: list = []
 
@@ -167,6 +168,11 @@ class Session:
         self._stack.frames.clear()
 
     def _on_module_enter(self, module: nn.Module, args: object) -> None:
+        # Inside a region torch.compile is tracing, skip: Dynamo would otherwise trace this bookkeeping
+        # (and fails on it). Saves of a compiled region are packed at run time, attributed to the
+        # innermost module still running eagerly (docs/integrations/compile.md).
+        if _compiling():
+            return
         self._stack.push(module)
         if id(module) not in self._seen_modules:
             self._seen_modules.add(id(module))
@@ -174,6 +180,8 @@ class Session:
                 self._module_tensors.add(tensor.untyped_storage().data_ptr())
 
     def _on_module_exit(self, module: nn.Module, args: object, output: object) -> None:
+        if _compiling():
+            return
         self._stack.pop(module)
 
     # -- hooks ------------------------------------------------------------------------------------
@@ -191,10 +199,13 @@ class Session:
             self.stats.passed_by_reason[reason] += 1
             self.stats.passed_tensors += 1
             row.passed_tensors += 1
-            if reason != "parameter":
-                nbytes = t.untyped_storage().nbytes()
-                self.stats.passed_bytes += nbytes
-                row.passed_bytes += nbytes
+            storage = t.untyped_storage()
+            if reason != "parameter" and storage.data_ptr() not in self._kept_storages:
+                # Count each kept storage once, however many ops save it. (An address can only be
+                # reused after its tensor died; undercounting such a rare reuse is acceptable here.)
+                self._kept_storages.add(storage.data_ptr())
+                self.stats.passed_bytes += storage.nbytes()
+                row.passed_bytes += storage.nbytes()
             return _Kept(t)
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
@@ -280,6 +291,11 @@ class Session:
 _NO_MATCH = object()
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces (always False at run time, so eager behaviour is unchanged)."""
+    return torch.compiler.is_compiling()
+
+
 class AttachHandle:
     """Compresses every forward of one model until ``detach()``. ``stats`` covers the latest forward."""
 
@@ -307,6 +323,9 @@ class AttachHandle:
     def stats(self) -> Stats:
         return self._session.stats
 
+    # Opening and closing the hooks must happen at run time, not be traced: torch.compile breaks the
+    # graph here and runs these two eagerly around the compiled forward.
+    @torch.compiler.disable
     def _enter_model(self, module: nn.Module, args: object) -> None:
         self._depth += 1
         if self._depth == 1:
@@ -314,6 +333,7 @@ class AttachHandle:
             self._session = Session(self.config)
             self._session._open()
 
+    @torch.compiler.disable
     def _exit_model(self, module: nn.Module, args: object, output: object) -> None:
         self._depth -= 1
         if self._depth == 0:

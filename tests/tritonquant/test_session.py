@@ -361,3 +361,12 @@ def test_grad_scaler_skips_step_when_activations_overflow():
     scaler.update()
     assert torch.equal(lin.weight, before), "the scaler must see inf/nan gradients and skip the step"
     assert scaler.get_scale() < 2.0**16
+
+
+def test_kept_bytes_count_each_storage_once():
+    x = torch.randn(64, requires_grad=True)
+    with tq.compress(bits=4, min_bytes=1024) as session:  # 256-byte storages: kept
+        y = x * 2
+        z = (y * y).sum() + (y * 3).sin().sum()  # y saved twice by the first mul
+    assert session.stats.passed_bytes == 2 * 64 * 4  # y, and (y * 3) saved by sin; x is a leaf input not saved
+    z.backward()
