@@ -14,6 +14,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="'auto' (CUDA when present), 'cpu' or 'cuda'")
     demo.add_argument("--steps", type=int, default=3, help="training steps per configuration (default 3)")
 
+    bench = commands.add_parser("bench", help="memory and step time vs exact training, checkpointing and save_on_cpu")
+    bench.add_argument("--quick", action="store_true", help="small CPU version (memory from byte accounting)")
+    bench.add_argument("--out", default=None, help="folder for bench.md and bench.json")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
+    bench.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest-batch column")
+    bench.add_argument("--plots", default=None, help="folder for PNG plots (needs matplotlib)")
+
     return parser
 
 
@@ -23,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(device=args.device, steps=args.steps)
+    if args.command == "bench":
+        from .bench import run_bench
+
+        return run_bench(quick=args.quick, out=args.out, steps=args.steps, budget_gb=args.budget_gb, plots=args.plots)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from tritonquant.bench import METHODS, checkpointed_blocks, max_batch_in_budget, method_context, run_bench
+from tritonquant.models import SmallCNN
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert run_bench(quick=True, out=str(out), steps=1) == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_quick_bench_writes_markdown_and_json_with_environment(quick_results):
+    out, data = quick_results
+    assert data["gpu"] is False
+    assert {"date", "torch", "triton", "python", "device"} <= set(data["env"])
+    assert "saved MB (accounting)" in (out / "bench.md").read_text()
+    assert len(data["rows"]) == 2 * 2 * len(METHODS)  # two workloads, two batch sizes each
+
+
+def test_quick_bench_saved_bytes_fall_with_bits(quick_results):
+    _, data = quick_results
+    for workload in {r["workload"] for r in data["rows"]}:
+        for batch in {r["batch"] for r in data["rows"] if r["workload"] == workload}:
+            saved = {r["method"]: r["saved_mb"] for r in data["rows"] if r["workload"] == workload and r["batch"] == batch}
+            assert saved["tq-2bit"] < saved["tq-4bit"] < saved["tq-8bit"] < saved["exact"]
+            assert saved["checkpoint"] < saved["exact"]
+            assert saved["save_on_cpu"] is None  # nothing to move on a CPU
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    run_bench(quick=True, steps=1, plots=str(tmp_path))
+    assert (tmp_path / "memory_vs_batch.png").stat().st_size > 1000
+    assert (tmp_path / "step_time_vs_bits.png").stat().st_size > 1000
+
+
+def test_max_batch_in_budget_extrapolates_linearly():
+    # 100 MB fixed + 10 MB per sample: 1000 MB fits 90 samples.
+    assert max_batch_in_budget({8: 180.0, 16: 260.0}, 1000.0) == 90
+    assert max_batch_in_budget({8: 180.0}, 1000.0) is None
+    assert max_batch_in_budget({8: 200.0, 16: 200.0}, 1000.0) is None
+
+
+def test_checkpointed_blocks_are_restored_and_gradients_match():
+    torch.manual_seed(0)
+    model = SmallCNN(width=8, blocks=2)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    original = model.blocks
+    model.zero_grad()
+    with checkpointed_blocks(model):
+        assert model.blocks is not original
+        model(x).sum().backward()
+    assert model.blocks is original
+    for got, want in zip((p.grad for p in model.parameters()), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_unknown_method_is_rejected():
+    with pytest.raises(ValueError, match="method must be one of"):
+        method_context("zip", SmallCNN(), on_gpu=False)

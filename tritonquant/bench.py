@@ -1,0 +1,342 @@
+"""``python -m tritonquant bench``: memory and speed of a training step, against the alternatives.
+
+For each built-in workload and batch size, one training step (forward + backward) is measured for:
+exact training, ``compress`` at 8/4/2 bits, ``torch.utils.checkpoint`` around every block, and
+``torch.autograd.graph.save_on_cpu``. Every figure is also given as a ratio to exact training measured
+in the same run.
+
+On a GPU: peak memory (``torch.cuda.max_memory_allocated``), activation memory (memory held after the
+forward pass), step time (median of CUDA-event timings), and the largest batch that fits a memory
+budget, extrapolated linearly from the peaks measured at the two largest batch sizes.
+With ``--quick`` on a CPU: the same table for small models, with memory from the library's own byte
+accounting of saved tensors (labelled as such) and wall-clock step times of the torch reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .models import ResNet50Like, SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
+from .session import compress
+
+MB = 2**20
+METHODS = ("exact", "tq-8bit", "tq-4bit", "tq-2bit", "checkpoint", "save_on_cpu")
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[int, torch.device], object]
+    loss_fn: Callable
+    batch_sizes: tuple[int, ...]
+    autocast_dtype: torch.dtype | None
+
+
+def gpu_workloads() -> list[Workload]:
+    return [
+        Workload("resnet50 bf16 224px", lambda: ResNet50Like(),
+                 lambda b, dev: cnn_batch(b, size=224, classes=1000, device=dev), cnn_loss, (32, 64, 128), torch.bfloat16),
+        Workload("gpt2-small bf16 seq1024",
+                 lambda: TinyTransformer(vocab=50257, dim=768, heads=12, layers=12, seq=1024, dropout=0.1, tied=True),
+                 lambda b, dev: lm_batch(b, seq=1024, vocab=50257, device=dev), lm_loss, (4, 8, 16), torch.bfloat16),
+    ]
+
+
+def quick_workloads() -> list[Workload]:
+    return [
+        Workload("small cnn fp32 32px", lambda: SmallCNN(width=16, blocks=2),
+                 lambda b, dev: cnn_batch(b, size=32, device=dev), cnn_loss, (8, 16), None),
+        Workload("tiny transformer fp32 seq64", lambda: TinyTransformer(dim=64, layers=2, seq=64),
+                 lambda b, dev: lm_batch(b, seq=64, device=dev), lm_loss, (4, 8), None),
+    ]
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, block: nn.Module, use_reentrant: bool) -> None:
+        super().__init__()
+        self.block = block
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module, use_reentrant: bool = False):
+    """Temporarily run every block of ``model.blocks`` under ``torch.utils.checkpoint`` (no copy)."""
+    original = model.blocks
+    model.blocks = nn.Sequential(*[_Checkpointed(block, use_reentrant) for block in original])
+    try:
+        yield
+    finally:
+        model.blocks = original
+
+
+def method_context(method: str, model: nn.Module, on_gpu: bool):
+    """(context around the whole step's forward, context that measures nothing but changes the model)."""
+    if method == "exact":
+        return contextlib.nullcontext, contextlib.nullcontext()
+    if method.startswith("tq-"):
+        bits = int(method[3:-3])
+        return (lambda: compress(bits=bits)), contextlib.nullcontext()
+    if method == "checkpoint":
+        # On CPU the reentrant form keeps the block inputs visible to the byte accounting.
+        return contextlib.nullcontext, checkpointed_blocks(model, use_reentrant=not on_gpu)
+    if method == "save_on_cpu":
+        return (lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)), contextlib.nullcontext()
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _forward(model, workload, batch, context_factory):
+    autocast = (torch.autocast(batch_device(batch).type, dtype=workload.autocast_dtype)
+                if workload.autocast_dtype else contextlib.nullcontext())
+    with context_factory() as session, autocast:
+        loss = workload.loss_fn(model, batch)
+    return loss, session
+
+
+def batch_device(batch) -> torch.device:
+    return batch[0].device
+
+
+def measure_gpu(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:
+    device = torch.device("cuda")
+    batch = workload.make_batch(batch_size, device)
+    context_factory, model_change = method_context(method, model, on_gpu=True)
+    with model_change:
+        for _ in range(2):  # warm-up: kernels compiled, tuned and cached, allocator settled
+            model.zero_grad(set_to_none=True)
+            _forward(model, workload, batch, context_factory)[0].backward()
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss, _ = _forward(model, workload, batch, context_factory)
+        torch.cuda.synchronize()
+        activation = torch.cuda.memory_allocated() - before
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del loss
+        times = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            _forward(model, workload, batch, context_factory)[0].backward()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    model.zero_grad(set_to_none=True)
+    return {"peak_mb": peak / MB, "activation_mb": activation / MB, "step_ms": statistics.median(times)}
+
+
+def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:
+    batch = workload.make_batch(batch_size, torch.device("cpu"))
+    if method == "save_on_cpu":  # moves nothing on a CPU: not a meaningful comparison
+        return {"saved_mb": None, "step_ms": None}
+    context_factory, model_change = method_context(method, model, on_gpu=False)
+    with model_change:
+        # Saved-tensor bytes: packed + kept for compress; everything kept (min_bytes beyond any storage)
+        # for the other methods, counted by a non-packing accounting block around the step.
+        counting = compress(min_bytes=2**62) if not method.startswith("tq-") else contextlib.nullcontext()
+        with counting as counter:
+            loss, session = _forward(model, workload, batch, context_factory)
+        stats = session.stats if method.startswith("tq-") else counter.stats
+        saved = stats.packed_bytes + stats.passed_bytes
+        loss.backward()
+        times = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            _forward(model, workload, batch, context_factory)[0].backward()
+            times.append((time.perf_counter() - start) * 1e3)
+    model.zero_grad(set_to_none=True)
+    return {"saved_mb": saved / MB, "step_ms": statistics.median(times)}
+
+
+def environment() -> dict:
+    """Where the figures come from: device, versions, date."""
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
+                   memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            env["driver"] = "unknown"
+    return env
+
+
+def _ratio(value, reference) -> str:
+    if value is None or not reference:
+        return "-"
+    return f"{value / reference:.2f}"
+
+
+def max_batch_in_budget(peaks: dict[int, float], budget_mb: float) -> int | None:
+    """Largest batch under ``budget_mb``, extrapolated linearly from the two largest measured batches."""
+    sizes = sorted(peaks)
+    if len(sizes) < 2:
+        return None
+    b1, b2 = sizes[-2], sizes[-1]
+    per_sample = (peaks[b2] - peaks[b1]) / (b2 - b1)
+    if per_sample <= 0:
+        return None
+    return max(0, int((budget_mb - (peaks[b1] - per_sample * b1)) / per_sample))
+
+
+def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budget_gb: float = 16.0,
+              plots: str | None = None) -> int:
+    on_gpu = torch.cuda.is_available() and not quick
+    if not torch.cuda.is_available() and not quick:
+        print("No CUDA device: running the small CPU version (--quick); memory is the library's byte accounting.")
+        quick = True
+    workloads = gpu_workloads() if on_gpu else quick_workloads()
+    measure = measure_gpu if on_gpu else measure_cpu
+    results = []
+    total = sum(len(w.batch_sizes) for w in workloads) * len(METHODS)
+    done, started = 0, time.perf_counter()
+    for workload in workloads:
+        torch.manual_seed(0)
+        model = workload.make_model().to("cuda" if on_gpu else "cpu")
+        for batch_size in workload.batch_sizes:
+            for method in METHODS:
+                done += 1
+                print(f"[{done}/{total} {time.perf_counter() - started:5.0f}s] {workload.name} batch {batch_size}: {method}",
+                      flush=True)
+                try:
+                    row = measure(model, workload, method, batch_size, steps)
+                    row["error"] = None
+                except torch.OutOfMemoryError:
+                    row = {"error": "out of memory"}
+                    torch.cuda.empty_cache()
+                results.append({"workload": workload.name, "batch": batch_size, "method": method, **row})
+        del model
+        if on_gpu:
+            torch.cuda.empty_cache()
+    table, headers = _table(results, on_gpu, budget_gb * 1024)
+    env = environment()
+    title = ("GPU step benchmark" if on_gpu else
+             "CPU step benchmark (--quick): memory = bytes of saved tensors by the library's accounting")
+    text = f"{title}\n{json.dumps(env)}\n\n" + tabulate(table, headers=headers, disable_numparse=True)
+    print("\n" + text)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "bench.json").write_text(json.dumps({"env": env, "gpu": on_gpu, "rows": results}, indent=2))
+        (folder / "bench.md").write_text(
+            f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
+            + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+        )
+        print(f"\nwrote {folder / 'bench.md'} and {folder / 'bench.json'}")
+    if plots:
+        _plots(results, on_gpu, Path(plots))
+    return 0
+
+
+def _table(results: list[dict], on_gpu: bool, budget_mb: float):
+    exact = {(r["workload"], r["batch"]): r for r in results if r["method"] == "exact"}
+    rows = []
+    if on_gpu:
+        headers = ["workload", "batch", "method", "peak MB", "x exact", "activation MB", "x exact", "step ms",
+                   "x exact", f"max batch in {budget_mb / 1024:.0f} GB"]
+        peaks: dict[tuple, dict[int, float]] = {}
+        for r in results:
+            if r["error"] is None:
+                peaks.setdefault((r["workload"], r["method"]), {})[r["batch"]] = r["peak_mb"]
+        for r in results:
+            ref = exact[(r["workload"], r["batch"])]
+            if r["error"]:
+                rows.append([r["workload"], r["batch"], r["method"], r["error"], "", "", "", "", "", ""])
+                continue
+            fit = max_batch_in_budget(peaks.get((r["workload"], r["method"]), {}), budget_mb)
+            rows.append([
+                r["workload"], r["batch"], r["method"], f"{r['peak_mb']:.0f}", _ratio(r["peak_mb"], ref.get("peak_mb")),
+                f"{r['activation_mb']:.0f}", _ratio(r["activation_mb"], ref.get("activation_mb")),
+                f"{r['step_ms']:.1f}", _ratio(r["step_ms"], ref.get("step_ms")), "-" if fit is None else str(fit),
+            ])
+    else:
+        headers = ["workload", "batch", "method", "saved MB (accounting)", "x exact", "step ms (CPU)", "x exact"]
+        for r in results:
+            ref = exact[(r["workload"], r["batch"])]
+            saved, ms = r.get("saved_mb"), r.get("step_ms")
+            rows.append([
+                r["workload"], r["batch"], r["method"], "n/a" if saved is None else f"{saved:.2f}",
+                _ratio(saved, ref.get("saved_mb")), "n/a" if ms is None else f"{ms:.1f}", _ratio(ms, ref.get("step_ms")),
+            ])
+    return rows, headers
+
+
+def _plots(results: list[dict], on_gpu: bool, folder: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'tritonquant[plots]'): no plots written")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    memory_key = "peak_mb" if on_gpu else "saved_mb"
+    workloads = list(dict.fromkeys(r["workload"] for r in results))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    for ax, name in zip(axes[0], workloads):
+        for method in METHODS:
+            points = [(r["batch"], r[memory_key]) for r in results
+                      if r["workload"] == name and r["method"] == method and r.get(memory_key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set(title=name, xlabel="batch size", ylabel="peak memory (MB)" if on_gpu else "saved-tensor MB (accounting)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "memory_vs_batch.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    for ax, name in zip(axes[0], workloads):
+        largest = max(r["batch"] for r in results if r["workload"] == name)
+        labels, times = [], []
+        for method in ("exact", "tq-8bit", "tq-4bit", "tq-2bit"):
+            row = next((r for r in results if r["workload"] == name and r["batch"] == largest and r["method"] == method), None)
+            if row and row.get("step_ms") is not None:
+                labels.append(method)
+                times.append(row["step_ms"])
+        ax.bar(labels, times, color=["gray"] + ["tab:blue"] * (len(labels) - 1))
+        ax.set(title=f"{name}, batch {largest}", ylabel="step time (ms)" + ("" if on_gpu else ", CPU"))
+    fig.tight_layout()
+    fig.savefig(folder / "step_time_vs_bits.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {folder / 'memory_vs_batch.png'} and {folder / 'step_time_vs_bits.png'}")
