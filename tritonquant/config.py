@@ -63,6 +63,9 @@ def _is_int(value: object) -> bool:
 # more than the few bytes they would save, and in real models such tensors are a negligible share.
 DEFAULT_MIN_BYTES = 64 * 1024
 QUANT_FIELDS = ("bits", "scheme", "stochastic", "group_size", "seed", "backend")
+# Where packed payloads wait between forward and backward: None keeps them on the tensor's device,
+# "cpu" moves CUDA payloads to pinned host memory (tritonquant/offload.py; a no-op for CPU tensors).
+OFFLOAD_CHOICES = (None, "cpu")
 
 
 @dataclass(frozen=True)
@@ -75,23 +78,30 @@ class CompressConfig:
         matched against names like "layer1.0.conv1") or an ``nn.Module`` subclass. Tensors saved while
         a matching module runs use that QuantConfig; None leaves them unpacked. The innermost running
         module that matches decides; for one module a name match beats a type match.
+    offload: None, or "cpu" to keep packed payloads of CUDA tensors in pinned host memory between
+        forward and backward (see ``tritonquant.offload``); CPU tensors are unaffected.
     """
 
     quant: QuantConfig = QuantConfig()
     min_bytes: int = DEFAULT_MIN_BYTES
     overrides: tuple = ()
+    offload: str | None = None
 
     @classmethod
-    def from_kwargs(cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, **quant_kwargs) -> "CompressConfig":
+    def from_kwargs(
+        cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, offload: str | None = None, **quant_kwargs
+    ) -> "CompressConfig":
         unknown = sorted(set(quant_kwargs) - set(QUANT_FIELDS))
         if unknown:
             raise TypeError(
-                f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(QUANT_FIELDS + ('min_bytes', 'overrides'))}"
+                f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(QUANT_FIELDS + ('min_bytes', 'overrides', 'offload'))}"
             )
         quant = QuantConfig(**quant_kwargs)
         if not _is_int(min_bytes) or min_bytes < 0:
             raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
-        return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant))
+        if not (offload is None or (isinstance(offload, str) and offload in OFFLOAD_CHOICES)):
+            raise ValueError(f"offload must be one of None, 'cpu'; got {offload!r}")
+        return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant), offload=offload)
 
 
 def _parse_overrides(overrides: dict, base: QuantConfig) -> tuple:

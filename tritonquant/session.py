@@ -24,6 +24,7 @@ from torch import nn
 
 from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
+from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
 from .policy import pass_reason
 
@@ -53,6 +54,7 @@ class Stats:
         parameters and buffers excluded (the model holds them anyway: they cost the step nothing).
     passed_by_reason: tensor counts per pass-through reason (see ``policy.REASONS``).
     deduplicated: saves that reused a tensor already packed in this block.
+    offloaded_bytes: packed bytes moved to host memory (``offload="cpu"``, CUDA tensors only).
     """
 
     raw_bytes: int = 0
@@ -61,6 +63,7 @@ class Stats:
     passed_tensors: int = 0
     passed_bytes: int = 0
     deduplicated: int = 0
+    offloaded_bytes: int = 0
     passed_by_reason: Counter = field(default_factory=Counter)
     modules: dict[str, ModuleStats] = field(default_factory=dict)
 
@@ -75,7 +78,7 @@ class _Packed:
 
     __slots__ = ("packed", "backend", "source", "__weakref__")
 
-    def __init__(self, packed: PackedTensor, backend: str, source: torch.Tensor) -> None:
+    def __init__(self, packed: PackedTensor | OffloadedPacked, backend: str, source: torch.Tensor) -> None:
         self.packed = packed
         self.backend = backend
         # Weak: only used to tell whether a cache hit could be a reused address (see Session._pack).
@@ -136,6 +139,7 @@ class Session:
         self._kept_storages: set[int] = set()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._module_hook_handles: list = []
+        self._offloader = Offloader() if config.offload == "cpu" else None
 
     # -- scope ------------------------------------------------------------------------------------
 
@@ -216,6 +220,9 @@ class Session:
             return hit
         packed = quantize_with(t, quant)
         handle = _Packed(packed, quant.backend, t)
+        if self._offloader is not None and self._offloader.wants(packed):
+            handle.packed = self._offloader.offload(packed)
+            self.stats.offloaded_bytes += packed.nbytes
         self._dedup[key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.device.index)
@@ -241,7 +248,10 @@ class Session:
                 )
             return t
         # Never frees the packed data: retain_graph=True and grad_fn._saved_* may unpack again.
-        return dequantize(handle.packed, backend=handle.backend)
+        packed = handle.packed
+        if isinstance(packed, OffloadedPacked):
+            packed = packed.offloader.fetch(packed)
+        return dequantize(packed, backend=handle.backend)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -360,7 +370,7 @@ def compress(**config) -> Session:
     """Context manager packing every tensor autograd saves inside the block.
 
     Keywords: ``bits``, ``scheme``, ``stochastic``, ``group_size``, ``seed``, ``backend`` (see
-    ``QuantConfig``), ``min_bytes`` and ``overrides`` (see ``CompressConfig``).
+    ``QuantConfig``), ``min_bytes``, ``overrides`` and ``offload`` (see ``CompressConfig``).
     """
     return Session(CompressConfig.from_kwargs(**config))
 
