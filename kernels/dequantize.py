@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
-from .launch import default_group_tile, launch_options
+from .autotune import dequantize_launch_config
+from .launch import launch_options
 
 
 @triton.jit
@@ -57,7 +58,7 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     n_groups = meta.shape[0]
     if n == 0:
         return
-    rows, num_warps = default_group_tile(n_groups, group_size)
+    rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size)
     grid = (triton.cdiv(n_groups, rows),)
     _dequantize_kernel[grid](
         payload, meta, out, n, n_groups,

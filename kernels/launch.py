@@ -1,8 +1,9 @@
-"""Launch settings shared by every kernel: numerics options and the tile-size choice.
+"""Launch settings shared by every kernel: numerics options and the untuned tile-size heuristic.
 
 All kernels run with ``enable_fp_fusion=False`` so that ``a * b + c`` is rounded twice, as the torch
 reference computes it; with fusion on, the compiler may emit FMAs and the backends would differ in the
-last bit. The tile choice lives here so that the tuner has one place to plug in.
+last bit. The quantize/dequantize launchers get their tile from ``kernels/autotune.py``, which times
+candidates per GPU and falls back to ``default_group_tile`` when tuning is off or not worth it.
 """
 
 import os
@@ -24,9 +25,14 @@ def launch_options() -> dict:
     return {"enable_fp_fusion": False}
 
 
-def default_group_tile(n_groups: int, group_size: int) -> tuple[int, int]:
-    """(groups per program, num_warps) for the quantize/dequantize kernels, before any tuning."""
-    tile = INTERPRETER_TILE_ELEMENTS if is_interpreted() else GPU_TILE_ELEMENTS
+def default_group_tile(n_groups: int, group_size: int, interpreted: bool | None = None) -> tuple[int, int]:
+    """(groups per program, num_warps) for the quantize/dequantize kernels, before any tuning.
+
+    ``interpreted`` picks the interpreter's large tile or the GPU tile; None reads TRITON_INTERPRET.
+    """
+    if interpreted is None:
+        interpreted = is_interpreted()
+    tile = INTERPRETER_TILE_ELEMENTS if interpreted else GPU_TILE_ELEMENTS
     rows = max(1, tile // group_size)
     rows = min(rows, triton.next_power_of_2(max(n_groups, 1)))
     num_warps = 4 if rows * group_size <= 4096 else 8

@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
-from .launch import default_group_tile, launch_options
+from .autotune import quantize_launch_config
+from .launch import launch_options
 from .philox import torch_philox_uniform
 
 SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Moseley use 3)
@@ -139,7 +140,7 @@ def triton_quantize(
     meta = torch.empty((n_groups, 2), dtype=torch.float32, device=flat.device)
     if n == 0:
         return payload, meta
-    rows, num_warps = default_group_tile(n_groups, group_size)
+    rows, num_warps = quantize_launch_config(flat, n_groups, bits, group_size, sigma, stochastic)
     grid = (triton.cdiv(n_groups, rows),)
     _quantize_kernel[grid](
         flat, payload, meta, n, n_groups, seed, rng_offset,
