@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest-batch column")
     bench.add_argument("--plots", default=None, help="folder for PNG plots (needs matplotlib)")
 
+    tune = commands.add_parser("tune", help="time kernel launch configs on this GPU and cache the fastest")
+    from .tune import add_tune_arguments
+
+    add_tune_arguments(tune)
+
     return parser
 
 
@@ -34,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import run_bench
 
         return run_bench(quick=args.quick, out=args.out, steps=args.steps, budget_gb=args.budget_gb, plots=args.plots)
+    if args.command == "tune":
+        from .tune import run_tune_from_args
+
+        return run_tune_from_args(args)
     raise AssertionError(f"unhandled command {args.command!r}")
 
 

@@ -1,0 +1,145 @@
+"""``python -m tritonquant tune``: the CPU message, the progress/table output, caching and exit codes.
+
+The GPU case is simulated on CPU by replacing ``autotune.tune`` (the timing itself is covered in
+tests/kernels/test_autotune.py); a ``gpu`` test runs a real, tiny tuning.
+"""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tritonquant import cli
+from tritonquant.kernels import autotune
+from tritonquant.kernels.autotune import CacheEntry, LaunchConfig, TuneResult
+from tritonquant.tune import plan_items, run_tune
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
+    autotune.reset()
+    yield tmp_path / "cache"
+    autotune.reset()
+
+
+def test_tune_on_cpu_says_it_needs_a_gpu_and_exits_0(isolated_cache):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **{autotune.ENV_CACHE_DIR: str(isolated_cache)})
+    proc = subprocess.run([sys.executable, "-m", "tritonquant", "tune"], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "Autotuning needs a CUDA GPU" in proc.stdout
+    assert "Nothing was tuned" in proc.stdout
+    # The single interpreter config for the default group size: 65536-element tiles, 8 warps.
+    assert "|     256 |    256 |       8 |              65536 |" in proc.stdout
+    assert not isolated_cache.exists(), "nothing is written without a GPU"
+
+
+def test_invalid_choices_exit_2():
+    out = io.StringIO()
+    assert run_tune(bits=(3,), stream=out) == 2
+    assert "invalid bits [3]" in out.getvalue()
+    assert run_tune(buckets=(20,), stream=io.StringIO()) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["tune", "--bits", "four"])
+
+
+def test_plan_covers_the_requested_grid_in_order():
+    items = plan_items(bits=(4, 2), group_sizes=(256,), dtypes=("bf16", "fp32"), buckets=(9, 10),
+                       schemes=("minmax", "sigma"), stochastic=True)
+    assert len(items) == 2 * 2 * 2 * (2 * 2 + 1)
+    assert items[0].bits == 4 and items[-1].bits == 2
+    assert {i.kind for i in items} == {"quantize", "dequantize"}
+    assert all(i.scheme == "-" and not i.stochastic for i in items if i.kind == "dequantize")
+
+
+class FakeTuner:
+    """Replaces autotune.tune on a pretend GPU: config depends on the item, some items can fail."""
+
+    def __init__(self, fail_bits=()):
+        self.keys = []
+        self.fail_bits = fail_bits
+
+    def __call__(self, key, device, timer=None, candidates=None):
+        self.keys.append(key)
+        if key.bits in self.fail_bits:
+            raise RuntimeError("simulated failure")
+        config = LaunchConfig(2 ** (key.bits % 5), 4)
+        return TuneResult(key, CacheEntry(config, 0.01 * key.bits, 0.02 * key.bits), "tuned", {config: 0.01})
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(autotune, "device_identity", lambda device: ("NVIDIA H200", (9, 0)))
+    monkeypatch.setattr(autotune, "is_interpreted", lambda: False)
+    tuner = FakeTuner()
+    monkeypatch.setattr(autotune, "tune", tuner)
+    return tuner
+
+
+def test_tune_prints_progress_and_a_table_then_reuses_the_cache(pretend_gpu, isolated_cache):
+    options = dict(bits=(4, 2), group_sizes=(256,), dtypes=("bf16", "fp32"), buckets=(9, 11))
+    n_items = len(plan_items(**options))
+    out = io.StringIO()
+    assert run_tune(**options, stream=out) == 0
+    text = out.getvalue()
+    assert "Tuning 16 launch configurations on NVIDIA H200 (sm_90)" in text
+    progress = [line for line in text.splitlines() if line.startswith("[")]
+    assert len(progress) == n_items
+    assert progress[0].startswith(f"[ 1/{n_items} 0:00] quantize minmax 4-bit g256 bf16 4^9=262,144 el")
+    assert "rows 16, 4 warps, 0.04 ms (heuristic 0.08 ms) [tuned]" in progress[0]
+    assert "| kind " in text and "vs heuristic" in text and "2.00x" in text
+    assert f"{n_items} of {n_items} configurations tuned or cached, 0 failed, 0 skipped" in text
+    assert len(pretend_gpu.keys) == n_items
+    assert len(autotune.read_cache()) == n_items, "every tuned item is persisted"
+
+    autotune.reset()  # a new process: everything comes from the file
+    out = io.StringIO()
+    assert run_tune(**options, stream=out) == 0
+    assert len(pretend_gpu.keys) == n_items, "cached items are not retuned"
+    assert out.getvalue().count("[cached]") == n_items
+
+    assert run_tune(**options, force=True, stream=io.StringIO()) == 0
+    assert len(pretend_gpu.keys) == 2 * n_items, "--force retunes"
+
+
+def test_tune_failure_exits_1_and_budget_skips(pretend_gpu):
+    pretend_gpu.fail_bits = (2,)
+    out = io.StringIO()
+    with pytest.warns(RuntimeWarning):
+        code = run_tune(bits=(4, 2), dtypes=("bf16",), buckets=(9,), stream=out)
+    assert code == 1
+    assert "[failed] RuntimeError: simulated failure" in out.getvalue()
+
+    autotune.reset()
+    out = io.StringIO()
+    assert run_tune(bits=(8,), dtypes=("fp16",), buckets=(9,), max_seconds=0.0, stream=out) == 0
+    assert out.getvalue().count("skipped (time budget)") == 2
+    assert "0 of 2 configurations tuned or cached, 0 failed, 2 skipped" in out.getvalue()
+
+
+def test_cli_dispatches_tune(pretend_gpu, capsys):
+    assert cli.main(["tune", "--bits", "8", "--dtypes", "fp16", "--buckets", "10", "--schemes", "minmax,sigma",
+                     "--stochastic"]) == 0
+    text = capsys.readouterr().out
+    assert "quantize sigma+stochastic 8-bit g256 fp16" in text
+    assert len(pretend_gpu.keys) == 5  # minmax, minmax+stochastic, sigma, sigma+stochastic, dequantize
+    assert {(k.sigma, k.stochastic) for k in pretend_gpu.keys if k.kind == "quantize"} == {
+        (False, False), (False, True), (True, False), (True, True)}
+
+
+@pytest.mark.gpu
+def test_real_tune_of_one_small_item(isolated_cache):
+    out = io.StringIO()
+    assert run_tune(bits=(4,), dtypes=("bf16",), buckets=(autotune.MIN_TUNED_BUCKET,), stream=out) == 0
+    assert out.getvalue().count("[tuned]") == 2, out.getvalue()
+    assert len(autotune.read_cache()) == 2
