@@ -124,6 +124,28 @@ class _ModuleStack:
         return self.frames[-1] if self.frames else None
 
 
+class _ModuleStorages:
+    """Storage addresses of the parameters and buffers of modules seen running, for ``pass_reason``.
+
+    An address counts only while the tensor recorded there still owns it: FSDP2 frees each block's
+    unsharded parameters after its forward, and the allocator hands those addresses to later
+    activations, which would otherwise pass through unpacked as if they were parameters.
+    """
+
+    def __init__(self) -> None:
+        self._owners: dict[int, list[weakref.ref]] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self._owners.setdefault(tensor.untyped_storage().data_ptr(), []).append(weakref.ref(tensor))
+
+    def __contains__(self, address: object) -> bool:
+        for ref in self._owners.get(address, ()):
+            owner = ref()
+            if owner is not None and owner.untyped_storage().data_ptr() == address:
+                return True
+        return False
+
+
 class Session:
     """One compression scope: the hooks, the stats, and the per-block deduplication table."""
 
@@ -131,7 +153,7 @@ class Session:
         self.config = config
         self.stats = Stats()
         self._stack = _ModuleStack()
-        self._module_tensors: set[int] = set()
+        self._module_tensors = _ModuleStorages()
         self._seen_modules: set[int] = set()
         self._override_cache: dict[int, QuantConfig | None] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -181,7 +203,7 @@ class Session:
         if id(module) not in self._seen_modules:
             self._seen_modules.add(id(module))
             for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-                self._module_tensors.add(tensor.untyped_storage().data_ptr())
+                self._module_tensors.add(tensor)
 
     def _on_module_exit(self, module: nn.Module, args: object, output: object) -> None:
         if _compiling():
