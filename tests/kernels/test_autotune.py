@@ -62,6 +62,15 @@ class FakeTimer:
 def fake_gpu(monkeypatch):
     """Lookup logic as on a GPU: not interpreted, a fixed device identity, a fake timer."""
     timer = FakeTimer()
+
+    class NoLaunch:
+        # Kernels would run on CPU tensors here, which only the interpreter can do: forbid launches so
+        # these tests behave the same on a GPU machine.
+        def __getitem__(self, grid):
+            raise AssertionError("no kernel launch expected with the simulated GPU")
+
+    monkeypatch.setattr(quantize_module, "_quantize_kernel", NoLaunch())
+    monkeypatch.setattr(dequantize_module, "_dequantize_kernel", NoLaunch())
     monkeypatch.setattr(autotune, "is_interpreted", lambda: False)
     monkeypatch.setattr(autotune, "device_identity", lambda device: H200)
     monkeypatch.setattr(autotune, "benchmark", timer)
