@@ -5,6 +5,7 @@ tests/kernels/test_autotune.py); a ``gpu`` test runs a real, tiny tuning.
 """
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -143,3 +144,87 @@ def test_real_tune_of_one_small_item(isolated_cache):
     assert run_tune(bits=(4,), dtypes=("bf16",), buckets=(autotune.MIN_TUNED_BUCKET,), stream=out) == 0
     assert out.getvalue().count("[tuned]") == 2, out.getvalue()
     assert len(autotune.read_cache()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/bench_kernels.py and benchmarks/gpu_suite.sh
+# ---------------------------------------------------------------------------------------------
+
+
+def clean_env(**extra):
+    """This process's environment without PYTHONPATH (a suite shim must not leak into a simulation)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+def test_bench_kernels_cpu_run_writes_markdown_and_json(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--quick", "--device", "cpu"],
+                          env=dict(os.environ, OUT=str(out)), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "CPU figures" in proc.stdout and "far too slow to time meaningfully" in proc.stdout
+    markdown = (out / "bench_kernels.md").read_text()
+    assert markdown.startswith("# Kernel roofline (CPU figures)")
+    assert "| kind " in markdown and "torch GB/s" in markdown and "triton GB/s" not in markdown
+    report = json.loads((out / "bench_kernels.json").read_text())
+    meta, rows = report["meta"], report["rows"]
+    assert meta["device"] == "cpu" and meta["gpu"] is None and meta["copy_gbps"] > 0
+    for field in ("torch", "triton", "python", "date"):
+        assert meta[field]
+    assert {(r["kind"], r["dtype"], r["bits"]) for r in rows} == {
+        (k, d, b) for k in ("quantize", "dequantize") for d in ("bf16", "fp32") for b in (2, 4, 8)}
+    for row in rows:
+        assert row["torch_gbps"] > 0 and row["torch_frac"] == pytest.approx(row["torch_gbps"] / meta["copy_gbps"])
+        assert row["triton_error"] == "not run on CPU"
+
+
+def test_gpu_suite_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def make_python_without_tritonquant(root: Path) -> Path:
+    """A venv that sees this interpreter's packages (torch, triton, tabulate) as plain paths, so no
+    installed tritonquant (an editable install's .pth finder) comes along: as on the GPU machine."""
+    venv = root / "venv"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                       timeout=120)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        pytest.skip(f"cannot create a venv here: {exc}")
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    packages = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages")) and os.path.isdir(p)]
+    Path(purelib, "parent_packages.pth").write_text("\n".join(packages) + "\n")
+    return python
+
+
+def test_gpu_suite_shim_stages_and_summary(tmp_path):
+    python = make_python_without_tritonquant(tmp_path)
+    env = clean_env(PYTHON=str(python), CUDA_VISIBLE_DEVICES="")
+    check = subprocess.run([str(python), "-c", "import torch, triton, tabulate; import tritonquant.kernels"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "No module named 'torch'" not in check.stderr, "the simulated interpreter must see torch"
+    assert check.returncode != 0, "without the shim, tritonquant.kernels must not import from a bare checkout"
+
+    results = tmp_path / "results"
+    env.update(OUT=str(results), SUITE_FORCE_SHIM="1", SUITE_STAGES="tests-gpu,tune",
+               SUITE_TIMEOUT_TESTS_GPU="0.01")  # a stage that times out, then one that must still run
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one stage failed
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["import_mode"].startswith("shim")
+    assert [(s["stage"], s["status"]) for s in summary["stages"]] == [("tests-gpu", "TIMEOUT"), ("tune", "PASS")]
+    # `python -m tritonquant tune` ran from the repo root, where the bare ./tritonquant folder shadows
+    # everything but the shim's finder.
+    assert "Autotuning needs a CUDA GPU" in (results / "logs" / "tune.log").read_text()
+    assert "| tune | PASS |" in (results / "summary.md").read_text()
+    environment = json.loads((results / "env.json").read_text())
+    for field in ("gpu", "driver", "torch", "triton", "python", "date"):
+        assert field in environment
+    assert environment["torch"] == torch.__version__
+    shim_dir = Path(summary["import_mode"].split("(", 1)[1].split(" on PYTHONPATH")[0])
+    assert shim_dir.name.startswith("tritonquant-shim.") and not shim_dir.exists(), "the shim is removed at the end"

@@ -1,0 +1,395 @@
+#!/usr/bin/env python
+"""Kernel roofline: quantize and dequantize throughput against the device's own copy bandwidth.
+
+For each kernel kind (quantize, dequantize), input dtype (bf16, fp32), bits (2, 4, 8) and input size
+(1 MiB to 1 GiB of input bytes; --quick: 1, 16 and 256 MiB) it times, on a CUDA device:
+    triton     the Triton kernel with the autotuned launch config (tuned now if not cached)
+    heuristic  the same kernel forced to the untuned heuristic config
+    torch      the plain-torch reference (tritonquant.kernels.torch_quantize / torch_dequantize)
+    compiled   torch.compile(dynamic=True) of the torch reference (a failure is reported per row)
+GB/s counts the bytes a kernel must move: quantize reads the input and writes codes plus 8 bytes of
+(base, step) per group of 256; dequantize reads those and writes the output. "%copy" divides by the
+bandwidth of ``dst.copy_(src)`` on a large buffer (read + write) measured in the same run, so it is
+the fraction of the achievable memory roofline. GPU times are medians of triton.testing.do_bench.
+With --quick, torch.compile runs for 4-bit rows only (each compile costs tens of seconds).
+
+Without CUDA the script still runs, in seconds: small sizes, the torch reference only, timed with
+time.perf_counter and labelled as CPU figures (the Triton interpreter is far too slow to time
+meaningfully, and torch.compile is skipped).
+
+Writes bench_kernels.md and bench_kernels.json (GPU name, driver, torch/triton/python versions,
+date) to --out, else $OUT, else benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton
+from tabulate import tabulate
+
+from tritonquant.kernels import autotune, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
+
+GROUP = 256
+MIB = 1 << 20
+KINDS = ("quantize", "dequantize")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BITS = (2, 4, 8)
+GPU_SIZES_MIB = (1, 4, 16, 64, 256, 1024)
+QUICK_GPU_SIZES_MIB = (1, 16, 256)
+CPU_SIZES_KIB = (64, 256, 1024)
+QUICK_CPU_SIZES_KIB = (64,)
+IMPLS = ("triton", "heuristic", "torch", "compiled")
+GPU_WARMUP_MS, GPU_REP_MS = 10, 50
+CPU_NOTE = ("CPU figures (no CUDA device): torch reference only, timed with time.perf_counter. The Triton "
+            "interpreter is far too slow to time meaningfully and torch.compile is not run. These are not GPU "
+            "figures and say nothing about the Triton kernels' speed.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    use_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    meta = environment(use_gpu)
+    meta["mode"] = ("quick " if args.quick else "full ") + ("gpu" if use_gpu else "cpu")
+    rows = measure_gpu(args, meta) if use_gpu else measure_cpu(args, meta)
+    meta["seconds"] = round(time.monotonic() - started, 1)
+    out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    text = render(meta, rows)
+    print(text)
+    write_outputs(out_dir, meta, rows, text)
+    print(f"\nwrote {out_dir / 'bench_kernels.md'} and {out_dir / 'bench_kernels.json'}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="reduced sweep (GPU: 1/16/256 MiB, compile 4-bit only)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: CUDA when available (default); cpu: the small CPU table")
+    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop starting new measurements after this long; the rest are marked skipped")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+
+def gpu_ms(fn: Callable[[], object]) -> float:
+    return autotune.benchmark(fn, GPU_WARMUP_MS, GPU_REP_MS)
+
+
+def measure_gpu(args: argparse.Namespace, meta: dict) -> list[dict]:
+    device = torch.device("cuda", torch.cuda.current_device())
+    deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+    sizes = QUICK_GPU_SIZES_MIB if args.quick else GPU_SIZES_MIB
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    copy_bytes = (256 if args.quick else 1024) * MIB
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = gpu_ms(lambda: dst.copy_(src))
+    del src, dst
+    meta["copy_buffer_mib"] = copy_bytes // MIB
+    meta["copy_gbps"] = 2 * copy_bytes / (copy_ms * 1e6)
+    copy_gbps = meta["copy_gbps"]
+
+    def inputs(row: dict):
+        dtype = DTYPES[row["dtype"]]
+        n = row["elements"]
+        x = torch.randn(n, generator=generator, device=device, dtype=torch.float32).to(dtype)
+        payload, meta_ = triton_quantize(x, row["bits"], GROUP, False, False, 0, 0)
+        out = torch.empty(n, dtype=dtype, device=device)
+        return x, payload, meta_, out
+
+    rows = [new_row(kind, dtype, bits, size * MIB) for kind in KINDS for dtype in DTYPES for bits in BITS
+            for size in sizes]
+    # Pass 1: the Triton kernel (tuned and heuristic) and the torch reference, for every row.
+    for row in rows:
+        if over(deadline):
+            mark_skipped(row, ("triton", "heuristic", "torch"), "skipped (time budget)")
+            continue
+        try:
+            x, payload, meta_, out = inputs(row)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at 1 GiB
+            mark_skipped(row, ("triton", "heuristic", "torch"), short_error(exc))
+            continue
+        bits, n_groups = row["bits"], -(-row["elements"] // GROUP)
+        if row["kind"] == "quantize":
+            config = autotune.quantize_launch_config(x, n_groups, bits, GROUP, False, False)
+            fns = {"triton": lambda: triton_quantize(x, bits, GROUP, False, False, 0, 0),
+                   "torch": lambda: torch_quantize(x, bits, GROUP, False, False, 0, 0)}
+        else:
+            config = autotune.dequantize_launch_config(out, n_groups, bits, GROUP)
+            fns = {"triton": lambda: triton_dequantize(payload, meta_, out, bits, GROUP),
+                   "torch": lambda: torch_dequantize(payload, meta_, out, bits, GROUP)}
+        heuristic = autotune.heuristic_config(n_groups, GROUP)
+        row["config"] = f"{config[0]}x{config[1]}"
+        row["heuristic_config"] = f"{heuristic.rows}x{heuristic.num_warps}"
+
+        def forced_heuristic() -> object:
+            with autotune.use_config(heuristic):
+                return fns["triton"]()
+
+        fns["heuristic"] = forced_heuristic
+        for impl in ("triton", "heuristic", "torch"):
+            record(row, impl, copy_gbps, lambda: gpu_ms(fns[impl]))
+        del x, payload, meta_, out, fns
+        torch.cuda.empty_cache()
+
+    # Pass 2: torch.compile of the reference, one compile per (kind, dtype, bits), dynamic shapes.
+    for kind in KINDS:
+        for dtype in DTYPES:
+            for bits in BITS:
+                group_rows = [r for r in rows if (r["kind"], r["dtype"], r["bits"]) == (kind, dtype, bits)]
+                if args.quick and bits != 4:
+                    for row in group_rows:
+                        mark_skipped(row, ("compiled",), "not run (--quick: 4-bit only)")
+                    continue
+                compile_rows(group_rows, kind, bits, inputs, copy_gbps, deadline)
+    return rows
+
+
+def compile_rows(rows: list[dict], kind: str, bits: int, inputs, copy_gbps: float, deadline: float | None) -> None:
+    import torch._dynamo
+
+    # A fresh dynamo cache per combination: the closures share one code object, and the recompile
+    # limit would otherwise silently fall back to eager after a few of them.
+    torch._dynamo.reset()
+    if kind == "quantize":
+        compiled = torch.compile(lambda t: torch_quantize(t, bits, GROUP, False, False, 0, 0), dynamic=True)
+    else:
+        compiled = torch.compile(lambda p, m, o: torch_dequantize(p, m, o, bits, GROUP), dynamic=True)
+    failure = None
+    for row in rows:
+        if failure is not None:
+            mark_skipped(row, ("compiled",), failure)
+            continue
+        if over(deadline):
+            mark_skipped(row, ("compiled",), "skipped (time budget)")
+            continue
+        try:
+            x, payload, meta_, out = inputs(row)
+        except Exception as exc:  # noqa: BLE001
+            mark_skipped(row, ("compiled",), short_error(exc))
+            continue
+        fn = (lambda: compiled(x)) if kind == "quantize" else (lambda: compiled(payload, meta_, out))
+        try:
+            started = time.monotonic()
+            fn()  # compiles on the first call
+            torch.cuda.synchronize()
+            row["compile_s"] = round(time.monotonic() - started, 1)
+        except Exception as exc:  # noqa: BLE001 - report per row, never crash the sweep
+            failure = "compile failed: " + short_error(exc)
+            mark_skipped(row, ("compiled",), failure)
+            continue
+        record(row, "compiled", copy_gbps, lambda: gpu_ms(fn))
+        del x, payload, meta_, out
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_ms(fn: Callable[[], object], min_seconds: float = 0.02, max_reps: int = 20) -> float:
+    """Median wall time of fn() in ms (perf_counter), after one warm-up call."""
+    fn()
+    times = []
+    total = 0.0
+    while len(times) < 3 or (total < min_seconds and len(times) < max_reps):
+        started = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - started
+        times.append(elapsed)
+        total += elapsed
+    return statistics.median(times) * 1e3
+
+
+def measure_cpu(args: argparse.Namespace, meta: dict) -> list[dict]:
+    deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
+    sizes = QUICK_CPU_SIZES_KIB if args.quick else CPU_SIZES_KIB
+    generator = torch.Generator().manual_seed(0)
+    copy_bytes = 64 * MIB
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    meta["copy_buffer_mib"] = copy_bytes // MIB
+    meta["copy_gbps"] = 2 * copy_bytes / (cpu_ms(lambda: dst.copy_(src)) * 1e6)
+    del src, dst
+    meta["note"] = CPU_NOTE
+    rows = [new_row(kind, dtype, bits, size * 1024) for kind in KINDS for dtype in DTYPES for bits in BITS
+            for size in sizes]
+    for row in rows:
+        mark_skipped(row, ("triton", "heuristic", "compiled"), "not run on CPU")
+        if over(deadline):
+            mark_skipped(row, ("torch",), "skipped (time budget)")
+            continue
+        dtype, bits, n = DTYPES[row["dtype"]], row["bits"], row["elements"]
+        x = torch.randn(n, generator=generator).to(dtype)
+        if row["kind"] == "quantize":
+            record(row, "torch", meta["copy_gbps"],
+                   lambda: cpu_ms(lambda: torch_quantize(x, bits, GROUP, False, False, 0, 0)))
+        else:
+            payload, meta_ = torch_quantize(x, bits, GROUP, False, False, 0, 0)
+            out = torch.empty(n, dtype=dtype)
+            record(row, "torch", meta["copy_gbps"],
+                   lambda: cpu_ms(lambda: torch_dequantize(payload, meta_, out, bits, GROUP)))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# rows, environment, output
+# ---------------------------------------------------------------------------------------------
+
+
+def new_row(kind: str, dtype: str, bits: int, input_bytes: int) -> dict:
+    elements = input_bytes // DTYPES[dtype].itemsize
+    return {"kind": kind, "dtype": dtype, "bits": bits, "group_size": GROUP, "input_bytes": input_bytes,
+            "elements": elements,
+            "traffic_bytes": autotune.traffic_bytes(kind, elements, bits, GROUP, DTYPES[dtype].itemsize)}
+
+
+def record(row: dict, impl: str, copy_gbps: float, time_ms: Callable[[], float]) -> None:
+    """Time one implementation of a row; an exception becomes that cell's error text."""
+    try:
+        ms = time_ms()
+    except Exception as exc:  # noqa: BLE001
+        mark_skipped(row, (impl,), short_error(exc))
+        return
+    gbps = row["traffic_bytes"] / (ms * 1e6)
+    row[f"{impl}_ms"] = ms
+    row[f"{impl}_gbps"] = gbps
+    row[f"{impl}_frac"] = gbps / copy_gbps
+
+
+def mark_skipped(row: dict, impls, reason: str) -> None:
+    for impl in impls:
+        row.setdefault(f"{impl}_error", reason)
+
+
+def over(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() > deadline
+
+
+def short_error(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:120]}"
+
+
+def environment(use_gpu: bool) -> dict:
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "group_size": GROUP,
+        "autotune": autotune.autotune_enabled(),
+        "autotune_cache": str(autotune.cache_path()),
+    }
+    if use_gpu:
+        device = torch.cuda.current_device()
+        meta["device"] = "cuda"
+        meta["gpu"] = torch.cuda.get_device_name(device)
+        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        meta["cuda_runtime"] = torch.version.cuda
+        meta["driver"] = nvidia_driver()
+        meta["timer"] = f"triton.testing.do_bench median (warmup {GPU_WARMUP_MS} ms, rep {GPU_REP_MS} ms)"
+    else:
+        meta["device"] = "cpu"
+        meta["gpu"] = None
+        meta["cpu"] = platform.processor() or platform.machine()
+        meta["threads"] = torch.get_num_threads()
+        meta["timer"] = "time.perf_counter median"
+    return meta
+
+
+def nvidia_driver() -> str | None:
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return lines[0].strip() if proc.returncode == 0 and lines else None
+
+
+def table(rows: list[dict]) -> str:
+    ran = [impl for impl in IMPLS if any(f"{impl}_gbps" in row for row in rows)] or ["torch"]
+    headers = ["kind", "dtype", "bits", "input", "moved MB"]
+    if "triton" in ran:
+        headers.append("config")
+    for impl in ran:
+        headers += [f"{impl} GB/s", f"{impl} %copy"]
+    lines = []
+    for row in rows:
+        line = [row["kind"], row["dtype"], str(row["bits"]), size_label(row["input_bytes"]),
+                number(row["traffic_bytes"] / 1e6)]
+        if "triton" in ran:
+            line.append(row.get("config", ""))
+        for impl in ran:
+            if f"{impl}_gbps" in row:
+                line += [number(row[f"{impl}_gbps"]), f"{100 * row[f'{impl}_frac']:.1f}%"]
+            else:
+                line += [row.get(f"{impl}_error", ""), ""]
+        lines.append(line)
+    return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def number(value: float) -> str:
+    """Three significant figures, without exponents for the magnitudes met here."""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def size_label(n_bytes: int) -> str:
+    if n_bytes >= 1 << 30:
+        return f"{n_bytes / (1 << 30):g} GiB"
+    if n_bytes >= MIB:
+        return f"{n_bytes / MIB:g} MiB"
+    return f"{n_bytes / 1024:g} KiB"
+
+
+def render(meta: dict, rows: list[dict]) -> str:
+    if meta["device"] == "cuda":
+        head = (f"Kernel roofline on {meta['gpu']} (sm {meta['capability']}, driver {meta['driver'] or 'unknown'}, "
+                f"CUDA {meta['cuda_runtime']}), torch {meta['torch']}, triton {meta['triton']}, {meta['date']}.\n"
+                f"Copy bandwidth (torch copy_ of {meta['copy_buffer_mib']} MiB, read + write): "
+                f"{meta['copy_gbps']:.0f} GB/s. GB/s = (bytes read + bytes written) / median time; "
+                f"%copy = that / copy bandwidth. config = autotuned rows x num_warps.")
+    else:
+        head = (f"{meta['note']}\nCPU: {meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, "
+                f"{meta['date']}. Copy bandwidth (copy_ of {meta['copy_buffer_mib']} MiB, read + write): "
+                f"{meta['copy_gbps']:.1f} GB/s. GB/s = (bytes read + bytes written) / median time.")
+    return head + "\n\n" + table(rows)
+
+
+def write_outputs(out_dir: Path, meta: dict, rows: list[dict], text: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = "# Kernel roofline (CPU figures)" if meta["device"] == "cpu" else "# Kernel roofline"
+    (out_dir / "bench_kernels.md").write_text(f"{title}\n\n{text}\n", encoding="utf-8")
+    (out_dir / "bench_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n",
+                                                encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command of under 8 minutes (H200), from a plain repo checkout:
+#
+#   bash benchmarks/gpu_suite.sh                  # results under $OUT, else benchmarks/results/<UTC date>/
+#
+# Stages (each time-bounded; a failing stage is recorded and the suite goes on):
+#   tests-gpu  python -m pytest -q -m gpu          the GPU-only tests
+#   tests      python -m pytest -q -x              the whole suite, real kernels (no interpreter on a GPU)
+#   tune       python -m tritonquant tune          autotune the common launch configs (bounded time)
+#   kernels    benchmarks/bench_kernels.py --quick kernel GB/s vs the device copy bandwidth
+#   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
+# Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
+# summary.md/summary.json (pass/fail/timeout per stage), logs/<stage>.log, pytest junit XML,
+# bench_kernels.md/json, bench.md/json, autotune-cache/ (the tuned configs).
+#
+# The GPU machine has no network: nothing is installed from an index. tritonquant is made importable
+# from this checkout by, in order: an existing install of this checkout; an offline editable install
+# (pip --no-index --no-deps --no-build-isolation); else a shim. The shim is needed because
+# pyproject.toml maps the package `tritonquant.kernels` to the top-level folder `kernels/`, so
+# PYTHONPATH=. alone gives `tritonquant` without `tritonquant.kernels`. The shim is a temporary folder
+# on PYTHONPATH holding a sitecustomize.py that puts an import finder first on sys.meta_path (the same
+# mapping a setuptools editable install uses), so it works in every Python process the suite starts,
+# whatever its working directory, and then runs any sitecustomize it shadows.
+#
+# Environment knobs: PYTHON (interpreter), OUT (results folder), SUITE_BUDGET_S (whole suite, default
+# 465), SUITE_STAGES (comma-separated subset, default all), SUITE_TIMEOUT_<STAGE> (seconds for one stage,
+# e.g. SUITE_TIMEOUT_TESTS=300), SUITE_FORCE_SHIM=1 (skip the install checks, use the shim).
+# `--setup-only` stops after making the package importable and prints how (used by the tests).
+# Exit status: 0 when every selected stage passed, 1 otherwise.
+
+set -o pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STAMP="$(date -u +%Y-%m-%dT%H%M%SZ)"
+RESULTS="${OUT:-$REPO/benchmarks/results/$STAMP}"
+BUDGET_S="${SUITE_BUDGET_S:-465}"
+STAGES="${SUITE_STAGES:-tests-gpu,tests,tune,kernels,bench}"
+SETUP_ONLY=0
+[ "${1:-}" = "--setup-only" ] && SETUP_ONLY=1
+START_S=$(date +%s)
+
+mkdir -p "$RESULTS/logs" || { echo "gpu_suite: cannot create $RESULTS" >&2; exit 1; }
+RESULTS="$(cd "$RESULTS" && pwd)"
+SUITE_LOG="$RESULTS/logs/suite.log"
+: > "$SUITE_LOG"
+SUMMARY_TSV="$RESULTS/logs/summary.tsv"
+: > "$SUMMARY_TSV"
+
+say() { echo "[gpu_suite $(date -u +%H:%M:%S)] $*" | tee -a "$SUITE_LOG"; }
+json_escape() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'; }
+
+# ------------------------------------------------------------------------------------------------
+# The interpreter: $PYTHON, else the first of python/python3 that imports torch and triton.
+# ------------------------------------------------------------------------------------------------
+PY=""
+for candidate in "${PYTHON:-}" python python3; do
+    [ -n "$candidate" ] || continue
+    command -v "$candidate" > /dev/null 2>&1 || continue
+    if "$candidate" -c "import torch, triton" > /dev/null 2>&1; then PY="$(command -v "$candidate")"; break; fi
+done
+if [ -z "$PY" ]; then
+    say "no python with torch and triton found (set PYTHON)"; exit 1
+fi
+say "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
+
+# ------------------------------------------------------------------------------------------------
+# Make `import tritonquant` (with tritonquant.kernels) resolve to this checkout.
+# ------------------------------------------------------------------------------------------------
+check_import() {
+    # Succeeds when tritonquant and tritonquant.kernels come from $REPO, both from the repo root (where
+    # the bare ./tritonquant folder shadows installs) and from an unrelated folder.
+    local where
+    for where in "$REPO" /; do
+        (cd "$where" && TQ_REPO="$REPO" "$PY" - <<'EOF'
+import os, sys
+import tritonquant, tritonquant.kernels, tritonquant.kernels.autotune
+repo = os.path.realpath(os.environ["TQ_REPO"])
+want = {tritonquant: os.path.join(repo, "tritonquant", "__init__.py"),
+        tritonquant.kernels: os.path.join(repo, "kernels", "__init__.py")}
+bad = [f"{m.__name__} from {m.__file__}" for m, path in want.items() if os.path.realpath(m.__file__) != path]
+if bad:
+    sys.exit("not this checkout: " + ", ".join(bad))
+EOF
+        ) >> "$SUITE_LOG" 2>&1 || return 1
+    done
+    return 0
+}
+
+make_shim() {
+    SHIM_DIR="$(mktemp -d "${TMPDIR:-/tmp}/tritonquant-shim.XXXXXX")" || return 1
+    local repo_literal  # the checkout's path as a Python string literal
+    repo_literal="$("$PY" -c 'import sys; print(repr(sys.argv[1]))' "$REPO")" || return 1
+    cat > "$SHIM_DIR/sitecustomize.py" <<EOF
+# Written by benchmarks/gpu_suite.sh: import tritonquant from the checkout at $REPO, mapping
+# tritonquant.kernels to its top-level kernels/ folder as pyproject.toml's package-dir does.
+import importlib.util
+import os
+import sys
+
+_REPO = $repo_literal
+_ROOTS = {"tritonquant": os.path.join(_REPO, "tritonquant"), "tritonquant.kernels": os.path.join(_REPO, "kernels")}
+
+
+class _TritonquantFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        root = _ROOTS.get(name)
+        if root is None:
+            return None
+        return importlib.util.spec_from_file_location(
+            name, os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+
+
+sys.meta_path.insert(0, _TritonquantFinder)
+
+
+def _run_shadowed_sitecustomize():
+    # This file hides any other sitecustomize on sys.path; import that one too.
+    here = os.path.dirname(os.path.realpath(__file__))
+    saved_path, saved_module = list(sys.path), sys.modules.pop("sitecustomize", None)
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
+    try:
+        import sitecustomize  # noqa: F401
+    except ImportError:
+        if saved_module is not None:
+            sys.modules["sitecustomize"] = saved_module
+    finally:
+        sys.path[:] = saved_path
+
+
+_run_shadowed_sitecustomize()
+EOF
+    export PYTHONPATH="$SHIM_DIR${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+IMPORT_MODE=""
+if [ "${SUITE_FORCE_SHIM:-0}" != "1" ] && check_import; then
+    IMPORT_MODE="installed"
+elif [ "${SUITE_FORCE_SHIM:-0}" != "1" ] && \
+        timeout 120 "$PY" -m pip install --no-index --no-deps --no-build-isolation -q -e "$REPO" \
+            >> "$SUITE_LOG" 2>&1 && check_import; then
+    IMPORT_MODE="editable install (offline)"
+elif make_shim && check_import; then
+    IMPORT_MODE="shim ($SHIM_DIR on PYTHONPATH)"
+else
+    IMPORT_MODE="FAILED"
+fi
+say "tritonquant import: $IMPORT_MODE"
+if [ "$SETUP_ONLY" = "1" ]; then
+    echo "IMPORT_MODE=$IMPORT_MODE"
+    echo "PYTHONPATH=${PYTHONPATH:-}"
+    [ "$IMPORT_MODE" != "FAILED" ]; exit $?
+fi
+
+# ------------------------------------------------------------------------------------------------
+# Environment record
+# ------------------------------------------------------------------------------------------------
+export TRITONQUANT_CACHE_DIR="$RESULTS/autotune-cache"  # fresh tuning, kept with the results
+command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi > "$RESULTS/logs/nvidia-smi.txt" 2>&1
+TQ_IMPORT_MODE="$IMPORT_MODE" TQ_REPO="$REPO" "$PY" - "$RESULTS" <<'EOF' >> "$SUITE_LOG" 2>&1
+import datetime, json, os, platform, subprocess, sys
+
+import torch, triton
+
+
+def run(*cmd):
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=15, cwd=os.environ["TQ_REPO"])
+        return proc.stdout.strip() if proc.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+env = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "python": platform.python_version(),
+    "torch": torch.__version__,
+    "triton": triton.__version__,
+    "cuda_runtime": torch.version.cuda,
+    "cuda_available": torch.cuda.is_available(),
+    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    "capability": ".".join(map(str, torch.cuda.get_device_capability(0))) if torch.cuda.is_available() else None,
+    "gpu_count": torch.cuda.device_count(),
+    "driver": (run("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader") or "").split("\n")[0] or None,
+    "platform": platform.platform(),
+    "commit": run("git", "rev-parse", "HEAD"),
+    "dirty": bool(run("git", "status", "--porcelain")),
+    "import_mode": os.environ["TQ_IMPORT_MODE"],
+}
+out = sys.argv[1]
+with open(os.path.join(out, "env.json"), "w") as handle:
+    json.dump(env, handle, indent=1)
+with open(os.path.join(out, "env.md"), "w") as handle:
+    handle.write("# Environment\n\n" + "".join(f"- {k}: {v}\n" for k, v in env.items()))
+print(json.dumps(env))
+EOF
+[ -f "$RESULTS/env.json" ] && say "environment: $(tr -d '\n' < "$RESULTS/env.json")"
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------
+selected() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND...
+    local name="$1" nominal="$2"; shift 2
+    selected "$name" || return 0
+    local override_var="SUITE_TIMEOUT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
+    local limit="${!override_var:-$nominal}"
+    local left=$(( BUDGET_S - ($(date +%s) - START_S) - 5 ))
+    local log="$RESULTS/logs/$name.log"
+    if [ -z "${!override_var:-}" ]; then
+        if [ "$left" -lt 20 ]; then
+            say "stage $name: SKIPPED (suite budget of ${BUDGET_S}s spent)"
+            printf '%s\tSKIPPED\t-\t0\t%s\t%s\n' "$name" "$limit" "$*" >> "$SUMMARY_TSV"
+            return 0
+        fi
+        [ "$left" -lt "$limit" ] && limit="$left"
+    fi
+    say "stage $name (timeout ${limit}s): $*"
+    local t0; t0=$(date +%s)
+    (cd "$REPO" && exec timeout --kill-after=10 "$limit" "$@") 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    local seconds=$(( $(date +%s) - t0 ))
+    local status="PASS"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status="TIMEOUT"; elif [ "$rc" -ne 0 ]; then status="FAIL"; fi
+    say "stage $name: $status (exit $rc, ${seconds}s)"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$seconds" "$limit" "$*" >> "$SUMMARY_TSV"
+}
+
+# Tests run with TRITONQUANT_AUTOTUNE=0: results do not depend on the tile, and tuning every
+# (bits, dtype, scheme, size) the tests touch would cost minutes of compiles; the autotune tests set
+# the variable themselves. The GPU conftest does not set TRITON_INTERPRET, so real kernels run.
+run_stage tests-gpu 60 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+    --junitxml="$RESULTS/pytest-gpu.xml"
+run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -x -p no:cacheprovider \
+    --junitxml="$RESULTS/pytest-all.xml"
+run_stage tune 80 "$PY" -m tritonquant tune --max-seconds 60
+run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds 70
+run_stage bench 90 "$PY" -m tritonquant bench --out "$RESULTS"
+
+# ------------------------------------------------------------------------------------------------
+# Summary
+# ------------------------------------------------------------------------------------------------
+TOTAL_S=$(( $(date +%s) - START_S ))
+FAILED=0
+{
+    echo "# GPU suite summary"
+    echo
+    echo "Results: \`$RESULTS\`; total ${TOTAL_S}s (budget ${BUDGET_S}s); tritonquant import: $IMPORT_MODE."
+    echo
+    echo "| stage | status | exit | seconds | timeout | command |"
+    echo "|---|---|---|---|---|---|"
+    while IFS=$'\t' read -r name status rc seconds limit cmd; do
+        echo "| $name | $status | $rc | $seconds | $limit | \`$cmd\` |"
+    done < "$SUMMARY_TSV"
+} > "$RESULTS/summary.md"
+{
+    printf '{"results": "%s", "total_s": %s, "budget_s": %s, "import_mode": "%s", "stages": [' \
+        "$(json_escape "$RESULTS")" "$TOTAL_S" "$BUDGET_S" "$(json_escape "$IMPORT_MODE")"
+    sep=""
+    while IFS=$'\t' read -r name status rc seconds limit cmd; do
+        printf '%s{"stage": "%s", "status": "%s", "exit": "%s", "seconds": %s, "timeout": "%s", "command": "%s"}' \
+            "$sep" "$name" "$status" "$rc" "$seconds" "$limit" "$(json_escape "$cmd")"
+        sep=", "
+    done < "$SUMMARY_TSV"
+    echo "]}"
+} > "$RESULTS/summary.json"
+while IFS=$'\t' read -r name status rc seconds limit cmd; do
+    [ "$status" = "PASS" ] || FAILED=1
+done < "$SUMMARY_TSV"
+[ "$IMPORT_MODE" = "FAILED" ] && FAILED=1
+
+echo
+cat "$RESULTS/summary.md" | tee -a "$SUITE_LOG"
+[ -n "${SHIM_DIR:-}" ] && rm -rf "$SHIM_DIR"
+exit "$FAILED"
