@@ -1,0 +1,124 @@
+"""offload="cpu": validation, the CPU no-op, the fetch/prefetch bookkeeping, and (on a GPU) the real path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tritonquant as tq
+from tritonquant.offload import OffloadedPacked, Offloader
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64), nn.Tanh(), nn.Linear(64, 8))
+
+
+def grads_with(model: nn.Module, x: torch.Tensor, session: tq.Session, copy_cpu: bool = False) -> torch.Tensor:
+    model.zero_grad()
+    if copy_cpu:
+        # Exercise the offload bookkeeping with CPU tensors: payloads are copied to fresh host tensors.
+        session._offloader = Offloader(copy_cpu=True)
+    with session:
+        loss = model(x).square().sum()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("value", ["cuda", "CPU", True, 1, ""])  # ("gpu" as an id would read as the marker)
+def test_offload_accepts_only_none_or_cpu(value):
+    with pytest.raises(ValueError, match=r"offload must be one of None, 'cpu'"):
+        tq.compress(offload=value)
+    with pytest.raises(ValueError, match=r"offload must be one of None, 'cpu'"):
+        tq.attach(nn.Linear(2, 2), offload=value)
+
+
+def test_offload_is_a_no_op_for_cpu_tensors():
+    model, x = make_model(), torch.randn(128, 64)
+    plain = tq.compress(bits=4, min_bytes=0)
+    offloaded = tq.compress(bits=4, min_bytes=0, offload="cpu")
+    assert torch.equal(grads_with(model, x, plain), grads_with(model, x, offloaded))
+    assert offloaded.stats.packed_tensors == plain.stats.packed_tensors > 0
+    assert offloaded.stats.offloaded_bytes == 0  # payloads of CPU tensors already live in host memory
+
+
+def test_offload_bookkeeping_moves_every_payload_and_prefetches_in_backward_order():
+    model, x = make_model(), torch.randn(128, 64)
+    plain = tq.compress(bits=4, min_bytes=0)
+    offloaded = tq.compress(bits=4, min_bytes=0, offload="cpu")
+    expected = grads_with(model, x, plain)
+    assert torch.equal(grads_with(model, x, offloaded, copy_cpu=True), expected)
+    assert offloaded.stats.offloaded_bytes == offloaded.stats.packed_bytes
+    offloader = offloaded._offloader
+    # Backward unpacks the last packed tensor first (on demand) and prefetches the earlier ones; the one
+    # tensor saved twice (Tanh's output, also the last Linear's input) is fetched a second time on demand.
+    assert offloader.prefetches == offloaded.stats.packed_tensors - 1
+    assert offloader.fetches_on_demand == 1 + offloaded.stats.deduplicated
+
+
+def test_offloaded_tensors_survive_retain_graph_and_saved_tensor_access():
+    lin = nn.Linear(64, 64)
+    x = torch.randn(32, 64)
+    session = tq.compress(bits=8, min_bytes=0, offload="cpu")
+    session._offloader = Offloader(copy_cpu=True)
+    with session:
+        out = torch.sigmoid(lin(x))
+    handles = [h for h in session._dedup.values()]
+    assert handles and all(isinstance(h.packed, OffloadedPacked) for h in handles)
+    saved = out.grad_fn._saved_result
+    assert (saved - out).abs().max() < 0.01
+    out.sum().backward(retain_graph=True)
+    first = lin.weight.grad.clone()
+    assert torch.equal(out.grad_fn._saved_result, saved), "unpacking again gives the same tensor"
+    out.sum().backward()  # unpacks again from the kept host copy
+    assert torch.equal(lin.weight.grad, 2 * first)
+
+
+def test_attach_with_offload():
+    model, x = make_model(), torch.randn(128, 64)
+    handle = tq.attach(model, bits=4, min_bytes=0, offload="cpu")
+    model(x).sum().backward()
+    assert handle.config.offload == "cpu" and handle.stats.packed_tensors > 0
+    handle.detach()
+
+
+# -- on a GPU ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_offload_gives_identical_gradients_and_frees_device_memory():
+    device = torch.device("cuda")
+    model, x = make_model().to(device), torch.randn(4096, 64, device=device)
+    plain = tq.compress(bits=4, min_bytes=0)
+    expected = grads_with(model, x, plain)
+
+    offloaded = tq.compress(bits=4, min_bytes=0, offload="cpu")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated(device)
+    with offloaded:
+        loss = model(x).square().sum()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated(device) - before
+    handles = list(offloaded._dedup.values())
+    assert handles and all(h.packed.host.payload.is_pinned() for h in handles)
+    assert offloaded.stats.offloaded_bytes == offloaded.stats.packed_bytes
+    # What stays on the device: the loss and tensors kept unpacked, not the packed payloads.
+    assert held < offloaded.stats.packed_bytes / 4
+    model.zero_grad()
+    loss.backward()
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_offload_on_a_side_stream_matches_default_stream():
+    device = torch.device("cuda")
+    model, x = make_model().to(device), torch.randn(2048, 64, device=device)
+    expected = grads_with(model, x, tq.compress(bits=8, min_bytes=0))
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        got = grads_with(model, x, tq.compress(bits=8, min_bytes=0, offload="cpu"))
+    torch.cuda.current_stream(device).wait_stream(stream)
+    assert torch.equal(got, expected)
