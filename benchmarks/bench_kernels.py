@@ -52,6 +52,7 @@ CPU_SIZES_KIB = (64, 256, 1024)
 QUICK_CPU_SIZES_KIB = (64,)
 IMPLS = ("triton", "heuristic", "torch", "compiled")
 GPU_WARMUP_MS, GPU_REP_MS = 10, 50
+COMPILE_RESERVE_S = 30  # with --max-seconds, no torch.compile starts with less time than this left
 CPU_NOTE = ("CPU figures (no CUDA device): torch reference only, timed with time.perf_counter. The Triton "
             "interpreter is far too slow to time meaningfully and torch.compile is not run. These are not GPU "
             "figures and say nothing about the Triton kernels' speed.")
@@ -66,12 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     meta = environment(use_gpu)
     meta["mode"] = ("quick " if args.quick else "full ") + ("gpu" if use_gpu else "cpu")
-    rows = measure_gpu(args, meta) if use_gpu else measure_cpu(args, meta)
-    meta["seconds"] = round(time.monotonic() - started, 1)
     out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
-    text = render(meta, rows)
-    print(text)
-    write_outputs(out_dir, meta, rows, text)
+
+    def save(rows: list[dict], final: bool = False) -> str:
+        # Called after each phase too, so a run cut short by a timeout still leaves its figures.
+        meta["seconds"] = round(time.monotonic() - started, 1)
+        meta["complete"] = final
+        text = render(meta, rows)
+        write_outputs(out_dir, meta, rows, text)
+        return text
+
+    rows = measure_gpu(args, meta, save) if use_gpu else measure_cpu(args, meta)
+    print(save(rows, final=True))
     print(f"\nwrote {out_dir / 'bench_kernels.md'} and {out_dir / 'bench_kernels.json'}")
     return 0
 
@@ -96,14 +103,14 @@ def gpu_ms(fn: Callable[[], object]) -> float:
     return autotune.benchmark(fn, GPU_WARMUP_MS, GPU_REP_MS)
 
 
-def measure_gpu(args: argparse.Namespace, meta: dict) -> list[dict]:
+def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]], object]) -> list[dict]:
     device = torch.device("cuda", torch.cuda.current_device())
     deadline = None if args.max_seconds is None else time.monotonic() + args.max_seconds
     sizes = QUICK_GPU_SIZES_MIB if args.quick else GPU_SIZES_MIB
     generator = torch.Generator(device=device).manual_seed(0)
 
     copy_bytes = (256 if args.quick else 1024) * MIB
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device)
+    src = torch.ones(copy_bytes // 4, dtype=torch.float32, device=device)  # touched pages, not a zero page
     dst = torch.empty_like(src)
     copy_ms = gpu_ms(lambda: dst.copy_(src))
     del src, dst
@@ -154,6 +161,8 @@ def measure_gpu(args: argparse.Namespace, meta: dict) -> list[dict]:
         del x, payload, meta_, out, fns
         torch.cuda.empty_cache()
 
+    save(rows)
+    print("pass 1 (triton, heuristic, torch) done; compiling the torch reference", flush=True)
     # Pass 2: torch.compile of the reference, one compile per (kind, dtype, bits), dynamic shapes.
     for kind in KINDS:
         for dtype in DTYPES:
@@ -163,7 +172,12 @@ def measure_gpu(args: argparse.Namespace, meta: dict) -> list[dict]:
                     for row in group_rows:
                         mark_skipped(row, ("compiled",), "not run (--quick: 4-bit only)")
                     continue
+                if deadline is not None and deadline - time.monotonic() < COMPILE_RESERVE_S:
+                    for row in group_rows:  # a compile takes tens of seconds: do not start one late
+                        mark_skipped(row, ("compiled",), "skipped (time budget)")
+                    continue
                 compile_rows(group_rows, kind, bits, inputs, copy_gbps, deadline)
+                save(rows)
     return rows
 
 
@@ -229,7 +243,7 @@ def measure_cpu(args: argparse.Namespace, meta: dict) -> list[dict]:
     sizes = QUICK_CPU_SIZES_KIB if args.quick else CPU_SIZES_KIB
     generator = torch.Generator().manual_seed(0)
     copy_bytes = 64 * MIB
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32)
+    src = torch.ones(copy_bytes // 4, dtype=torch.float32)  # touched pages, not a zero page
     dst = torch.empty_like(src)
     meta["copy_buffer_mib"] = copy_bytes // MIB
     meta["copy_gbps"] = 2 * copy_bytes / (cpu_ms(lambda: dst.copy_(src)) * 1e6)
@@ -332,8 +346,8 @@ def nvidia_driver() -> str | None:
     return lines[0].strip() if proc.returncode == 0 and lines else None
 
 
-def table(rows: list[dict]) -> str:
-    ran = [impl for impl in IMPLS if any(f"{impl}_gbps" in row for row in rows)] or ["torch"]
+def table(rows: list[dict], ran: tuple[str, ...]) -> str:
+    """One line per row; a cell that was not measured shows why (error, skipped, not run)."""
     headers = ["kind", "dtype", "bits", "input", "moved MB"]
     if "triton" in ran:
         headers.append("config")
@@ -371,7 +385,8 @@ def size_label(n_bytes: int) -> str:
 
 def render(meta: dict, rows: list[dict]) -> str:
     if meta["device"] == "cuda":
-        head = (f"Kernel roofline on {meta['gpu']} (sm {meta['capability']}, driver {meta['driver'] or 'unknown'}, "
+        partial = "" if meta.get("complete", True) else "PARTIAL RESULTS (run still in progress or cut short).\n"
+        head = partial + (f"Kernel roofline on {meta['gpu']} (sm {meta['capability']}, driver {meta['driver'] or 'unknown'}, "
                 f"CUDA {meta['cuda_runtime']}), torch {meta['torch']}, triton {meta['triton']}, {meta['date']}.\n"
                 f"Copy bandwidth (torch copy_ of {meta['copy_buffer_mib']} MiB, read + write): "
                 f"{meta['copy_gbps']:.0f} GB/s. GB/s = (bytes read + bytes written) / median time; "
@@ -380,7 +395,7 @@ def render(meta: dict, rows: list[dict]) -> str:
         head = (f"{meta['note']}\nCPU: {meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, "
                 f"{meta['date']}. Copy bandwidth (copy_ of {meta['copy_buffer_mib']} MiB, read + write): "
                 f"{meta['copy_gbps']:.1f} GB/s. GB/s = (bytes read + bytes written) / median time.")
-    return head + "\n\n" + table(rows)
+    return head + "\n\n" + table(rows, IMPLS if meta["device"] == "cuda" else ("torch",))
 
 
 def write_outputs(out_dir: Path, meta: dict, rows: list[dict], text: str) -> None:

@@ -146,6 +146,9 @@ else
     IMPORT_MODE="FAILED"
 fi
 say "tritonquant import: $IMPORT_MODE"
+if [ "$IMPORT_MODE" = "FAILED" ]; then
+    say "cannot import tritonquant from $REPO; the last error is in $SUITE_LOG (a missing dependency such as tabulate?)"
+fi
 if [ "$SETUP_ONLY" = "1" ]; then
     echo "IMPORT_MODE=$IMPORT_MODE"
     echo "PYTHONPATH=${PYTHONPATH:-}"
@@ -158,7 +161,7 @@ fi
 export TRITONQUANT_CACHE_DIR="$RESULTS/autotune-cache"  # fresh tuning, kept with the results
 command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi > "$RESULTS/logs/nvidia-smi.txt" 2>&1
 TQ_IMPORT_MODE="$IMPORT_MODE" TQ_REPO="$REPO" "$PY" - "$RESULTS" <<'EOF' >> "$SUITE_LOG" 2>&1
-import datetime, json, os, platform, subprocess, sys
+import datetime, importlib.metadata, importlib.util, json, os, platform, subprocess, sys
 
 import torch, triton
 
@@ -176,6 +179,7 @@ env = {
     "python": platform.python_version(),
     "torch": torch.__version__,
     "triton": triton.__version__,
+    "tabulate": importlib.metadata.version("tabulate") if importlib.util.find_spec("tabulate") else None,
     "cuda_runtime": torch.version.cuda,
     "cuda_available": torch.cuda.is_available(),
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
