@@ -29,7 +29,6 @@ memory for the rest of the process.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import inspect
 import json
 import math
@@ -358,8 +357,9 @@ def tune(
     with _device_context(device):
         # A private generator: tuning must not advance torch's global RNG (dropout masks would change).
         generator = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(n, generator=generator, device=device, dtype=torch.float32).to(dtype)
         if key.kind == "quantize":
+            x = torch.randn(n, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
             def run() -> object:
                 return triton_quantize(x, key.bits, key.group_size, key.sigma, key.stochastic, 0, 0)
         else:
@@ -376,17 +376,18 @@ def tune(
         for config in candidates:
             with use_config(config):
                 try:
-                    timings[config] = float(timer(run))
+                    ms = float(timer(run))
                 except Exception as exc:  # noqa: BLE001 - e.g. out of registers/shared memory for a big tile
-                    timings[config] = math.inf
+                    ms = math.inf
                     errors.append(f"{tuple(config)}: {type(exc).__name__}: {exc}")
+            # NaN or a non-positive time is a broken measurement, never the winner.
+            timings[config] = ms if math.isfinite(ms) and ms > 0 else math.inf
     order = {config: index for index, config in enumerate(candidates)}
     best = min(candidates, key=lambda c: (timings[c], order[c]))
     if not math.isfinite(timings[best]):
         raise RuntimeError("no candidate config ran: " + "; ".join(errors))
-    heuristic_ms = timings.get(heuristic)
-    if heuristic_ms is not None and not math.isfinite(heuristic_ms):
-        heuristic_ms = None
+    heuristic_ms = timings.get(heuristic, math.inf)
+    heuristic_ms = heuristic_ms if math.isfinite(heuristic_ms) else None
     return TuneResult(key, CacheEntry(best, timings[best], heuristic_ms), "tuned", timings)
 
 
@@ -516,7 +517,6 @@ def _entry_to_json(key: TuneKey, entry: CacheEntry) -> dict:
         "num_warps": entry.config.num_warps,
         "ms": entry.ms,
         "heuristic_ms": entry.heuristic_ms,
-        "saved": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 

@@ -167,11 +167,16 @@ def test_tuning_picks_the_fastest_config(fake_gpu):
 
 def test_ties_keep_the_heuristic_and_failing_candidates_are_skipped(fake_gpu):
     candidates = autotune.candidate_configs(n_groups_of(4**9), GROUP, interpreted=False)
-    fake_gpu.costs = {candidates[1]: RuntimeError("out of resources"), candidates[2]: float("nan")}
+    fake_gpu.costs = {candidates[1]: RuntimeError("out of resources"), candidates[2]: float("nan"),
+                      candidates[3]: 0.0, candidates[4]: -1.0}
     key = autotune.make_key("quantize", CPU, torch.float32, 4**9, 4, GROUP)
     result = autotune.tune(key, CPU, timer=fake_gpu, candidates=candidates)
-    assert result.entry.config == candidates[0]
-    assert result.timings[candidates[1]] == float("inf")
+    assert result.entry.config == candidates[0], "equal times keep the heuristic; broken times never win"
+    assert [result.timings[c] for c in candidates[1:5]] == [float("inf")] * 4
+    fake_gpu.costs = {candidates[0]: float("nan"), candidates[5]: 2.0}
+    fake_gpu.default = 3.0
+    result = autotune.tune(key, CPU, timer=fake_gpu, candidates=candidates)
+    assert (result.entry.config, result.entry.heuristic_ms) == (candidates[5], None)
 
 
 def test_hot_path_tunes_once_persists_and_then_only_looks_up(fake_gpu, monkeypatch, isolated_cache):
