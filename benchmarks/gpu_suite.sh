@@ -205,7 +205,8 @@ EOF
 # ------------------------------------------------------------------------------------------------
 selected() { case ",$STAGES," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
-run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND...
+run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGET@ becomes the time the
+              # command should aim for: its timeout less 20 s for start-up and writing results)
     local name="$1" nominal="$2"; shift 2
     selected "$name" || return 0
     local override_var="SUITE_TIMEOUT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
@@ -220,6 +221,13 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND...
         fi
         [ "$left" -lt "$limit" ] && limit="$left"
     fi
+    local budget arg
+    budget=$(awk -v l="$limit" 'BEGIN { b = l - 20; if (b < l / 2) b = l / 2; if (b < 1) b = 1; printf "%d", b }')
+    local -a cmd=()
+    for arg in "$@"; do
+        if [ "$arg" = "@BUDGET@" ]; then cmd+=("$budget"); else cmd+=("$arg"); fi
+    done
+    set -- "${cmd[@]}"
     say "stage $name (timeout ${limit}s): $*"
     local t0; t0=$(date +%s)
     (cd "$REPO" && exec timeout --kill-after=10 "$limit" "$@") 2>&1 | tee "$log"
@@ -238,8 +246,8 @@ run_stage tests-gpu 60 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p n
     --junitxml="$RESULTS/pytest-gpu.xml"
 run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -x -p no:cacheprovider \
     --junitxml="$RESULTS/pytest-all.xml"
-run_stage tune 80 "$PY" -m tritonquant tune --max-seconds 60
-run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds 70
+run_stage tune 80 "$PY" -m tritonquant tune --max-seconds @BUDGET@
+run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
 run_stage bench 90 "$PY" -m tritonquant bench --out "$RESULTS"
 
 # ------------------------------------------------------------------------------------------------

@@ -221,7 +221,9 @@ def test_gpu_suite_shim_stages_and_summary(tmp_path):
     # `python -m tritonquant tune` ran from the repo root, where the bare ./tritonquant folder shadows
     # everything but the shim's finder.
     assert "Autotuning needs a CUDA GPU" in (results / "logs" / "tune.log").read_text()
-    assert "| tune | PASS |" in (results / "summary.md").read_text()
+    summary_md = (results / "summary.md").read_text()
+    assert "| tune | PASS |" in summary_md
+    assert "--max-seconds @BUDGET@" not in summary_md and "tune --max-seconds " in summary_md
     environment = json.loads((results / "env.json").read_text())
     for field in ("gpu", "driver", "torch", "triton", "python", "date"):
         assert field in environment
