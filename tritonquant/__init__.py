@@ -13,6 +13,7 @@
     x_hat = tq.dequantize(p)                 # same shape, dtype, device and strides as x
 """
 
+from .autobits import recalibrate
 from .codec import dequantize, manual_seed, quantize
 from .config import CompressConfig, QuantConfig
 from .packed import PackedTensor
@@ -30,5 +31,6 @@ __all__ = [
     "dequantize",
     "manual_seed",
     "quantize",
+    "recalibrate",
 ]
 __version__ = "0.1.0"

@@ -80,28 +80,41 @@ class CompressConfig:
         module that matches decides; for one module a name match beats a type match.
     offload: None, or "cpu" to keep packed payloads of CUDA tensors in pinned host memory between
         forward and backward (see ``tritonquant.offload``); CPU tensors are unaffected.
+    auto_budget: set by ``bits="auto", budget=B``: per-module widths chosen by ``tritonquant.autobits``
+        so that the average code width stays within B bits (1 <= B <= 8); ``quant.bits`` is then the
+        calibration width.
     """
 
     quant: QuantConfig = QuantConfig()
     min_bytes: int = DEFAULT_MIN_BYTES
     overrides: tuple = ()
     offload: str | None = None
+    auto_budget: float | None = None
 
     @classmethod
     def from_kwargs(
-        cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, offload: str | None = None, **quant_kwargs
+        cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, offload: str | None = None,
+        budget: float | None = None, **quant_kwargs
     ) -> "CompressConfig":
         unknown = sorted(set(quant_kwargs) - set(QUANT_FIELDS))
         if unknown:
-            raise TypeError(
-                f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(QUANT_FIELDS + ('min_bytes', 'overrides', 'offload'))}"
-            )
+            allowed = QUANT_FIELDS + ("min_bytes", "overrides", "offload", "budget")
+            raise TypeError(f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        auto_budget = None
+        if quant_kwargs.get("bits") == "auto":
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget <= 8:
+                raise ValueError(f"bits='auto' needs budget, the average bits per element, in [1, 8]; got {budget!r}")
+            auto_budget = float(budget)
+            quant_kwargs["bits"] = 8  # calibration width
+        elif budget is not None:
+            raise ValueError("budget applies only with bits='auto'")
         quant = QuantConfig(**quant_kwargs)
         if not _is_int(min_bytes) or min_bytes < 0:
             raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
         if not (offload is None or (isinstance(offload, str) and offload in OFFLOAD_CHOICES)):
             raise ValueError(f"offload must be one of None, 'cpu'; got {offload!r}")
-        return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant), offload=offload)
+        return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant), offload=offload,
+                   auto_budget=auto_budget)
 
 
 def _parse_overrides(overrides: dict, base: QuantConfig) -> tuple:

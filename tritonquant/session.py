@@ -14,6 +14,7 @@ while it is active; the outer one sees none of them.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import weakref
 from collections import Counter
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, fallback_bits
 from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
@@ -76,11 +78,12 @@ class Stats:
 class _Packed:
     """What autograd holds instead of a packed tensor."""
 
-    __slots__ = ("packed", "backend", "source", "__weakref__")
+    __slots__ = ("packed", "backend", "source", "calibration_record", "__weakref__")
 
     def __init__(self, packed: PackedTensor | OffloadedPacked, backend: str, source: torch.Tensor) -> None:
         self.packed = packed
         self.backend = backend
+        self.calibration_record = None  # bits="auto" calibration: which modules saved this tensor
         # Weak: only used to tell whether a cache hit could be a reused address (see Session._pack).
         self.source = weakref.ref(source)
 
@@ -156,6 +159,7 @@ class Session:
         self._module_tensors = _ModuleStorages()
         self._seen_modules: set[int] = set()
         self._override_cache: dict[int, QuantConfig | None] = {}
+        self._quant_by_bits: dict[int, QuantConfig] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
@@ -200,6 +204,10 @@ class Session:
         if _compiling():
             return
         self._stack.push(module)
+        if self.config.auto_budget is not None:
+            calibration = self._auto_state()
+            if isinstance(calibration, Calibration):
+                calibration.enter(self._stack.name_of(module), module)
         if id(module) not in self._seen_modules:
             self._seen_modules.add(id(module))
             for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
@@ -215,9 +223,9 @@ class Session:
     def _pack(self, t: torch.Tensor) -> _Packed | _Kept:
         module = self._stack.current()
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
-        quant = None
+        quant, calibration = None, None
         if reason is None:
-            quant = self._quant_config_for(module)
+            quant, calibration = self._quant_config_for(module)
             if quant is None:
                 reason = "excluded"
         row = self._module_row(module)
@@ -239,9 +247,14 @@ class Session:
         # A live source means the storage cannot have been freed and its address reused.
         if hit is not None and hit.source() is not None:
             self.stats.deduplicated += 1
+            if hit.calibration_record is not None and module is not None:
+                self._auto_state().add_saver(hit.calibration_record, self._stack.name_of(module))
             return hit
         packed = quantize_with(t, quant)
         handle = _Packed(packed, quant.backend, t)
+        if calibration is not None:
+            name = self._stack.name_of(module)
+            handle.calibration_record = calibration.record_tensor(name, t, quant, isinstance(module, NORMALIZATION_TYPES))
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
@@ -277,17 +290,34 @@ class Session:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _quant_config_for(self, module: nn.Module | None) -> QuantConfig | None:
-        if not self.config.overrides:
-            return self.config.quant
-        for frame in reversed(self._stack.frames):
+    def _quant_config_for(self, module: nn.Module | None) -> tuple[QuantConfig | None, Calibration | None]:
+        """(settings for a tensor saved now, or None to keep it; the calibration to record it into)."""
+        for frame in reversed(self._stack.frames) if self.config.overrides else ():
             decision = self._override_cache.get(id(frame), self)
             if decision is self:
                 decision = self._match_override(frame)
                 self._override_cache[id(frame)] = decision
             if decision is not _NO_MATCH:
-                return decision
-        return self.config.quant
+                return decision, None
+        if self.config.auto_budget is None:
+            return self.config.quant, None
+        state = self._auto_state()
+        if isinstance(state, Calibration):
+            return self.config.quant, (state if module is not None else None)
+        bits = fallback_bits(self.config.auto_budget)
+        if state is not None and module is not None:
+            bits = state.get(self._stack.name_of(module), bits)
+        return self._quant_with_bits(bits), None
+
+    def _auto_state(self) -> Calibration | dict[str, int] | None:
+        """bits="auto": the plan (or calibration) of the outermost module running, None outside modules."""
+        return PLANS.state(self._stack.frames[0], self.config.auto_budget) if self._stack.frames else None
+
+    def _quant_with_bits(self, bits: int) -> QuantConfig:
+        quant = self._quant_by_bits.get(bits)
+        if quant is None:
+            quant = self._quant_by_bits[bits] = dataclasses.replace(self.config.quant, bits=bits)
+        return quant
 
     def _match_override(self, module: nn.Module):
         name = self._stack.names.get(id(module), "")

@@ -1,0 +1,163 @@
+"""Does compressed training train as well as exact training? Real data, small models, several seeds.
+
+Two tasks, both on data that ships with an installed package (nothing is downloaded):
+* ``digits``: scikit-learn's 8x8 handwritten digits (1797 images), a BatchNorm+ReLU CNN; metric:
+  held-out accuracy.
+* ``stdlib-lm``: a character-level language model on Python's own standard-library sources, a small
+  transformer (LayerNorm/RMSNorm, attention, GELU/SiLU, dropout); metric: held-out loss (nats/char).
+
+``train_run`` trains one configuration for one seed and returns its curve; ``benchmarks/fidelity.py``
+sweeps configurations and seeds and writes docs/fidelity.md's tables and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import DigitsCNN, TinyTransformer
+from .session import compress
+
+# Standard-library modules present (as single files) in CPython 3.10 through 3.13.
+CORPUS_MODULES = (
+    "argparse.py", "ast.py", "calendar.py", "configparser.py", "csv.py", "dataclasses.py", "difflib.py",
+    "enum.py", "fractions.py", "functools.py", "heapq.py", "inspect.py", "pprint.py", "random.py",
+    "shutil.py", "string.py", "tarfile.py", "textwrap.py", "typing.py",
+)
+VOCAB = 128  # ASCII; anything else becomes "?"
+SEQ = 64
+
+
+@dataclass
+class Task:
+    name: str
+    metric: str  # "accuracy" (higher is better) or "loss" (lower is better)
+    make_model: Callable[[], nn.Module]
+    train_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    evaluate: Callable[[nn.Module], float]
+    lr: float
+    steps: int
+
+
+@dataclass
+class RunResult:
+    task: str
+    label: str
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    metric: list[float] = field(default_factory=list)
+    packed_ratio: float = 1.0
+
+    @property
+    def final(self) -> float:
+        return self.metric[-1]
+
+
+def digits_task(steps: int = 300, batch: int = 64) -> Task:
+    from sklearn.datasets import load_digits  # an optional dependency: pip install 'tritonquant[fidelity]'
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # [1797, 1, 8, 8] in [-1, 1]
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # one fixed split
+    test, train = order[:360], order[360:]
+
+    def train_batch(gen: torch.Generator):
+        idx = train[torch.randint(0, len(train), (batch,), generator=gen)]
+        return images[idx], labels[idx]
+
+    def evaluate(model: nn.Module) -> float:
+        with torch.no_grad():
+            return (model(images[test]).argmax(1) == labels[test]).float().mean().item()
+
+    return Task("digits", "accuracy", lambda: DigitsCNN(width=32), train_batch, evaluate, lr=2e-3, steps=steps)
+
+
+def stdlib_corpus() -> torch.Tensor:
+    """The corpus as int64 character codes < VOCAB."""
+    root = os.path.dirname(os.__file__)
+    text = "".join(open(os.path.join(root, name), encoding="utf-8").read() for name in CORPUS_MODULES)
+    codes = torch.tensor(list(text.encode("ascii", errors="replace")), dtype=torch.int64)
+    return codes.clamp(max=VOCAB - 1)
+
+
+def stdlib_lm_task(steps: int = 400, batch: int = 32) -> Task:
+    corpus = stdlib_corpus()
+    split = int(len(corpus) * 0.9)
+    train_text, test_text = corpus[:split], corpus[split:]
+    eval_starts = torch.linspace(0, len(test_text) - SEQ - 2, 128).long()  # fixed held-out windows
+
+    def windows(text: torch.Tensor, starts: torch.Tensor):
+        idx = starts[:, None] + torch.arange(SEQ + 1)
+        chunk = text[idx]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def train_batch(gen: torch.Generator):
+        return windows(train_text, torch.randint(0, len(train_text) - SEQ - 2, (batch,), generator=gen))
+
+    def evaluate(model: nn.Module) -> float:
+        tokens, targets = windows(test_text, eval_starts)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            loss = F.cross_entropy(model(tokens).reshape(-1, VOCAB), targets.reshape(-1)).item()
+        model.train(was_training)
+        return loss
+
+    def make_model() -> nn.Module:
+        return TinyTransformer(vocab=VOCAB, dim=128, heads=4, layers=4, seq=SEQ, dropout=0.1)
+
+    return Task("stdlib-lm", "loss", make_model, train_batch, evaluate, lr=2e-3, steps=steps)
+
+
+TASKS = {"digits": digits_task, "stdlib-lm": stdlib_lm_task}
+
+
+def _loss(model: nn.Module, task: Task, batch) -> torch.Tensor:
+    inputs, targets = batch
+    logits = model(inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_run(task: Task, label: str, context: Callable[[], contextlib.AbstractContextManager] | None,
+              seed: int, eval_every: int = 50) -> RunResult:
+    """Train ``task`` from the seed's initial weights; ``context`` wraps each step's forward (None: exact).
+
+    The batches and the model's initial weights depend only on the seed, so runs with the same seed
+    differ only by compression.
+    """
+    torch.manual_seed(seed)
+    model = task.make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    result = RunResult(task.name, label, seed)
+    raw = packed = 0
+    for step in range(1, task.steps + 1):
+        batch = task.train_batch(gen)
+        opt.zero_grad(set_to_none=True)
+        with (context() if context else contextlib.nullcontext()) as session:
+            loss = _loss(model, task, batch)
+        loss.backward()
+        opt.step()
+        if session is not None and hasattr(session, "stats"):
+            raw += session.stats.raw_bytes
+            packed += session.stats.packed_bytes
+        if step % eval_every == 0 or step == task.steps:
+            result.steps.append(step)
+            result.train_loss.append(loss.item())
+            result.metric.append(task.evaluate(model))
+    result.packed_ratio = raw / packed if packed else 1.0
+    return result
+
+
+def compress_context(**config) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of fresh ``compress`` blocks with ``config`` (min_bytes 0: these models are small)."""
+    config.setdefault("min_bytes", 0)
+    return lambda: compress(**config)
