@@ -104,6 +104,8 @@ def _quantize_kernel(
     z_mixed = tl.minimum(tl.maximum(tl.floor(-g_lo * inv_step + 0.5), Z_MIN * 1.0), Z_MAX * 1.0)
     z = tl.where(mixed, z_mixed, tl.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
     base = tl.where(mixed, -(z * step), near)
+    # min/max may return either sign of zero: canonical +0.0 keeps decoded zeros identical everywhere.
+    base = tl.where(base == 0.0, 0.0, base)
 
     t = (xs - base[:, None]) * inv_step[:, None]
     if STOCHASTIC:
@@ -223,6 +225,7 @@ def torch_quantize(
     z_mixed = torch.floor(-g_lo * inv_step + 0.5).clamp(z_min, z_max)
     z = torch.where(mixed, z_mixed, torch.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
     base = torch.where(mixed, -(z * step), near)
+    base = torch.where(base == 0.0, 0.0, base)
 
     t = (xs - base[:, None]) * inv_step[:, None]
     if stochastic:
