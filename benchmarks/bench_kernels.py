@@ -24,21 +24,19 @@ date) to --out, else $OUT, else benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-import triton
 from tabulate import tabulate
 
+from tritonquant.bench import environment as shared_environment
 from tritonquant.kernels import autotune, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 
 GROUP = 256
@@ -309,41 +307,14 @@ def short_error(exc: BaseException) -> str:
 
 
 def environment(use_gpu: bool) -> dict:
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "group_size": GROUP,
-        "autotune": autotune.autotune_enabled(),
-        "autotune_cache": str(autotune.cache_path()),
-    }
+    meta = shared_environment()
+    meta.update(group_size=GROUP, autotune=autotune.autotune_enabled(), autotune_cache=str(autotune.cache_path()))
     if use_gpu:
-        device = torch.cuda.current_device()
-        meta["device"] = "cuda"
-        meta["gpu"] = torch.cuda.get_device_name(device)
-        meta["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        meta["cuda_runtime"] = torch.version.cuda
-        meta["driver"] = nvidia_driver()
         meta["timer"] = f"triton.testing.do_bench median (warmup {GPU_WARMUP_MS} ms, rep {GPU_REP_MS} ms)"
     else:
-        meta["device"] = "cpu"
-        meta["gpu"] = None
-        meta["cpu"] = platform.processor() or platform.machine()
-        meta["threads"] = torch.get_num_threads()
-        meta["timer"] = "time.perf_counter median"
+        meta.update(device="cpu", gpu=None, cpu=platform.processor() or platform.machine(),
+                    threads=torch.get_num_threads(), timer="time.perf_counter median")
     return meta
-
-
-def nvidia_driver() -> str | None:
-    try:
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = proc.stdout.strip().splitlines()
-    return lines[0].strip() if proc.returncode == 0 and lines else None
 
 
 def table(rows: list[dict], ran: tuple[str, ...]) -> str:

@@ -172,8 +172,21 @@ def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: 
     return {"saved_mb": saved / MB, "step_ms": statistics.median(times)}
 
 
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version from nvidia-smi, or None where there is none."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = proc.stdout.strip().splitlines()
+    return lines[0].strip() if proc.returncode == 0 and lines else None
+
+
 def environment() -> dict:
-    """Where the figures come from: device, versions, date."""
+    """Where figures come from: date, versions, and the GPU (name, capability, memory, CUDA, driver)."""
     import triton
 
     env = {
@@ -181,21 +194,14 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
+        "platform": platform.platform(),
         "device": "cpu",
     }
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                   memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
-        try:
-            import subprocess
-
-            env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10,
-            ).stdout.strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            env["driver"] = "unknown"
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(device="cuda", gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   memory_gb=round(props.total_memory / 2**30, 1), cuda_runtime=torch.version.cuda,
+                   driver=nvidia_driver())
     return env
 
 
