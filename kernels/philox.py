@@ -24,15 +24,12 @@ _UNIFORM_SCALE = 4.6566127342e-10
 def _mul_hi_lo(constant: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """High and low 32-bit words of ``constant * value`` for uint32 operands held in int64.
 
-    The full 64-bit product overflows int64, so ``value`` is split into 16-bit halves.
+    The product is below 2**64, and int64 multiplication wraps modulo 2**64, so its bit pattern is
+    the exact unsigned product: the words are its upper and lower halves (the shift is arithmetic,
+    hence the mask).
     """
-    value_lo = value & 0xFFFF
-    value_hi = value >> 16
-    low_part = constant * value_lo  # < 2**48
-    mid = constant * value_hi + (low_part >> 16)  # < 2**49
-    hi = mid >> 16
-    lo = ((mid & 0xFFFF) << 16) | (low_part & 0xFFFF)
-    return hi & _MASK32, lo & _MASK32
+    product = value * constant
+    return (product >> 32).bitwise_and_(_MASK32), product.bitwise_and_(_MASK32)
 
 
 def torch_philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
@@ -55,7 +52,10 @@ def torch_philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
     for _ in range(_ROUNDS):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        # new c0 = hi(B * c2) ^ c1 ^ k0, new c2 = hi(A * c0) ^ c3 ^ k1, new c1 = lo(B * c2), new c3 = lo(A * c0)
+        c0 = hi_b.bitwise_xor_(c1).bitwise_xor_(k0)
+        c2 = hi_a.bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, c3 = lo_b, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
     # Reinterpret the word as int32, fold negatives with bitwise not, scale into [0, 1).
