@@ -36,6 +36,11 @@ SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Mosel
 FIXED_POINT_SCALE = 32768.0  # centred values map into [-2**15, 2**15] for the sigma statistics
 _TINY_RANGE = 2.0**-100  # below this half-range the sigma statistics are taken as zero
 _MIN_NORMAL = 2.0**-126  # a step below this has no finite fp32 reciprocal
+# The same constants for the kernel: Triton lets a kernel read only constexpr globals.
+_K_SIGMA_WIDTH = tl.constexpr(SIGMA_WIDTH)
+_K_FIXED_POINT_SCALE = tl.constexpr(FIXED_POINT_SCALE)
+_K_TINY_RANGE = tl.constexpr(_TINY_RANGE)
+_K_MIN_NORMAL = tl.constexpr(_MIN_NORMAL)
 
 
 def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
@@ -71,16 +76,16 @@ def _quantize_kernel(
     if SIGMA:
         center = lo * 0.5 + hi * 0.5
         half = hi * 0.5 - lo * 0.5
-        to_fixed = tl.where(half > 0, tl.div_rn(FIXED_POINT_SCALE, tl.maximum(half, _TINY_RANGE)), 0.0)
+        to_fixed = tl.where(half > 0, tl.div_rn(_K_FIXED_POINT_SCALE, tl.maximum(half, _K_TINY_RANGE)), 0.0)
         fixed = (tl.where(ok, x - center[:, None], 0.0) * to_fixed[:, None]).to(tl.int32)
         sum1 = tl.sum(fixed, axis=1)
         sum2 = tl.sum((fixed * fixed).to(tl.int64), axis=1)
         count = tl.maximum(tl.minimum(n_elements - rows.to(tl.int64) * GROUP, GROUP), 1).to(tl.float32)
         mean_fixed = tl.div_rn(sum1.to(tl.float32), count)
         var_fixed = tl.maximum(tl.div_rn(sum2.to(tl.float32), count) - mean_fixed * mean_fixed, 0.0)
-        unit = half * (1.0 / FIXED_POINT_SCALE)
+        unit = half * (1.0 / _K_FIXED_POINT_SCALE)
         mean = tl.minimum(tl.maximum(center + mean_fixed * unit, lo), hi)
-        width = SIGMA_WIDTH * (tl.sqrt_rn(var_fixed) * unit)
+        width = _K_SIGMA_WIDTH * (tl.sqrt_rn(var_fixed) * unit)
         g_lo = tl.maximum(lo, mean - width)
         g_hi = tl.minimum(hi, mean + width)
         collapsed = g_hi <= g_lo
@@ -99,7 +104,7 @@ def _quantize_kernel(
     near = tl.where(negative_side, g_hi, g_lo)
     far = tl.where(negative_side, g_lo, g_hi)
     step = tl.div_rn(far - near, LEVELS_M1 * 1.0)
-    invertible = tl.abs(step) >= _MIN_NORMAL
+    invertible = tl.abs(step) >= _K_MIN_NORMAL
     inv_step = tl.where(invertible, tl.div_rn(1.0, tl.where(invertible, step, 1.0)), 0.0)
     z_mixed = tl.minimum(tl.maximum(tl.floor(-g_lo * inv_step + 0.5), Z_MIN * 1.0), Z_MAX * 1.0)
     z = tl.where(mixed, z_mixed, tl.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
