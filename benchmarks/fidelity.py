@@ -27,17 +27,26 @@ NORMS = {nn.BatchNorm2d: {"bits": 8}, nn.LayerNorm: {"bits": 8}, nn.RMSNorm: {"b
 
 
 def configurations() -> dict:
-    """label -> context factory (None: exact training)."""
+    """label -> context factory (None: exact training).
+
+    The tq* and auto-* configurations use uniform widths everywhere (sensitive_bits=1); "default" is
+    ``tq.compress()`` as shipped (4 bits, attention inputs and log-softmax outputs at 8 bits), and
+    "tq2+sensitive8" is 2 bits with that same floor.
+    """
+    uniform = {"sensitive_bits": 1}
     configs = {"exact": None}
     for bits in (8, 4, 2):
         for scheme in ("minmax", "sigma"):
             for rounding in ("nearest", "stochastic"):
                 configs[f"tq{bits}-{scheme}-{rounding}"] = compress_context(
-                    bits=bits, scheme=scheme, stochastic=rounding == "stochastic")
+                    bits=bits, scheme=scheme, stochastic=rounding == "stochastic", **uniform)
     for bits in (4, 2):
-        configs[f"tq{bits}-minmax-nearest+norm8"] = compress_context(bits=bits, overrides=NORMS)
-    configs["auto-2.0"] = compress_context(bits="auto", budget=2.0)
-    configs["auto-3.0"] = compress_context(bits="auto", budget=3.0)
+        configs[f"tq{bits}-minmax-nearest+norm8"] = compress_context(bits=bits, overrides=NORMS, **uniform)
+    configs["auto-2.0"] = compress_context(bits="auto", budget=2.0, **uniform)
+    configs["auto-3.0"] = compress_context(bits="auto", budget=3.0, **uniform)
+    configs["default"] = compress_context()
+    configs["tq2+sensitive8"] = compress_context(bits=2)
+    configs["auto-3.0+sensitive8"] = compress_context(bits="auto", budget=3.0)
     return configs
 
 

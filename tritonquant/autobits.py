@@ -46,6 +46,7 @@ class SavedRecord:
     relative_error: dict[int, float]
     # (module name, how many modules had started running when it saved the tensor)
     savers: list[tuple[str, int]]
+    min_bits: int = 1  # the sensitivity floor (CompressConfig.sensitive_bits) for this tensor
 
 
 @dataclass
@@ -71,7 +72,8 @@ class Calibration:
     def _add_grad(self, name: str, grad: torch.Tensor) -> None:
         self.param_grad_sq[name] = self.param_grad_sq.get(name, 0.0) + grad.detach().float().square().sum().item()
 
-    def record_tensor(self, name: str, t: torch.Tensor, quant: QuantConfig, normalization: bool) -> SavedRecord:
+    def record_tensor(self, name: str, t: torch.Tensor, quant: QuantConfig, normalization: bool,
+                      min_bits: int = 1) -> SavedRecord:
         """Pack ``t`` at every candidate width and record its relative squared errors."""
         reference = t.detach().float()
         energy = (reference - reference.mean() if normalization else reference).square().sum().item()
@@ -80,7 +82,7 @@ class Calibration:
             trial = QuantConfig(bits, quant.scheme, False, quant.group_size, None, quant.backend)
             diff = dequantize(quantize_with(t, trial), backend=quant.backend).float() - reference
             errors[bits] = diff.square().sum().item() / max(energy, 1e-30)
-        record = SavedRecord(name, t.numel(), errors, [])
+        record = SavedRecord(name, t.numel(), errors, [], min_bits)
         self.add_saver(record, name)
         self.records.append(record)
         return record
@@ -112,9 +114,12 @@ class Calibration:
             for bits, error in record.relative_error.items():
                 per_width[bits] += weight * error
             if record.relative_error[1] > LOSSLESS:
-                # One bit wrecks backward nonlinearly (e.g. attention's log-sum-exp) in ways a linear
-                # error model underrates: allow it only where it loses nothing (masks, two-valued tensors).
+                # One bit wrecks backward nonlinearly in ways a linear error model underrates: allow
+                # it only where it loses nothing (masks, two-valued tensors).
                 per_width[1] = float("inf")
+            for bits in BITS_CHOICES:
+                if bits < record.min_bits:  # below the sensitivity floor: the session would not use it
+                    per_width[bits] = float("inf")
             elements[record.owner] = elements.get(record.owner, 0) + record.elements
         return costs, elements
 

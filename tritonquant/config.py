@@ -80,6 +80,9 @@ class CompressConfig:
         module that matches decides; for one module a name match beats a type match.
     offload: None, or "cpu" to keep packed payloads of CUDA tensors in pinned host memory between
         forward and backward (see ``tritonquant.offload``); CPU tensors are unaffected.
+    sensitive_bits: the narrowest width for tensors whose errors backward amplifies exponentially
+        (``policy.is_sensitive``: log_softmax outputs, tensors saved inside attention modules), unless
+        an override decides; 1 turns the floor off.
     auto_budget: set by ``bits="auto", budget=B``: per-module widths chosen by ``tritonquant.autobits``
         so that the average code width stays within B bits (1 <= B <= 8); ``quant.bits`` is then the
         calibration width.
@@ -90,15 +93,16 @@ class CompressConfig:
     overrides: tuple = ()
     offload: str | None = None
     auto_budget: float | None = None
+    sensitive_bits: int = 8
 
     @classmethod
     def from_kwargs(
         cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, offload: str | None = None,
-        budget: float | None = None, **quant_kwargs
+        budget: float | None = None, sensitive_bits: int = 8, **quant_kwargs
     ) -> "CompressConfig":
         unknown = sorted(set(quant_kwargs) - set(QUANT_FIELDS))
         if unknown:
-            allowed = QUANT_FIELDS + ("min_bytes", "overrides", "offload", "budget")
+            allowed = QUANT_FIELDS + ("min_bytes", "overrides", "offload", "budget", "sensitive_bits")
             raise TypeError(f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
         auto_budget = None
         if quant_kwargs.get("bits") == "auto":
@@ -109,12 +113,14 @@ class CompressConfig:
         elif budget is not None:
             raise ValueError("budget applies only with bits='auto'")
         quant = QuantConfig(**quant_kwargs)
+        if not _is_int(sensitive_bits) or sensitive_bits not in BITS_CHOICES:
+            raise ValueError(f"sensitive_bits must be one of {BITS_CHOICES}, got {sensitive_bits!r}")
         if not _is_int(min_bytes) or min_bytes < 0:
             raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
         if not (offload is None or (isinstance(offload, str) and offload in OFFLOAD_CHOICES)):
             raise ValueError(f"offload must be one of None, 'cpu'; got {offload!r}")
         return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant), offload=offload,
-                   auto_budget=auto_budget)
+                   auto_budget=auto_budget, sensitive_bits=sensitive_bits)
 
 
 def _parse_overrides(overrides: dict, base: QuantConfig) -> tuple:

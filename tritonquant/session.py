@@ -28,7 +28,7 @@ from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
-from .policy import pass_reason
+from .policy import is_sensitive, pass_reason
 
 OUTSIDE_MODULES = "(outside modules)"
 
@@ -225,7 +225,7 @@ class Session:
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
         quant, calibration = None, None
         if reason is None:
-            quant, calibration = self._quant_config_for(module)
+            quant, calibration = self._quant_config_for(t, module)
             if quant is None:
                 reason = "excluded"
         row = self._module_row(module)
@@ -254,7 +254,9 @@ class Session:
         handle = _Packed(packed, quant.backend, t)
         if calibration is not None:
             name = self._stack.name_of(module)
-            handle.calibration_record = calibration.record_tensor(name, t, quant, isinstance(module, NORMALIZATION_TYPES))
+            floor = self.config.sensitive_bits if is_sensitive(t, module) else 1
+            handle.calibration_record = calibration.record_tensor(
+                name, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor)
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
@@ -290,8 +292,12 @@ class Session:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _quant_config_for(self, module: nn.Module | None) -> tuple[QuantConfig | None, Calibration | None]:
-        """(settings for a tensor saved now, or None to keep it; the calibration to record it into)."""
+    def _quant_config_for(self, t: torch.Tensor, module: nn.Module | None) -> tuple[QuantConfig | None, Calibration | None]:
+        """(settings for ``t`` saved now, or None to keep it; the calibration to record it into).
+
+        An override decides if one matches; otherwise the block's width (or bits="auto"'s plan), raised
+        to ``sensitive_bits`` for tensors whose errors backward amplifies (``policy.is_sensitive``).
+        """
         for frame in reversed(self._stack.frames) if self.config.overrides else ():
             decision = self._override_cache.get(id(frame), self)
             if decision is self:
@@ -299,15 +305,17 @@ class Session:
                 self._override_cache[id(frame)] = decision
             if decision is not _NO_MATCH:
                 return decision, None
+        floor = self.config.sensitive_bits if is_sensitive(t, module) else 1
         if self.config.auto_budget is None:
-            return self.config.quant, None
+            bits = self.config.quant.bits
+            return (self.config.quant if bits >= floor else self._quant_with_bits(floor)), None
         state = self._auto_state()
         if isinstance(state, Calibration):
             return self.config.quant, (state if module is not None else None)
         bits = fallback_bits(self.config.auto_budget)
         if state is not None and module is not None:
             bits = state.get(self._stack.name_of(module), bits)
-        return self._quant_with_bits(bits), None
+        return self._quant_with_bits(max(bits, floor)), None
 
     def _auto_state(self) -> Calibration | dict[str, int] | None:
         """bits="auto": the plan (or calibration) of the outermost module running, None outside modules."""

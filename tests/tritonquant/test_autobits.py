@@ -71,11 +71,11 @@ def test_first_step_calibrates_at_8_bits_then_the_plan_applies():
     torch.manual_seed(0)
     model, batch = TinyTransformer(), lm_batch(8)
     tq.recalibrate(model)
-    _, calibration_step = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=3.0, min_bytes=4096))
+    _, calibration_step = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=3.0, min_bytes=4096, sensitive_bits=1))
     modules = {name: row for name, row in calibration_step.stats.modules.items() if name != OUTSIDE_MODULES}
     assert {b for row in modules.values() for b in row.bits} == {8}
     assert isinstance(PLANS.state(model, 3.0), dict)
-    _, planned = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=3.0, min_bytes=4096))
+    _, planned = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=3.0, min_bytes=4096, sensitive_bits=1))
     widths = {b for row in planned.stats.modules.values() for b in row.bits}
     assert len(widths) > 1, "different modules get different widths"
     code_bits = sum(r.raw_bytes / 4 * next(iter(r.bits)) for r in planned.stats.modules.values() if r.bits)
@@ -92,10 +92,12 @@ def test_auto_agrees_better_than_uniform_width_at_the_same_budget(budget, unifor
     torch.manual_seed(0)
     model, batch = TinyTransformer(), lm_batch(8)
     exact, _ = _grad(model, lm_loss, batch, contextlib.nullcontext())
-    fixed, fixed_session = _grad(model, lm_loss, batch, tq.compress(bits=uniform, min_bytes=4096))
+    # Uniform widths everywhere (sensitive_bits=1), so that the comparison is about the allocation alone.
+    fixed, fixed_session = _grad(model, lm_loss, batch, tq.compress(bits=uniform, min_bytes=4096, sensitive_bits=1))
     tq.recalibrate(model)
-    _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=budget, min_bytes=4096))
-    auto, auto_session = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=budget, min_bytes=4096))
+    auto_config = dict(bits="auto", budget=budget, min_bytes=4096, sensitive_bits=1)
+    _grad(model, lm_loss, batch, tq.compress(**auto_config))
+    auto, auto_session = _grad(model, lm_loss, batch, tq.compress(**auto_config))
     assert F.cosine_similarity(exact, auto, dim=0) > F.cosine_similarity(exact, fixed, dim=0) + 0.002
     assert auto_session.stats.ratio >= 0.99 * fixed_session.stats.ratio
 
@@ -109,3 +111,21 @@ def test_attach_with_auto_calibrates_on_the_first_forward():
     cnn_loss(model, batch).backward()
     assert {b for row in handle.stats.modules.values() for b in row.bits} != {8}
     handle.detach()
+
+
+def test_auto_plans_honour_the_sensitivity_floor_within_the_budget():
+    torch.manual_seed(0)
+    model, batch = TinyTransformer(), lm_batch(8)
+    # Attention holds 45% of this model's saved bytes: at 8 bits, with 2 bits elsewhere, the narrowest
+    # feasible average is 4.75 bits; 6.0 leaves room for the allocation to choose.
+    tq.recalibrate(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a feasible budget must not warn
+        _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=6.0, min_bytes=4096))
+        _, planned = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=6.0, min_bytes=4096))
+    rows = planned.stats.modules
+    assert rows["blocks.0.attn"].bits == {8} and rows["blocks.1.attn"].bits == {8}
+    modules = [r for name, r in rows.items() if r.bits and name != OUTSIDE_MODULES]
+    average = sum(r.raw_bytes * next(iter(r.bits)) for r in modules) / sum(r.raw_bytes for r in modules)
+    assert average <= 6.0 + 1e-6
+    assert {b for r in modules for b in r.bits} != {8}, "the rest is narrower"

@@ -131,7 +131,7 @@ def test_gradient_agreement_with_exact_training(workload, bits):
     torch.manual_seed(0)
     model, batch = make_model(), make_batch()
     exact = flat_grad(model, loss_fn, batch, contextlib.nullcontext())
-    session = tq.compress(bits=bits, min_bytes=4096)
+    session = tq.compress(bits=bits, min_bytes=4096, sensitive_bits=1)  # uniform widths everywhere
     packed = flat_grad(model, loss_fn, batch, session)
     assert F.cosine_similarity(exact, packed, dim=0) >= AGREEMENT[bits]
     ideal = 32 / (bits + 64 / 256)  # fp32 codes plus 8 bytes of metadata per 256 elements
@@ -370,3 +370,29 @@ def test_kept_bytes_count_each_storage_once():
         z = (y * y).sum() + (y * 3).sin().sum()  # y saved twice by the first mul
     assert session.stats.passed_bytes == 2 * 64 * 4  # y, and (y * 3) saved by sin; x is a leaf input not saved
     z.backward()
+
+
+def test_attention_and_log_softmax_are_packed_at_eight_bits_by_default():
+    torch.manual_seed(0)
+    model, batch = TinyTransformer(), lm_batch(8)
+    with tq.compress(bits=4, min_bytes=4096) as session:
+        loss = lm_loss(model, batch)
+    loss.backward()
+    rows = session.stats.modules
+    assert rows["blocks.0.attn"].bits == {8} and rows["blocks.1.attn"].bits == {8}
+    assert rows["(outside modules)"].bits == {8}  # cross-entropy's log_softmax output
+    assert rows["blocks.0.mlp.1"].bits == {4} and rows["head"].bits == {4}
+
+    with tq.compress(bits=4, min_bytes=4096, sensitive_bits=1) as uniform:
+        lm_loss(model, batch).backward()
+    assert {b for r in uniform.stats.modules.values() for b in r.bits} == {4}
+
+    from tritonquant.models import Attention
+    with tq.compress(bits=4, min_bytes=4096, overrides={Attention: {"bits": 2}}) as overridden:
+        lm_loss(model, batch).backward()
+    assert overridden.stats.modules["blocks.0.attn"].bits == {2}, "an explicit override beats the floor"
+
+
+def test_sensitive_bits_is_validated():
+    with pytest.raises(ValueError, match=r"sensitive_bits must be one of \(1, 2, 4, 8\)"):
+        tq.compress(sensitive_bits=3)
