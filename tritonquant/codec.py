@@ -8,6 +8,7 @@ its elements is first copied densely, keeping its dimension order.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -177,17 +178,4 @@ def _is_dense(x: torch.Tensor) -> bool:
 
 def _on_device(device: torch.device):
     """Make ``device`` current while launching: autograd's thread may sit on another GPU."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return _nullcontext
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_nullcontext = _NullContext()
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -247,8 +247,9 @@ class Session:
         # A live source means the storage cannot have been freed and its address reused.
         if hit is not None and hit.source() is not None:
             self.stats.deduplicated += 1
-            if hit.calibration_record is not None and module is not None:
-                self._auto_state().add_saver(hit.calibration_record, self._stack.name_of(module))
+            calibration = self._auto_state() if hit.calibration_record is not None and module is not None else None
+            if isinstance(calibration, Calibration):  # a second saver: its use of the tensor counts too
+                calibration.add_saver(hit.calibration_record, self._stack.name_of(module))
             return hit
         packed = quantize_with(t, quant)
         handle = _Packed(packed, quant.backend, t)
