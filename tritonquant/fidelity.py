@@ -88,7 +88,7 @@ def stdlib_corpus() -> torch.Tensor:
     return codes.clamp(max=VOCAB - 1)
 
 
-def stdlib_lm_task(steps: int = 400, batch: int = 32) -> Task:
+def stdlib_lm_task(steps: int = 300, batch: int = 32) -> Task:
     corpus = stdlib_corpus()
     split = int(len(corpus) * 0.9)
     train_text, test_text = corpus[:split], corpus[split:]
@@ -112,7 +112,7 @@ def stdlib_lm_task(steps: int = 400, batch: int = 32) -> Task:
         return loss
 
     def make_model() -> nn.Module:
-        return TinyTransformer(vocab=VOCAB, dim=128, heads=4, layers=4, seq=SEQ, dropout=0.1)
+        return TinyTransformer(vocab=VOCAB, dim=64, heads=4, layers=2, seq=SEQ, dropout=0.1)
 
     return Task("stdlib-lm", "loss", make_model, train_batch, evaluate, lr=2e-3, steps=steps)
 
