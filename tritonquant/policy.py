@@ -13,11 +13,13 @@ intermediate has requires_grad=False.)
 
 Tensors whose errors backward exponentiates (``is_sensitive``: log_softmax outputs, attention's
 saved inputs) are packed with at least ``sensitive_bits`` bits (default 8) unless an override says
-otherwise: on the character LM, 4-bit training with attention at 8 bits ends at exact training's loss,
-and 0.17 nats above it without (docs/fidelity.md).
+otherwise: on the character LM of docs/fidelity.md, 4-bit training with this floor ends at exact
+training's held-out loss (2.389 vs 2.391 nats, 3 seeds) and 0.58 nats above it without.
 """
 
 from __future__ import annotations
+
+from collections.abc import Container
 
 import torch
 
@@ -56,10 +58,10 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def pass_reason(t: torch.Tensor, module_tensors: set[int], min_bytes: int) -> str | None:
+def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int) -> str | None:
     """Why ``t`` must not be packed (a key of REASONS), or None to pack it.
 
-    ``module_tensors`` holds the storage addresses of the parameters and buffers of modules seen
+    ``module_tensors`` contains the storage addresses of the parameters and buffers of modules seen
     running in this block, so views and aliases of them are recognised too.
     """
     if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
