@@ -32,8 +32,13 @@ def default_group_tile(n_groups: int, group_size: int, interpreted: bool | None 
     """
     if interpreted is None:
         interpreted = is_interpreted()
-    tile = INTERPRETER_TILE_ELEMENTS if interpreted else GPU_TILE_ELEMENTS
-    rows = max(1, tile // group_size)
-    rows = min(rows, triton.next_power_of_2(max(n_groups, 1)))
+    if interpreted:
+        # The interpreter pays per element of a tile, masked or not: shrink tiles to small tensors.
+        rows = max(1, INTERPRETER_TILE_ELEMENTS // group_size)
+        rows = min(rows, triton.next_power_of_2(max(n_groups, 1)))
+    else:
+        # On a GPU masked lanes of a small tensor's tile cost nothing measurable, while every distinct
+        # ROWS is another compiled specialization: keep the tile fixed per group size.
+        rows = max(1, GPU_TILE_ELEMENTS // group_size)
     num_warps = 4 if rows * group_size <= 4096 else 8
     return rows, num_warps

@@ -50,10 +50,10 @@ class Workload:
 def gpu_workloads() -> list[Workload]:
     return [
         Workload("resnet50 bf16 224px", lambda: ResNet50Like(),
-                 lambda b, dev: cnn_batch(b, size=224, classes=1000, device=dev), cnn_loss, (32, 64, 128), torch.bfloat16),
+                 lambda b, dev: cnn_batch(b, size=224, classes=1000, device=dev), cnn_loss, (32, 64), torch.bfloat16),
         Workload("gpt2-small bf16 seq1024",
                  lambda: TinyTransformer(vocab=50257, dim=768, heads=12, layers=12, seq=1024, dropout=0.1, tied=True),
-                 lambda b, dev: lm_batch(b, seq=1024, vocab=50257, device=dev), lm_loss, (4, 8, 16), torch.bfloat16),
+                 lambda b, dev: lm_batch(b, seq=1024, vocab=50257, device=dev), lm_loss, (4, 8), torch.bfloat16),
     ]
 
 
@@ -252,12 +252,21 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
         del model
         if on_gpu:
             torch.cuda.empty_cache()
+        # Written after every workload, so a run stopped by a time limit keeps what it measured.
+        _write_results(results, on_gpu, budget_gb, out, verbose=False)
+    _write_results(results, on_gpu, budget_gb, out, verbose=True)
+    if plots:
+        _plots(results, on_gpu, Path(plots))
+    return 0
+
+
+def _write_results(results: list[dict], on_gpu: bool, budget_gb: float, out: str | None, verbose: bool) -> None:
     table, headers = _table(results, on_gpu, budget_gb * 1024)
     env = environment()
     title = ("GPU step benchmark" if on_gpu else
              "CPU step benchmark (--quick): memory = bytes of saved tensors by the library's accounting")
-    text = f"{title}\n{json.dumps(env)}\n\n" + tabulate(table, headers=headers, disable_numparse=True)
-    print("\n" + text)
+    if verbose:
+        print(f"\n{title}\n{json.dumps(env)}\n\n" + tabulate(table, headers=headers, disable_numparse=True))
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -266,10 +275,8 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
             f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
             + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
         )
-        print(f"\nwrote {folder / 'bench.md'} and {folder / 'bench.json'}")
-    if plots:
-        _plots(results, on_gpu, Path(plots))
-    return 0
+        if verbose:
+            print(f"\nwrote {folder / 'bench.md'} and {folder / 'bench.json'}")
 
 
 def _table(results: list[dict], on_gpu: bool, budget_mb: float):
