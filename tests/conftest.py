@@ -34,3 +34,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A private autotune cache folder and a clean in-process tuner state (for the tuning tests)."""
+    from tritonquant.kernels import autotune
+
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
+    autotune.reset()
+    yield tmp_path / "cache"
+    autotune.reset()

@@ -30,14 +30,7 @@ H200 = ("NVIDIA H200", (9, 0))
 A100 = ("NVIDIA A100-SXM4-80GB", (8, 0))
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own cache folder and a clean in-process state."""
-    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
-    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
-    autotune.reset()
-    yield tmp_path / "cache"
-    autotune.reset()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 class FakeTimer:

@@ -22,13 +22,7 @@ from tritonquant.tune import plan_items, run_tune
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "cache"))
-    monkeypatch.delenv(autotune.ENV_AUTOTUNE, raising=False)
-    autotune.reset()
-    yield tmp_path / "cache"
-    autotune.reset()
+pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
 def test_tune_on_cpu_says_it_needs_a_gpu_and_exits_0(isolated_cache):
