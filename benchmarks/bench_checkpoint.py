@@ -20,7 +20,6 @@ median over --steps steps, forward plus backward. Ratios are to "exact" from the
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from tabulate import tabulate
 from torch import nn
 
-from tritonquant.fidelity import TASKS, compress_context, train_run
+from tritonquant.fidelity import TASKS, MeasuredAuto, compress_context, train_run
 
 NORMS = {nn.BatchNorm2d: {"bits": 8}, nn.LayerNorm: {"bits": 8}, nn.RMSNorm: {"bits": 8}}
 
@@ -29,7 +29,8 @@ NORMS = {nn.BatchNorm2d: {"bits": 8}, nn.LayerNorm: {"bits": 8}, nn.RMSNorm: {"b
 def configurations() -> dict:
     """label -> context factory (None: exact training).
 
-    The tq* and auto-* configurations use uniform widths everywhere (sensitive_bits=1); "default" is
+    The tq* and auto-* configurations use uniform widths everywhere (sensitive_bits=1); measured-* is
+    bits="auto" with its plan from ``tq.calibrate`` (re-measured every 50 steps, no floor); "default" is
     ``tq.compress()`` as shipped (4 bits, attention inputs and log-softmax outputs at 8 bits), and
     "tq2+sensitive8" is 2 bits with that same floor.
     """
@@ -44,6 +45,8 @@ def configurations() -> dict:
         configs[f"tq{bits}-minmax-nearest+norm8"] = compress_context(bits=bits, overrides=NORMS, **uniform)
     configs["auto-2.0"] = compress_context(bits="auto", budget=2.0, **uniform)
     configs["auto-3.0"] = compress_context(bits="auto", budget=3.0, **uniform)
+    for budget in (2.0, 3.0):  # plans measured by tq.calibrate at step 1 and every 50 steps
+        configs[f"measured-{budget}"] = MeasuredAuto(budget, 50, dict(uniform))
     configs["default"] = compress_context()
     configs["tq2+sensitive8"] = compress_context(bits=2)
     configs["auto-3.0+sensitive8"] = compress_context(bits="auto", budget=3.0)
@@ -90,7 +93,7 @@ def plot(rows: list[dict], tasks: list[str], out: Path) -> None:
             group = [r for r in runs if r["label"] == label]
             steps = group[0]["steps"]
             mean = [statistics.mean(r["metric"][i] for r in group) for i in range(len(steps))]
-            style = "-" if label == "exact" or "norm8" in label or label.startswith("auto") else "--"
+            style = "-" if label == "exact" or "norm8" in label or label.startswith(("auto", "measured")) else "--"
             ax.plot(steps, mean, style, label=label, linewidth=2.5 if label == "exact" else 1.2)
         ax.set(xlabel="step", ylabel="held-out accuracy" if task == "digits" else "held-out loss (nats/char)",
                title=f"{task}: mean over seeds")

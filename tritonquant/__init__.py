@@ -13,7 +13,7 @@
     x_hat = tq.dequantize(p)                 # same shape, dtype, device and strides as x
 """
 
-from .autobits import recalibrate
+from .autobits import calibrate, recalibrate
 from .codec import dequantize, manual_seed, quantize
 from .config import CompressConfig, QuantConfig
 from .packed import PackedTensor
@@ -27,6 +27,7 @@ __all__ = [
     "Session",
     "Stats",
     "attach",
+    "calibrate",
     "compress",
     "dequantize",
     "manual_seed",

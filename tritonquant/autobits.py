@@ -17,19 +17,29 @@ is sum over its tensors of r(b) times the gradient mass each saver exposes. ``al
 width per module minimizing the summed cost while the average code width stays within the budget.
 The plan is kept per root module (weakly) and used from the next step on. Metadata (0.25 bit an
 element at group size 256) is not part of the budget.
+
+``calibrate(model, loss_fn, budget)`` replaces that estimate with a measurement: it runs one forward
+keeping the saved tensors exact, then backpropagates the same graph once per (module, width) with only
+that module's tensors packed at that width, and charges each choice the error it caused in the
+parameter gradients. Nothing is modelled (one bit is allowed wherever it measurably costs little, e.g.
+a ReLU output read only by max-pool), and calling it again later in training follows the model as it
+changes (attention becomes sensitive only once it sharpens). It costs one backward per module and width.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable, Hashable
 
 import torch
 from torch import nn
 
 from .codec import dequantize, quantize_with
-from .config import BITS_CHOICES, QuantConfig
+from .config import BITS_CHOICES, CompressConfig, QuantConfig
 
 NORMALIZATION_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 # Modules whose saved tensors feed only weight gradients (or, for ReLU, an exact mask).
@@ -129,8 +139,9 @@ class Calibration:
         self._hooks.clear()
 
 
-def allocate(costs: dict[str, dict[int, float]], elements: dict[str, int], budget: float) -> dict[str, int]:
-    """Bits per module minimizing the summed cost with sum(elements * bits) <= budget * sum(elements).
+def allocate(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, int],
+             budget: float) -> dict[Hashable, int]:
+    """Bits per module (any hashable key) minimizing the summed cost with sum(elements * bits) <= budget * sum(elements).
 
     A multiple-choice knapsack: the Lagrangian relaxation (each module takes the width minimizing
     cost + lam * elements * bits, with lam bisected to the smallest value that meets the budget) finds
@@ -140,10 +151,10 @@ def allocate(costs: dict[str, dict[int, float]], elements: dict[str, int], budge
     names = list(costs)
     allowed = budget * sum(elements.values())
 
-    def choose(lam: float) -> dict[str, int]:
+    def choose(lam: float) -> dict[Hashable, int]:
         return {n: min(BITS_CHOICES, key=lambda b: (costs[n][b] + lam * elements[n] * b, b)) for n in names}
 
-    def used(bits: dict[str, int]) -> float:
+    def used(bits: dict[Hashable, int]) -> float:
         return sum(elements[n] * bits[n] for n in names)
 
     high = 1.0
@@ -203,6 +214,14 @@ class AutoPlans:
             state = per_budget[budget] = Calibration()
         return state
 
+    def install(self, root: nn.Module, budget: float, plan: dict[str, int]) -> None:
+        """Use ``plan`` for ``root`` under ``bits="auto", budget=budget`` (replacing any calibration)."""
+        per_budget = self._by_root.setdefault(root, {})
+        old = per_budget.get(float(budget))
+        if isinstance(old, Calibration):
+            old.release()
+        per_budget[float(budget)] = dict(plan)
+
     def reset(self, root: nn.Module) -> None:
         for state in self._by_root.pop(root, {}).values():
             if isinstance(state, Calibration):
@@ -215,3 +234,174 @@ PLANS = AutoPlans()
 def recalibrate(model: nn.Module) -> None:
     """Forget ``model``'s bits="auto" plans: the next step calibrates again (e.g. after a phase change)."""
     PLANS.reset(model)
+
+
+# -- measured calibration ---------------------------------------------------------------------------
+
+
+class ProbeTensor:
+    """What autograd holds for a saved tensor during ``calibrate``: the exact tensor, restored exact
+    unless its owner is the module being probed, then packed and restored at the probed width."""
+
+    __slots__ = ("tensor", "version", "key", "quant", "probe", "__weakref__")
+    calibration_record = None  # read by the session's deduplication, like _Packed's
+
+    def __init__(self, tensor: torch.Tensor, key: tuple[int, str], quant: QuantConfig, probe: "Probe") -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+        self.key = key
+        self.quant = quant
+        self.probe = probe
+
+    def source(self) -> torch.Tensor:
+        """The saved tensor (held strongly, so its address cannot have been reused)."""
+        return self.tensor
+
+    def restore(self) -> torch.Tensor:
+        active = self.probe.active
+        if active is None or active[0] != self.key:
+            return self.tensor
+        bits = active[1]
+        cached = self.probe.restored.get(id(self))
+        if cached is None or cached[0] != bits:
+            quant = dataclasses.replace(self.quant, bits=bits)
+            cached = (bits, dequantize(quantize_with(self.tensor, quant), backend=quant.backend))
+            self.probe.restored[id(self)] = cached
+        return cached[1]
+
+
+@dataclass
+class ProbeOwner:
+    """A module whose saved tensors ``calibrate`` probes as one unit (the unit a plan assigns a width)."""
+
+    root: weakref.ref
+    name: str
+    min_bits: int
+    elements: int = 0
+    # gradient_error with only this module's tensors packed, per width (inf: below the floor, not tried)
+    costs: dict[int, float] = field(default_factory=lambda: {b: float("inf") for b in BITS_CHOICES})
+
+
+class Probe:
+    """The exact saved tensors of one forward, grouped by owner module, and which (owner, width) is probed."""
+
+    def __init__(self) -> None:
+        self.owners: dict[tuple[int, str], ProbeOwner] = {}
+        self.active: tuple[tuple[int, str], int] | None = None
+        self.restored: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def add(self, t: torch.Tensor, root: nn.Module, name: str, quant: QuantConfig, min_bits: int) -> ProbeTensor:
+        key = (id(root), name)
+        owner = self.owners.get(key)
+        if owner is None:
+            owner = self.owners[key] = ProbeOwner(weakref.ref(root), name, min_bits)
+        owner.min_bits = max(owner.min_bits, min_bits)
+        owner.elements += t.numel()
+        return ProbeTensor(t, key, quant, self)
+
+    def select(self, key: tuple[int, str] | None, bits: int = 0) -> None:
+        """Probe ``key``'s tensors at ``bits`` on the next backward (None: every tensor exact)."""
+        self.active = None if key is None else (key, bits)
+        self.restored.clear()
+
+
+def gradient_error(grads: list[torch.Tensor | None], reference: list[torch.Tensor | None]) -> float:
+    """Sum over parameter tensors of ||g - g_ref||^2 / ||g_ref||^2 (parameters without gradient skipped).
+
+    Relative per parameter tensor because Adam-family optimizers normalize each parameter's update:
+    an error in a layer with small gradients matters as much as the same relative error in a large one.
+    """
+    total = 0.0
+    for g, ref in zip(grads, reference):
+        if ref is None or g is None:
+            continue
+        norm = ref.detach().float().square().sum().item()
+        if norm > 0:
+            total += (g.detach().float() - ref.detach().float()).square().sum().item() / norm
+    return total
+
+
+def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor], config: CompressConfig,
+            progress: bool = False) -> list[ProbeOwner]:
+    """The probed modules of one ``loss_fn()`` forward, each with its measured ``costs`` per width.
+
+    ``config`` must have ``auto_budget`` set (tensors outside modules are packed at its fallback width).
+    Parameters' ``.grad``, buffers and the random number generators are left as they were.
+    """
+    from .session import Session  # session.py imports this module
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be a callable returning the scalar loss, got {type(loss_fn).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameters that require grad: there are no gradients to measure")
+    probe = Probe()
+    saved_buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    cuda_devices = sorted({p.device.index for p in params if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=cuda_devices):
+            # Tensors saved outside every module are not probed; they are packed at the width a
+            # bits="auto" session gives them, so the measured gradients are training's.
+            fallback = dataclasses.replace(config.quant, bits=fallback_bits(config.auto_budget))
+            with Session(dataclasses.replace(config, quant=fallback, auto_budget=None), probe=probe):
+                loss = loss_fn()
+            if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+                raise ValueError("loss_fn must return the training loss: a one-element tensor that requires grad")
+
+            def grads() -> list[torch.Tensor | None]:
+                return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
+
+            reference = grads()
+            trials = [(key, b) for key, owner in probe.owners.items() for b in BITS_CHOICES if b >= owner.min_bits]
+            for done, (key, bits) in enumerate(trials, 1):
+                probe.select(key, bits)
+                probe.owners[key].costs[bits] = gradient_error(grads(), reference)
+                if progress:
+                    print(f"\rcalibrate: {done}/{len(trials)} backward passes", end="", file=sys.stderr, flush=True)
+            if progress:
+                print(file=sys.stderr)
+            probe.select(None)
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved_buffers:
+                buffer.copy_(value)
+    return list(probe.owners.values())
+
+
+def calibrate(model: nn.Module, loss_fn: Callable[[], torch.Tensor], budget: float, *,
+              progress: bool = False, **config) -> dict[str, int]:
+    """Choose per-module widths for ``bits="auto", budget=budget`` by measuring their gradient error.
+
+    ``loss_fn()`` must run ``model``'s forward on a representative batch and return the scalar loss,
+    e.g. ``lambda: F.cross_entropy(model(x), y)``. ``config`` takes the other keywords of ``compress``
+    (``scheme``, ``group_size``, ``min_bytes``, ``sensitive_bits``, ``overrides``, ...); pass the same
+    ones to the ``compress``/``attach`` that trains, since the plan is stored per (model, budget):
+
+        tq.calibrate(model, lambda: loss_of(model, batch), budget=2.0, sensitive_bits=1)
+        with tq.compress(bits="auto", budget=2.0, sensitive_bits=1):   # uses the measured plan
+            loss = loss_of(model, batch)
+
+    Runs one forward (saved tensors kept exact, so this step needs exact training's memory) and
+    1 + (modules x widths) backward passes on its graph with ``torch.autograd.grad``: parameters'
+    ``.grad`` are untouched, and buffers (BatchNorm running statistics) and the random number
+    generators are restored afterwards, so calibrating does not change training. A module's cost at a
+    width is ``gradient_error`` with only its tensors packed at that width; the widths are then
+    allocated as for the estimated calibration (``allocate``). Widths below a tensor's sensitivity floor
+    are not tried; bool tensors (lossless at 1 bit) and modules an override decides are not probed.
+    Call it again (e.g. every few hundred steps) to follow the model as it trains. ``progress`` prints
+    a counter of backward passes to stderr. Returns the plan, {module name: bits}.
+    """
+    compress_config = CompressConfig.from_kwargs(bits="auto", budget=budget, **config)
+    owners = measure(model, loss_fn, compress_config, progress)
+    chosen = allocate({id(o): o.costs for o in owners}, {id(o): o.elements for o in owners},
+                      compress_config.auto_budget) if owners else {}
+    plans: dict[int, tuple[nn.Module, dict[str, int]]] = {}
+    for owner in owners:
+        root = owner.root()
+        if root is not None:
+            plans.setdefault(id(root), (root, {}))[1][owner.name] = chosen[id(owner)]
+    for root, plan in plans.values():
+        PLANS.install(root, compress_config.auto_budget, plan)
+    return {name: bits for _, plan in plans.values() for name, bits in plan.items()}

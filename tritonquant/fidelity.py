@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autobits import calibrate
 from .models import DigitsCNN, TinyTransformer
 from .session import compress
 
@@ -135,6 +136,7 @@ def train_run(task: Task, label: str, context: Callable[[], contextlib.AbstractC
     """
     torch.manual_seed(seed)
     model = task.make_model()
+    every = getattr(context, "calibrate_every", 0)
     opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1000 + seed)
     result = RunResult(task.name, label, seed)
@@ -142,6 +144,8 @@ def train_run(task: Task, label: str, context: Callable[[], contextlib.AbstractC
     for step in range(1, task.steps + 1):
         batch = task.train_batch(gen)
         opt.zero_grad(set_to_none=True)
+        if every and (step - 1) % every == 0:
+            context.calibrate(model, lambda: _loss(model, task, batch))
         with (context() if context else contextlib.nullcontext()) as session:
             loss = _loss(model, task, batch)
         loss.backward()
@@ -161,3 +165,23 @@ def compress_context(**config) -> Callable[[], contextlib.AbstractContextManager
     """A factory of fresh ``compress`` blocks with ``config`` (min_bytes 0: these models are small)."""
     config.setdefault("min_bytes", 0)
     return lambda: compress(**config)
+
+
+@dataclass
+class MeasuredAuto:
+    """A context factory for ``bits="auto", budget=budget`` whose plan ``tq.calibrate`` measures on the
+    current batch before the first step and then every ``calibrate_every`` steps (``train_run`` calls
+    ``calibrate``); ``config`` holds the other ``compress`` keywords, shared by both calls."""
+
+    budget: float
+    calibrate_every: int
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.config.setdefault("min_bytes", 0)
+
+    def calibrate(self, model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> None:
+        calibrate(model, loss_fn, self.budget, **self.config)
+
+    def __call__(self) -> contextlib.AbstractContextManager:
+        return compress(bits="auto", budget=self.budget, **self.config)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, fallback_bits
+from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Probe, ProbeTensor, fallback_bits
 from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
@@ -152,8 +152,11 @@ class _ModuleStorages:
 class Session:
     """One compression scope: the hooks, the stats, and the per-block deduplication table."""
 
-    def __init__(self, config: CompressConfig) -> None:
+    def __init__(self, config: CompressConfig, probe: Probe | None = None) -> None:
         self.config = config
+        # autobits.calibrate: tensors that would be packed are kept exact in ``probe`` instead, to be
+        # packed one module at a time on later backward passes.
+        self._probe = probe
         self.stats = Stats()
         self._stack = _ModuleStack()
         self._module_tensors = _ModuleStorages()
@@ -251,6 +254,12 @@ class Session:
             if isinstance(calibration, Calibration):  # a second saver: its use of the tensor counts too
                 calibration.add_saver(hit.calibration_record, self._stack.name_of(module))
             return hit
+        if (self._probe is not None and module is not None and t.dtype != torch.bool
+                and self._override_for() is _NO_MATCH):
+            floor = self.config.sensitive_bits if is_sensitive(t, module) else 1
+            probed = self._probe.add(t, self._stack.frames[0], self._stack.name_of(module), quant, floor)
+            self._dedup[key] = probed
+            return probed
         packed = quantize_with(t, quant)
         handle = _Packed(packed, quant.backend, t)
         if calibration is not None:
@@ -274,8 +283,8 @@ class Session:
         return handle
 
     @staticmethod
-    def _unpack(handle: _Packed | _Kept) -> torch.Tensor:
-        if isinstance(handle, _Kept):
+    def _unpack(handle: _Packed | _Kept | ProbeTensor) -> torch.Tensor:
+        if isinstance(handle, (_Kept, ProbeTensor)):
             t = handle.tensor
             if t._version != handle.version:
                 raise RuntimeError(
@@ -284,7 +293,7 @@ class Session:
                     f"{handle.version} instead. Hint: the tensor was saved inside a tritonquant compression "
                     "scope; modify a copy instead, or modify it after backward."
                 )
-            return t
+            return t if isinstance(handle, _Kept) else handle.restore()
         # Never frees the packed data: retain_graph=True and grad_fn._saved_* may unpack again.
         packed = handle.packed
         if isinstance(packed, OffloadedPacked):
@@ -299,13 +308,9 @@ class Session:
         An override decides if one matches; otherwise the block's width (or bits="auto"'s plan), raised
         to ``sensitive_bits`` for tensors whose errors backward amplifies (``policy.is_sensitive``).
         """
-        for frame in reversed(self._stack.frames) if self.config.overrides else ():
-            decision = self._override_cache.get(id(frame), self)
-            if decision is self:
-                decision = self._match_override(frame)
-                self._override_cache[id(frame)] = decision
-            if decision is not _NO_MATCH:
-                return decision, None
+        decision = self._override_for()
+        if decision is not _NO_MATCH:
+            return decision, None
         floor = self.config.sensitive_bits if is_sensitive(t, module) else 1
         if self.config.auto_budget is None:
             bits = self.config.quant.bits
@@ -317,6 +322,17 @@ class Session:
         if state is not None and module is not None:
             bits = state.get(self._stack.name_of(module), bits)
         return self._quant_with_bits(max(bits, floor)), None
+
+    def _override_for(self):
+        """The override deciding for tensors saved now (a QuantConfig, or None: keep), else _NO_MATCH."""
+        for frame in reversed(self._stack.frames) if self.config.overrides else ():
+            decision = self._override_cache.get(id(frame), self)
+            if decision is self:
+                decision = self._match_override(frame)
+                self._override_cache[id(frame)] = decision
+            if decision is not _NO_MATCH:
+                return decision
+        return _NO_MATCH
 
     def _auto_state(self) -> Calibration | dict[str, int] | None:
         """bits="auto": the plan (or calibration) of the outermost module running, None outside modules."""

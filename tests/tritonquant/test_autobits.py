@@ -129,3 +129,158 @@ def test_auto_plans_honour_the_sensitivity_floor_within_the_budget():
     average = sum(r.raw_bytes * next(iter(r.bits)) for r in modules) / sum(r.raw_bytes for r in modules)
     assert average <= 6.0 + 1e-6
     assert {b for r in modules for b in r.bits} != {8}, "the rest is narrower"
+
+
+# -- tq.calibrate: the measured plan ------------------------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from tritonquant.autobits import Probe, gradient_error, measure  # noqa: E402
+from tritonquant.config import CompressConfig  # noqa: E402
+from tritonquant.models import DigitsCNN  # noqa: E402
+from tritonquant.session import Session  # noqa: E402
+
+
+def _digits_batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+class _WithLoss(nn.Module):
+    """The model and its loss in one module, so that no tensor is saved outside modules (those are packed)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return cnn_loss(self.model, batch)
+
+
+def test_probe_session_restores_exact_tensors_until_a_module_is_selected():
+    torch.manual_seed(0)
+    model, batch = _WithLoss(DigitsCNN(width=8)), _digits_batch()
+    exact = torch.autograd.grad(model(batch), list(model.parameters()))
+    probe = Probe()
+    with Session(CompressConfig.from_kwargs(min_bytes=0), probe=probe):
+        loss = model(batch)
+    unselected = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(exact, unselected)), "bit-identical to exact training"
+    names = [owner.name for owner in probe.owners.values()]
+    assert "model.features.1" in names and "model.features.5" in names  # a BatchNorm input, a ReLU output
+    key = next(k for k, o in probe.owners.items() if o.name == "model.features.1")
+    probe.select(key, 2)
+    packed = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    assert any(not torch.equal(a, b) for a, b in zip(exact, packed))
+    probe.select(None)
+    again = torch.autograd.grad(loss, list(model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(exact, again))
+
+
+def test_measure_finds_mask_only_tensors_free_and_costs_falling_with_width():
+    torch.manual_seed(0)
+    model, batch = DigitsCNN(width=8), _digits_batch()
+    config = CompressConfig.from_kwargs(bits="auto", budget=2.0, min_bytes=0, sensitive_bits=1)
+    owners = {o.name: o for o in measure(model, lambda: cnn_loss(model, batch), config)}
+    # The ReLU before max-pool and the last ReLU (before a mean) are read only as masks (max-pool's
+    # backward uses its indices): any width, even 1 bit, leaves every gradient exact.
+    for name in ("features.5", "features.9"):
+        assert owners[name].costs == {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0}
+    for name in ("features.1", "features.4", "features.8"):  # BatchNorm inputs
+        costs = owners[name].costs
+        assert costs[1] > costs[2] > costs[4] > costs[8] > 0
+
+
+def test_calibrate_installs_a_plan_that_compress_follows_within_the_budget():
+    torch.manual_seed(0)
+    model, batch = DigitsCNN(width=8), _digits_batch()
+    config = dict(min_bytes=0, sensitive_bits=1)
+    plan = tq.calibrate(model, lambda: cnn_loss(model, batch), budget=2.0, **config)
+    assert plan["features.5"] == 1 and plan["features.9"] == 1
+    assert PLANS.state(model, 2.0) == plan
+    with tq.compress(bits="auto", budget=2.0, **config) as session:
+        cnn_loss(model, batch).backward()
+    rows = {name: row for name, row in session.stats.modules.items() if row.bits and name != OUTSIDE_MODULES}
+    assert {name: next(iter(row.bits)) for name, row in rows.items()} == plan
+    average = sum(row.raw_bytes * plan[name] for name, row in rows.items()) / sum(r.raw_bytes for r in rows.values())
+    assert average <= 2.0 + 1e-9
+    tq.recalibrate(model)
+
+
+def test_calibrate_changes_nothing_that_training_sees():
+    torch.manual_seed(0)
+    model, batch = DigitsCNN(width=8), _digits_batch()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    torch.manual_seed(123)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(123)
+    tq.calibrate(model, lambda: cnn_loss(model, batch), budget=3.0, min_bytes=0)
+    assert torch.equal(torch.rand(4), expected_draw), "the global generator is restored"
+    assert all(p.grad is None for p in model.parameters())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    tq.recalibrate(model)
+
+
+def test_calibrate_honours_floors_and_overrides():
+    torch.manual_seed(0)
+    model, batch = TinyTransformer(), lm_batch(4)
+    plan = tq.calibrate(model, lambda: lm_loss(model, batch), budget=6.0, min_bytes=4096,
+                        overrides={"head": None, "blocks.1.mlp.*": {"bits": 4}})
+    assert plan["blocks.0.attn"] == 8 and plan["blocks.1.attn"] == 8  # sensitive_bits=8 by default
+    assert not any(name == "head" or name.startswith("blocks.1.mlp") for name in plan)
+    tq.recalibrate(model)
+
+
+def _per_parameter_error(model, g, exact):
+    sizes = [p.numel() for p in model.parameters()]
+    return gradient_error(list(g.split(sizes)), list(exact.split(sizes)))
+
+
+def test_calibrated_plan_agrees_better_than_the_estimated_one_and_uniform():
+    # gradient_error (the sum over parameter tensors of the relative squared error, which calibrate
+    # minimizes), measured on torch 2.13, CPU, at a 2-bit average: 25.1 with the measured plan, 42.1
+    # with the estimated plan, 66.2 with uniform 2 bits. (On full-vector cosine the estimated plan is
+    # ahead, 0.903 vs 0.851: it weighs large gradients, the measured plan weighs every tensor alike.)
+    torch.manual_seed(0)
+    model, batch = TinyTransformer(), lm_batch(8)
+    exact, _ = _grad(model, lm_loss, batch, contextlib.nullcontext())
+    config = dict(min_bytes=4096, sensitive_bits=1)
+    uniform, _ = _grad(model, lm_loss, batch, tq.compress(bits=2, **config))
+    tq.recalibrate(model)
+    _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=2.0, **config))  # estimated calibration
+    estimated, _ = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=2.0, **config))
+    tq.calibrate(model, lambda: lm_loss(model, batch), budget=2.0, **config)
+    measured, _ = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=2.0, **config))
+    error = {name: _per_parameter_error(model, g, exact)
+             for name, g in (("uniform", uniform), ("estimated", estimated), ("measured", measured))}
+    print(error)
+    assert error["measured"] < error["estimated"] < error["uniform"]
+    tq.recalibrate(model)
+
+
+class _NoParams(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m: tq.calibrate("model", lambda: None, budget=2.0), TypeError, "model must be a torch.nn.Module"),
+        (lambda m: tq.calibrate(m, "loss", budget=2.0), TypeError, "loss_fn must be a callable"),
+        (lambda m: tq.calibrate(m, lambda: m(torch.randn(2, 1, 8, 8)), budget=2.0), ValueError, "one-element tensor"),
+        (lambda m: tq.calibrate(m, lambda: None, budget=0.5), ValueError, "needs budget"),
+        (lambda m: tq.calibrate(m, lambda: None, budget=2.0, bits=4), TypeError, "bits"),
+        (lambda m: tq.calibrate(_NoParams(), lambda: None, budget=2.0), ValueError, "no parameters"),
+    ],
+    ids=["model-not-module", "loss-not-callable", "loss-not-scalar", "budget-out-of-range", "bits-given",
+         "no-parameters"],
+)
+def test_calibrate_rejects_bad_arguments(call, error, message):
+    model = DigitsCNN(width=4)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with pytest.raises(error, match=message):
+        call(model)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), "buffers restored after a failed calibration"
