@@ -31,8 +31,8 @@ def configurations() -> dict:
 
     The tq* and auto-* configurations use uniform widths everywhere (sensitive_bits=1); measured-* is
     bits="auto" with its plan from ``tq.calibrate`` (re-measured every 50 steps, no floor); "default" is
-    ``tq.compress()`` as shipped (4 bits, attention inputs and log-softmax outputs at 8 bits), and
-    "tq2+sensitive8" is 2 bits with that same floor.
+    ``tq.compress()`` as shipped (4 bits, softmax and log_softmax outputs at 8 bits), and the
+    "+sensitive8" configurations keep that same floor.
     """
     uniform = {"sensitive_bits": 1}
     configs = {"exact": None}
@@ -50,6 +50,7 @@ def configurations() -> dict:
     configs["default"] = compress_context()
     configs["tq2+sensitive8"] = compress_context(bits=2)
     configs["auto-3.0+sensitive8"] = compress_context(bits="auto", budget=3.0)
+    configs["measured-3.0+sensitive8"] = MeasuredAuto(3.0, 50)
     return configs
 
 

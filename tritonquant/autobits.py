@@ -61,7 +61,14 @@ class SavedRecord:
 
 @dataclass
 class Calibration:
-    """Statistics of one calibration step."""
+    """Statistics of one calibration step.
+
+    Tensors with a sensitivity floor (``policy.is_sensitive``) are allocated as a unit of their own,
+    fixed at the floor, so that one probability tensor does not force its module's other tensors to 8
+    bits: the plan gives the module's width, and the session packs its floored tensors at
+    max(width, floor). (When a module's width exceeds the floor, its floored tensors use more bits than
+    the allocation counted; with the default floor of 8 that cannot happen.)
+    """
 
     records: list[SavedRecord] = field(default_factory=list)
     order: list[str] = field(default_factory=list)  # modules in the order they first ran
@@ -111,8 +118,9 @@ class Calibration:
         own = self.param_grad_sq.get(name, 0.0)
         return own + (upstream[started] - own if self.on_input_path.get(name, True) else 0.0)
 
-    def costs(self) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
-        """(cost per module and width, elements per module)."""
+    def costs(self) -> tuple[dict[Hashable, dict[int, float]], dict[Hashable, int]]:
+        """(cost per unit and width, elements per unit). A unit is a module name, or (name, floor) for a
+        module's tensors with a sensitivity floor: those keep exactly their floor (see ``floor_unit``)."""
         upstream = [0.0]
         for name in self.order:
             upstream.append(upstream[-1] + self.param_grad_sq.get(name, 0.0))
@@ -120,7 +128,8 @@ class Calibration:
         elements: dict[str, int] = {}
         for record in self.records:
             weight = sum(self.exposure(saver, started, upstream) for saver, started in record.savers)
-            per_width = costs.setdefault(record.owner, {b: 0.0 for b in BITS_CHOICES})
+            unit = record.owner if record.min_bits == 1 else (record.owner, record.min_bits)
+            per_width = costs.setdefault(unit, {b: 0.0 for b in BITS_CHOICES})
             for bits, error in record.relative_error.items():
                 per_width[bits] += weight * error
             if record.relative_error[1] > LOSSLESS:
@@ -128,9 +137,9 @@ class Calibration:
                 # it only where it loses nothing (masks, two-valued tensors).
                 per_width[1] = float("inf")
             for bits in BITS_CHOICES:
-                if bits < record.min_bits:  # below the sensitivity floor: the session would not use it
+                if bits != record.min_bits and record.min_bits > 1:
                     per_width[bits] = float("inf")
-            elements[record.owner] = elements.get(record.owner, 0) + record.elements
+            elements[unit] = elements.get(unit, 0) + record.elements
         return costs, elements
 
     def release(self) -> None:
@@ -170,8 +179,9 @@ def allocate(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, i
     bits = choose(high)
     if used(bits) > allowed * (1 + 1e-9):
         warnings.warn(
-            f"bits='auto': a budget of {budget} bits is below what these tensors allow (1 bit only where it is "
-            f"lossless); using the narrowest allowed widths, {used(bits) / sum(elements.values()):.2f} bits on average",
+            f"bits='auto': a budget of {budget} bits is below what these tensors allow (probabilities keep "
+            f"sensitive_bits; an estimated plan uses 1 bit only where it is lossless); using the narrowest "
+            f"allowed widths, {used(bits) / sum(elements.values()):.2f} bits on average",
             stacklevel=2,
         )
     allowance = allowed - used(bits)
@@ -209,7 +219,8 @@ class AutoPlans:
         state = per_budget.get(budget)
         if isinstance(state, Calibration) and state.complete:
             state.release()
-            state = per_budget[budget] = allocate(*state.costs(), budget)
+            chosen = allocate(*state.costs(), budget)
+            state = per_budget[budget] = {unit: bits for unit, bits in chosen.items() if isinstance(unit, str)}
         if state is None:
             state = per_budget[budget] = Calibration()
         return state
@@ -246,7 +257,7 @@ class ProbeTensor:
     __slots__ = ("tensor", "version", "key", "quant", "probe", "__weakref__")
     calibration_record = None  # read by the session's deduplication, like _Packed's
 
-    def __init__(self, tensor: torch.Tensor, key: tuple[int, str], quant: QuantConfig, probe: "Probe") -> None:
+    def __init__(self, tensor: torch.Tensor, key: tuple[int, str, int], quant: QuantConfig, probe: "Probe") -> None:
         self.tensor = tensor
         self.version = tensor._version
         self.key = key
@@ -272,7 +283,8 @@ class ProbeTensor:
 
 @dataclass
 class ProbeOwner:
-    """A module whose saved tensors ``calibrate`` probes as one unit (the unit a plan assigns a width)."""
+    """A module's saved tensors that ``calibrate`` probes as one unit: those without a floor (the plan
+    gives the module's width), or those with floor ``min_bits`` (kept at it)."""
 
     root: weakref.ref
     name: str
@@ -286,20 +298,21 @@ class Probe:
     """The exact saved tensors of one forward, grouped by owner module, and which (owner, width) is probed."""
 
     def __init__(self) -> None:
-        self.owners: dict[tuple[int, str], ProbeOwner] = {}
-        self.active: tuple[tuple[int, str], int] | None = None
+        self.owners: dict[tuple[int, str, int], ProbeOwner] = {}
+        self.active: tuple[tuple[int, str, int], int] | None = None
         self.restored: dict[int, tuple[int, torch.Tensor]] = {}
 
     def add(self, t: torch.Tensor, root: nn.Module, name: str, quant: QuantConfig, min_bits: int) -> ProbeTensor:
-        key = (id(root), name)
+        # A module's floored tensors form a unit of their own, probed at their floor only (as in
+        # ``Calibration.costs``).
+        key = (id(root), name, min_bits)
         owner = self.owners.get(key)
         if owner is None:
             owner = self.owners[key] = ProbeOwner(weakref.ref(root), name, min_bits)
-        owner.min_bits = max(owner.min_bits, min_bits)
         owner.elements += t.numel()
         return ProbeTensor(t, key, quant, self)
 
-    def select(self, key: tuple[int, str] | None, bits: int = 0) -> None:
+    def select(self, key: tuple[int, str, int] | None, bits: int = 0) -> None:
         """Probe ``key``'s tensors at ``bits`` on the next backward (None: every tensor exact)."""
         self.active = None if key is None else (key, bits)
         self.restored.clear()
@@ -354,7 +367,8 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor], config: Compr
                 return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
 
             reference = grads()
-            trials = [(key, b) for key, owner in probe.owners.items() for b in BITS_CHOICES if b >= owner.min_bits]
+            trials = [(key, b) for key, owner in probe.owners.items() for b in BITS_CHOICES
+                      if owner.min_bits == 1 or b == owner.min_bits]
             for done, (key, bits) in enumerate(trials, 1):
                 probe.select(key, bits)
                 probe.owners[key].costs[bits] = gradient_error(grads(), reference)
@@ -389,7 +403,8 @@ def calibrate(model: nn.Module, loss_fn: Callable[[], torch.Tensor], budget: flo
     generators are restored afterwards, so calibrating does not change training. A module's cost at a
     width is ``gradient_error`` with only its tensors packed at that width; the widths are then
     allocated as for the estimated calibration (``allocate``). Widths below a tensor's sensitivity floor
-    are not tried; bool tensors (lossless at 1 bit) and modules an override decides are not probed.
+    are not tried (floored tensors are a unit fixed at their floor, as in ``Calibration``); bool tensors
+    (lossless at 1 bit) and modules an override decides are not probed.
     Call it again (e.g. every few hundred steps) to follow the model as it trains. ``progress`` prints
     a counter of backward passes to stderr. Returns the plan, {module name: bits}.
     """
@@ -400,7 +415,7 @@ def calibrate(model: nn.Module, loss_fn: Callable[[], torch.Tensor], budget: flo
     plans: dict[int, tuple[nn.Module, dict[str, int]]] = {}
     for owner in owners:
         root = owner.root()
-        if root is not None:
+        if root is not None and owner.min_bits == 1:  # floored units keep their floor: not in the plan
             plans.setdefault(id(root), (root, {}))[1][owner.name] = chosen[id(owner)]
     for root, plan in plans.values():
         PLANS.install(root, compress_config.auto_budget, plan)

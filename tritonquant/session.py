@@ -256,7 +256,7 @@ class Session:
             return hit
         if (self._probe is not None and module is not None and t.dtype != torch.bool
                 and self._override_for() is _NO_MATCH):
-            floor = self.config.sensitive_bits if is_sensitive(t, module) else 1
+            floor = self.config.sensitive_bits if is_sensitive(t) else 1
             probed = self._probe.add(t, self._stack.frames[0], self._stack.name_of(module), quant, floor)
             self._dedup[key] = probed
             return probed
@@ -264,7 +264,7 @@ class Session:
         handle = _Packed(packed, quant.backend, t)
         if calibration is not None:
             name = self._stack.name_of(module)
-            floor = self.config.sensitive_bits if is_sensitive(t, module) else 1
+            floor = self.config.sensitive_bits if is_sensitive(t) else 1
             handle.calibration_record = calibration.record_tensor(
                 name, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor)
         if self._offloader is not None and self._offloader.wants(packed):
@@ -306,12 +306,12 @@ class Session:
         """(settings for ``t`` saved now, or None to keep it; the calibration to record it into).
 
         An override decides if one matches; otherwise the block's width (or bits="auto"'s plan), raised
-        to ``sensitive_bits`` for tensors whose errors backward amplifies (``policy.is_sensitive``).
+        to ``sensitive_bits`` for probabilities (``policy.is_sensitive``).
         """
         decision = self._override_for()
         if decision is not _NO_MATCH:
             return decision, None
-        floor = self.config.sensitive_bits if is_sensitive(t, module) else 1
+        floor = self.config.sensitive_bits if is_sensitive(t) else 1
         if self.config.auto_budget is None:
             bits = self.config.quant.bits
             return (self.config.quant if bits >= floor else self._quant_with_bits(floor)), None

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tritonquant as tq
+from tritonquant.policy import is_sensitive
 from tritonquant.models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
 BITS = (1, 2, 4, 8)
@@ -372,25 +373,46 @@ def test_kept_bytes_count_each_storage_once():
     z.backward()
 
 
-def test_attention_and_log_softmax_are_packed_at_eight_bits_by_default():
+def test_probabilities_are_packed_at_eight_bits_by_default():
     torch.manual_seed(0)
     model, batch = TinyTransformer(), lm_batch(8)
+    sensitive = []
     with tq.compress(bits=4, min_bytes=4096) as session:
+        # Training mode with attention dropout: SDPA's math path saves the softmax probabilities.
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sensitive.append(is_sensitive(t)) or t, lambda t: t):
+            lm_loss(model, batch)
         loss = lm_loss(model, batch)
     loss.backward()
+    assert any(sensitive)
     rows = session.stats.modules
-    assert rows["blocks.0.attn"].bits == {8} and rows["blocks.1.attn"].bits == {8}
+    assert rows["blocks.0.attn"].bits == {4, 8} and rows["blocks.1.attn"].bits == {4, 8}  # probabilities at 8
     assert rows["(outside modules)"].bits == {8}  # cross-entropy's log_softmax output
     assert rows["blocks.0.mlp.1"].bits == {4} and rows["head"].bits == {4}
+
+    for block in model.blocks:  # without dropout, SDPA's fused path saves q, k, v, out, lse: no floor
+        block.attn.dropout = 0.0
+    with tq.compress(bits=4, min_bytes=4096) as fused:
+        lm_loss(model, batch).backward()
+    assert fused.stats.modules["blocks.0.attn"].bits == {4}
 
     with tq.compress(bits=4, min_bytes=4096, sensitive_bits=1) as uniform:
         lm_loss(model, batch).backward()
     assert {b for r in uniform.stats.modules.values() for b in r.bits} == {4}
 
-    from tritonquant.models import Attention
-    with tq.compress(bits=4, min_bytes=4096, overrides={Attention: {"bits": 2}}) as overridden:
+    with tq.compress(bits=4, min_bytes=4096, overrides={"blocks.*": {"bits": 2}}) as overridden:
         lm_loss(model, batch).backward()
     assert overridden.stats.modules["blocks.0.attn"].bits == {2}, "an explicit override beats the floor"
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [(lambda x: torch.softmax(x, -1), True), (lambda x: torch.log_softmax(x, -1), True),
+     (lambda x: torch.sigmoid(x), False), (lambda x: x * 2, False)],
+    ids=["softmax", "log_softmax", "sigmoid", "mul"],
+)
+def test_is_sensitive_tells_probabilities_by_the_node_that_made_them(make, expected):
+    x = torch.randn(4, 8, requires_grad=True)
+    assert is_sensitive(make(x)) is expected
 
 
 def test_sensitive_bits_is_validated():
