@@ -120,7 +120,7 @@ class Calibration:
 
     def costs(self) -> tuple[dict[Hashable, dict[int, float]], dict[Hashable, int]]:
         """(cost per unit and width, elements per unit). A unit is a module name, or (name, floor) for a
-        module's tensors with a sensitivity floor: those keep exactly their floor (see ``floor_unit``)."""
+        module's tensors with a sensitivity floor: those keep exactly their floor (see the class docstring)."""
         upstream = [0.0]
         for name in self.order:
             upstream.append(upstream[-1] + self.param_grad_sq.get(name, 0.0))
@@ -290,7 +290,7 @@ class ProbeOwner:
     name: str
     min_bits: int
     elements: int = 0
-    # gradient_error with only this module's tensors packed, per width (inf: below the floor, not tried)
+    # gradient_error with only these tensors packed, per width (inf: not tried, other than a floored unit's floor)
     costs: dict[int, float] = field(default_factory=lambda: {b: float("inf") for b in BITS_CHOICES})
 
 
