@@ -84,14 +84,26 @@ def quantize(
     return quantize_with(x, config)
 
 
-def quantize_with(x: torch.Tensor, config: QuantConfig) -> PackedTensor:
-    """``quantize`` with an already validated config (the pack hook's path)."""
+def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels: bool = False) -> PackedTensor:
+    """``quantize`` with an already validated config (the pack hook's path).
+
+    ``standardize_channels``: quantize ``(x - minimum) / scale + 1``, with per-channel statistics of each
+    index of dimension 1 (a channel of an [N, C, ...] tensor; see ``_standardize``), kept in
+    ``PackedTensor.channels``; ``dequantize`` undoes it. Groups of 256 elements span several channels
+    of a small feature map (four of an 8x8 one), and at 1-2 bits one grid shared by channels of
+    different offsets and spreads leaves the narrow ones with a level or two. Zero is then not kept
+    exact, so the pack hook uses it only for BatchNorm inputs (``policy.standardizes``). Ignored for
+    bool tensors and tensors of fewer than two dimensions.
+    """
     _check_input(x)
     backend = resolve_backend(config.backend, x.device)
     x = x.detach()
     stored = _collapse_broadcast(x)
     if not _is_dense(stored):
         stored = torch.empty_like(stored).copy_(stored)
+    channels = None
+    if standardize_channels and x.dtype != torch.bool and stored.dim() >= 2:
+        stored, channels = _standardize(stored)
     n = stored.numel()
     flat = stored.as_strided((n,), (1,))
     with _on_device(x.device):
@@ -116,7 +128,31 @@ def quantize_with(x: torch.Tensor, config: QuantConfig) -> PackedTensor:
         group_size=config.group_size,
         scheme=scheme,
         stochastic=stochastic,
+        channels=channels,
     )
+
+
+def _channel_view(stats: torch.Tensor, dims: int) -> torch.Tensor:
+    """[C] -> [1, C, 1, ...] with ``dims`` dimensions, to broadcast over an [N, C, ...] tensor."""
+    return stats.view((1, -1) + (1,) * (dims - 2))
+
+
+def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x standardized per index of dim 1, in x's dtype and memory layout; float32 [C, 2] (minimum, scale)).
+
+    Each channel becomes ``(x - minimum) / scale + 1``, ``scale`` its standard deviation: every value is
+    at least 1, so each group is one-signed and gets the plain [min, max] grid, with none of the levels
+    the sign rule would spend on a zero that is not special here. A channel's minimum maps to exactly 1,
+    which a group holding it decodes exactly, so minimums (and constant channels, scale 1) restore
+    exactly. A channel holding NaN or Inf gets non-finite statistics and restores as non-finite.
+    """
+    reduce_dims = [d for d in range(x.dim()) if d != 1]
+    xf = x.float()
+    var = torch.var(xf, dim=reduce_dims, correction=0)
+    scale = torch.where(var > 0, var.sqrt(), torch.where(var.isnan(), var, 1.0))
+    minimum = torch.amin(xf, dim=reduce_dims)
+    standardized = (xf - _channel_view(minimum, x.dim())) / _channel_view(scale, x.dim()) + 1.0
+    return standardized.to(x.dtype), torch.stack([minimum, scale], dim=1)
 
 
 def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
@@ -132,6 +168,9 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
             _UNPACK_BOOL[backend](packed.payload, flat)
         else:
             _DEQUANTIZE[backend](packed.payload, packed.meta, flat, packed.bits, packed.group_size)
+    if packed.channels is not None:
+        minimum, scale = packed.channels.unbind(1)
+        out.sub_(1.0).mul_(_channel_view(scale, out.dim())).add_(_channel_view(minimum, out.dim()))
     if out.shape != packed.shape:
         out = out.expand(packed.shape)
     return out

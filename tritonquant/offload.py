@@ -157,11 +157,11 @@ class Offloader:
 
 
 def _tensors(packed: PackedTensor) -> tuple[torch.Tensor, ...]:
-    return (packed.payload,) if packed.meta is None else (packed.payload, packed.meta)
+    return tuple(t for t in (packed.payload, packed.meta, packed.channels) if t is not None)
 
 
 def _move(packed: PackedTensor, device: torch.device, *, pin: bool) -> PackedTensor:
-    """A copy of ``packed`` with payload and meta on ``device`` (non-blocking between CPU and CUDA).
+    """A copy of ``packed`` with its tensors (payload, meta, channel statistics) on ``device`` (non-blocking between CPU and CUDA).
 
     Copies run on the current stream; the caller picks it. ``pin`` allocates page-locked host memory,
     which device-to-host copies need to be asynchronous.
@@ -175,4 +175,6 @@ def _move(packed: PackedTensor, device: torch.device, *, pin: bool) -> PackedTen
             return out.copy_(t, non_blocking=pin)
         return t.to(device, non_blocking=True)
 
-    return dataclasses.replace(packed, payload=move(packed.payload), meta=move(packed.meta))
+    return dataclasses.replace(
+        packed, payload=move(packed.payload), meta=move(packed.meta), channels=move(packed.channels)
+    )

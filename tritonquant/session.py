@@ -28,7 +28,7 @@ from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
-from .policy import is_sensitive, pass_reason
+from .policy import is_batchnorm_input, is_sensitive, pass_reason, standardizes
 
 OUTSIDE_MODULES = "(outside modules)"
 
@@ -246,7 +246,13 @@ class Session:
             return _Kept(t)
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
+        batchnorm_input = is_batchnorm_input(t, module)
+        standardize = standardizes(batchnorm_input, quant.bits)
+        # A packing standardized for BatchNorm (zero not exact) is reused only by BatchNorm; BatchNorm
+        # reuses any packing of its input that an earlier saver made.
         hit = self._dedup.get(key)
+        if hit is None and batchnorm_input:
+            hit = self._dedup.get(key + ("standardized",))
         # A live source means the storage cannot have been freed and its address reused.
         if hit is not None and hit.source() is not None:
             self.stats.deduplicated += 1
@@ -257,20 +263,22 @@ class Session:
         if (self._probe is not None and module is not None and t.dtype != torch.bool
                 and self._override_for() is _NO_MATCH):
             floor = self.config.sensitive_bits if is_sensitive(t) else 1
-            probed = self._probe.add(t, self._stack.frames[0], self._stack.name_of(module), quant, floor)
-            self._dedup[key] = probed
+            probed = self._probe.add(t, self._stack.frames[0], self._stack.name_of(module), quant, floor,
+                                     batchnorm_input=batchnorm_input)
+            self._dedup[key + ("standardized",) if batchnorm_input else key] = probed
             return probed
-        packed = quantize_with(t, quant)
+        packed = quantize_with(t, quant, standardize_channels=standardize)
         handle = _Packed(packed, quant.backend, t)
         if calibration is not None:
             name = self._stack.name_of(module)
             floor = self.config.sensitive_bits if is_sensitive(t) else 1
             handle.calibration_record = calibration.record_tensor(
-                name, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor)
+                name, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor,
+                batchnorm_input=batchnorm_input)
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
-        self._dedup[key] = handle
+        self._dedup[key + ("standardized",) if standardize else key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.device.index)
         self.stats.packed_tensors += 1

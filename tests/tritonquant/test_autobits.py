@@ -1,6 +1,7 @@
 """bits="auto": calibration, allocation under the budget, and better gradients than uniform widths."""
 
 import contextlib
+import dataclasses
 import warnings
 
 import pytest
@@ -289,3 +290,38 @@ def test_calibrate_rejects_bad_arguments(call, error, message):
         call(model)
     for name, b in model.named_buffers():
         assert torch.equal(b, buffers[name]), "buffers restored after a failed calibration"
+
+
+class _ConvBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        with torch.no_grad():  # output channels at offsets and spreads far apart
+            self.conv.weight.mul_(torch.logspace(-2, 2, 6).view(-1, 1, 1, 1))
+            self.conv.bias.copy_(torch.linspace(-5, 5, 6))
+
+    def forward(self, x):
+        self.h = self.conv(x)
+        return self.bn(self.h)
+
+
+@pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"{b}bit")
+def test_probe_and_estimate_pack_batchnorm_inputs_as_the_pack_hook_does(bits):
+    from tritonquant.codec import dequantize, quantize_with
+    from tritonquant.policy import STANDARDIZE_MAX_BITS
+
+    torch.manual_seed(0)
+    model, x = _ConvBatchNorm(), torch.randn(4, 3, 8, 8)
+    config = CompressConfig.from_kwargs(min_bytes=0, backend="torch")
+    probe = Probe()
+    with Session(config, probe=probe):
+        out = model(x)
+    expected = dequantize(quantize_with(model.h, dataclasses.replace(config.quant, bits=bits),
+                                        standardize_channels=bits <= STANDARDIZE_MAX_BITS))
+    probe.select(next(k for k, o in probe.owners.items() if o.name == "bn"), bits)
+    assert torch.equal(out.grad_fn._saved_input, expected)
+
+    record = Calibration().record_tensor("bn", model.h, config.quant, True, batchnorm_input=True)
+    reference = model.h.detach()
+    energy = (reference - reference.mean()).square().sum()
+    assert record.relative_error[bits] == pytest.approx(((expected - reference).square().sum() / energy).item(), rel=1e-5)

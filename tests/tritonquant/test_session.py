@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import tritonquant as tq
-from tritonquant.policy import is_sensitive
+from tritonquant.codec import quantize_with
+from tritonquant.config import QuantConfig
+from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive
 from tritonquant.models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
 BITS = (1, 2, 4, 8)
@@ -169,6 +171,51 @@ def test_retain_graph_and_saved_tensor_access_keep_working():
     assert torch.equal(out.grad_fn._saved_result, saved), "reading after a retained backward gives the same tensor"
     out.sum().backward()
     assert torch.equal(lin.weight.grad, 2 * first)
+
+
+def conv_batchnorm(channels: int = 6) -> tuple[nn.Conv2d, nn.BatchNorm2d, torch.Tensor]:
+    """A conv whose output channels sit at offsets and spreads far apart, the BatchNorm after it, a batch."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, channels, 3, padding=1, bias=True), nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        conv.weight.mul_(torch.logspace(-2, 2, channels).view(-1, 1, 1, 1))
+        conv.bias.copy_(torch.linspace(-5, 5, channels))
+    return conv, bn, torch.randn(4, 3, 8, 8)
+
+
+@pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"{b}bit")
+def test_batchnorm_input_is_standardized_per_channel_at_two_bits_and_below(bits):
+    conv, bn, x = conv_batchnorm()
+    with tq.compress(bits=bits, min_bytes=0, backend="torch"):
+        h = conv(x)
+        out = bn(h)
+    config = QuantConfig(bits=bits, backend="torch")
+    expected = tq.dequantize(quantize_with(h, config, standardize_channels=bits <= STANDARDIZE_MAX_BITS))
+    assert torch.equal(out.grad_fn._saved_input, expected)
+
+
+def test_standardized_packing_is_not_reused_by_a_saver_that_needs_signs():
+    conv, bn, x = conv_batchnorm()
+    with tq.compress(bits=2, min_bytes=0, backend="torch") as session:
+        h = conv(x)
+        out = bn(h)
+        leaky = F.leaky_relu(h, 0.1)  # saves h itself; its backward reads h's signs
+    config = QuantConfig(bits=2, backend="torch")
+    assert torch.equal(out.grad_fn._saved_input, tq.dequantize(quantize_with(h, config, standardize_channels=True)))
+    restored = leaky.grad_fn._saved_self
+    assert torch.equal(restored, tq.dequantize(quantize_with(h, config)))
+    assert torch.equal(restored > 0, h > 0)
+    assert session.stats.deduplicated == 0
+
+
+def test_batchnorm_reuses_an_earlier_plain_packing_of_its_input():
+    conv, bn, x = conv_batchnorm()
+    with tq.compress(bits=2, min_bytes=0, backend="torch") as session:
+        r = F.relu(conv(x))  # ReLU saves r first, packed with exact zeros
+        out = bn(r)
+    assert session.stats.deduplicated == 1
+    assert torch.equal(out.grad_fn._saved_input, r.grad_fn._saved_result)
+    assert torch.equal(out.grad_fn._saved_input == 0, r == 0)
 
 
 def test_exception_inside_block_leaves_no_hook_behind():
