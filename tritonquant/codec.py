@@ -89,11 +89,11 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
 
     ``standardize_channels``: quantize ``(x - minimum) / scale + 1``, with per-channel statistics of each
     index of dimension 1 (a channel of an [N, C, ...] tensor; see ``_standardize``), kept in
-    ``PackedTensor.channels``; ``dequantize`` undoes it. Groups of 256 elements span several channels
-    of a small feature map (four of an 8x8 one), and at 1-2 bits one grid shared by channels of
-    different offsets and spreads leaves the narrow ones with a level or two. Zero is then not kept
-    exact, so the pack hook uses it only for BatchNorm inputs (``policy.standardizes``). Ignored for
-    bool tensors and tensors of fewer than two dimensions.
+    ``PackedTensor.channels``; ``dequantize`` undoes it. Every standardized value is at least 1, so
+    groups get the plain [min, max] grid without the sign rule, and channels of different offsets and
+    spreads that share a group each keep their own resolution. Zero is then not kept exact, so the
+    pack hook uses it only where signs do not matter (``policy.standardize_kind``): BatchNorm inputs
+    at 1-2 bits, and probabilities. Ignored for bool tensors and tensors of fewer than two dimensions.
     """
     _check_input(x)
     backend = resolve_backend(config.backend, x.device)

@@ -28,7 +28,7 @@ from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
-from .policy import is_batchnorm_input, is_sensitive, pass_reason, standardizes
+from .policy import is_sensitive, pass_reason, standardize_kind, standardizes
 
 OUTSIDE_MODULES = "(outside modules)"
 
@@ -246,12 +246,12 @@ class Session:
             return _Kept(t)
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
-        batchnorm_input = is_batchnorm_input(t, module)
-        standardize = standardizes(batchnorm_input, quant.bits)
-        # A packing standardized for BatchNorm (zero not exact) is reused only by BatchNorm; BatchNorm
-        # reuses any packing of its input that an earlier saver made.
+        kind = standardize_kind(t, module)
+        standardize = standardizes(kind, quant.bits)
+        # A standardized packing (zero not exact, signs not kept) is reused only by savers that may
+        # standardize too; those reuse any packing an earlier saver made.
         hit = self._dedup.get(key)
-        if hit is None and batchnorm_input:
+        if hit is None and kind is not None:
             hit = self._dedup.get(key + ("standardized",))
         # A live source means the storage cannot have been freed and its address reused.
         if hit is not None and hit.source() is not None:
@@ -264,8 +264,8 @@ class Session:
                 and self._override_for() is _NO_MATCH):
             floor = self.config.sensitive_bits if is_sensitive(t) else 1
             probed = self._probe.add(t, self._stack.frames[0], self._stack.name_of(module), quant, floor,
-                                     batchnorm_input=batchnorm_input)
-            self._dedup[key + ("standardized",) if batchnorm_input else key] = probed
+                                     standardize=kind)
+            self._dedup[key + ("standardized",) if kind is not None else key] = probed
             return probed
         packed = quantize_with(t, quant, standardize_channels=standardize)
         handle = _Packed(packed, quant.backend, t)
@@ -274,7 +274,7 @@ class Session:
             floor = self.config.sensitive_bits if is_sensitive(t) else 1
             handle.calibration_record = calibration.record_tensor(
                 name, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor,
-                batchnorm_input=batchnorm_input)
+                standardize=kind)
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes

@@ -12,7 +12,7 @@ from torch import nn
 import tritonquant as tq
 from tritonquant.codec import quantize_with
 from tritonquant.config import QuantConfig
-from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive
+from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive, standardize_kind
 from tritonquant.models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
 BITS = (1, 2, 4, 8)
@@ -117,17 +117,17 @@ def flat_grad(model, loss_fn, batch, ctx) -> torch.Tensor:
 
 
 # Cosine similarity of the full parameter gradient with exact training, measured on these models
-# (torch 2.13, CPU): CNN 1.0000 / 0.9999 / 0.64-0.78 and transformer 1.0000 / 0.9935 / 0.83 at 8 / 4 / 2
-# bits. Thresholds leave room for other PyTorch versions and kernels; 2 bits uniform is noisy (see the
-# BatchNorm override test below and docs/fidelity.md).
-AGREEMENT = {8: 0.999, 4: 0.98, 2: 0.5}
+# (torch 2.13, CPU): CNN 1.0000 / 0.9999 / 0.991 and transformer 1.0000 / 0.9935 / 0.83 at 8 / 4 / 2
+# bits (the CNN's 2 bits owe their 0.991 to standardizing BatchNorm inputs per channel; without it,
+# 0.64-0.78). Thresholds leave room for other PyTorch versions and kernels.
+AGREEMENT = {"cnn": {8: 0.999, 4: 0.98, 2: 0.97}, "transformer": {8: 0.999, 4: 0.98, 2: 0.5}}
 WORKLOADS = {
     "cnn": (lambda: SmallCNN(width=16, blocks=2), cnn_loss, lambda: cnn_batch(16)),
     "transformer": (lambda: TinyTransformer(), lm_loss, lambda: lm_batch(8)),
 }
 
 
-@pytest.mark.parametrize("bits", sorted(AGREEMENT, reverse=True), ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"{b}bit")
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_gradient_agreement_with_exact_training(workload, bits):
     make_model, loss_fn, make_batch = WORKLOADS[workload]
@@ -136,7 +136,7 @@ def test_gradient_agreement_with_exact_training(workload, bits):
     exact = flat_grad(model, loss_fn, batch, contextlib.nullcontext())
     session = tq.compress(bits=bits, min_bytes=4096, sensitive_bits=1)  # uniform widths everywhere
     packed = flat_grad(model, loss_fn, batch, session)
-    assert F.cosine_similarity(exact, packed, dim=0) >= AGREEMENT[bits]
+    assert F.cosine_similarity(exact, packed, dim=0) >= AGREEMENT[workload][bits]
     ideal = 32 / (bits + 64 / 256)  # fp32 codes plus 8 bytes of metadata per 256 elements
     assert 0.97 * ideal <= session.stats.ratio <= ideal * 1.001
 
@@ -145,10 +145,9 @@ def test_two_bit_cnn_with_batchnorm_inputs_at_eight_bits_agrees():
     torch.manual_seed(0)
     model, batch = SmallCNN(), cnn_batch(16)
     exact = flat_grad(model, cnn_loss, batch, contextlib.nullcontext())
-    plain = flat_grad(model, cnn_loss, batch, tq.compress(bits=2, min_bytes=4096))
     norm8 = flat_grad(model, cnn_loss, batch, tq.compress(bits=2, min_bytes=4096, overrides={nn.BatchNorm2d: {"bits": 8}}))
-    assert F.cosine_similarity(exact, norm8, dim=0) >= 0.98  # measured 0.995
-    assert F.cosine_similarity(exact, norm8, dim=0) > F.cosine_similarity(exact, plain, dim=0)
+    # measured 0.992; plain 2 bits, with BatchNorm inputs standardized, is about as close (0.991)
+    assert F.cosine_similarity(exact, norm8, dim=0) >= 0.98
 
 
 def test_backends_give_bit_identical_gradients_through_the_hooks():
@@ -465,3 +464,52 @@ def test_is_sensitive_tells_probabilities_by_the_node_that_made_them(make, expec
 def test_sensitive_bits_is_validated():
     with pytest.raises(ValueError, match=r"sensitive_bits must be one of \(1, 2, 4, 8\)"):
         tq.compress(sensitive_bits=3)
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [(lambda x: torch.softmax(x, -1), "probability"), (lambda x: torch.log_softmax(x, -1), None),
+     (lambda x: nn.BatchNorm1d(8)(x), None), (lambda x: F.relu(x), None)],
+    ids=["softmax", "log_softmax", "batchnorm_output", "relu"],
+)
+def test_standardize_kind_tells_probabilities_by_the_node_that_made_them(make, expected):
+    x = torch.randn(4, 8, requires_grad=True)
+    assert standardize_kind(make(x), None) == expected
+
+
+def test_standardize_kind_tells_batchnorm_inputs_by_the_module_saving_them():
+    bn = nn.BatchNorm2d(6)
+    assert standardize_kind(torch.randn(4, 6, 5, 5), bn) == "batchnorm"
+    assert standardize_kind(torch.randn(6), bn) is None  # save_mean / save_invstd
+    assert standardize_kind(torch.randn(4, 6, 5, 5), nn.LayerNorm(5)) is None
+
+
+def attention_probabilities(rows: int = 64, seed: int = 0) -> torch.Tensor:
+    """[2, 4, rows, rows] causal softmax rows: mostly small values, exact zeros above the diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2, 4, rows, rows, generator=g) * 2
+    causal = torch.ones(rows, rows, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(causal, float("-inf")).requires_grad_(), dim=-1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"{b}bit")
+def test_probabilities_are_packed_on_the_plain_grid_at_every_width(bits):
+    with tq.compress(bits=bits, sensitive_bits=1, min_bytes=0, backend="torch"):
+        p = attention_probabilities()
+    restored = p.grad_fn._saved_result
+    expected = tq.dequantize(quantize_with(p, QuantConfig(bits=bits, backend="torch"), standardize_channels=True))
+    assert torch.equal(restored, expected)
+    assert (restored[p == 0] == 0).all(), "masked positions stay exact zeros"
+    assert (restored >= 0).all()
+
+
+def test_plain_grid_keeps_probability_rows_summing_to_one_where_the_sign_rule_inflates_them():
+    p = attention_probabilities().detach()
+    config = QuantConfig(bits=4, backend="torch")
+    plain = tq.dequantize(quantize_with(p, config, standardize_channels=True)).sum(-1)
+    signed = tq.dequantize(quantize_with(p, config)).sum(-1)
+    # The sign rule lifts every value below half a step to the first level (max / 15): long rows of
+    # small probabilities come back summing well above 1 (measured up to 4.3 here); the plain grid
+    # rounds them to the nearest level, zero included (measured within 0.28 of 1).
+    assert (plain - 1).abs().max() < 0.4
+    assert (signed - 1).abs().max() > 1.5
