@@ -93,53 +93,44 @@ def test_everything_checkpointed_packs_only_block_inputs_and_head(use_reentrant)
     assert session.stats.modules["model.head"].packed_tensors == 1  # the final norm's output
 
 
-def test_compress_inside_non_reentrant_checkpoint_packs_instead_of_recomputing():
-    block = TinyTransformer(vocab=64, dim=32, heads=2, layers=1, seq=16, dropout=0.0).blocks[0]
-    x = torch.randn(4, 16, 32)
-    sessions = []
+class CompressedBlock:
+    """One transformer block run inside a fresh ``compress(bits)`` block per call (sessions kept)."""
 
-    def compressed_block(y: torch.Tensor) -> torch.Tensor:
-        session = tq.compress(bits=4, min_bytes=0)
-        sessions.append(session)
+    def __init__(self, bits: int) -> None:
+        self.block = TinyTransformer(vocab=64, dim=32, heads=2, layers=1, seq=16, dropout=0.0).blocks[0]
+        self.bits = bits
+        self.sessions: list = []
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        session = tq.compress(bits=self.bits, min_bytes=0)
+        self.sessions.append(session)
         with session:
-            return block(y)
+            return self.block(y)
 
-    def run(fn) -> tuple[torch.Tensor, ...]:
-        block.zero_grad()
+    def grads(self, fn, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(input gradient, first MLP weight gradient) of ``fn(x).square().sum()``."""
+        self.block.zero_grad()
         xi = x.clone().requires_grad_()
-        out = fn(xi)
-        out.square().sum().backward()
-        return xi.grad, block.mlp[0].weight.grad.clone()
+        fn(xi).square().sum().backward()
+        return xi.grad, self.block.mlp[0].weight.grad.clone()
 
-    exact = run(block)
-    got = run(lambda y: checkpoint(compressed_block, y, use_reentrant=False))
-    assert len(sessions) == 1, "nothing was recomputed: compress packed what the checkpoint would have"
-    assert sessions[0].stats.packed_tensors > 0
+
+def test_compress_inside_non_reentrant_checkpoint_packs_instead_of_recomputing():
+    compressed, x = CompressedBlock(bits=4), torch.randn(4, 16, 32)
+    exact = compressed.grads(compressed.block, x)
+    got = compressed.grads(lambda y: checkpoint(compressed, y, use_reentrant=False), x)
+    assert len(compressed.sessions) == 1, "nothing was recomputed: compress packed what the checkpoint would have"
+    assert compressed.sessions[0].stats.packed_tensors > 0
     for e, g in zip(exact, got):
         assert not torch.equal(e, g)  # the 4-bit approximation is visible ...
         assert cosine(e.flatten(), g.flatten()) > 0.99  # ... and small (measured 0.997)
 
 
 def test_compress_inside_reentrant_checkpoint_is_exact():
-    block = TinyTransformer(vocab=64, dim=32, heads=2, layers=1, seq=16, dropout=0.0).blocks[0]
-    x = torch.randn(4, 16, 32)
-    sessions = []
-
-    def compressed_block(y: torch.Tensor) -> torch.Tensor:
-        session = tq.compress(bits=2, min_bytes=0)
-        sessions.append(session)
-        with session:
-            return block(y)
-
-    def run(fn) -> tuple[torch.Tensor, ...]:
-        block.zero_grad()
-        xi = x.clone().requires_grad_()
-        fn(xi).square().sum().backward()
-        return xi.grad, block.mlp[0].weight.grad.clone()
-
-    exact = run(block)
-    got = run(lambda y: checkpoint(compressed_block, y, use_reentrant=True))
-    forward, recompute = sessions
+    compressed, x = CompressedBlock(bits=2), torch.randn(4, 16, 32)
+    exact = compressed.grads(compressed.block, x)
+    got = compressed.grads(lambda y: checkpoint(compressed, y, use_reentrant=True), x)
+    forward, recompute = compressed.sessions
     assert forward.stats.packed_tensors == 0 and forward.stats.passed_tensors == 0  # ran under no_grad
     assert recompute.stats.packed_tensors == 0 and recompute.stats.passed_by_reason["backward"] > 0
     for e, g in zip(exact, got):
