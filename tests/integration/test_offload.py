@@ -57,6 +57,33 @@ def test_offload_bookkeeping_moves_every_payload_and_prefetches_in_backward_orde
     assert offloader.fetches_on_demand == 1 + offloaded.stats.deduplicated
 
 
+class ConvBatchNormSoftmax(nn.Module):
+    """Saves a BatchNorm input and a softmax output: both packed standardized (at 2 and 8 bits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.bn(self.conv(x)).flatten(2), dim=-1)
+
+
+def test_offload_moves_standardized_packings_with_their_channel_statistics():
+    torch.manual_seed(0)
+    model, x = ConvBatchNormSoftmax(), torch.randn(4, 3, 8, 8)
+    expected = grads_with(model, x, tq.compress(bits=2, min_bytes=0))
+    offloaded = tq.compress(bits=2, min_bytes=0, offload="cpu")
+    offloaded._offloader = Offloader(copy_cpu=True)
+    model.zero_grad()
+    with offloaded:
+        loss = model(x).square().sum()
+    hosts = [h.packed.host for h in offloaded._dedup.values()]
+    loss.backward()
+    assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), expected)
+    assert sum(p.channels is not None for p in hosts) == 2  # the BatchNorm input and the probabilities
+    assert offloaded.stats.offloaded_bytes == offloaded.stats.packed_bytes == sum(p.nbytes for p in hosts)
+
+
 def test_offloaded_tensors_survive_retain_graph_and_saved_tensor_access():
     lin = nn.Linear(64, 64)
     x = torch.randn(32, 64)
@@ -125,3 +152,20 @@ def test_gpu_offload_on_a_side_stream_matches_default_stream():
         got = grads_with(model, x, tq.compress(bits=8, min_bytes=0, offload="cpu"))
     torch.cuda.current_stream(device).wait_stream(stream)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_offload_moves_channel_statistics_to_the_host():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model, x = ConvBatchNormSoftmax().to(device), torch.randn(4, 3, 8, 8, device=device)
+    expected = grads_with(model, x, tq.compress(bits=2, min_bytes=0))
+    offloaded = tq.compress(bits=2, min_bytes=0, offload="cpu")
+    model.zero_grad()
+    with offloaded:
+        loss = model(x).square().sum()
+    hosts = [h.packed.host for h in offloaded._dedup.values()]
+    assert sum(p.channels is not None for p in hosts) == 2
+    assert all(t.device.type == "cpu" for p in hosts for t in (p.payload, p.meta, p.channels) if t is not None)
+    loss.backward()
+    assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), expected)
