@@ -2,6 +2,8 @@
 
 Element i of group g decodes to ``base[g] + code[i] * step[g]`` in float32 (two roundings, no FMA),
 then rounds to the output dtype. See kernels/quantize.py for how base and step are chosen.
+Standardized packings (``channels``) decode to ``(value - 1) * scale[c] + minimum[c]`` in float32
+(three roundings, no FMA) before that one rounding.
 """
 
 import torch
@@ -11,6 +13,7 @@ import triton.language as tl
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
 from .launch import launch_options
+from .quantize import torch_channel_of
 
 
 @triton.jit
@@ -36,7 +39,8 @@ def _round_to(value, DTYPE: tl.constexpr):
 @triton.jit
 def _dequantize_kernel(
     payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
-    BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    channels_ptr, channel_stride, n_channels,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, STANDARDIZE: tl.constexpr,
 ):
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
     pid = tl.program_id(0)
@@ -49,32 +53,48 @@ def _dequantize_kernel(
     step = tl.load(meta_ptr + rows * 2 + 1, mask=row_valid, other=0.0)
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty), mask=idx < n_elements)
+    valid = idx < n_elements
+    if STANDARDIZE:
+        channel = (idx // channel_stride) % n_channels
+        minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
+        scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
+        value = (value - 1.0) * scale + minimum
+    tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty), mask=valid)
 
 
-def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int) -> None:
-    """Decode into ``out``, a contiguous 1-D float32/float16/bfloat16 tensor of the original n elements."""
+def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
+                      channels: torch.Tensor | None = None, channel_stride: int = 1) -> None:
+    """Decode into ``out``, a contiguous 1-D float32/float16/bfloat16 tensor of the original n elements.
+
+    ``channels``, ``channel_stride``: as given to ``triton_quantize`` (None: not standardized).
+    """
     n = out.numel()
     n_groups = meta.shape[0]
     if n == 0:
         return
     rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size)
     grid = (triton.cdiv(n_groups, rows),)
+    standardize = channels is not None
     _dequantize_kernel[grid](
         payload, meta, out, n, n_groups,
-        BITS=bits, GROUP=group_size, ROWS=rows, num_warps=num_warps, **launch_options(),
+        channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1,
+        BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, num_warps=num_warps, **launch_options(),
     )
 
 
-def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int) -> None:
+def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
+                     channels: torch.Tensor | None = None, channel_stride: int = 1) -> None:
     """Plain-PyTorch reference for ``triton_dequantize``: same signature, same bits out."""
     n = out.numel()
     n_groups = meta.shape[0]
     if n == 0:
         return
     code = torch_unpack_codes(payload.view(n_groups, -1), bits).float()
-    value = meta[:, 0:1] + code * meta[:, 1:2]
+    value = (meta[:, 0:1] + code * meta[:, 1:2]).reshape(-1)[:n]
+    if channels is not None:
+        channel = torch_channel_of(n, channel_stride, channels.shape[0], out.device)
+        value = (value - 1.0) * channels[channel, 1] + channels[channel, 0]
     if out.dtype != torch.float32:
         limit = torch.finfo(out.dtype).max
         value = torch.where(value > limit, limit, torch.where(value < -limit, -limit, value))
-    out.copy_(value.reshape(-1)[:n])
+    out.copy_(value)

@@ -17,6 +17,11 @@ How the grid is chosen (docs/format.md has the full story):
       zero and nonzero values never decode to zero or to the other sign.
     * A group holding NaN or +/-Inf gets step = NaN, so every element of it decodes to NaN.
 
+Optional per-channel standardization (``channels``): element i, in channel
+``c = (i // channel_stride) % C``, is first mapped to ``(x - minimum[c]) / scale[c] + 1`` in float32
+(``channels`` is float32 [C, 2] holding (minimum, scale)); the grid is then chosen for those values.
+``dequantize`` applies the inverse before its one rounding to the output dtype.
+
 The torch reference ``torch_quantize`` repeats the kernel's arithmetic operation for operation (fp32,
 correctly rounded division and square root, no fused multiply-add), so deterministic rounding is
 bit-identical across backends. The sigma statistics sum integers (16-bit fixed point of the centred
@@ -51,8 +56,9 @@ def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
 @triton.jit
 def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
+    channels_ptr, channel_stride, n_channels,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr,
+    SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr,
 ):
     LEVELS_M1: tl.constexpr = (1 << BITS) - 1
     # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
@@ -65,6 +71,11 @@ def _quantize_kernel(
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = idx < n_elements
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    if STANDARDIZE:
+        channel = (idx // channel_stride) % n_channels
+        minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
+        scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
+        x = tl.where(valid, tl.div_rn(x - minimum, scale) + 1.0, 0.0)
 
     finite = tl.abs(x) < float("inf")  # false for NaN and +/-Inf
     ok = valid & finite
@@ -135,11 +146,14 @@ def _quantize_kernel(
 
 
 def triton_quantize(
-    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int
+    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
+    channels: torch.Tensor | None = None, channel_stride: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a contiguous 1-D float tensor. Returns (payload uint8, meta float32 [n_groups, 2]).
 
     Element i draws its stochastic-rounding uniform from Philox(seed, counter = rng_offset + i).
+    ``channels``: float32 [C, 2] (minimum, scale) to standardize element i with, for its channel
+    ``(i // channel_stride) % C`` (see the module docstring); None: no standardization.
     """
     n = flat.numel()
     n_groups = -(-n // group_size)
@@ -149,9 +163,11 @@ def triton_quantize(
         return payload, meta
     rows, num_warps = quantize_launch_config(flat, n_groups, bits, group_size, sigma, stochastic)
     grid = (triton.cdiv(n_groups, rows),)
+    standardize = channels is not None
     _quantize_kernel[grid](
         flat, payload, meta, n, n_groups, seed, rng_offset,
-        BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
+        channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1,
+        BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
         num_warps=num_warps, **launch_options(),
     )
     return payload, meta
@@ -169,8 +185,14 @@ def _exact_sqrt(t: torch.Tensor) -> torch.Tensor:
     return t.double().sqrt().float()
 
 
+def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device) -> torch.Tensor:
+    """int64 [n]: the channel of each element of a flat run (``(i // channel_stride) % n_channels``)."""
+    return torch.div(torch.arange(n, device=device), channel_stride, rounding_mode="floor") % n_channels
+
+
 def torch_quantize(
-    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int
+    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
+    channels: torch.Tensor | None = None, channel_stride: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference for ``triton_quantize``: same signature, same bits out."""
     n = flat.numel()
@@ -185,6 +207,9 @@ def torch_quantize(
     # [n_groups, group_size] view of the input, padded with zeros that `valid` masks out.
     x = torch.zeros(n_groups * group_size, dtype=torch.float32, device=device)
     x[:n] = flat.float()
+    if channels is not None:
+        channel = torch_channel_of(n, channel_stride, channels.shape[0], device)
+        x[:n] = (x[:n] - channels[channel, 0]) / channels[channel, 1] + 1.0
     x = x.view(n_groups, group_size)
     valid = (torch.arange(n_groups * group_size, device=device) < n).view(n_groups, group_size)
 

@@ -88,8 +88,9 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
     """``quantize`` with an already validated config (the pack hook's path).
 
     ``standardize_channels``: quantize ``(x - minimum) / scale + 1``, with per-channel statistics of each
-    index of dimension 1 (a channel of an [N, C, ...] tensor; see ``_standardize``), kept in
-    ``PackedTensor.channels``; ``dequantize`` undoes it. Every standardized value is at least 1, so
+    index of dimension 1 (a channel of an [N, C, ...] tensor; see ``_channel_statistics``), kept in
+    ``PackedTensor.channels``; the kernels apply it as they load, and ``dequantize`` undoes it as it
+    stores. Every standardized value is at least 1, so
     groups get the plain [min, max] grid without the sign rule, and channels of different offsets and
     spreads that share a group each keep their own resolution. Zero is then not kept exact, so the
     pack hook uses it only where signs do not matter (``policy.standardize_kind``): BatchNorm inputs
@@ -101,9 +102,9 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
     stored = _collapse_broadcast(x)
     if not _is_dense(stored):
         stored = torch.empty_like(stored).copy_(stored)
-    channels = None
+    channels, channel_stride = None, 1
     if standardize_channels and x.dtype != torch.bool and stored.dim() >= 2:
-        stored, channels = _standardize(stored)
+        channels, channel_stride = _channel_statistics(stored), _channel_stride(stored)
     n = stored.numel()
     flat = stored.as_strided((n,), (1,))
     with _on_device(x.device):
@@ -113,7 +114,8 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
         else:
             seed, offset = _rng_for(config, n)
             payload, meta = _QUANTIZE[backend](
-                flat, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset
+                flat, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset,
+                channels, channel_stride,
             )
             bits, scheme, stochastic = config.bits, config.scheme, config.stochastic
     return PackedTensor(
@@ -132,27 +134,27 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
     )
 
 
-def _channel_view(stats: torch.Tensor, dims: int) -> torch.Tensor:
-    """[C] -> [1, C, 1, ...] with ``dims`` dimensions, to broadcast over an [N, C, ...] tensor."""
-    return stats.view((1, -1) + (1,) * (dims - 2))
+def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
+    """float32 [C, 2]: (minimum, scale) of each index of dim 1, for ``quantize_with(standardize_channels)``.
 
-
-def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x standardized per index of dim 1, in x's dtype and memory layout; float32 [C, 2] (minimum, scale)).
-
-    Each channel becomes ``(x - minimum) / scale + 1``, ``scale`` its standard deviation: every value is
-    at least 1, so each group is one-signed and gets the plain [min, max] grid, with none of the levels
-    the sign rule would spend on a zero that is not special here. A channel's minimum maps to exactly 1,
-    which a group holding it decodes exactly, so minimums (and constant channels, scale 1) restore
-    exactly. A channel holding NaN or Inf gets non-finite statistics and restores as non-finite.
+    The kernels pack ``(x - minimum) / scale + 1``, with ``scale`` the channel's standard deviation:
+    every value is at least 1, so each group is one-signed and gets the plain [min, max] grid, with
+    none of the levels the sign rule would spend on a zero that is not special here. A channel's
+    minimum maps to exactly 1, which decodes exactly in any group holding it, so minimums (and constant
+    channels, scale 1) restore exactly. A channel holding NaN or Inf gets non-finite statistics and
+    restores as non-finite.
     """
     reduce_dims = [d for d in range(x.dim()) if d != 1]
     xf = x.float()
     var = torch.var(xf, dim=reduce_dims, correction=0)
     scale = torch.where(var > 0, var.sqrt(), torch.where(var.isnan(), var, 1.0))
-    minimum = torch.amin(xf, dim=reduce_dims)
-    standardized = (xf - _channel_view(minimum, x.dim())) / _channel_view(scale, x.dim()) + 1.0
-    return standardized.to(x.dtype), torch.stack([minimum, scale], dim=1)
+    return torch.stack([torch.amin(xf, dim=reduce_dims), scale], dim=1)
+
+
+def _channel_stride(x: torch.Tensor) -> int:
+    """Elements between consecutive channels in the flat run of dense ``x``: element i of the run is
+    in channel ``(i // stride) % C``."""
+    return x.stride(1) if x.shape[1] > 1 else 1
 
 
 def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
@@ -163,14 +165,13 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     backend = resolve_backend(backend, packed.device)
     out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=packed.device)
     flat = out.as_strided((out.numel(),), (1,))
+    channel_stride = _channel_stride(out) if packed.channels is not None else 1
     with _on_device(packed.device):
         if packed.meta is None:
             _UNPACK_BOOL[backend](packed.payload, flat)
         else:
-            _DEQUANTIZE[backend](packed.payload, packed.meta, flat, packed.bits, packed.group_size)
-    if packed.channels is not None:
-        minimum, scale = packed.channels.unbind(1)
-        out.sub_(1.0).mul_(_channel_view(scale, out.dim())).add_(_channel_view(minimum, out.dim()))
+            _DEQUANTIZE[backend](packed.payload, packed.meta, flat, packed.bits, packed.group_size,
+                                 packed.channels, channel_stride)
     if out.shape != packed.shape:
         out = out.expand(packed.shape)
     return out

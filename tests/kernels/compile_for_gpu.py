@@ -29,18 +29,27 @@ FLOATS = ("fp32", "fp16", "bf16")
 
 def variants(quick: bool):
     bits_choices = (1, 2, 4, 8)
-    for bits, sigma, stochastic, dtype in itertools.product(bits_choices, (False, True), (False, True), FLOATS):
-        if quick and (dtype != "bf16" or (sigma and stochastic and bits != 4)):
+    channel_args = {"channels_ptr": "*fp32", "channel_stride": "i32", "n_channels": "i32"}
+    for bits, sigma, stochastic, standardize, dtype in itertools.product(
+            bits_choices, (False, True), (False, True), (False, True), FLOATS):
+        if quick and (dtype != "bf16" or (sigma and stochastic and bits != 4) or (standardize and bits != 2)):
             continue
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
-                     "n_groups": "i32", "seed": "i64", "rng_offset": "i64", "BITS": "constexpr",
-                     "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr"}
-        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "SIGMA": sigma, "STOCHASTIC": stochastic}
-        yield f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic}", _quantize_kernel, signature, constants
-    for bits, dtype in itertools.product(bits_choices, FLOATS):
+                     "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args, "BITS": "constexpr",
+                     "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
+                     "STANDARDIZE": "constexpr"}
+        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "SIGMA": sigma, "STOCHASTIC": stochastic,
+                     "STANDARDIZE": standardize}
+        name = f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"
+        yield name, _quantize_kernel, signature, constants
+    for bits, standardize, dtype in itertools.product(bits_choices, (False, True), FLOATS):
+        if quick and standardize and bits != 2:
+            continue
         signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_elements": "i64",
-                     "n_groups": "i32", "BITS": "constexpr", "GROUP": "constexpr", "ROWS": "constexpr"}
-        yield f"dequantize {bits}bit {dtype}", _dequantize_kernel, signature, {"BITS": bits, "GROUP": 256, "ROWS": 16}
+                     "n_groups": "i32", **channel_args, "BITS": "constexpr", "GROUP": "constexpr",
+                     "ROWS": "constexpr", "STANDARDIZE": "constexpr"}
+        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize}
+        yield f"dequantize {bits}bit {dtype} standardize={standardize}", _dequantize_kernel, signature, constants
     for name, kernel in (("pack bool", _pack_bool_kernel), ("unpack bool", _unpack_bool_kernel)):
         signature = {"src_ptr": "*u8", "dst_ptr": "*u8", "n_elements": "i64", "BLOCK_BYTES": "constexpr"}
         yield name, kernel, signature, {"BLOCK_BYTES": 1024}

@@ -54,6 +54,47 @@ def test_triton_matches_torch_bit_for_bit(n, bits, dtype, scheme, stochastic, de
 
 
 
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("channel_stride, n_channels", [(1, 7), (25, 6), (100, 3)], ids=["nhwc", "nchw", "wide"])
+def test_standardized_triton_matches_torch_bit_for_bit(channel_stride, n_channels, bits, dtype, stochastic, device):
+    n = 1000  # not a multiple of the group size or of any channel layout: partial groups and channels
+    x = activation_like(n, dtype, GROUP, seed=bits, device=device)
+    g = torch.Generator().manual_seed(bits)
+    channels = torch.stack([torch.randn(n_channels, generator=g), torch.rand(n_channels, generator=g) + 0.1], 1)
+    channels = channels.to(device)
+    outputs = []
+    for backend, dequantize in (("triton", triton_dequantize), ("torch", torch_dequantize)):
+        fn = triton_quantize if backend == "triton" else torch_quantize
+        payload, meta = fn(x, bits, GROUP, False, stochastic, 11, 5, channels, channel_stride)
+        out = torch.full((n,), float("nan"), dtype=dtype, device=device)
+        dequantize(payload, meta, out, bits, GROUP, channels, channel_stride)
+        outputs.append((payload, meta, out))
+    (p_triton, m_triton, out_triton), (p_torch, m_torch, out_torch) = outputs
+    assert torch.equal(p_triton, p_torch)
+    assert torch.equal(m_triton.view(torch.int32), m_torch.view(torch.int32))
+    bits_view = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out_triton.view(bits_view), out_torch.view(bits_view))
+    assert torch.isfinite(out_triton).all()
+
+
+def test_standardized_reference_is_the_plain_reference_around_an_affine_map(device):
+    """The standardized torch reference equals the plain one applied to (x - minimum) / scale + 1, with
+    the inverse map taken in fp32 before the one rounding to the output dtype."""
+    n, channel_stride, n_channels = 1000, 25, 6
+    x = activation_like(n, torch.float32, GROUP, seed=1, device=device)
+    channels = torch.stack([torch.linspace(-2, 2, n_channels), torch.linspace(0.5, 3, n_channels)], 1).to(device)
+    channel = (torch.arange(n, device=device) // channel_stride) % n_channels
+    minimum, scale = channels[channel, 0], channels[channel, 1]
+    payload, meta = torch_quantize(x, 4, GROUP, False, False, 0, 0, channels, channel_stride)
+    plain_payload, plain_meta = torch_quantize((x - minimum) / scale + 1.0, 4, GROUP, False, False, 0, 0)
+    assert torch.equal(payload, plain_payload) and torch.equal(meta, plain_meta)
+    out = torch.empty(n, device=device)
+    torch_dequantize(payload, meta, out, 4, GROUP, channels, channel_stride)
+    assert torch.equal(out, (decode_fp32(plain_payload, plain_meta, n, 4) - 1.0) * scale + minimum)
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_output_is_fp32_decode_rounded_to_dtype(dtype, device):
     x = activation_like(2000, dtype, GROUP, seed=3, device=device)
