@@ -87,14 +87,12 @@ def quantize(
 def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels: bool = False) -> PackedTensor:
     """``quantize`` with an already validated config (the pack hook's path).
 
-    ``standardize_channels``: quantize ``(x - minimum) / scale + 1``, with per-channel statistics of each
-    index of dimension 1 (a channel of an [N, C, ...] tensor; see ``_channel_statistics``), kept in
-    ``PackedTensor.channels``; the kernels apply it as they load, and ``dequantize`` undoes it as it
-    stores. Every standardized value is at least 1, so
-    groups get the plain [min, max] grid without the sign rule, and channels of different offsets and
-    spreads that share a group each keep their own resolution. Zero is then not kept exact, so the
-    pack hook uses it only where signs do not matter (``policy.standardize_kind``): BatchNorm inputs
-    at 1-2 bits, and probabilities. Ignored for bool tensors and tensors of fewer than two dimensions.
+    ``standardize_channels``: quantize ``(x - minimum) / scale + 1`` with per-channel statistics of
+    dimension 1 (``_channel_statistics``), kept in ``PackedTensor.channels``; the kernels apply the map
+    as they load and ``dequantize`` undoes it as it stores. Zero is then not kept exact and signs are
+    not kept, so the pack hook uses it only where no backward reads them (``policy.standardize_kind``:
+    BatchNorm inputs at 1-2 bits, probabilities). Ignored for bool tensors and tensors of fewer than
+    two dimensions.
     """
     _check_input(x)
     backend = resolve_backend(config.backend, x.device)

@@ -161,7 +161,8 @@ def _tensors(packed: PackedTensor) -> tuple[torch.Tensor, ...]:
 
 
 def _move(packed: PackedTensor, device: torch.device, *, pin: bool) -> PackedTensor:
-    """A copy of ``packed`` with its tensors (payload, meta, channel statistics) on ``device`` (non-blocking between CPU and CUDA).
+    """A copy of ``packed`` with its tensors (payload, meta, channel statistics) on ``device``
+    (non-blocking between CPU and CUDA).
 
     Copies run on the current stream; the caller picks it. ``pin`` allocates page-locked host memory,
     which device-to-host copies need to be asynchronous.

@@ -22,7 +22,8 @@ class PackedTensor:
         dtype: the original dtype (float32, float16, bfloat16 or bool).
         bits, group_size, scheme, stochastic: the settings used (bool inputs: bits 1, scheme "bool").
         channels: float32 [C, 2] holding (minimum, scale) per index of dimension 1 when the tensor was
-            standardized per channel before quantization (BatchNorm inputs at 1-2 bits, docs/format.md);
+            standardized per channel before quantization (BatchNorm inputs at 1-2 bits and probabilities,
+            docs/format.md);
             restoring computes (decoded - 1) * scale + minimum. None otherwise.
     """
 
@@ -50,7 +51,7 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: payload plus metadata."""
+        """Bytes held: payload plus metadata (and channel statistics, if any)."""
         meta_bytes = 0 if self.meta is None else self.meta.nbytes
         channel_bytes = 0 if self.channels is None else self.channels.nbytes
         return self.payload.nbytes + meta_bytes + channel_bytes
@@ -63,5 +64,6 @@ class PackedTensor:
     def __repr__(self) -> str:
         return (
             f"PackedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, bits={self.bits}, "
-            f"scheme={self.scheme!r}, group_size={self.group_size}, standardized={self.channels is not None}, nbytes={self.nbytes}, raw_nbytes={self.raw_nbytes})"
+            f"scheme={self.scheme!r}, group_size={self.group_size}, standardized={self.channels is not None}, "
+            f"nbytes={self.nbytes}, raw_nbytes={self.raw_nbytes})"
         )

@@ -18,9 +18,10 @@ zero, where the sign rule errs the most: every positive value below half a step 
 first level (the group's maximum / 15 at 4 bits), so a row of small probabilities comes back inflated,
 and backward reads them directly (softmax's backward, the gradient of V in attention). The plain grid
 fixes that at every width; the floor remains for log-probabilities (a group spans tens of nats, while
-the loss's backward, exp(log p), needs the values near zero to a few hundredths) and as a margin. On the character LM of docs/fidelity.md (3 seeds, held-out nats;
-exact 2.391 +/- 0.016), 4 bits everywhere ends at 2.968 with the sign rule on the probabilities, 2.403
-+/- 0.014 on the plain grid (7.5x), and 2.395 +/- 0.017 with the plain grid and the floor (6.6x).
+the loss's backward, exp(log p), needs the values near zero to a few hundredths) and as a margin. On
+the character LM of docs/fidelity.md (3 seeds, held-out nats; exact 2.391 +/- 0.016), 4 bits
+everywhere ends at 2.968 with the sign rule on the probabilities, 2.403 +/- 0.014 on the plain grid
+(7.5x), and 2.395 +/- 0.017 with the plain grid and the floor (6.6x).
 What attention saves in its fused (flash) form, q, k, v, the output and the log-sum-exp, needs neither:
 with attention dropout off, CPU SDPA takes that path and uniform 4 bits ends at 2.394 +/- 0.020
 against exact 2.389 +/- 0.021 (7.5x).
