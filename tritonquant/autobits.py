@@ -91,7 +91,7 @@ class Calibration:
         self.param_grad_sq[name] = self.param_grad_sq.get(name, 0.0) + grad.detach().float().square().sum().item()
 
     def record_tensor(self, name: str, t: torch.Tensor, quant: QuantConfig, normalization: bool,
-                      min_bits: int = 1, standardize: str | None = None) -> SavedRecord:
+                      min_bits: int = 1, standardize_kind: str | None = None) -> SavedRecord:
         """Pack ``t`` at every candidate width (standardized as the pack hook would, given its
         ``policy.standardize_kind``) and record its relative squared errors."""
         reference = t.detach().float()
@@ -99,7 +99,7 @@ class Calibration:
         errors = {}
         for bits in BITS_CHOICES:
             trial = QuantConfig(bits, quant.scheme, False, quant.group_size, None, quant.backend)
-            packed = quantize_with(t, trial, standardize_channels=standardizes(standardize, bits))
+            packed = quantize_with(t, trial, standardize_channels=standardizes(standardize_kind, bits))
             diff = dequantize(packed, backend=quant.backend).float() - reference
             errors[bits] = diff.square().sum().item() / max(energy, 1e-30)
         record = SavedRecord(name, t.numel(), errors, [], min_bits)
@@ -257,13 +257,13 @@ class ProbeTensor:
     """What autograd holds for a saved tensor during ``calibrate``: the exact tensor, restored exact
     unless its owner is the module being probed, then packed and restored at the probed width."""
 
-    __slots__ = ("tensor", "version", "key", "quant", "probe", "standardize", "__weakref__")
+    __slots__ = ("tensor", "version", "key", "quant", "probe", "standardize_kind", "__weakref__")
     calibration_record = None  # read by the session's deduplication, like _Packed's
 
     def __init__(self, tensor: torch.Tensor, key: tuple[int, str, int], quant: QuantConfig, probe: "Probe",
-                 standardize: str | None = None) -> None:
+                 standardize_kind: str | None = None) -> None:
         self.tensor = tensor
-        self.standardize = standardize  # policy.standardize_kind of the tensor
+        self.standardize_kind = standardize_kind
         self.version = tensor._version
         self.key = key
         self.quant = quant
@@ -281,7 +281,7 @@ class ProbeTensor:
         cached = self.probe.restored.get(id(self))
         if cached is None or cached[0] != bits:
             quant = dataclasses.replace(self.quant, bits=bits)
-            packed = quantize_with(self.tensor, quant, standardize_channels=standardizes(self.standardize, bits))
+            packed = quantize_with(self.tensor, quant, standardize_channels=standardizes(self.standardize_kind, bits))
             cached = (bits, dequantize(packed, backend=quant.backend))
             self.probe.restored[id(self)] = cached
         return cached[1]
@@ -309,7 +309,7 @@ class Probe:
         self.restored: dict[int, tuple[int, torch.Tensor]] = {}
 
     def add(self, t: torch.Tensor, root: nn.Module, name: str, quant: QuantConfig, min_bits: int,
-            standardize: str | None = None) -> ProbeTensor:
+            standardize_kind: str | None = None) -> ProbeTensor:
         # A module's floored tensors form a unit of their own, probed at their floor only (as in
         # ``Calibration.costs``).
         key = (id(root), name, min_bits)
@@ -317,7 +317,7 @@ class Probe:
         if owner is None:
             owner = self.owners[key] = ProbeOwner(weakref.ref(root), name, min_bits)
         owner.elements += t.numel()
-        return ProbeTensor(t, key, quant, self, standardize)
+        return ProbeTensor(t, key, quant, self, standardize_kind)
 
     def select(self, key: tuple[int, str, int] | None, bits: int = 0) -> None:
         """Probe ``key``'s tensors at ``bits`` on the next backward (None: every tensor exact)."""

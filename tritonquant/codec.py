@@ -143,10 +143,10 @@ def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
     restores as non-finite.
     """
     reduce_dims = [d for d in range(x.dim()) if d != 1]
-    xf = x.float()
-    var = torch.var(xf, dim=reduce_dims, correction=0)
+    # The variance over float32 values: fp16 squares overflow. (A copy for fp16/bf16 inputs, none for fp32.)
+    var = torch.var(x.float(), dim=reduce_dims, correction=0)
     scale = torch.where(var > 0, var.sqrt(), torch.where(var.isnan(), var, 1.0))
-    return torch.stack([torch.amin(xf, dim=reduce_dims), scale], dim=1)
+    return torch.stack([torch.amin(x, dim=reduce_dims).float(), scale], dim=1)
 
 
 def _channel_stride(x: torch.Tensor) -> int:

@@ -264,7 +264,7 @@ class Session:
                 and self._override_for() is _NO_MATCH):
             floor = self.config.sensitive_bits if is_sensitive(t) else 1
             probed = self._probe.add(t, self._stack.frames[0], self._stack.name_of(module), quant, floor,
-                                     standardize=kind)
+                                     standardize_kind=kind)
             self._dedup[key + ("standardized",) if kind is not None else key] = probed
             return probed
         packed = quantize_with(t, quant, standardize_channels=standardize)
@@ -274,7 +274,7 @@ class Session:
             floor = self.config.sensitive_bits if is_sensitive(t) else 1
             handle.calibration_record = calibration.record_tensor(
                 name, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor,
-                standardize=kind)
+                standardize_kind=kind)
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes

@@ -321,7 +321,7 @@ def test_probe_and_estimate_pack_batchnorm_inputs_as_the_pack_hook_does(bits):
     probe.select(next(k for k, o in probe.owners.items() if o.name == "bn"), bits)
     assert torch.equal(out.grad_fn._saved_input, expected)
 
-    record = Calibration().record_tensor("bn", model.h, config.quant, True, standardize="batchnorm")
+    record = Calibration().record_tensor("bn", model.h, config.quant, True, standardize_kind="batchnorm")
     reference = model.h.detach()
     energy = (reference - reference.mean()).square().sum()
     assert record.relative_error[bits] == pytest.approx(((expected - reference).square().sum() / energy).item(), rel=1e-5)
