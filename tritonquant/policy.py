@@ -11,9 +11,10 @@ log-sum-exp hold one value per row or channel and usually fall below ``min_bytes
 told apart by ``requires_grad``: inside a compiled region or a custom autograd.Function every saved
 intermediate has requires_grad=False.)
 
-Probabilities (outputs of softmax and log_softmax) are packed with at least ``sensitive_bits`` bits
-(default 8) unless an override says otherwise (``is_sensitive``), and softmax outputs are packed on
-the plain [min, max] grid, without the sign rule (``standardize_kind``). Most probabilities lie near
+Probabilities (outputs of softmax and log_softmax, also after views and dropout: ``producer``) are
+packed with at least ``sensitive_bits`` bits (default 8) unless an override says otherwise
+(``is_sensitive``), and softmax outputs are packed on the plain [min, max] grid, without the sign
+rule (``standardize_kind``). Most probabilities lie near
 zero, where the sign rule errs the most: every positive value below half a step comes back as the
 first level (the group's maximum / 15 at 4 bits), so a row of small probabilities comes back inflated,
 and backward reads them directly (softmax's backward, the gradient of V in attention). The plain grid
@@ -53,12 +54,39 @@ REASONS = {
 # Autograd nodes whose output is a probability (softmax, including SDPA's math path) or its log.
 _SOFTMAX_GRAD_FNS = ("SoftmaxBackward0", "SafeSoftmaxBackward0")
 _PROBABILITY_GRAD_FNS = _SOFTMAX_GRAD_FNS + ("LogSoftmaxBackward0",)
+# Nodes that pass a probability on as a probability: views and layout changes, and dropout.
+_LAYOUT_GRAD_FNS = frozenset({
+    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "TransposeBackward0",
+    "PermuteBackward0", "TBackward0", "CloneBackward0", "NativeDropoutBackward0",
+})
+_MAX_HOPS = 6  # SDPA's math path: softmax -> dropout mask -> expand -> view before the matmul saves it
+
+
+def producer(t: torch.Tensor) -> str | None:
+    """Name of the autograd node that computed ``t``'s values, looking through views, layout changes
+    and dropout; None for a tensor without one (a leaf, or a tensor saved inside a compiled region).
+
+    Dropout is ``NativeDropoutBackward0``, or a ``MulBackward0`` with one operand that does not require
+    grad (SDPA's math path multiplies the probabilities by a 0 or 1/(1-p) mask): the dropped
+    probabilities that attention's second matmul saves, for the gradient of V, are still mostly
+    small non-negative values, and the sign rule inflates them as it would the probabilities.
+    """
+    node = t.grad_fn
+    for _ in range(_MAX_HOPS):
+        if node is None:
+            return None
+        name = type(node).__name__
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(inputs) != 1 or not (name in _LAYOUT_GRAD_FNS or name == "MulBackward0"):
+            return name
+        node = inputs[0]
+    return type(node).__name__ if node is not None else None
 
 
 def is_sensitive(t: torch.Tensor) -> bool:
-    """True for probabilities: outputs of softmax and log_softmax (told by the node that made them)."""
-    grad_fn = t.grad_fn
-    return grad_fn is not None and type(grad_fn).__name__ in _PROBABILITY_GRAD_FNS
+    """True for probabilities: outputs of softmax and log_softmax, told by the node that made them
+    (``producer``: also after views and dropout)."""
+    return producer(t) in _PROBABILITY_GRAD_FNS
 
 
 # BatchNorm inputs packed at this width or below are standardized per channel first
@@ -72,7 +100,8 @@ STANDARDIZE_MAX_BITS = 2
 
 def standardize_kind(t: torch.Tensor, module: nn.Module | None) -> str | None:
     """Why ``t`` may be standardized before packing: "batchnorm" for an [N, C, ...] float tensor saved
-    inside a BatchNorm module (its input), "probability" for a softmax output, else None.
+    inside a BatchNorm module (its input), "probability" for a softmax output (``producer``: also after
+    views and dropout), else None.
 
     Standardized values are all at least 1, so they get the plain [min, max] grid without the sign
     rule. Probabilities need that at every width: most lie near zero, where the sign rule lifts every
@@ -84,8 +113,7 @@ def standardize_kind(t: torch.Tensor, module: nn.Module | None) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if t.is_floating_point() and t.dim() >= 2 and t.shape[1] == module.num_features:
             return "batchnorm"
-    grad_fn = t.grad_fn
-    if grad_fn is not None and type(grad_fn).__name__ in _SOFTMAX_GRAD_FNS:
+    if producer(t) in _SOFTMAX_GRAD_FNS:
         return "probability"
     return None
 

@@ -450,15 +450,51 @@ def test_probabilities_are_packed_at_eight_bits_by_default():
     assert overridden.stats.modules["blocks.0.attn"].bits == {2}, "an explicit override beats the floor"
 
 
-@pytest.mark.parametrize(
-    "make, expected",
-    [(lambda x: torch.softmax(x, -1), True), (lambda x: torch.log_softmax(x, -1), True),
-     (lambda x: torch.sigmoid(x), False), (lambda x: x * 2, False)],
-    ids=["softmax", "log_softmax", "sigmoid", "mul"],
-)
-def test_is_sensitive_tells_probabilities_by_the_node_that_made_them(make, expected):
+def _dropped(p: torch.Tensor) -> torch.Tensor:
+    """Dropout as SDPA's math path applies it: a product with a 0 or 1/(1-p) mask, then a view."""
+    mask = (torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) > 0.1).float() / 0.9
+    return (p * mask).expand(2, *p.shape).reshape(-1, p.shape[-1])
+
+
+# Probabilities seen through views, layout changes and dropout are still probabilities; a product
+# with a tensor that requires grad, or any other op, makes something else.
+PROBABILITY_CASES = {
+    "softmax": (lambda x: torch.softmax(x, -1), True, "probability"),
+    "log_softmax": (lambda x: torch.log_softmax(x, -1), True, None),
+    "softmax_transposed": (lambda x: torch.softmax(x, -1).t().contiguous(), True, "probability"),
+    "softmax_native_dropout": (lambda x: torch.native_dropout(torch.softmax(x, -1), 0.1, True)[0], True,
+                               "probability"),
+    "softmax_mask_dropout_view": (lambda x: _dropped(torch.softmax(x, -1)), True, "probability"),
+    "softmax_times_grad_tensor": (lambda x: torch.softmax(x, -1) * x, False, None),
+    "softmax_then_exp": (lambda x: torch.softmax(x, -1).exp(), False, None),
+    "sigmoid": (lambda x: torch.sigmoid(x), False, None),
+    "mul": (lambda x: x * 2, False, None),
+    "leaf": (lambda x: x, False, None),
+}
+
+
+@pytest.mark.parametrize("case", list(PROBABILITY_CASES))
+def test_is_sensitive_tells_probabilities_by_the_node_that_made_them(case):
+    make, sensitive, _ = PROBABILITY_CASES[case]
     x = torch.randn(4, 8, requires_grad=True)
-    assert is_sensitive(make(x)) is expected
+    assert is_sensitive(make(x)) is sensitive
+
+
+def test_attention_dropout_probabilities_are_sensitive_on_the_math_path():
+    """SDPA's math path with dropout saves the probabilities for softmax's backward and the dropped
+    probabilities for the gradient of V: both are probabilities."""
+    q, k, v = (torch.randn(2, 4, 32, 16, requires_grad=True) for _ in range(3))
+    square = []
+
+    def record(t):
+        if t.shape[-2:] == (32, 32) and t.grad_fn is not None:
+            square.append((type(t.grad_fn).__name__, is_sensitive(t), standardize_kind(t, None)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
+    assert len(square) == 2, square
+    assert all(sensitive and kind == "probability" for _, sensitive, kind in square), square
 
 
 def test_sensitive_bits_is_validated():
@@ -466,13 +502,12 @@ def test_sensitive_bits_is_validated():
         tq.compress(sensitive_bits=3)
 
 
-@pytest.mark.parametrize(
-    "make, expected",
-    [(lambda x: torch.softmax(x, -1), "probability"), (lambda x: torch.log_softmax(x, -1), None),
-     (lambda x: nn.BatchNorm1d(8)(x), None), (lambda x: F.relu(x), None)],
-    ids=["softmax", "log_softmax", "batchnorm_output", "relu"],
-)
-def test_standardize_kind_tells_probabilities_by_the_node_that_made_them(make, expected):
+@pytest.mark.parametrize("case", [*PROBABILITY_CASES, "batchnorm_output", "relu"])
+def test_standardize_kind_tells_probabilities_by_the_node_that_made_them(case):
+    make, _, expected = PROBABILITY_CASES.get(case) or {
+        "batchnorm_output": (lambda x: nn.BatchNorm1d(8)(x), False, None),
+        "relu": (lambda x: F.relu(x), False, None),
+    }[case]
     x = torch.randn(4, 8, requires_grad=True)
     assert standardize_kind(make(x), None) == expected
 
