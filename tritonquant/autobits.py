@@ -1,4 +1,4 @@
-"""``bits="auto"``: per-module precision under an average-bits budget, from a one-step calibration.
+"""``bits="auto"``: per-tensor precision under an average-bits budget, from a one-step calibration.
 
 What a packing error costs depends on where backward uses the tensor:
 * A Linear/Conv layer's saved input only enters its own weight gradient (dW = dY^T X): a relative
@@ -9,21 +9,27 @@ What a packing error costs depends on where backward uses the tensor:
 * ReLU's saved output is needed only as a mask for dX, which packing keeps exact, and as the next
   layer's input (a weight-gradient use, charged to that layer's savings below).
 
+A plan names each saved tensor by its slot: (the module that saved it, n) for the n-th new tensor
+that module saved in the forward pass (reuses of a tensor already packed do not count). The same
+model running the same forward saves the same tensors in the same order, so a plan measured on one
+step applies to the next; a slot the plan does not know (a longer forward, another branch) gets the
+widest width not above the budget. Plans are {module name: {n: bits}}.
+
 Calibration (the first step a model runs under ``bits="auto"``) packs at 8 bits and records, for
 every packed tensor, its relative squared error r(b) at each width (relative to its centred energy
 for normalization inputs, which backward centres and scales) and which modules saved it; backward
-then delivers each module's parameter-gradient norm. The cost of packing module m's tensors at b bits
-is sum over its tensors of r(b) times the gradient mass each saver exposes. ``allocate`` then picks a
-width per module minimizing the summed cost while the average code width stays within the budget.
-The plan is kept per root module (weakly) and used from the next step on. Metadata (0.25 bit an
-element at group size 256) is not part of the budget.
+then delivers each module's parameter-gradient norm. The cost of packing a tensor at b bits is r(b)
+times the gradient mass its savers expose. ``allocate`` then picks a width per tensor minimizing the
+summed cost while the average code width stays within the budget. The plan is kept per root module
+(weakly) and used from the next step on. Metadata (0.25 bit an element at group size 256) is not
+part of the budget.
 
 ``calibrate(model, loss_fn, budget)`` replaces that estimate with a measurement: it runs one forward
-keeping the saved tensors exact, then backpropagates the same graph once per (module, width) with only
-that module's tensors packed at that width, and charges each choice the error it caused in the
-parameter gradients. Nothing is modelled (one bit is allowed wherever it measurably costs little, e.g.
+keeping the saved tensors exact, then backpropagates the same graph once per (tensor, width) with only
+that tensor packed at that width, and charges each choice the error it caused in the parameter
+gradients. Nothing is modelled (one bit is allowed wherever it measurably costs little, e.g.
 a ReLU output read only by max-pool), and calling it again later in training follows the model as it
-changes (attention becomes sensitive only once it sharpens). It costs one backward per module and width.
+changes (attention becomes sensitive only once it sharpens). It costs one backward per tensor and width.
 """
 
 from __future__ import annotations
@@ -47,12 +53,16 @@ NORMALIZATION_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNor
 WEIGHT_GRADIENT_ONLY = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU)
 LOSSLESS = 1e-12  # relative squared error below which a width counts as lossless
 
+Slot = tuple[str, int]  # (module name, n): the n-th new tensor the module saved in a forward pass
+Plan = dict[str, dict[int, int]]  # module name -> {n: bits}; slots it does not list get fallback_bits
+
 
 @dataclass
 class SavedRecord:
     """One packed tensor seen during calibration."""
 
-    owner: str  # the module that saved it first: its width is what the plan sets
+    owner: str  # the module that saved it first (the plan's width applies to its slot)
+    slot: int  # n: the owner's n-th new saved tensor
     elements: int
     relative_error: dict[int, float]
     # (module name, how many modules had started running when it saved the tensor)
@@ -64,11 +74,8 @@ class SavedRecord:
 class Calibration:
     """Statistics of one calibration step.
 
-    Tensors with a sensitivity floor (``policy.is_sensitive``) are allocated as a unit of their own,
-    fixed at the floor, so that one probability tensor does not force its module's other tensors to 8
-    bits: the plan gives the module's width, and the session packs its floored tensors at
-    max(width, floor). (When a module's width exceeds the floor, its floored tensors use more bits than
-    the allocation counted; with the default floor of 8 that cannot happen.)
+    Tensors with a sensitivity floor (``policy.is_sensitive``) are fixed at the floor and left out of
+    the plan (the session packs them at their floor).
     """
 
     records: list[SavedRecord] = field(default_factory=list)
@@ -90,10 +97,10 @@ class Calibration:
     def _add_grad(self, name: str, grad: torch.Tensor) -> None:
         self.param_grad_sq[name] = self.param_grad_sq.get(name, 0.0) + grad.detach().float().square().sum().item()
 
-    def record_tensor(self, name: str, t: torch.Tensor, quant: QuantConfig, normalization: bool,
+    def record_tensor(self, slot: Slot, t: torch.Tensor, quant: QuantConfig, normalization: bool,
                       min_bits: int = 1, standardize_kind: str | None = None) -> SavedRecord:
-        """Pack ``t`` at every candidate width (standardized as the pack hook would, given its
-        ``policy.standardize_kind``) and record its relative squared errors."""
+        """Pack ``t``, saved in ``slot``, at every candidate width (standardized as the pack hook would,
+        given its ``policy.standardize_kind``) and record its relative squared errors."""
         reference = t.detach().float()
         energy = (reference - reference.mean() if normalization else reference).square().sum().item()
         errors = {}
@@ -102,7 +109,8 @@ class Calibration:
             packed = quantize_with(t, trial, standardize_channels=standardizes(standardize_kind, bits))
             diff = dequantize(packed, backend=quant.backend).float() - reference
             errors[bits] = diff.square().sum().item() / max(energy, 1e-30)
-        record = SavedRecord(name, t.numel(), errors, [], min_bits)
+        name, n = slot
+        record = SavedRecord(name, n, t.numel(), errors, [], min_bits)
         self.add_saver(record, name)
         self.records.append(record)
         return record
@@ -121,9 +129,8 @@ class Calibration:
         own = self.param_grad_sq.get(name, 0.0)
         return own + (upstream[started] - own if self.on_input_path.get(name, True) else 0.0)
 
-    def costs(self) -> tuple[dict[Hashable, dict[int, float]], dict[Hashable, int]]:
-        """(cost per unit and width, elements per unit). A unit is a module name, or (name, floor) for a
-        module's tensors with a sensitivity floor: those keep exactly their floor (see the class docstring)."""
+    def costs(self) -> tuple[dict[Slot, dict[int, float]], dict[Slot, int]]:
+        """(cost per slot and width, elements per slot); a floored tensor's only finite cost is at its floor."""
         upstream = [0.0]
         for name in self.order:
             upstream.append(upstream[-1] + self.param_grad_sq.get(name, 0.0))
@@ -131,7 +138,7 @@ class Calibration:
         elements: dict[str, int] = {}
         for record in self.records:
             weight = sum(self.exposure(saver, started, upstream) for saver, started in record.savers)
-            unit = record.owner if record.min_bits == 1 else (record.owner, record.min_bits)
+            unit = (record.owner, record.slot)
             per_width = costs.setdefault(unit, {b: 0.0 for b in BITS_CHOICES})
             for bits, error in record.relative_error.items():
                 per_width[bits] += weight * error
@@ -145,6 +152,11 @@ class Calibration:
             elements[unit] = elements.get(unit, 0) + record.elements
         return costs, elements
 
+    def plan(self, budget: float) -> Plan:
+        """The widths ``allocate`` chooses under ``budget``, floored tensors left out."""
+        floored = {(r.owner, r.slot) for r in self.records if r.min_bits > 1}
+        return plan_of({slot: bits for slot, bits in allocate(*self.costs(), budget).items() if slot not in floored})
+
     def release(self) -> None:
         for handle in self._hooks:
             handle.remove()
@@ -153,11 +165,12 @@ class Calibration:
 
 def allocate(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, int],
              budget: float) -> dict[Hashable, int]:
-    """Bits per module (any hashable key) minimizing the summed cost with sum(elements * bits) <= budget * sum(elements).
+    """Bits per unit (a slot, or any hashable key) minimizing the summed cost with
+    sum(elements * bits) <= budget * sum(elements).
 
     A multiple-choice knapsack: the Lagrangian relaxation (each module takes the width minimizing
     cost + lam * elements * bits, with lam bisected to the smallest value that meets the budget) finds
-    the allocations on the convex hull, which may narrow some modules below the average to pay for
+    the allocations on the convex hull, which may narrow some units below the average to pay for
     others; the budget left over is then spent greedily, best cost reduction per added bit first.
     """
     names = list(costs)
@@ -205,6 +218,14 @@ def allocate(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, i
         bits[best] = nxt
 
 
+def plan_of(widths: dict[Slot, int]) -> Plan:
+    """{(module name, n): bits} as a plan, {module name: {n: bits}}."""
+    plan: Plan = {}
+    for (name, n), bits in sorted(widths.items()):
+        plan.setdefault(name, {})[n] = bits
+    return plan
+
+
 def fallback_bits(budget: float) -> int:
     """Width for tensors the plan does not know: the widest choice not above the budget."""
     return max(b for b in BITS_CHOICES if b <= budget)
@@ -216,25 +237,24 @@ class AutoPlans:
     def __init__(self) -> None:
         self._by_root: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def state(self, root: nn.Module, budget: float) -> Calibration | dict[str, int]:
+    def state(self, root: nn.Module, budget: float) -> Calibration | Plan:
         """The plan for ``root`` if its calibration finished, else the calibration to record into."""
         per_budget = self._by_root.setdefault(root, {})
         state = per_budget.get(budget)
         if isinstance(state, Calibration) and state.complete:
             state.release()
-            chosen = allocate(*state.costs(), budget)
-            state = per_budget[budget] = {unit: bits for unit, bits in chosen.items() if isinstance(unit, str)}
+            state = per_budget[budget] = state.plan(budget)
         if state is None:
             state = per_budget[budget] = Calibration()
         return state
 
-    def install(self, root: nn.Module, budget: float, plan: dict[str, int]) -> None:
+    def install(self, root: nn.Module, budget: float, plan: Plan) -> None:
         """Use ``plan`` for ``root`` under ``bits="auto", budget=budget`` (replacing any calibration)."""
         per_budget = self._by_root.setdefault(root, {})
         old = per_budget.get(float(budget))
         if isinstance(old, Calibration):
             old.release()
-        per_budget[float(budget)] = dict(plan)
+        per_budget[float(budget)] = {name: dict(widths) for name, widths in plan.items()}
 
     def reset(self, root: nn.Module) -> None:
         for state in self._by_root.pop(root, {}).values():
@@ -260,7 +280,7 @@ class ProbeTensor:
     __slots__ = ("tensor", "version", "key", "quant", "probe", "standardize_kind", "__weakref__")
     calibration_record = None  # read by the session's deduplication, like _Packed's
 
-    def __init__(self, tensor: torch.Tensor, key: tuple[int, str, int], quant: QuantConfig, probe: "Probe",
+    def __init__(self, tensor: torch.Tensor, key: tuple[int, Slot], quant: QuantConfig, probe: "Probe",
                  standardize_kind: str | None = None) -> None:
         self.tensor = tensor
         self.standardize_kind = standardize_kind
@@ -288,39 +308,33 @@ class ProbeTensor:
 
 
 @dataclass
-class ProbeOwner:
-    """A module's saved tensors that ``calibrate`` probes as one unit: those without a floor (the plan
-    gives the module's width), or those with floor ``min_bits`` (kept at it)."""
+class ProbedSlot:
+    """One saved tensor that ``calibrate`` probes: at every width, or at its floor ``min_bits`` only."""
 
     root: weakref.ref
-    name: str
+    slot: Slot
     min_bits: int
-    elements: int = 0
-    # gradient_error with only these tensors packed, per width (inf: not tried, other than a floored unit's floor)
+    elements: int
+    # gradient_error with only this tensor packed, per width (inf: not tried)
     costs: dict[int, float] = field(default_factory=lambda: {b: float("inf") for b in BITS_CHOICES})
 
 
 class Probe:
-    """The exact saved tensors of one forward, grouped by owner module, and which (owner, width) is probed."""
+    """The exact saved tensors of one forward, by (root module, slot), and which one is probed at which width."""
 
     def __init__(self) -> None:
-        self.owners: dict[tuple[int, str, int], ProbeOwner] = {}
-        self.active: tuple[tuple[int, str, int], int] | None = None
+        self.slots: dict[tuple[int, Slot], ProbedSlot] = {}
+        self.active: tuple[tuple[int, Slot], int] | None = None
         self.restored: dict[int, tuple[int, torch.Tensor]] = {}
 
-    def add(self, t: torch.Tensor, root: nn.Module, name: str, quant: QuantConfig, min_bits: int,
+    def add(self, t: torch.Tensor, root: nn.Module, slot: Slot, quant: QuantConfig, min_bits: int,
             standardize_kind: str | None = None) -> ProbeTensor:
-        # A module's floored tensors form a unit of their own, probed at their floor only (as in
-        # ``Calibration.costs``).
-        key = (id(root), name, min_bits)
-        owner = self.owners.get(key)
-        if owner is None:
-            owner = self.owners[key] = ProbeOwner(weakref.ref(root), name, min_bits)
-        owner.elements += t.numel()
+        key = (id(root), slot)
+        self.slots[key] = ProbedSlot(weakref.ref(root), slot, min_bits, t.numel())
         return ProbeTensor(t, key, quant, self, standardize_kind)
 
-    def select(self, key: tuple[int, str, int] | None, bits: int = 0) -> None:
-        """Probe ``key``'s tensors at ``bits`` on the next backward (None: every tensor exact)."""
+    def select(self, key: tuple[int, Slot] | None, bits: int = 0) -> None:
+        """Probe ``key``'s tensor at ``bits`` on the next backward (None: every tensor exact)."""
         self.active = None if key is None else (key, bits)
         self.restored.clear()
 
@@ -342,8 +356,8 @@ def gradient_error(grads: list[torch.Tensor | None], reference: list[torch.Tenso
 
 
 def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor], config: CompressConfig,
-            progress: bool = False) -> list[ProbeOwner]:
-    """The probed modules of one ``loss_fn()`` forward, each with its measured ``costs`` per width.
+            progress: bool = False) -> list[ProbedSlot]:
+    """The probed tensors of one ``loss_fn()`` forward, each with its measured ``costs`` per width.
 
     ``config`` must have ``auto_budget`` set (tensors outside modules are packed at its fallback width).
     Parameters' ``.grad``, buffers and the random number generators are left as they were.
@@ -374,11 +388,11 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor], config: Compr
                 return list(torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))
 
             reference = grads()
-            trials = [(key, b) for key, owner in probe.owners.items() for b in BITS_CHOICES
-                      if owner.min_bits == 1 or b == owner.min_bits]
+            trials = [(key, b) for key, probed in probe.slots.items() for b in BITS_CHOICES
+                      if probed.min_bits == 1 or b == probed.min_bits]
             for done, (key, bits) in enumerate(trials, 1):
                 probe.select(key, bits)
-                probe.owners[key].costs[bits] = gradient_error(grads(), reference)
+                probe.slots[key].costs[bits] = gradient_error(grads(), reference)
                 if progress:
                     print(f"\rcalibrate: {done}/{len(trials)} backward passes", end="", file=sys.stderr, flush=True)
             if progress:
@@ -388,12 +402,12 @@ def measure(model: nn.Module, loss_fn: Callable[[], torch.Tensor], config: Compr
         with torch.no_grad():
             for buffer, value in saved_buffers:
                 buffer.copy_(value)
-    return list(probe.owners.values())
+    return list(probe.slots.values())
 
 
 def calibrate(model: nn.Module, loss_fn: Callable[[], torch.Tensor], budget: float, *,
-              progress: bool = False, **config) -> dict[str, int]:
-    """Choose per-module widths for ``bits="auto", budget=budget`` by measuring their gradient error.
+              progress: bool = False, **config) -> Plan:
+    """Choose per-tensor widths for ``bits="auto", budget=budget`` by measuring their gradient error.
 
     ``loss_fn()`` must run ``model``'s forward on a representative batch and return the scalar loss,
     e.g. ``lambda: F.cross_entropy(model(x), y)``. ``config`` takes the other keywords of ``compress``
@@ -405,25 +419,28 @@ def calibrate(model: nn.Module, loss_fn: Callable[[], torch.Tensor], budget: flo
             loss = loss_of(model, batch)
 
     Runs one forward (saved tensors kept exact, so this step needs exact training's memory) and
-    1 + (modules x widths) backward passes on its graph with ``torch.autograd.grad``: parameters'
+    1 + (tensors x widths) backward passes on its graph with ``torch.autograd.grad``: parameters'
     ``.grad`` are untouched, and buffers (BatchNorm running statistics) and the random number
-    generators are restored afterwards, so calibrating does not change training. A module's cost at a
-    width is ``gradient_error`` with only its tensors packed at that width; the widths are then
-    allocated as for the estimated calibration (``allocate``). Widths below a tensor's sensitivity floor
-    are not tried (floored tensors are a unit fixed at their floor, as in ``Calibration``); bool tensors
-    (lossless at 1 bit) and modules an override decides are not probed.
+    generators are restored afterwards, so calibrating does not change training. A tensor's cost at a
+    width is ``gradient_error`` with only that tensor packed at that width; the widths are then
+    allocated as for the estimated calibration (``allocate``). Tensors with a sensitivity floor are
+    probed at their floor only and kept there (not in the plan); bool tensors (lossless at 1 bit),
+    tensors saved outside modules and modules an override decides are not probed.
     Call it again (e.g. every few hundred steps) to follow the model as it trains. ``progress`` prints
-    a counter of backward passes to stderr. Returns the plan, {module name: bits}.
+    a counter of backward passes to stderr. Returns the plan, {module name: {n: bits}} for the n-th
+    tensor each module saves (module docstring).
     """
     compress_config = CompressConfig.from_kwargs(bits="auto", budget=budget, **config)
-    owners = measure(model, loss_fn, compress_config, progress)
-    chosen = allocate({id(o): o.costs for o in owners}, {id(o): o.elements for o in owners},
-                      compress_config.auto_budget) if owners else {}
-    plans: dict[int, tuple[nn.Module, dict[str, int]]] = {}
-    for owner in owners:
-        root = owner.root()
-        if root is not None and owner.min_bits == 1:  # floored units keep their floor: not in the plan
-            plans.setdefault(id(root), (root, {}))[1][owner.name] = chosen[id(owner)]
-    for root, plan in plans.values():
-        PLANS.install(root, compress_config.auto_budget, plan)
-    return {name: bits for _, plan in plans.values() for name, bits in plan.items()}
+    probed = measure(model, loss_fn, compress_config, progress)
+    chosen = allocate({id(p): p.costs for p in probed}, {id(p): p.elements for p in probed},
+                      compress_config.auto_budget) if probed else {}
+    roots: dict[int, tuple[nn.Module, dict[Slot, int]]] = {}
+    for p in probed:
+        root = p.root()
+        if root is not None and p.min_bits == 1:  # floored tensors keep their floor: not in the plan
+            roots.setdefault(id(root), (root, {}))[1][p.slot] = chosen[id(p)]
+    merged: dict[Slot, int] = {}
+    for root, widths in roots.values():
+        PLANS.install(root, compress_config.auto_budget, plan_of(widths))
+        merged.update(widths)
+    return plan_of(merged)

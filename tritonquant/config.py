@@ -81,8 +81,9 @@ class CompressConfig:
     offload: None, or "cpu" to keep packed payloads of CUDA tensors in pinned host memory between
         forward and backward (see ``tritonquant.offload``); CPU tensors are unaffected.
     sensitive_bits: the narrowest width for probabilities (``policy.is_sensitive``: softmax and
-        log_softmax outputs), unless an override decides; 1 turns the floor off.
-    auto_budget: set by ``bits="auto", budget=B``: per-module widths chosen by ``tritonquant.autobits``
+        log_softmax outputs, also after views and dropout), unless an override decides; 1 turns the
+        floor off.
+    auto_budget: set by ``bits="auto", budget=B``: per-tensor widths chosen by ``tritonquant.autobits``
         so that the average code width stays within B bits (1 <= B <= 8); ``quant.bits`` is then the
         calibration width.
     """

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Probe, ProbeTensor, fallback_bits
+from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
 from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
@@ -164,6 +164,7 @@ class Session:
         self._override_cache: dict[int, QuantConfig | None] = {}
         self._quant_by_bits: dict[int, QuantConfig] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._slot_counts: Counter = Counter()
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
@@ -226,11 +227,9 @@ class Session:
     def _pack(self, t: torch.Tensor) -> _Packed | _Kept:
         module = self._stack.current()
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
-        quant, calibration = None, None
-        if reason is None:
-            quant, calibration = self._quant_config_for(t, module)
-            if quant is None:
-                reason = "excluded"
+        override = self._override_for() if reason is None else _NO_MATCH
+        if override is None:
+            reason = "excluded"
         row = self._module_row(module)
         if reason is not None:
             self.stats.passed_by_reason[reason] += 1
@@ -247,7 +246,6 @@ class Session:
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
         kind = standardize_kind(t, module)
-        standardize = standardizes(kind, quant.bits)
         # A standardized packing (zero not exact, signs not kept) is reused only by savers that may
         # standardize too; those reuse any packing an earlier saver made.
         hit = self._dedup.get(key)
@@ -260,21 +258,20 @@ class Session:
             if isinstance(calibration, Calibration):  # a second saver: its use of the tensor counts too
                 calibration.add_saver(hit.calibration_record, self._stack.name_of(module))
             return hit
-        if (self._probe is not None and module is not None and t.dtype != torch.bool
-                and self._override_for() is _NO_MATCH):
-            floor = self.config.sensitive_bits if is_sensitive(t) else 1
-            probed = self._probe.add(t, self._stack.frames[0], self._stack.name_of(module), quant, floor,
-                                     standardize_kind=kind)
+
+        slot = self._next_slot(module)
+        floor = self.config.sensitive_bits if is_sensitive(t) else 1
+        quant, calibration = self._quant_config_for(slot, override, floor)
+        if self._probe is not None and slot is not None and t.dtype != torch.bool and override is _NO_MATCH:
+            probed = self._probe.add(t, self._stack.frames[0], slot, quant, floor, standardize_kind=kind)
             self._dedup[key + ("standardized",) if kind is not None else key] = probed
             return probed
+        standardize = standardizes(kind, quant.bits)
         packed = quantize_with(t, quant, standardize_channels=standardize)
         handle = _Packed(packed, quant.backend, t)
         if calibration is not None:
-            name = self._stack.name_of(module)
-            floor = self.config.sensitive_bits if is_sensitive(t) else 1
             handle.calibration_record = calibration.record_tensor(
-                name, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor,
-                standardize_kind=kind)
+                slot, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor, standardize_kind=kind)
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
@@ -310,25 +307,33 @@ class Session:
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _quant_config_for(self, t: torch.Tensor, module: nn.Module | None) -> tuple[QuantConfig | None, Calibration | None]:
-        """(settings for ``t`` saved now, or None to keep it; the calibration to record it into).
+    def _next_slot(self, module: nn.Module | None) -> Slot | None:
+        """(module name, n) for the n-th new tensor (not a reuse) ``module`` saves in this block: how
+        bits="auto" plans name a tensor. None outside modules."""
+        if module is None:
+            return None
+        name = self._stack.name_of(module)
+        n = self._slot_counts[name]
+        self._slot_counts[name] = n + 1
+        return name, n
 
-        An override decides if one matches; otherwise the block's width (or bits="auto"'s plan), raised
-        to ``sensitive_bits`` for probabilities (``policy.is_sensitive``).
+    def _quant_config_for(self, slot: Slot | None, override, floor: int) -> tuple[QuantConfig | None, Calibration | None]:
+        """(settings for the tensor saved now in ``slot``, or None to keep it; the calibration to record it into).
+
+        ``override`` decides if it matched; otherwise the block's width (or bits="auto"'s plan for the
+        slot), raised to ``floor`` (``sensitive_bits`` for probabilities, ``policy.is_sensitive``).
         """
-        decision = self._override_for()
-        if decision is not _NO_MATCH:
-            return decision, None
-        floor = self.config.sensitive_bits if is_sensitive(t) else 1
+        if override is not _NO_MATCH:
+            return override, None
         if self.config.auto_budget is None:
             bits = self.config.quant.bits
             return (self.config.quant if bits >= floor else self._quant_with_bits(floor)), None
         state = self._auto_state()
         if isinstance(state, Calibration):
-            return self.config.quant, (state if module is not None else None)
+            return self.config.quant, (state if slot is not None else None)
         bits = fallback_bits(self.config.auto_budget)
-        if state is not None and module is not None:
-            bits = state.get(self._stack.name_of(module), bits)
+        if state is not None and slot is not None:
+            bits = state.get(slot[0], {}).get(slot[1], bits)
         return self._quant_with_bits(max(bits, floor)), None
 
     def _override_for(self):
@@ -342,7 +347,7 @@ class Session:
                 return decision
         return _NO_MATCH
 
-    def _auto_state(self) -> Calibration | dict[str, int] | None:
+    def _auto_state(self) -> Calibration | Plan | None:
         """bits="auto": the plan (or calibration) of the outermost module running, None outside modules."""
         return PLANS.state(self._stack.frames[0], self.config.auto_budget) if self._stack.frames else None
 
