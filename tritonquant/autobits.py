@@ -168,7 +168,7 @@ def allocate(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, i
     """Bits per unit (a slot, or any hashable key) minimizing the summed cost with
     sum(elements * bits) <= budget * sum(elements).
 
-    A multiple-choice knapsack: the Lagrangian relaxation (each module takes the width minimizing
+    A multiple-choice knapsack: the Lagrangian relaxation (each unit takes the width minimizing
     cost + lam * elements * bits, with lam bisected to the smallest value that meets the budget) finds
     the allocations on the convex hull, which may narrow some units below the average to pay for
     others; the budget left over is then spent greedily, best cost reduction per added bit first.
