@@ -100,3 +100,39 @@ def test_regional_compilation_packs_per_block_with_module_names():
     # the block's own hooks too, so they are reported under the innermost eager module, the Sequential.
     assert rows["blocks"].packed_tensors > 0
     assert not any(name.startswith("blocks.") for name in rows)
+
+
+def test_compiled_autograd_restores_packed_tensors_in_backward_order(monkeypatch):
+    """Compiled autograd (the backward traced and compiled) calls the unpack hook in backward's own
+    order, interleaved with tensor hooks as in eager mode, and gives eager compression's gradients."""
+    import tritonquant.session as session_module
+
+    model, x = mlp(), torch.randn(128, 64)
+
+    def run():
+        h = model[1](model[0](x))
+        h.register_hook(lambda grad: events.append("hook"))
+        return model[4](model[3](model[2](h))).square().sum()
+
+    def grads_and_events(compiled: bool):
+        events.clear()
+        model.zero_grad()
+        with tq.compress(bits=2, min_bytes=0):
+            loss = run()
+        compiler = torch.compile(backend="aot_eager")
+        with torch._dynamo.compiled_autograd._enable(compiler) if compiled else contextlib.nullcontext():
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), list(events)
+
+    events = []
+    unpack = session_module.Session._unpack
+    monkeypatch.setattr(session_module.Session, "_unpack",
+                        staticmethod(lambda handle: events.append("unpack") or unpack(handle)))
+    exact = flat_grads(model, lambda: model(x).square().sum(), contextlib.nullcontext())
+    eager, eager_events = grads_and_events(compiled=False)
+    assert cosine(eager, exact) < 0.99  # 2 bits: visibly approximate
+    for _ in range(2):  # the capture, then a cached graph
+        compiled, compiled_events = grads_and_events(compiled=True)
+        assert torch.equal(compiled, eager)
+        assert compiled_events == eager_events
+    assert 0 < eager_events.index("hook") < len(eager_events) - 1  # unpacks on both sides of the hook
