@@ -56,6 +56,8 @@ def configurations() -> dict:
     configs["tq4+sensitive4"] = compress_context(bits=4, sensitive_bits=4)
     for budget in (2.0, 3.0):
         configs[f"measured-{budget}+sensitive4"] = MeasuredAuto(budget, 50, {"sensitive_bits": 4})
+    # Probabilities on the plain grid at 2 bits or more: the floor takes less of a 2-bit budget.
+    configs["measured-2.0+sensitive2"] = MeasuredAuto(2.0, 50, {"sensitive_bits": 2})
     return configs
 
 

@@ -21,8 +21,9 @@ and backward reads them directly (softmax's backward, the gradient of V in atten
 fixes that at every width; the floor remains for log-probabilities (a group spans tens of nats, while
 the loss's backward, exp(log p), needs the values near zero to a few hundredths) and as a margin. On
 the character LM of docs/fidelity.md (3 seeds, held-out nats; exact 2.391 +/- 0.016), 4 bits
-everywhere ends at 2.968 with the sign rule on the probabilities, 2.403 +/- 0.014 on the plain grid
-(7.5x), and 2.395 +/- 0.017 with the plain grid and the floor (6.6x).
+everywhere ends at 2.968 with the sign rule on the probabilities, 2.403 +/- 0.014 with the
+probabilities on the plain grid but their dropped copy (attention dropout) on the sign rule,
+2.392 +/- 0.014 with both on the plain grid (7.5x), and 2.388 +/- 0.015 with the floor (6.0x).
 What attention saves in its fused (flash) form, q, k, v, the output and the log-sum-exp, needs neither:
 with attention dropout off, CPU SDPA takes that path and uniform 4 bits ends at 2.394 +/- 0.020
 against exact 2.389 +/- 0.021 (7.5x).
@@ -107,8 +108,8 @@ def standardize_kind(t: torch.Tensor, module: nn.Module | None) -> str | None:
     rule. Probabilities need that at every width: most lie near zero, where the sign rule lifts every
     positive value below half a step to the first level, so a row of small probabilities comes back
     inflated. On the character LM of docs/fidelity.md (3 seeds, held-out nats, exact 2.391 +/- 0.016),
-    4 bits everywhere ends at 2.968 with the sign rule on the probabilities and at 2.403 +/- 0.014 with
-    the plain grid.
+    4 bits everywhere ends at 2.968 with the sign rule on the probabilities and at 2.392 +/- 0.014 with
+    the plain grid (module docstring).
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if t.is_floating_point() and t.dim() >= 2 and t.shape[1] == module.num_features:
