@@ -134,8 +134,8 @@ class Calibration:
         upstream = [0.0]
         for name in self.order:
             upstream.append(upstream[-1] + self.param_grad_sq.get(name, 0.0))
-        costs: dict[str, dict[int, float]] = {}
-        elements: dict[str, int] = {}
+        costs: dict[Slot, dict[int, float]] = {}
+        elements: dict[Slot, int] = {}
         for record in self.records:
             weight = sum(self.exposure(saver, started, upstream) for saver, started in record.savers)
             unit = (record.owner, record.slot)
@@ -155,7 +155,8 @@ class Calibration:
     def plan(self, budget: float) -> Plan:
         """The widths ``allocate`` chooses under ``budget``, floored tensors left out."""
         floored = {(r.owner, r.slot) for r in self.records if r.min_bits > 1}
-        return plan_of({slot: bits for slot, bits in allocate(*self.costs(), budget).items() if slot not in floored})
+        chosen = allocate(*self.costs(), budget)
+        return plan_of({slot: bits for slot, bits in chosen.items() if slot not in floored})
 
     def release(self) -> None:
         for handle in self._hooks:

@@ -317,8 +317,10 @@ class Session:
         self._slot_counts[name] = n + 1
         return name, n
 
-    def _quant_config_for(self, slot: Slot | None, override, floor: int) -> tuple[QuantConfig | None, Calibration | None]:
-        """(settings for the tensor saved now in ``slot``, or None to keep it; the calibration to record it into).
+    def _quant_config_for(self, slot: Slot | None, override,
+                          floor: int) -> tuple[QuantConfig | None, Calibration | None]:
+        """(settings for the tensor saved now in ``slot``, or None to keep it; the calibration to record
+        it into).
 
         ``override`` decides if it matched; otherwise the block's width (or bits="auto"'s plan for the
         slot), raised to ``floor`` (``sensitive_bits`` for probabilities, ``policy.is_sensitive``).
