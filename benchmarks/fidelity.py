@@ -31,8 +31,8 @@ def configurations() -> dict:
 
     The tq* and auto-* configurations use uniform widths everywhere (sensitive_bits=1); measured-* is
     bits="auto" with its plan from ``tq.calibrate`` (re-measured every 50 steps, no floor); "default" is
-    ``tq.compress()`` as shipped (4 bits, softmax and log_softmax outputs at 8 bits), and the
-    "+sensitive8" configurations keep that same floor.
+    ``tq.compress()`` as shipped (4 bits; below 4 bits, softmax and log_softmax outputs keep 4), and
+    "+sensitiveB" floors those at B bits.
     """
     uniform = {"sensitive_bits": 1}
     configs = {"exact": None}
@@ -48,14 +48,13 @@ def configurations() -> dict:
     for budget in (2.0, 3.0):  # plans measured by tq.calibrate at step 1 and every 50 steps
         configs[f"measured-{budget}"] = MeasuredAuto(budget, 50, dict(uniform))
     configs["default"] = compress_context()
-    configs["tq2+sensitive8"] = compress_context(bits=2)
-    for budget in (2.0, 3.0):
-        configs[f"auto-{budget}+sensitive8"] = compress_context(bits="auto", budget=budget)
-        configs[f"measured-{budget}+sensitive8"] = MeasuredAuto(budget, 50)
-    # Probabilities floored at 4 bits instead of 8 (log-probabilities too: the floor covers both).
-    configs["tq4+sensitive4"] = compress_context(bits=4, sensitive_bits=4)
-    for budget in (2.0, 3.0):
-        configs[f"measured-{budget}+sensitive4"] = MeasuredAuto(budget, 50, {"sensitive_bits": 4})
+    for floor in (8, 4):
+        configs[f"tq4+sensitive{floor}"] = compress_context(bits=4, sensitive_bits=floor)
+        configs[f"tq2+sensitive{floor}"] = compress_context(bits=2, sensitive_bits=floor)
+        for budget in (2.0, 3.0):
+            configs[f"auto-{budget}+sensitive{floor}"] = compress_context(bits="auto", budget=budget,
+                                                                          sensitive_bits=floor)
+            configs[f"measured-{budget}+sensitive{floor}"] = MeasuredAuto(budget, 50, {"sensitive_bits": floor})
     # Probabilities on the plain grid at 2 bits or more: the floor takes less of a 2-bit budget.
     configs["measured-2.0+sensitive2"] = MeasuredAuto(2.0, 50, {"sensitive_bits": 2})
     return configs

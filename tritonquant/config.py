@@ -81,8 +81,8 @@ class CompressConfig:
     offload: None, or "cpu" to keep packed payloads of CUDA tensors in pinned host memory between
         forward and backward (see ``tritonquant.offload``); CPU tensors are unaffected.
     sensitive_bits: the narrowest width for probabilities (``policy.is_sensitive``: softmax and
-        log_softmax outputs, also after views and dropout), unless an override decides; 1 turns the
-        floor off.
+        log_softmax outputs, also after views and dropout), unless an override decides; default 4, so
+        that it matters below 4 bits (docs/fidelity.md); 1 turns the floor off.
     auto_budget: set by ``bits="auto", budget=B``: per-tensor widths chosen by ``tritonquant.autobits``
         so that the average code width stays within B bits (1 <= B <= 8); ``quant.bits`` is then the
         calibration width.
@@ -93,12 +93,12 @@ class CompressConfig:
     overrides: tuple = ()
     offload: str | None = None
     auto_budget: float | None = None
-    sensitive_bits: int = 8
+    sensitive_bits: int = 4
 
     @classmethod
     def from_kwargs(
         cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, offload: str | None = None,
-        budget: float | None = None, sensitive_bits: int = 8, **quant_kwargs
+        budget: float | None = None, sensitive_bits: int = 4, **quant_kwargs
     ) -> "CompressConfig":
         unknown = sorted(set(quant_kwargs) - set(QUANT_FIELDS))
         if unknown:

@@ -12,18 +12,19 @@ told apart by ``requires_grad``: inside a compiled region or a custom autograd.F
 intermediate has requires_grad=False.)
 
 Probabilities (outputs of softmax and log_softmax, also after views and dropout: ``producer``) are
-packed with at least ``sensitive_bits`` bits (default 8) unless an override says otherwise
+packed with at least ``sensitive_bits`` bits (default 4) unless an override says otherwise
 (``is_sensitive``), and softmax outputs are packed on the plain [min, max] grid, without the sign
-rule (``standardize_kind``). Most probabilities lie near
-zero, where the sign rule errs the most: every positive value below half a step comes back as the
-first level (the group's maximum / 15 at 4 bits), so a row of small probabilities comes back inflated,
-and backward reads them directly (softmax's backward, the gradient of V in attention). The plain grid
-fixes that at every width; the floor remains for log-probabilities (a group spans tens of nats, while
-the loss's backward, exp(log p), needs the values near zero to a few hundredths) and as a margin. On
-the character LM of docs/fidelity.md (3 seeds, held-out nats; exact 2.391 +/- 0.016), 4 bits
-everywhere ends at 2.968 with the sign rule on the probabilities, 2.403 +/- 0.014 with the
-probabilities on the plain grid but their dropped copy (attention dropout) on the sign rule,
-2.392 +/- 0.014 with both on the plain grid (7.5x), and 2.388 +/- 0.015 with the floor (6.0x).
+rule (``standardize_kind``). Most probabilities lie near zero, where the sign rule errs the most:
+every positive value below half a step comes back as the first level (the group's maximum / 15 at 4
+bits), so a row of small probabilities comes back inflated, and backward reads them directly
+(softmax's backward, the gradient of V in attention). The plain grid fixes that at every width. The
+floor is for widths below 4: log-probabilities span tens of nats in a group while the loss's
+backward, exp(log p), needs the values near zero to a few hundredths, and probabilities at 2 bits
+cost a measured 2-bit plan on the LM 0.42 nats where 4 bits cost it 0.25. On the character LM of
+docs/fidelity.md (3 seeds, held-out nats; exact 2.391 +/- 0.016), 4 bits everywhere ends at 2.968
+with the sign rule on the probabilities, 2.403 +/- 0.014 with the probabilities on the plain grid but
+their dropped copy (attention dropout) on the sign rule, and 2.392 +/- 0.014 with both on the plain
+grid (7.5x); an 8-bit floor ends at 2.388 +/- 0.015 (6.0x).
 What attention saves in its fused (flash) form, q, k, v, the output and the log-sum-exp, needs neither:
 with attention dropout off, CPU SDPA takes that path and uniform 4 bits ends at 2.394 +/- 0.020
 against exact 2.389 +/- 0.021 (7.5x).

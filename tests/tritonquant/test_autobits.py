@@ -117,13 +117,14 @@ def test_attach_with_auto_calibrates_on_the_first_forward():
 def test_auto_plans_keep_the_probability_floor_without_widening_the_rest_of_the_module():
     torch.manual_seed(0)
     model, batch = TinyTransformer(), lm_batch(8)
-    # The softmax probabilities and their dropped copy are 1/4 of what this model saves: at 8 bits they
-    # use two bits of a 4-bit average, leaving the allocation room to choose for everything else.
+    # The softmax probabilities and their dropped copy are 1/4 of what this model saves: floored at 8
+    # bits they use two bits of a 4-bit average, leaving the allocation room to choose for the rest.
     tq.recalibrate(model)
+    config = dict(bits="auto", budget=4.0, min_bytes=4096, sensitive_bits=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a feasible budget must not warn
-        _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=4.0, min_bytes=4096))
-        _, planned = _grad(model, lm_loss, batch, tq.compress(bits="auto", budget=4.0, min_bytes=4096))
+        _grad(model, lm_loss, batch, tq.compress(**config))
+        _, planned = _grad(model, lm_loss, batch, tq.compress(**config))
     plan = PLANS.state(model, 4.0)
     rows = planned.stats.modules
     for block in ("blocks.0.attn", "blocks.1.attn"):
@@ -261,11 +262,10 @@ def test_calibrate_changes_nothing_that_training_sees():
 def test_calibrate_honours_floors_and_overrides():
     torch.manual_seed(0)
     model, batch = TinyTransformer(), lm_batch(4)
-    plan = tq.calibrate(model, lambda: lm_loss(model, batch), budget=6.0, min_bytes=4096,
-                        overrides={"head": None, "blocks.1.mlp.*": {"bits": 4}})
+    config = dict(min_bytes=4096, sensitive_bits=8, overrides={"head": None, "blocks.1.mlp.*": {"bits": 4}})
+    plan = tq.calibrate(model, lambda: lm_loss(model, batch), budget=6.0, **config)
     assert not any(name == "head" or name.startswith("blocks.1.mlp") for name in plan)
-    with tq.compress(bits="auto", budget=6.0, min_bytes=4096,
-                     overrides={"head": None, "blocks.1.mlp.*": {"bits": 4}}) as session:
+    with tq.compress(bits="auto", budget=6.0, **config) as session:
         lm_loss(model, batch).backward()
     rows = session.stats.modules
     assert 8 in rows["blocks.0.attn"].bits and 8 in rows["blocks.1.attn"].bits  # the probabilities' floor

@@ -419,33 +419,44 @@ def test_kept_bytes_count_each_storage_once():
     z.backward()
 
 
-def test_probabilities_are_packed_at_eight_bits_by_default():
+def test_probabilities_keep_the_sensitive_floor_below_it():
     torch.manual_seed(0)
     model, batch = TinyTransformer(), lm_batch(8)
     sensitive = []
-    with tq.compress(bits=4, min_bytes=4096) as session:
-        # Training mode with attention dropout: SDPA's math path saves the softmax probabilities.
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sensitive.append(is_sensitive(t)) or t, lambda t: t):
-            lm_loss(model, batch)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sensitive.append(is_sensitive(t)) or t, lambda t: t):
+        lm_loss(model, batch)  # training mode with attention dropout: SDPA's math path saves probabilities
+    # Per block the probabilities and the dropped probabilities; the loss's log-probabilities, saved by
+    # log_softmax and by nll_loss.
+    assert sum(sensitive) == 6
+
+    with tq.compress(min_bytes=4096) as default:  # 4 bits, floor 4: every tensor at 4
+        lm_loss(model, batch).backward()
+    assert {b for r in default.stats.modules.values() for b in r.bits} == {4}
+
+    with tq.compress(bits=2, min_bytes=4096) as session:
         loss = lm_loss(model, batch)
     loss.backward()
-    assert any(sensitive)
     rows = session.stats.modules
-    assert rows["blocks.0.attn"].bits == {4, 8} and rows["blocks.1.attn"].bits == {4, 8}  # probabilities at 8
-    assert rows["(outside modules)"].bits == {8}  # cross-entropy's log_softmax output
-    assert rows["blocks.0.mlp.1"].bits == {4} and rows["head"].bits == {4}
+    assert rows["blocks.0.attn"].bits == {2, 4} and rows["blocks.1.attn"].bits == {2, 4}  # probabilities at 4
+    assert rows["(outside modules)"].bits == {4}  # cross-entropy's log_softmax output
+    assert rows["blocks.0.mlp.1"].bits == {2} and rows["head"].bits == {2}
+
+    with tq.compress(bits=4, min_bytes=4096, sensitive_bits=8) as floored:
+        lm_loss(model, batch).backward()
+    assert floored.stats.modules["blocks.0.attn"].bits == {4, 8}
+    assert floored.stats.modules["(outside modules)"].bits == {8}
 
     for block in model.blocks:  # without dropout, SDPA's fused path saves q, k, v, out, lse: no floor
         block.attn.dropout = 0.0
-    with tq.compress(bits=4, min_bytes=4096) as fused:
+    with tq.compress(bits=2, min_bytes=4096) as fused:
         lm_loss(model, batch).backward()
-    assert fused.stats.modules["blocks.0.attn"].bits == {4}
+    assert fused.stats.modules["blocks.0.attn"].bits == {2}
 
-    with tq.compress(bits=4, min_bytes=4096, sensitive_bits=1) as uniform:
+    with tq.compress(bits=2, min_bytes=4096, sensitive_bits=1) as uniform:
         lm_loss(model, batch).backward()
-    assert {b for r in uniform.stats.modules.values() for b in r.bits} == {4}
+    assert {b for r in uniform.stats.modules.values() for b in r.bits} == {2}
 
-    with tq.compress(bits=4, min_bytes=4096, overrides={"blocks.*": {"bits": 2}}) as overridden:
+    with tq.compress(bits=4, min_bytes=4096, sensitive_bits=8, overrides={"blocks.*": {"bits": 2}}) as overridden:
         lm_loss(model, batch).backward()
     assert overridden.stats.modules["blocks.0.attn"].bits == {2}, "an explicit override beats the floor"
 
