@@ -3,7 +3,7 @@
 Margins come from the sweep in docs/fidelity.md (3 seeds, 300 steps, 360 held-out images, so one
 image is 0.28 points): exact 0.9898 +/- 0.0032, 8 bits 0.9907, 4 bits 0.9898, and 2 bits with the
 BatchNorm inputs at 8 bits 0.9796 +/- 0.0085 (worst seed -0.019), and a 2-bit average with its plan
-measured by ``tq.calibrate`` (every 50 steps, the default probability floor) 0.9907 +/- 0.0016 at 14.2x.
+measured by ``tq.calibrate`` (every 50 steps, the default probability floor) 0.9898 +/- 0.0042 at 14.2x.
 Uniform 2 bits ends at 0.844 +/- 0.067 there.
 """
 
