@@ -24,6 +24,8 @@ from torch import nn
 from tritonquant.fidelity import TASKS, MeasuredAuto, compress_context, train_run
 
 NORMS = {nn.BatchNorm2d: {"bits": 8}, nn.LayerNorm: {"bits": 8}, nn.RMSNorm: {"bits": 8}}
+METRIC_NAMES = {"digits": "held-out accuracy", "stdlib-lm": "held-out loss (nats/char)",
+                "stdlib-words": "held-out loss (nats/token)"}
 
 
 def configurations() -> dict:
@@ -66,7 +68,7 @@ def summarize(rows: list[dict], tasks: list[str]) -> str:
         runs = [r for r in rows if r["task"] == task]
         if not runs:
             continue
-        metric = "accuracy" if task == "digits" else "held-out loss (nats/char)"
+        metric = METRIC_NAMES[task]
         exact = [r["final"] for r in runs if r["label"] == "exact"]
         table = []
         for label in dict.fromkeys(r["label"] for r in runs):
@@ -111,7 +113,7 @@ def plot(rows: list[dict], tasks: list[str], out: Path) -> None:
             if ax.get_ylim()[1] > ceiling:
                 ax.set_ylim(top=ceiling)
                 title += " (axis clipped at exact + 1 nat)"
-        ax.set(xlabel="step", ylabel="held-out accuracy" if task == "digits" else "held-out loss (nats/char)",
+        ax.set(xlabel="step", ylabel=METRIC_NAMES[task],
                title=title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: curves stay visible
