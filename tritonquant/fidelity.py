@@ -1,6 +1,6 @@
 """Does compressed training train as well as exact training? Real data, small models, several seeds.
 
-Two tasks, both on data that ships with an installed package (nothing is downloaded):
+Three tasks, all on data that ships with an installed package (nothing is downloaded):
 * ``digits``: scikit-learn's 8x8 handwritten digits (1797 images), a BatchNorm+ReLU CNN; metric:
   held-out accuracy.
 * ``stdlib-lm``: a character-level language model on Python's own standard-library sources, a small
