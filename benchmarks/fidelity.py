@@ -25,7 +25,7 @@ from tritonquant.fidelity import TASKS, MeasuredAuto, compress_context, train_ru
 
 NORMS = {nn.BatchNorm2d: {"bits": 8}, nn.LayerNorm: {"bits": 8}, nn.RMSNorm: {"bits": 8}}
 METRIC_NAMES = {"digits": "held-out accuracy", "stdlib-lm": "held-out loss (nats/char)",
-                "stdlib-words": "held-out loss (nats/token)"}
+                "stdlib-lm-fused": "held-out loss (nats/char)", "stdlib-words": "held-out loss (nats/token)"}
 
 
 def configurations() -> dict:
