@@ -21,6 +21,7 @@ import json
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -248,6 +249,11 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
                 except torch.OutOfMemoryError:
                     row = {"error": "out of memory"}
                     torch.cuda.empty_cache()
+                except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the whole table
+                    traceback.print_exc()
+                    row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
+                    if on_gpu:
+                        torch.cuda.empty_cache()
                 results.append({"workload": workload.name, "batch": batch_size, "method": method, **row})
         del model
         if on_gpu:
@@ -304,6 +310,9 @@ def _table(results: list[dict], on_gpu: bool, budget_mb: float):
         headers = ["workload", "batch", "method", "saved MB (accounting)", "x exact", "step ms (CPU)", "x exact"]
         for r in results:
             ref = exact[(r["workload"], r["batch"])]
+            if r["error"]:
+                rows.append([r["workload"], r["batch"], r["method"], r["error"], "", "", ""])
+                continue
             saved, ms = r.get("saved_mb"), r.get("step_ms")
             rows.append([
                 r["workload"], r["batch"], r["method"], "n/a" if saved is None else f"{saved:.2f}",
@@ -347,7 +356,7 @@ def _plots(results: list[dict], on_gpu: bool, folder: Path) -> None:
             if row and row.get("step_ms") is not None:
                 labels.append(method)
                 times.append(row["step_ms"])
-        ax.bar(labels, times, color=["gray"] + ["tab:blue"] * (len(labels) - 1))
+        ax.bar(labels, times, color=["gray" if label == "exact" else "tab:blue" for label in labels])
         ax.set(title=f"{name}, batch {largest}", ylabel="step time (ms)" + ("" if on_gpu else ", CPU"))
     fig.tight_layout()
     fig.savefig(folder / "step_time_vs_bits.png", dpi=120)

@@ -65,3 +65,22 @@ def test_checkpointed_blocks_are_restored_and_gradients_match():
 def test_unknown_method_is_rejected():
     with pytest.raises(ValueError, match="method must be one of"):
         method_context("zip", SmallCNN(), on_gpu=False)
+
+
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    import tritonquant.bench as bench
+
+    measured = bench.measure_cpu
+
+    def measure_failing_for_2_bits(model, workload, method, batch_size, steps):
+        if method == "tq-2bit":
+            raise RuntimeError("kernel broke\nsecond line")
+        return measured(model, workload, method, batch_size, steps)
+
+    monkeypatch.setattr(bench, "measure_cpu", measure_failing_for_2_bits)
+    assert run_bench(quick=True, out=str(tmp_path), steps=1) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * len(METHODS)
+    assert {r["error"] for r in rows if r["method"] == "tq-2bit"} == {"RuntimeError: kernel broke"}
+    assert all(r["error"] is None and r["saved_mb"] > 0 for r in rows if r["method"] in ("exact", "tq-4bit"))
+    assert "RuntimeError: kernel broke" in (tmp_path / "bench.md").read_text()
