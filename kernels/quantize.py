@@ -179,6 +179,12 @@ def _exact_div(numerator: float, t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, numerator) / t
 
 
+def _exact_div_by(t: torch.Tensor, denominator: float) -> torch.Tensor:
+    # On CUDA torch evaluates `tensor / python scalar` as a product with the scalar's reciprocal,
+    # one ulp away from tl.div_rn for some inputs (on CPU it divides); tensor / tensor divides.
+    return t / torch.full_like(t, denominator)
+
+
 def _exact_sqrt(t: torch.Tensor) -> torch.Tensor:
     # torch's vectorized float32 sqrt on CPU can be 1 ulp off; the float64 root of a float32 value,
     # rounded to float32, is the correctly rounded float32 root that tl.sqrt_rn computes.
@@ -249,7 +255,7 @@ def torch_quantize(
     negative_side = has_neg & ~has_pos
     near = torch.where(negative_side, g_hi, g_lo)
     far = torch.where(negative_side, g_lo, g_hi)
-    step = (far - near) / levels_m1
+    step = _exact_div_by(far - near, levels_m1)
     invertible = step.abs() >= _MIN_NORMAL
     inv_step = torch.where(invertible, _exact_div(1.0, torch.where(invertible, step, 1.0)), 0.0)
     z_mixed = torch.floor(-g_lo * inv_step + 0.5).clamp(z_min, z_max)

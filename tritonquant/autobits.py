@@ -283,7 +283,7 @@ class ProbeTensor:
 
     def __init__(self, tensor: torch.Tensor, key: tuple[int, Slot], quant: QuantConfig, probe: "Probe",
                  standardize_kind: str | None = None) -> None:
-        self.tensor = tensor
+        self.tensor = tensor.detach()  # not the tensor itself: see session._Kept
         self.standardize_kind = standardize_kind
         self.version = tensor._version
         self.key = key

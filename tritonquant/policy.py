@@ -1,7 +1,9 @@
 """What the pack hook packs, and why everything else passes through.
 
 A saved tensor is packed only when packing can free memory and the codec can represent it:
-parameters, buffers and views of them are kept alive by their module anyway; tensors saved while
+parameters, buffers and views of them are kept alive by their module anyway (autocast's cached
+weight copies too, and exact training keeps those; packing them would also quantize the weights every
+input gradient is computed with); tensors saved while
 backward runs (double backward, checkpoint recomputation) are short-lived; sparse, subclass (DTensor,
 FakeTensor, ...) and meta tensors have no flat storage to read; integer tensors (indices) and float64
 must stay exact; small tensors cost more in launches than they save.
@@ -42,7 +44,7 @@ from .codec import SUPPORTED_DTYPES
 PACKABLE_DEVICES = ("cuda", "cpu")
 
 REASONS = {
-    "parameter": "parameters, buffers and views of them",
+    "parameter": "parameters, buffers, and views and dtype casts of them",
     "backward": "saved while backward runs",
     "layout": "sparse or non-strided",
     "subclass": "tensor subclass",
@@ -130,6 +132,31 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_CAST_GRAD_FNS = _LAYOUT_GRAD_FNS - {"NativeDropoutBackward0"} | {"ToCopyBackward0"}
+
+
+def _derived_from_module_tensor(t: torch.Tensor, module_tensors: Container[int]) -> bool:
+    """True for a copy of a trainable parameter in another dtype, or a view of one: autocast's cached
+    weight casts, which a linear layer saves for the gradient of its input. Exact training keeps them
+    anyway, and packing them would put quantization error on the weights of every input gradient.
+
+    Told through autograd (cast -> AccumulateGrad of the parameter), so the cast of a frozen weight,
+    which has no autograd node, is not recognised.
+    """
+    node = t.grad_fn
+    for _ in range(_MAX_HOPS):
+        if node is None:
+            return False
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            return variable.untyped_storage().data_ptr() in module_tensors
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(inputs) != 1 or type(node).__name__ not in _CAST_GRAD_FNS:
+            return False
+        node = inputs[0]
+    return False
+
+
 def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int) -> str | None:
     """Why ``t`` must not be packed (a key of REASONS), or None to pack it.
 
@@ -149,7 +176,7 @@ def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int)
     if t.dtype not in SUPPORTED_DTYPES:
         return "dtype"
     storage = t.untyped_storage()
-    if storage.data_ptr() in module_tensors:
+    if storage.data_ptr() in module_tensors or _derived_from_module_tensor(t, module_tensors):
         return "parameter"
     if storage.nbytes() < min_bytes:
         return "small"

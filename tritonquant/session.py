@@ -94,7 +94,10 @@ class _Kept:
     __slots__ = ("tensor", "version")
 
     def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
+        # Detached (same storage, same version counter): a saved output held with its grad_fn closes a
+        # cycle (tensor -> grad_fn -> this object -> tensor) through autograd's C++ graph, which
+        # Python's collector cannot break, so a graph dropped without backward would never be freed.
+        self.tensor = tensor.detach()
         self.version = tensor._version
 
 

@@ -95,6 +95,22 @@ def test_packed_activation_is_released_and_graph_frees_everything():
     assert len(session._dedup) == 0
 
 
+def test_a_graph_with_kept_outputs_dropped_without_backward_frees_what_it_packed():
+    # log_softmax saves its own (small, hence kept) output: holding that output as it is would close a
+    # cycle through its grad_fn that the collector cannot break, leaking everything packed upstream.
+    lin = nn.Linear(256, 10)
+    x = torch.randn(64, 256)
+    with tq.compress(bits=4) as session:
+        log_probs = F.log_softmax(lin(torch.tanh(x.requires_grad_())), dim=1)
+        probe = weakref.ref(log_probs)
+        loss = log_probs.sum()
+    assert session.stats.passed_by_reason["small"] >= 1 and len(session._dedup) > 0
+    del log_probs, loss
+    gc.collect()
+    assert probe() is None
+    assert len(session._dedup) == 0
+
+
 def test_without_compression_the_activation_stays_alive():
     # The control for the test above: the probe would not die if nothing were packed.
     lin1, lin2 = nn.Linear(256, 256), nn.Linear(256, 256)
@@ -392,6 +408,32 @@ def test_autocast_saves_low_precision_and_trains(dtype):
     packed = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert F.cosine_similarity(exact.float(), packed.float(), dim=0) > 0.99
     assert session.stats.packed_tensors > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_weight_copies_are_kept_so_input_gradients_are_exact(dtype):
+    # Autocast casts each weight to `dtype`; a layer saves that copy for the gradient of its input. With
+    # two linear layers and a loss linear in the output, the input gradient involves only those copies:
+    # kept, it is bit-identical to exact training even at 2 bits; packed, it would not be.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64))
+    x = torch.randn(128, 64, requires_grad=True)
+
+    def grads(ctx) -> list[torch.Tensor]:
+        x.grad = None
+        model.zero_grad()
+        with ctx, torch.autocast("cpu", dtype=dtype):
+            y = model(x)
+        y.float().sum().backward()
+        return [x.grad.clone(), model[0].weight.grad.clone()]
+
+    exact = grads(contextlib.nullcontext())
+    session = tq.compress(bits=2, min_bytes=0)
+    packed = grads(session)
+    assert session.stats.passed_by_reason["parameter"] == 2  # both weight copies
+    assert session.stats.packed_tensors == 2  # the inputs of the two layers, saved for the weight grads
+    assert torch.equal(packed[0], exact[0])
+    assert not torch.equal(packed[1], exact[1])  # the weight gradient did see the packed input
 
 
 def test_grad_scaler_skips_step_when_activations_overflow():
