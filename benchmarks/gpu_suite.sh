@@ -8,12 +8,14 @@
 #   tune       python -m tritonquant tune          autotune the common launch configs (bounded time)
 #   kernels    benchmarks/bench_kernels.py --quick kernel GB/s vs the device copy bandwidth
 #   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
+#   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
 #   tests      python -m pytest -q -x -m "not slow"  the whole suite, real kernels (no interpreter on a GPU)
 # Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
 # summary.md/summary.json (pass/fail/timeout per stage), logs/<stage>.log, pytest junit XML,
 # bench_kernels.md/json, bench.md/json, memory_vs_batch.png, step_time_vs_bits.png,
+# profile_host.md, cprofile.txt,
 # autotune-cache/ (the tuned configs).
 #
 # The GPU machine has no network: nothing is installed from an index. tritonquant is made importable
@@ -37,7 +39,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H%M%SZ)"
 RESULTS="${OUT:-$REPO/benchmarks/results/$STAMP}"
 BUDGET_S="${SUITE_BUDGET_S:-465}"
-STAGES="${SUITE_STAGES:-tests-gpu,tune,kernels,bench,offload,checkpoint,tests}"
+STAGES="${SUITE_STAGES:-tests-gpu,tune,kernels,bench,host,offload,checkpoint,tests}"
 SETUP_ONLY=0
 [ "${1:-}" = "--setup-only" ] && SETUP_ONLY=1
 START_S=$(date +%s)
@@ -253,6 +255,7 @@ run_stage tests-gpu 80 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p n
 run_stage tune 50 "$PY" -m tritonquant tune --max-seconds @BUDGET@
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
 run_stage bench 150 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
+run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
 run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -x -m "not slow" -p no:cacheprovider \

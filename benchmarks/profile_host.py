@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Where the time of a compressed training step goes: host (Python, launches) against GPU.
+
+    python benchmarks/profile_host.py [--out DIR]        # CUDA; without it, a CPU run of the same steps
+
+Why: on the H200 (docs/benchmarks.md) the step-time overhead of compress() did not depend on the bit
+width or the batch size, so it is a per-tensor cost on the host. This script measures that cost piece
+by piece, so each change to the pack path can be judged by a number.
+
+1. Host microseconds per call, on a 64K-element bf16 tensor (the GPU finishes each kernel long before
+   the host issues the next, so wall time is host time): the median over 5 rounds of 200 calls, with
+   one synchronization at the end of each round.
+       torch.empty        one allocation (a quantize makes two, a dequantize one)
+       kernel launch      _quantize_kernel[grid](...) into preallocated outputs: Triton's launch path
+       triton_quantize    the launcher: allocations, launch-config lookup, launch
+       triton_dequantize  likewise
+       quantize_with      the codec around the launcher (layout checks, PackedTensor)
+       pack hook          forward of a chain of 200 tanh ops under compress(bits=4), minus the same chain
+                          without it, per saved tensor; "unpack hook" is the same for backward
+2. One training step of ResNet-50 (bf16 autocast, batch 32, 224 px) under compress(bits=4), after two
+   warm-up steps: host time to issue forward + backward against the GPU time of the step (CUDA events),
+   the CUDA time of tritonquant's kernels against all kernels (torch.profiler), and a cProfile of three
+   steps (the 25 functions with the most own time).
+
+Without CUDA the same measurements run on the CPU with the torch backend and no Triton launch; those
+figures describe this machine's Python, not a GPU host.
+
+Writes profile_host.md (and cprofile.txt) to --out, else $OUT, else benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tabulate import tabulate
+
+import tritonquant as tq
+from tritonquant.codec import quantize_with
+from tritonquant.config import QuantConfig
+from tritonquant.kernels import torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
+from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss
+
+SMALL_ELEMENTS = 1 << 16
+CHAIN_LENGTH = 200
+ROUNDS, CALLS = 5, 200
+OUR_KERNELS = ("_quantize_kernel", "_dequantize_kernel", "_pack_bool_kernel", "_unpack_bool_kernel")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_us_per_call(fn: Callable[[], object], device: torch.device, calls: int = CALLS) -> float:
+    """Median over ROUNDS of (wall time of `calls` calls, one sync at the end) / calls, in microseconds."""
+    fn()
+    synchronize(device)
+    rounds = []
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        rounds.append((time.perf_counter() - started) / calls * 1e6)
+    return statistics.median(rounds)
+
+
+def chain_us_per_tensor(device: torch.device, backend: str) -> tuple[float, float]:
+    """(pack, unpack) host microseconds per saved tensor: a tanh chain with and without compress()."""
+    x = torch.randn(SMALL_ELEMENTS, device=device, dtype=torch.bfloat16, requires_grad=True)
+
+    def run(ctx_factory) -> tuple[float, float]:
+        forward, backward = [], []
+        for _ in range(ROUNDS + 1):
+            synchronize(device)
+            started = time.perf_counter()
+            with ctx_factory():
+                y = x
+                for _ in range(CHAIN_LENGTH):
+                    y = torch.tanh(y)
+            synchronize(device)
+            middle = time.perf_counter()
+            y.float().sum().backward()
+            synchronize(device)
+            forward.append(middle - started)
+            backward.append(time.perf_counter() - middle)
+        return statistics.median(forward[1:]), statistics.median(backward[1:])
+
+    exact_forward, exact_backward = run(contextlib.nullcontext)
+    packed_forward, packed_backward = run(lambda: tq.compress(bits=4, backend=backend))
+    return ((packed_forward - exact_forward) / CHAIN_LENGTH * 1e6,
+            (packed_backward - exact_backward) / CHAIN_LENGTH * 1e6)
+
+
+def call_costs(device: torch.device) -> list[list[str]]:
+    on_gpu = device.type == "cuda"
+    backend = "triton" if on_gpu else "torch"
+    quantize = triton_quantize if on_gpu else torch_quantize
+    dequantize = triton_dequantize if on_gpu else torch_dequantize
+    x = torch.randn(SMALL_ELEMENTS, device=device, dtype=torch.bfloat16)
+    payload, meta = quantize(x, 4, 256, False, False, 0, 0)
+    out = torch.empty_like(x)
+    config = QuantConfig(bits=4, backend=backend)
+    rows = [
+        ["torch.empty", host_us_per_call(lambda: torch.empty(1024, device=device, dtype=torch.uint8), device)],
+    ]
+    if on_gpu:
+        import triton
+
+        from tritonquant.kernels.launch import launch_options
+        from tritonquant.kernels.quantize import _quantize_kernel
+
+        n_groups = meta.shape[0]
+        grid = (triton.cdiv(n_groups, 16),)
+
+        def bare_launch() -> None:
+            _quantize_kernel[grid](x, payload, meta, x.numel(), n_groups, 0, 0, meta, 1, 1, BITS=4, GROUP=256,
+                                   ROWS=16, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False, num_warps=4,
+                                   **launch_options())
+
+        rows.append(["kernel launch", host_us_per_call(bare_launch, device)])
+    rows += [
+        [f"{quantize.__name__}", host_us_per_call(lambda: quantize(x, 4, 256, False, False, 0, 0), device)],
+        [f"{dequantize.__name__}", host_us_per_call(lambda: dequantize(payload, meta, out, 4, 256), device)],
+        ["quantize_with", host_us_per_call(lambda: quantize_with(x, config), device)],
+    ]
+    pack, unpack = chain_us_per_tensor(device, backend)
+    rows += [["pack hook (per saved tensor)", pack], ["unpack hook (per saved tensor)", unpack]]
+    return [[name, f"{us:.1f}"] for name, us in rows]
+
+
+def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], str]:
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(0)
+    model = ResNet50Like().to(device)
+    batch = cnn_batch(32 if on_gpu else 2, size=224 if on_gpu else 64, classes=1000, device=device)
+    backend = "triton" if on_gpu else "torch"
+
+    def step(compressed: bool) -> None:
+        model.zero_grad(set_to_none=True)
+        ctx = tq.compress(bits=4, backend=backend) if compressed else contextlib.nullcontext()
+        with ctx, torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = cnn_loss(model, batch)
+        loss.backward()
+
+    rows = []
+    for compressed in (False, True):
+        for _ in range(2):
+            step(compressed)
+        synchronize(device)
+        hosts, gpus = [], []
+        for _ in range(3):
+            if on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            started = time.perf_counter()
+            step(compressed)
+            host_ms = (time.perf_counter() - started) * 1e3
+            if on_gpu:
+                end.record()
+            synchronize(device)
+            hosts.append(host_ms)
+            gpus.append(start.elapsed_time(end) if on_gpu else float("nan"))
+        name = "compress(bits=4)" if compressed else "exact"
+        rows.append([f"ResNet-50 step, {name}: host ms to issue", f"{statistics.median(hosts):.1f}"])
+        rows.append([f"ResNet-50 step, {name}: step ms (events)", f"{statistics.median(gpus):.1f}"])
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if on_gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step(True)
+        synchronize(device)
+    ours = total = 0.0
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        total += device_us
+        if any(name in event.key for name in OUR_KERNELS):
+            ours += device_us
+    if on_gpu:
+        rows.append(["ResNet-50 step: CUDA ms in tritonquant kernels", f"{ours / 1e3:.2f}"])
+        rows.append(["ResNet-50 step: CUDA ms in all kernels", f"{total / 1e3:.2f}"])
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(3):
+        step(True)
+    synchronize(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    (out_dir / "cprofile.txt").write_text(text.getvalue())
+    return rows, text.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="output folder (default: $OUT, else benchmarks/results)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).resolve().parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (torch backend, no Triton launch)"
+    header = f"Host profile on {where}; torch {torch.__version__}"
+    rows = call_costs(device)
+    table = tabulate(rows, headers=["what", "host us per call"], tablefmt="github")
+    step_rows, profile_text = resnet_step(device, out_dir)
+    step_table = tabulate(step_rows, headers=["what", "value"], tablefmt="github")
+    report = f"# {header}\n\n{table}\n\n{step_table}\n"
+    (out_dir / "profile_host.md").write_text(report)
+    print(report)
+    print("\n".join(profile_text.splitlines()[:45]))
+    print(f"\nwrote {out_dir / 'profile_host.md'} and {out_dir / 'cprofile.txt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
