@@ -11,7 +11,7 @@
 #   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
-#   tests      python -m pytest -q -x -m "not slow"  the whole suite, real kernels (no interpreter on a GPU)
+#   tests      python -m pytest -q -m "not slow"     the whole suite, real kernels (no interpreter on a GPU)
 # Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
 # summary.md/summary.json (pass/fail/timeout per stage), logs/<stage>.log, pytest junit XML,
 # bench_kernels.md/json, bench.md/json, memory_vs_batch.png, step_time_vs_bits.png,
@@ -247,6 +247,8 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
 # Tests run with TRITONQUANT_AUTOTUNE=0: results do not depend on the tile, and tuning every
 # (bits, dtype, scheme, size) the tests touch would cost minutes of compiles; the autotune tests set
 # the variable themselves. The GPU conftest does not set TRITON_INTERPRET, so real kernels run.
+# The whole-suite stage does not stop at its first failure: device time is scarce, and one run should
+# show every test that fails with compiled kernels.
 # Order: correctness on the GPU first (the GPU-only tests, including a compiled-vs-reference check),
 # then the measurements, then the whole suite, whose many kernel specializations each compile once on
 # a GPU: if the budget runs out, the stage lost is the one a CPU run already covers.
@@ -258,7 +260,7 @@ run_stage bench 150 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plot
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
-run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -x -m "not slow" -p no:cacheprovider \
+run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m "not slow" --durations=15 -p no:cacheprovider \
     --junitxml="$RESULTS/pytest-all.xml"
 
 # ------------------------------------------------------------------------------------------------
