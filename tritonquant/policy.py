@@ -87,10 +87,10 @@ def producer(t: torch.Tensor) -> str | None:
     return type(node).__name__ if node is not None else None
 
 
-def is_sensitive(t: torch.Tensor) -> bool:
+def is_sensitive(t: torch.Tensor, made_by: str | None = None) -> bool:
     """True for probabilities: outputs of softmax and log_softmax, told by the node that made them
-    (``producer``: also after views and dropout)."""
-    return producer(t) in _PROBABILITY_GRAD_FNS
+    (``producer``: also after views and dropout). ``made_by``: ``producer(t)`` if already known."""
+    return (made_by or producer(t)) in _PROBABILITY_GRAD_FNS
 
 
 # BatchNorm inputs packed at this width or below are standardized per channel first
@@ -102,7 +102,7 @@ def is_sensitive(t: torch.Tensor) -> bool:
 STANDARDIZE_MAX_BITS = 2
 
 
-def standardize_kind(t: torch.Tensor, module: nn.Module | None) -> str | None:
+def standardize_kind(t: torch.Tensor, module: nn.Module | None, made_by: str | None = None) -> str | None:
     """Why ``t`` may be standardized before packing: "batchnorm" for an [N, C, ...] float tensor saved
     inside a BatchNorm module (its input), "probability" for a softmax output (``producer``: also after
     views and dropout), else None.
@@ -117,7 +117,7 @@ def standardize_kind(t: torch.Tensor, module: nn.Module | None) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if t.is_floating_point() and t.dim() >= 2 and t.shape[1] == module.num_features:
             return "batchnorm"
-    if producer(t) in _SOFTMAX_GRAD_FNS:
+    if (made_by or producer(t)) in _SOFTMAX_GRAD_FNS:
         return "probability"
     return None
 
@@ -163,9 +163,11 @@ def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int)
     ``module_tensors`` contains the storage addresses of the parameters and buffers of modules seen
     running in this block, so views and aliases of them are recognised too.
     """
-    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-        return "subclass"
-    if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+    # (type checks first: isinstance against Parameter goes through a Python-level metaclass hook)
+    if type(t) is not torch.Tensor:
+        return "parameter" if isinstance(t, torch.nn.Parameter) else "subclass"
+    base = t._base
+    if base is not None and isinstance(base, torch.nn.Parameter):
         return "parameter"
     if in_backward():
         return "backward"

@@ -28,7 +28,7 @@ from .codec import dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
-from .policy import is_sensitive, pass_reason, standardize_kind, standardizes
+from .policy import is_sensitive, pass_reason, producer, standardize_kind, standardizes
 
 OUTSIDE_MODULES = "(outside modules)"
 
@@ -248,7 +248,8 @@ class Session:
             return _Kept(t)
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
-        kind = standardize_kind(t, module)
+        made_by = producer(t)
+        kind = standardize_kind(t, module, made_by)
         # A standardized packing (zero not exact, signs not kept) is reused only by savers that may
         # standardize too; those reuse any packing an earlier saver made.
         hit = self._dedup.get(key)
@@ -263,7 +264,7 @@ class Session:
             return hit
 
         slot = self._next_slot(module)
-        floor = self.config.sensitive_bits if is_sensitive(t) else 1
+        floor = self.config.sensitive_bits if is_sensitive(t, made_by) else 1
         quant, calibration = self._quant_config_for(slot, override, floor)
         if self._probe is not None and slot is not None and t.dtype != torch.bool and override is _NO_MATCH:
             probed = self._probe.add(t, self._stack.frames[0], slot, quant, floor, standardize_kind=kind)
@@ -281,12 +282,13 @@ class Session:
         self._dedup[key + ("standardized",) if standardize else key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.device.index)
+        raw_nbytes, packed_nbytes = packed.raw_nbytes, packed.nbytes
         self.stats.packed_tensors += 1
-        self.stats.raw_bytes += packed.raw_nbytes
-        self.stats.packed_bytes += packed.nbytes
+        self.stats.raw_bytes += raw_nbytes
+        self.stats.packed_bytes += packed_nbytes
         row.packed_tensors += 1
-        row.raw_bytes += packed.raw_nbytes
-        row.packed_bytes += packed.nbytes
+        row.raw_bytes += raw_nbytes
+        row.packed_bytes += packed_nbytes
         row.bits.add(packed.bits)
         return handle
 
