@@ -15,7 +15,7 @@ How the grid is chosen (docs/format.md has the full story):
       base = -(z * step), so code z decodes to exactly 0.0.
     * Codes are round-to-nearest (or stochastic) on that grid, then nudged so that exact zeros map to
       zero and nonzero values never decode to zero or to the other sign.
-    * A group holding NaN or +/-Inf gets step = NaN, so every element of it decodes to NaN.
+    * A group holding NaN or +/-Inf gets step = NaN and all-zero codes, so every element decodes to NaN.
 
 Optional per-channel standardization (``channels``): element i, in channel
 ``c = (i // channel_stride) % C``, is first mapped to ``(x - minimum[c]) / scale[c] + 1`` in float32
@@ -58,8 +58,11 @@ def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
     channels_ptr, channel_stride, n_channels,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr,
+    SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, EVEN: tl.constexpr,
 ):
+    # EVEN: n_elements is a multiple of GROUP, so every group is whole and only rows past n_groups are
+    # masked (per row, not per element). The kernel is bound by instructions per element, not bytes:
+    # work that can be done once per row is done per row.
     LEVELS_M1: tl.constexpr = (1 << BITS) - 1
     # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
     Z_MIN: tl.constexpr = 1 if BITS > 1 else 0
@@ -69,7 +72,10 @@ def _quantize_kernel(
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_valid = rows < n_groups
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    valid = idx < n_elements
+    if EVEN:
+        valid = row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]
+    else:
+        valid = idx < n_elements
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     if STANDARDIZE:
         channel = (idx // channel_stride) % n_channels
@@ -77,17 +83,23 @@ def _quantize_kernel(
         scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
         x = tl.where(valid, tl.div_rn(x - minimum, scale) + 1.0, 0.0)
 
-    finite = tl.abs(x) < float("inf")  # false for NaN and +/-Inf
-    ok = valid & finite
-    bad = (tl.max((valid & ~finite).to(tl.int32), axis=1) > 0) | ~row_valid
-    lo = tl.where(bad, 0.0, tl.min(tl.where(ok, x, float("inf")), axis=1))
-    hi = tl.where(bad, 0.0, tl.max(tl.where(ok, x, -float("inf")), axis=1))
-    xs = tl.where(ok, x, 0.0)
+    # NaN-propagating min/max: one reduction each finds the range and any NaN or +/-Inf in the group.
+    if EVEN:
+        lo_raw = tl.reduce(x, 1, _min_propagating_nan)
+        hi_raw = tl.reduce(x, 1, _max_propagating_nan)
+    else:
+        lo_raw = tl.reduce(tl.where(valid, x, float("inf")), 1, _min_propagating_nan)
+        hi_raw = tl.reduce(tl.where(valid, x, -float("inf")), 1, _max_propagating_nan)
+    # False for NaN too. A bad group stores step = NaN and all-zero codes; its grid is computed from 0.
+    bad = ~((lo_raw > -float("inf")) & (hi_raw < float("inf")) & row_valid)
+    lo = tl.where(bad, 0.0, lo_raw)
+    hi = tl.where(bad, 0.0, hi_raw)
 
     if SIGMA:
         center = lo * 0.5 + hi * 0.5
         half = hi * 0.5 - lo * 0.5
         to_fixed = tl.where(half > 0, tl.div_rn(_K_FIXED_POINT_SCALE, tl.maximum(half, _K_TINY_RANGE)), 0.0)
+        ok = valid & ~bad[:, None]
         fixed = (tl.where(ok, x - center[:, None], 0.0) * to_fixed[:, None]).to(tl.int32)
         sum1 = tl.sum(fixed, axis=1)
         sum2 = tl.sum((fixed * fixed).to(tl.int64), axis=1)
@@ -123,19 +135,29 @@ def _quantize_kernel(
     # min/max may return either sign of zero: canonical +0.0 keeps decoded zeros identical everywhere.
     base = tl.where(base == 0.0, 0.0, base)
 
-    t = (xs - base[:, None]) * inv_step[:, None]
+    # Per row: the codes a nonzero value may take. Values on the side of zero that step points to
+    # ("away") take z+1..L, the others 0..z-1, so none decodes to zero or to the other sign; a bad
+    # group takes 0 only.
+    away_lo = tl.where(bad, 0.0, z + 1.0)
+    away_hi = tl.where(bad, 0.0, LEVELS_M1 * 1.0)
+    toward_hi = tl.where(bad, 0.0, tl.maximum(z - 1.0, 0.0))
+    zero_code = tl.where(bad, 0.0, z)
+    step_positive = step > 0
+
+    t = (x - base[:, None]) * inv_step[:, None]
     if STOCHASTIC:
         t = t + tl.rand(seed, rng_offset + idx)
     else:
         t = t + 0.5
-    code = tl.minimum(tl.maximum(tl.floor(t), 0.0), LEVELS_M1 * 1.0)
-    nonzero = xs != 0
-    away = nonzero & ((xs > 0) == (step[:, None] > 0))  # value lies on the "code > z" side of zero
-    code = tl.where(away, tl.maximum(code, z[:, None] + 1.0), code)
-    code = tl.where(nonzero & ~away, tl.minimum(code, z[:, None] - 1.0), code)
-    code = tl.where(nonzero, code, z[:, None])
-    code = tl.minimum(tl.maximum(code, 0.0), LEVELS_M1 * 1.0)
-    code = tl.where(valid, code, 0.0).to(tl.uint8)
+    away = (x > 0) == step_positive[:, None]
+    lower = tl.where(away, away_lo[:, None], 0.0)
+    upper = tl.where(away, away_hi[:, None], toward_hi[:, None])
+    # (min/max that ignore NaN: a bad group's NaN t lands on its bounds, 0.)
+    code = tl.minimum(tl.maximum(tl.floor(t), lower), upper)
+    code = tl.where(x != 0, code, zero_code[:, None])
+    if not EVEN:
+        code = tl.where(valid, code, 0.0)
+    code = code.to(tl.uint8)
 
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
     packed = pack_codes(code, ROWS, GROUP, BITS)
@@ -143,6 +165,16 @@ def _quantize_kernel(
     tl.store(payload_ptr + out_idx, packed, mask=row_valid[:, None])
     tl.store(meta_ptr + rows * 2, base, mask=row_valid)
     tl.store(meta_ptr + rows * 2 + 1, tl.where(bad, float("nan"), step), mask=row_valid)
+
+
+@triton.jit
+def _min_propagating_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_propagating_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 def triton_quantize(
@@ -168,7 +200,7 @@ def triton_quantize(
         flat, payload, meta, n, n_groups, seed, rng_offset,
         channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1,
         BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
-        num_warps=num_warps, **launch_options(),
+        EVEN=n % group_size == 0, num_warps=num_warps, **launch_options(),
     )
     return payload, meta
 
@@ -263,19 +295,23 @@ def torch_quantize(
     base = torch.where(mixed, -(z * step), near)
     base = torch.where(base == 0.0, 0.0, base)
 
+    away_lo = torch.where(bad, 0.0, z + 1.0)
+    away_hi = torch.where(bad, 0.0, levels_m1)
+    toward_hi = torch.where(bad, 0.0, (z - 1.0).clamp(min=0.0))
+    zero_code = torch.where(bad, 0.0, z)
+
     t = (xs - base[:, None]) * inv_step[:, None]
     if stochastic:
         counters = rng_offset + torch.arange(n_groups * group_size, device=device, dtype=torch.int64)
         t = t + torch_philox_uniform(seed, counters).view(n_groups, group_size)
     else:
         t = t + 0.5
-    code = torch.floor(t).clamp(0.0, levels_m1)
-    nonzero = xs != 0
-    away = nonzero & ((xs > 0) == (step[:, None] > 0))
-    code = torch.where(away, torch.maximum(code, z[:, None] + 1.0), code)
-    code = torch.where(nonzero & ~away, torch.minimum(code, z[:, None] - 1.0), code)
-    code = torch.where(nonzero, code, z[:, None])
-    code = torch.where(valid, code.clamp(0.0, levels_m1), 0.0).to(torch.uint8)
+    away = (xs > 0) == (step[:, None] > 0)
+    lower = torch.where(away, away_lo[:, None], 0.0)
+    upper = torch.where(away, away_hi[:, None], toward_hi[:, None])
+    code = torch.minimum(torch.maximum(torch.floor(t), lower), upper)
+    code = torch.where(xs != 0, code, zero_code[:, None])
+    code = torch.where(valid, code, 0.0).to(torch.uint8)
 
     payload = torch_pack_codes(code, bits).reshape(-1)
     meta = torch.stack([base, torch.where(bad, float("nan"), step)], dim=1)

@@ -30,17 +30,19 @@ FLOATS = ("fp32", "fp16", "bf16")
 def variants(quick: bool):
     bits_choices = (1, 2, 4, 8)
     channel_args = {"channels_ptr": "*fp32", "channel_stride": "i32", "n_channels": "i32"}
-    for bits, sigma, stochastic, standardize, dtype in itertools.product(
-            bits_choices, (False, True), (False, True), (False, True), FLOATS):
-        if quick and (dtype != "bf16" or (sigma and stochastic and bits != 4) or (standardize and bits != 2)):
+    for bits, sigma, stochastic, standardize, even, dtype in itertools.product(
+            bits_choices, (False, True), (False, True), (False, True), (True, False), FLOATS):
+        if quick and (dtype != "bf16" or (sigma and stochastic and bits != 4) or (standardize and bits != 2)
+                      or (not even and (bits != 4 or sigma or stochastic or standardize))):
             continue
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
                      "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args, "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
-                     "STANDARDIZE": "constexpr"}
+                     "STANDARDIZE": "constexpr", "EVEN": "constexpr"}
         constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "SIGMA": sigma, "STOCHASTIC": stochastic,
-                     "STANDARDIZE": standardize}
-        name = f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"
+                     "STANDARDIZE": standardize, "EVEN": even}
+        name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize} "
+                f"even={even}")
         yield name, _quantize_kernel, signature, constants
     for bits, standardize, dtype in itertools.product(bits_choices, (False, True), FLOATS):
         if quick and standardize and bits != 2:

@@ -228,6 +228,9 @@ def test_non_finite_group_decodes_non_finite(bad_value, backend, device):
     group = out.view(5, GROUP)
     assert not torch.isfinite(group[2]).any()
     assert torch.isfinite(group[[0, 1, 3, 4]]).all()
+    # docs/format.md: such a group stores base 0, step NaN and all-zero codes.
+    assert meta[2, 0].item() == 0.0 and meta[2, 1].isnan()
+    assert not payload.view(5, -1)[2].any()
 
 
 def test_stochastic_rounding_is_unbiased(device):
