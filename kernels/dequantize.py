@@ -12,21 +12,23 @@ import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
-from .launch import launch_options
+from .launch import is_interpreted, launch_options
 from .quantize import torch_channel_of
 
 
 @triton.jit
-def _round_to(value, DTYPE: tl.constexpr):
+def _round_to(value, DTYPE: tl.constexpr, HARDWARE_CAST: tl.constexpr):
     """float32 -> DTYPE with round-to-nearest-even, identical on GPU and under the interpreter.
 
     Finite values saturate at DTYPE's largest finite value: a grid may overshoot the group's range by up
     to half a step (a step at 1 bit), which must not turn a finite fp16 input into Inf. NaN stays NaN.
+    HARDWARE_CAST (compiled kernels): the GPU's own conversion, which rounds to nearest even too, one
+    instruction for two values; the interpreter's bf16 cast truncates, so it gets integer rounding.
     """
     if DTYPE != tl.float32:
         limit: tl.constexpr = 65504.0 if DTYPE == tl.float16 else 3.3895313892515355e38
-        value = tl.where(value > limit, limit, tl.where(value < -limit, -limit, value))
-    if DTYPE == tl.bfloat16:
+        value = tl.clamp(value, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
+    if DTYPE == tl.bfloat16 and not HARDWARE_CAST:
         # Integer rounding of the float32 bits: the interpreter's own bf16 cast truncates.
         # NaN is replaced by the quiet NaN first, so the rounding carry cannot turn it into +/-0.
         bits = tl.where(value != value, 0x7FC00000, value.to(tl.uint32, bitcast=True))
@@ -41,6 +43,7 @@ def _dequantize_kernel(
     payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
     channels_ptr, channel_stride, n_channels,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, STANDARDIZE: tl.constexpr,
+    HARDWARE_CAST: tl.constexpr,
 ):
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
     pid = tl.program_id(0)
@@ -59,7 +62,7 @@ def _dequantize_kernel(
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
         scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
         value = (value - 1.0) * scale + minimum
-    tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty, HARDWARE_CAST), mask=valid)
 
 
 def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
@@ -78,7 +81,8 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     _dequantize_kernel[grid](
         payload, meta, out, n, n_groups,
         channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1,
-        BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, num_warps=num_warps, **launch_options(),
+        BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, HARDWARE_CAST=not is_interpreted(),
+        num_warps=num_warps, **launch_options(),
     )
 
 

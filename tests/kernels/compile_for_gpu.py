@@ -49,8 +49,8 @@ def variants(quick: bool):
             continue
         signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_elements": "i64",
                      "n_groups": "i32", **channel_args, "BITS": "constexpr", "GROUP": "constexpr",
-                     "ROWS": "constexpr", "STANDARDIZE": "constexpr"}
-        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize}
+                     "ROWS": "constexpr", "STANDARDIZE": "constexpr", "HARDWARE_CAST": "constexpr"}
+        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "HARDWARE_CAST": True}
         yield f"dequantize {bits}bit {dtype} standardize={standardize}", _dequantize_kernel, signature, constants
     for name, kernel in (("pack bool", _pack_bool_kernel), ("unpack bool", _unpack_bool_kernel)):
         signature = {"src_ptr": "*u8", "dst_ptr": "*u8", "n_elements": "i64", "BLOCK_BYTES": "constexpr"}
