@@ -73,7 +73,7 @@ def _quantize_kernel(
     row_valid = rows < n_groups
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     if EVEN:
-        valid = row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]
+        valid = row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]  # the row mask, tile-shaped
     else:
         valid = idx < n_elements
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
