@@ -30,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -211,6 +212,9 @@ def compile_rows(rows: list[dict], kind: str, bits: int, inputs, copy_gbps: floa
         except Exception as exc:  # noqa: BLE001 - report per row, never crash the sweep
             failure = "compile failed: " + short_error(exc)
             mark_skipped(row, ("compiled",), failure)
+            # The table keeps one line; the log gets the whole story (the first line alone rarely says why).
+            print(f"torch.compile of the {kind} reference ({bits} bits) failed:", flush=True)
+            traceback.print_exception(exc, limit=-8)
             continue
         record(row, "compiled", copy_gbps, lambda: gpu_ms(fn))
         del x, payload, meta_, out
