@@ -252,7 +252,7 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
 # Order: correctness on the GPU first (the GPU-only tests, including a compiled-vs-reference check),
 # then the measurements, then the whole suite, whose many kernel specializations each compile once on
 # a GPU: if the budget runs out, the stage lost is the one a CPU run already covers.
-run_stage tests-gpu 80 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+run_stage tests-gpu 120 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
     --junitxml="$RESULTS/pytest-gpu.xml"
 run_stage tune 50 "$PY" -m tritonquant tune --max-seconds @BUDGET@
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
