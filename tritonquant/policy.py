@@ -64,6 +64,21 @@ _LAYOUT_GRAD_FNS = frozenset({
     "PermuteBackward0", "TBackward0", "CloneBackward0", "NativeDropoutBackward0",
 })
 _MAX_HOPS = 6  # SDPA's math path: softmax -> dropout mask -> expand -> view before the matmul saves it
+_PROBABILITY_PRESERVING_GRAD_FNS = _LAYOUT_GRAD_FNS | {"MulBackward0"}  # dropout: a product with a mask
+
+
+def _source_node(t: torch.Tensor, passes: frozenset[str]):
+    """The autograd node that made ``t``, looking back through single-input nodes named in ``passes``
+    (at most _MAX_HOPS of them); None for a tensor without one."""
+    node = t.grad_fn
+    for _ in range(_MAX_HOPS):
+        if node is None:
+            return None
+        inputs = [fn for fn, _ in node.next_functions if fn is not None]
+        if len(inputs) != 1 or type(node).__name__ not in passes:
+            return node
+        node = inputs[0]
+    return node
 
 
 def producer(t: torch.Tensor) -> str | None:
@@ -75,15 +90,7 @@ def producer(t: torch.Tensor) -> str | None:
     probabilities that attention's second matmul saves, for the gradient of V, are still mostly
     small non-negative values, and the sign rule inflates them as it would the probabilities.
     """
-    node = t.grad_fn
-    for _ in range(_MAX_HOPS):
-        if node is None:
-            return None
-        name = type(node).__name__
-        inputs = [fn for fn, _ in node.next_functions if fn is not None]
-        if len(inputs) != 1 or not (name in _LAYOUT_GRAD_FNS or name == "MulBackward0"):
-            return name
-        node = inputs[0]
+    node = _source_node(t, _PROBABILITY_PRESERVING_GRAD_FNS)
     return type(node).__name__ if node is not None else None
 
 
@@ -143,18 +150,9 @@ def _derived_from_module_tensor(t: torch.Tensor, module_tensors: Container[int])
     Told through autograd (cast -> AccumulateGrad of the parameter), so the cast of a frozen weight,
     which has no autograd node, is not recognised.
     """
-    node = t.grad_fn
-    for _ in range(_MAX_HOPS):
-        if node is None:
-            return False
-        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
-        if variable is not None:
-            return variable.untyped_storage().data_ptr() in module_tensors
-        inputs = [fn for fn, _ in node.next_functions if fn is not None]
-        if len(inputs) != 1 or type(node).__name__ not in _CAST_GRAD_FNS:
-            return False
-        node = inputs[0]
-    return False
+    node = _source_node(t, _CAST_GRAD_FNS)
+    variable = getattr(node, "variable", None)  # AccumulateGrad's: the leaf it accumulates into
+    return variable is not None and variable.untyped_storage().data_ptr() in module_tensors
 
 
 def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int) -> str | None:
