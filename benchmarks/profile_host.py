@@ -20,7 +20,8 @@ by piece, so each change to the pack path can be judged by a number.
        pack hook          forward of a chain of 200 tanh ops under compress(bits=4), minus the same chain
                           without it, per saved tensor; "unpack hook" is the same for backward
 2. One training step of ResNet-50 (bf16 autocast, batch 32, 224 px) under compress(bits=4), after two
-   warm-up steps: host time to issue forward + backward against the GPU time of the step (CUDA events),
+   warm-up steps, beside exact training and compress() with nothing to pack (its hooks and bookkeeping
+   alone): host time to issue forward + backward against the GPU time of the step (CUDA events),
    the CUDA time of tritonquant's kernels against all kernels (torch.profiler), and a cProfile of three
    steps (the 25 functions with the most own time).
 
@@ -165,17 +166,23 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
     batch = cnn_batch(32 if on_gpu else 2, size=224 if on_gpu else 64, classes=1000, device=device)
     backend = "triton" if on_gpu else "torch"
 
-    def step(compressed: bool) -> None:
+    # "compress, nothing packed": the hooks and the bookkeeping alone (every tensor is below min_bytes).
+    contexts = {
+        "exact": contextlib.nullcontext,
+        "compress, nothing packed": lambda: tq.compress(bits=4, backend=backend, min_bytes=1 << 62),
+        "compress(bits=4)": lambda: tq.compress(bits=4, backend=backend),
+    }
+
+    def step(name: str) -> None:
         model.zero_grad(set_to_none=True)
-        ctx = tq.compress(bits=4, backend=backend) if compressed else contextlib.nullcontext()
-        with ctx, torch.autocast(device.type, dtype=torch.bfloat16):
+        with contexts[name](), torch.autocast(device.type, dtype=torch.bfloat16):
             loss = cnn_loss(model, batch)
         loss.backward()
 
     rows = []
-    for compressed in (False, True):
+    for name in contexts:
         for _ in range(2):
-            step(compressed)
+            step(name)
         synchronize(device)
         hosts, gpus = [], []
         for _ in range(3):
@@ -183,14 +190,13 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             started = time.perf_counter()
-            step(compressed)
+            step(name)
             host_ms = (time.perf_counter() - started) * 1e3
             if on_gpu:
                 end.record()
             synchronize(device)
             hosts.append(host_ms)
             gpus.append(start.elapsed_time(end) if on_gpu else float("nan"))
-        name = "compress(bits=4)" if compressed else "exact"
         rows.append([f"ResNet-50 step, {name}: host ms to issue", f"{statistics.median(hosts):.1f}"])
         rows.append([f"ResNet-50 step, {name}: step ms (events)", f"{statistics.median(gpus):.1f}"])
 
@@ -198,7 +204,7 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
     if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        step(True)
+        step("compress(bits=4)")
         synchronize(device)
     ours = total = 0.0
     for event in prof.key_averages():
@@ -215,7 +221,7 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(3):
-        step(True)
+        step("compress(bits=4)")
     synchronize(device)
     profiler.disable()
     text = io.StringIO()
