@@ -97,7 +97,8 @@ class _Kept:
         # Detached (same storage, same version counter): a saved output held with its grad_fn closes a
         # cycle (tensor -> grad_fn -> this object -> tensor) through autograd's C++ graph, which
         # Python's collector cannot break, so a graph dropped without backward would never be freed.
-        self.tensor = tensor.detach()
+        # (Leaves, parameters among them, have no grad_fn to close one.)
+        self.tensor = tensor.detach() if tensor.grad_fn is not None else tensor
         self.version = tensor._version
 
 
