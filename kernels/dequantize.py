@@ -43,8 +43,9 @@ def _dequantize_kernel(
     payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
     channels_ptr, channel_stride, n_channels,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, STANDARDIZE: tl.constexpr,
-    HARDWARE_CAST: tl.constexpr,
+    HARDWARE_CAST: tl.constexpr, EVEN: tl.constexpr,
 ):
+    # EVEN: n_elements is a multiple of GROUP, so the store mask is per row (as in _quantize_kernel).
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -56,7 +57,10 @@ def _dequantize_kernel(
     step = tl.load(meta_ptr + rows * 2 + 1, mask=row_valid, other=0.0)
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    valid = idx < n_elements
+    if EVEN:
+        valid = row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]  # the row mask, tile-shaped
+    else:
+        valid = idx < n_elements
     if STANDARDIZE:
         channel = (idx // channel_stride) % n_channels
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
@@ -82,7 +86,7 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
         payload, meta, out, n, n_groups,
         channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1,
         BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, HARDWARE_CAST=not is_interpreted(),
-        num_warps=num_warps, **launch_options(),
+        EVEN=n % group_size == 0, num_warps=num_warps, **launch_options(),
     )
 
 

@@ -44,14 +44,17 @@ def variants(quick: bool):
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize} "
                 f"even={even}")
         yield name, _quantize_kernel, signature, constants
-    for bits, standardize, dtype in itertools.product(bits_choices, (False, True), FLOATS):
-        if quick and standardize and bits != 2:
+    for bits, standardize, even, dtype in itertools.product(bits_choices, (False, True), (True, False), FLOATS):
+        if quick and ((standardize and bits != 2) or (not even and (bits != 4 or standardize or dtype != "bf16"))):
             continue
         signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_elements": "i64",
                      "n_groups": "i32", **channel_args, "BITS": "constexpr", "GROUP": "constexpr",
-                     "ROWS": "constexpr", "STANDARDIZE": "constexpr", "HARDWARE_CAST": "constexpr"}
-        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "HARDWARE_CAST": True}
-        yield f"dequantize {bits}bit {dtype} standardize={standardize}", _dequantize_kernel, signature, constants
+                     "ROWS": "constexpr", "STANDARDIZE": "constexpr", "HARDWARE_CAST": "constexpr",
+                     "EVEN": "constexpr"}
+        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "HARDWARE_CAST": True,
+                     "EVEN": even}
+        name = f"dequantize {bits}bit {dtype} standardize={standardize} even={even}"
+        yield name, _dequantize_kernel, signature, constants
     for name, kernel in (("pack bool", _pack_bool_kernel), ("unpack bool", _unpack_bool_kernel)):
         signature = {"src_ptr": "*u8", "dst_ptr": "*u8", "n_elements": "i64", "BLOCK_BYTES": "constexpr"}
         yield name, kernel, signature, {"BLOCK_BYTES": 1024}
