@@ -59,6 +59,9 @@ def configurations() -> dict:
             configs[f"measured-{budget}+sensitive{floor}"] = MeasuredAuto(budget, 50, {"sensitive_bits": floor})
     # Probabilities on the plain grid at 2 bits or more: the floor takes less of a 2-bit budget.
     configs["measured-2.0+sensitive2"] = MeasuredAuto(2.0, 50, {"sensitive_bits": 2})
+    # The default at larger groups: half or a quarter of the metadata, and of the kernels' per-group work.
+    for group_size in (512, 1024):
+        configs[f"default-g{group_size}"] = compress_context(group_size=group_size)
     return configs
 
 
