@@ -163,8 +163,8 @@ def _quantize_kernel(
     packed = pack_codes(code, ROWS, GROUP, BITS)
     out_idx = rows.to(tl.int64)[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
     tl.store(payload_ptr + out_idx, packed, mask=row_valid[:, None])
-    tl.store(meta_ptr + rows * 2, base, mask=row_valid)
-    tl.store(meta_ptr + rows * 2 + 1, tl.where(bad, float("nan"), step), mask=row_valid)
+    meta = tl.join(base, tl.where(bad, float("nan"), step))  # [ROWS, 2]: one store for both
+    tl.store(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :], meta, mask=row_valid[:, None])
 
 
 @triton.jit
