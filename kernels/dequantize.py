@@ -53,8 +53,8 @@ def _dequantize_kernel(
     in_idx = rows.to(tl.int64)[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
     packed = tl.load(payload_ptr + in_idx, mask=row_valid[:, None], other=0)
     code = unpack_codes(packed, ROWS, GROUP, BITS).to(tl.float32)
-    base = tl.load(meta_ptr + rows * 2, mask=row_valid, other=0.0)
-    step = tl.load(meta_ptr + rows * 2 + 1, mask=row_valid, other=0.0)
+    base, step = tl.split(tl.load(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :],
+                                  mask=row_valid[:, None], other=0.0))  # [ROWS, 2]: one load for both
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     if EVEN:
