@@ -13,7 +13,7 @@ import triton.language as tl
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
 from .launch import is_interpreted, launch_options
-from .quantize import torch_channel_of
+from .quantize import element_mask, torch_channel_of
 
 
 @triton.jit
@@ -57,10 +57,7 @@ def _dequantize_kernel(
                                   mask=row_valid[:, None], other=0.0))  # [ROWS, 2]: one load for both
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    if EVEN:
-        valid = row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]  # the row mask, tile-shaped
-    else:
-        valid = idx < n_elements
+    valid = element_mask(idx, row_valid, n_elements, GROUP, EVEN)
     if STANDARDIZE:
         channel = (idx // channel_stride) % n_channels
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)

@@ -54,6 +54,15 @@ def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
 
 
 @triton.jit
+def element_mask(idx, row_valid, n_elements, GROUP: tl.constexpr, EVEN: tl.constexpr):
+    """[ROWS, GROUP] mask of the elements that exist. EVEN (n_elements a multiple of GROUP): every
+    group is whole, so the row mask, broadcast to the tile, saves a 64-bit compare per element."""
+    if EVEN:
+        return row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]
+    return idx < n_elements
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
     channels_ptr, channel_stride, n_channels,
@@ -72,10 +81,7 @@ def _quantize_kernel(
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_valid = rows < n_groups
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    if EVEN:
-        valid = row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]  # the row mask, tile-shaped
-    else:
-        valid = idx < n_elements
+    valid = element_mask(idx, row_valid, n_elements, GROUP, EVEN)
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     if STANDARDIZE:
         channel = (idx // channel_stride) % n_channels
