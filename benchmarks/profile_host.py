@@ -11,19 +11,21 @@ by piece, so each change to the pack path can be judged by a number.
    the host issues the next, so wall time is host time): the median over 5 rounds of 200 calls, with
    one synchronization at the end of each round.
        torch.empty        one allocation (a quantize makes two, a dequantize one)
-       kernel launch      _quantize_kernel[grid](...) into preallocated outputs: Triton's launch path;
-                          also the compiled kernel called directly, without Triton's per-call dispatch
-       device context     torch.cuda.device(...) entered and left, as the codec does around launches
+       launch             _quantize_kernel[grid](...) through Triton's dispatch, and the same launch
+                          through kernels/launch.KernelLauncher's direct path (the library's default)
+       device context     torch.cuda.device(...) entered and left
        triton_quantize    the launcher: allocations, launch-config lookup, launch
        triton_dequantize  likewise
        quantize_with      the codec around the launcher (layout checks, PackedTensor)
        pack hook          forward of a chain of 200 tanh ops under compress(bits=4), minus the same chain
                           without it, per saved tensor; "unpack hook" is the same for backward
+   Each layer from triton_quantize up is measured with both launch paths, side by side.
 2. One training step of ResNet-50 (bf16 autocast, batch 32, 224 px) under compress(bits=4), after two
-   warm-up steps, beside exact training and compress() with nothing to pack (its hooks and bookkeeping
-   alone): host time to issue forward + backward against the GPU time of the step (CUDA events),
-   the CUDA time of tritonquant's kernels against all kernels (torch.profiler), and a cProfile of three
-   steps (the 25 functions with the most own time).
+   warm-up steps, beside exact training, compress() with nothing to pack (its hooks and bookkeeping
+   alone) and compress(bits=4) with every launch through Triton's dispatch: host time to issue
+   forward + backward against the GPU time of the step (CUDA events), the CUDA time of tritonquant's
+   kernels against all kernels (torch.profiler), and a cProfile of three steps (the 25 functions with
+   the most own time).
 
 Without CUDA the same measurements run on the CPU with the torch backend and no Triton launch; those
 figures describe this machine's Python, not a GPU host.
@@ -51,7 +53,7 @@ from tabulate import tabulate
 import tritonquant as tq
 from tritonquant.codec import quantize_with
 from tritonquant.config import QuantConfig
-from tritonquant.kernels import torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
+from tritonquant.kernels import launch, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss
 
 SMALL_ELEMENTS = 1 << 16
@@ -106,6 +108,20 @@ def chain_us_per_tensor(device: torch.device, backend: str) -> tuple[float, floa
             (packed_backward - exact_backward) / CHAIN_LENGTH * 1e6)
 
 
+@contextlib.contextmanager
+def launch_mode(direct: bool):
+    """Launch through KernelLauncher's direct path (the default) or always through Triton's dispatch."""
+    previous = launch.DIRECT_LAUNCH
+    launch.DIRECT_LAUNCH = direct
+    try:
+        yield
+    finally:
+        launch.DIRECT_LAUNCH = previous
+
+
+LAUNCH_MODES = {"dispatch": False, "direct": True}
+
+
 def call_costs(device: torch.device) -> list[list[str]]:
     on_gpu = device.type == "cuda"
     backend = "triton" if on_gpu else "torch"
@@ -118,44 +134,50 @@ def call_costs(device: torch.device) -> list[list[str]]:
     rows = [
         ["torch.empty", host_us_per_call(lambda: torch.empty(1024, device=device, dtype=torch.uint8), device)],
     ]
-    if on_gpu:
-        import triton
+    if not on_gpu:  # no Triton launches on the CPU path: one column of figures
+        rows += [
+            [f"{quantize.__name__}", host_us_per_call(lambda: quantize(x, 4, 256, False, False, 0, 0), device)],
+            [f"{dequantize.__name__}", host_us_per_call(lambda: dequantize(payload, meta, out, 4, 256), device)],
+            ["quantize_with", host_us_per_call(lambda: quantize_with(x, config), device)],
+        ]
+        pack, unpack = chain_us_per_tensor(device, backend)
+        rows += [["pack hook (per saved tensor)", pack], ["unpack hook (per saved tensor)", unpack]]
+        return [[name, f"{us:.1f}"] for name, us in rows]
 
-        from tritonquant.kernels.launch import launch_options
-        from tritonquant.kernels.quantize import _quantize_kernel
+    from tritonquant.kernels.quantize import _launch_quantize, _quantize_kernel
 
-        n_groups = meta.shape[0]
-        grid = (triton.cdiv(n_groups, 16),)
+    n_groups = meta.shape[0]
+    grid = -(-n_groups // 16)
+    arguments = (x, payload, meta, x.numel(), n_groups, 0, 0, meta, 1, 1)
+    constexprs = dict(BITS=4, GROUP=256, ROWS=16, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False,
+                      EVEN=x.numel() % 256 == 0)
 
-        def bare_launch():
-            return _quantize_kernel[grid](x, payload, meta, x.numel(), n_groups, 0, 0, meta, 1, 1, BITS=4, GROUP=256,
-                                          ROWS=16, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False,
-                                          EVEN=x.numel() % 256 == 0, num_warps=4, **launch_options())
+    def dispatched_launch():
+        return _quantize_kernel[(grid,)](*arguments, **constexprs, num_warps=4, **launch.launch_options())
 
-        rows.append(["kernel launch", host_us_per_call(bare_launch, device)])
-        # The same launch without Triton's per-call dispatch (binding, specialization, cache key): what
-        # launching a kernel compiled once could cost. Triton-internal API, so reported, never relied on.
-        try:
-            runner = bare_launch()[grid]
-            arguments = (x, payload, meta, x.numel(), n_groups, 0, 0, meta, 1, 1, 4, 256, 16, False, False, False,
-                         x.numel() % 256 == 0)
-            rows.append(["kernel launch, compiled kernel called directly",
-                         host_us_per_call(lambda: runner(*arguments), device)])
-        except Exception as exc:  # noqa: BLE001 - an internal API of another Triton version
-            print(f"direct launch not measured: {type(exc).__name__}: {exc}")
+    rows.append(["launch, Triton's dispatch: _quantize_kernel[grid](...)", host_us_per_call(dispatched_launch, device)])
+    with launch_mode(True):
+        rows.append(["launch, KernelLauncher direct path",
+                     host_us_per_call(lambda: _launch_quantize(grid, arguments, constexprs, 4), device)])
 
-        def device_context() -> None:
-            with torch.cuda.device(device):
-                pass
+    def device_context() -> None:
+        with torch.cuda.device(device):
+            pass
 
-        rows.append(["torch.cuda.device(...) enter + exit", host_us_per_call(device_context, device)])
-    rows += [
-        [f"{quantize.__name__}", host_us_per_call(lambda: quantize(x, 4, 256, False, False, 0, 0), device)],
-        [f"{dequantize.__name__}", host_us_per_call(lambda: dequantize(payload, meta, out, 4, 256), device)],
-        ["quantize_with", host_us_per_call(lambda: quantize_with(x, config), device)],
-    ]
-    pack, unpack = chain_us_per_tensor(device, backend)
-    rows += [["pack hook (per saved tensor)", pack], ["unpack hook (per saved tensor)", unpack]]
+    rows.append(["torch.cuda.device(...) enter + exit", host_us_per_call(device_context, device)])
+    # The library's own layers, launching each way; the same figures side by side.
+    for label, direct in LAUNCH_MODES.items():
+        with launch_mode(direct):
+            pack, unpack = chain_us_per_tensor(device, backend)
+            rows += [
+                [f"{quantize.__name__} ({label})",
+                 host_us_per_call(lambda: quantize(x, 4, 256, False, False, 0, 0), device)],
+                [f"{dequantize.__name__} ({label})",
+                 host_us_per_call(lambda: dequantize(payload, meta, out, 4, 256), device)],
+                [f"quantize_with ({label})", host_us_per_call(lambda: quantize_with(x, config), device)],
+                [f"pack hook per saved tensor ({label})", pack],
+                [f"unpack hook per saved tensor ({label})", unpack],
+            ]
     return [[name, f"{us:.1f}"] for name, us in rows]
 
 
@@ -172,12 +194,15 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
         "compress, nothing packed": lambda: tq.compress(bits=4, backend=backend, min_bytes=1 << 62),
         "compress(bits=4)": lambda: tq.compress(bits=4, backend=backend),
     }
+    if on_gpu:  # the same step with every launch through Triton's dispatch, for the side-by-side figure
+        contexts["compress(bits=4), Triton's dispatch"] = lambda: tq.compress(bits=4, backend=backend)
 
     def step(name: str) -> None:
         model.zero_grad(set_to_none=True)
-        with contexts[name](), torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = cnn_loss(model, batch)
-        loss.backward()
+        with launch_mode(not name.endswith("dispatch")):
+            with contexts[name](), torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = cnn_loss(model, batch)
+            loss.backward()
 
     rows = []
     for name in contexts:

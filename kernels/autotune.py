@@ -43,7 +43,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import triton
 
-from .launch import default_group_tile, is_interpreted
+from .launch import default_group_tile, is_interpreted, next_power_of_2
 
 FORMAT_VERSION = 1
 ENV_AUTOTUNE = "TRITONQUANT_AUTOTUNE"  # "0" (or off/false/no): never tune, use the heuristic
@@ -112,9 +112,11 @@ class TuneResult(NamedTuple):
     error: str | None = None
 
 
-# In-process state. The hot path only reads ``_entries`` and ``_identities`` (plain dict lookups).
+# In-process state. The hot path reads ``_resolved`` (one dict lookup on a plain tuple), and on a miss
+# ``_entries`` and ``_identities``; ``_resolved`` is emptied whenever ``_entries`` changes.
 _entries: dict[TuneKey, CacheEntry] = {}
 _identities: dict[torch.device, tuple[str, tuple[int, int]]] = {}
+_resolved: dict[tuple, LaunchConfig] = {}
 _tune_lock = threading.Lock()  # one tuning at a time per process; also guards disk merges
 _file_lock = threading.Lock()  # one writer per process (across processes: the advisory lock file)
 _thread_state = threading.local()
@@ -191,7 +193,7 @@ def candidate_configs(n_groups: int, group_size: int, interpreted: bool | None =
         interpreted = is_interpreted()
     if interpreted:
         return [interpreter_config(n_groups, group_size)]
-    cap = triton.next_power_of_2(max(n_groups, 1))
+    cap = next_power_of_2(n_groups)
     configs = [heuristic_config(n_groups, group_size)]
     for tile, num_warps in CANDIDATE_TILES:
         config = LaunchConfig(min(max(1, tile // group_size), cap), num_warps)
@@ -256,25 +258,30 @@ def _launch_config(
     kind: str, device: torch.device, dtype: torch.dtype, n_elements: int, n_groups: int, bits: int,
     group_size: int, sigma: bool, stochastic: bool,
 ) -> tuple[int, int]:
+    # Runs once per packed tensor: the cheap tests first, and plain int arithmetic throughout.
     forced = getattr(_thread_state, "config", None)
     if forced is not None:
         return forced
     if is_interpreted():
         return default_group_tile(n_groups, group_size, interpreted=True)
-    if not autotune_enabled():
-        return default_group_tile(n_groups, group_size, interpreted=False)
     bucket = size_bucket(n_elements)
-    if bucket < MIN_TUNED_BUCKET:
+    if bucket < MIN_TUNED_BUCKET or not autotune_enabled():
         return default_group_tile(n_groups, group_size, interpreted=False)
-    gpu, capability = _identity(device)
-    key = TuneKey(gpu, capability, _TRITON_VERSION, kind, bits, group_size, sigma, stochastic,
-                  _DTYPE_NAMES[dtype], bucket)
-    entry = _entries.get(key)
-    if entry is None:
-        entry = _resolve_miss(key, device)
-    rows, num_warps = entry.config
+    fast_key = (kind, device, dtype, bucket, bits, group_size, sigma, stochastic)
+    config = _resolved.get(fast_key)
+    if config is None:
+        gpu, capability = _identity(device)
+        key = TuneKey(gpu, capability, _TRITON_VERSION, kind, bits, group_size, sigma, stochastic,
+                      _DTYPE_NAMES[dtype], bucket)
+        entry = _entries.get(key)
+        if entry is None:
+            entry = _resolve_miss(key, device)
+        config = entry.config
+        if _entries.get(key) is entry:  # (not the stand-in used during a CUDA graph capture)
+            _resolved[fast_key] = config
+    rows, num_warps = config
     # The bucket was timed at 4**bucket elements; a smaller tensor in it may have fewer groups than a tile.
-    cap = triton.next_power_of_2(n_groups)
+    cap = next_power_of_2(n_groups)
     return (rows if rows <= cap else cap), num_warps
 
 
@@ -303,10 +310,12 @@ def _tune_and_store(key: TuneKey, device: torch.device) -> TuneResult:
         n_groups = -(-bucket_elements(key.bucket) // key.group_size)
         entry = CacheEntry(heuristic_config(n_groups, key.group_size))
         _entries[key] = entry
+        _resolved.clear()
         message = f"{type(exc).__name__}: {exc}"
         _warn_once(f"tune:{key}", f"tritonquant autotuning of {key} failed ({message}); using the heuristic config")
         return TuneResult(key, entry, "failed", {}, message)
     _entries[key] = result.entry
+    _resolved.clear()
     if result.entry.ms is not None:
         save_entries({key: result.entry})
     return result
@@ -479,6 +488,7 @@ def reset() -> None:
     """Forget every in-process entry and device identity (the cache file is left alone). For tests."""
     with _tune_lock:
         _entries.clear()
+        _resolved.clear()
         _identities.clear()
         _warned.clear()
 

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import BOOL_BLOCK_BYTES, launch_options
+from .launch import BOOL_BLOCK_BYTES, BOOL_NUM_WARPS, KernelLauncher, cdiv, flat_view
 
 # ---------------------------------------------------------------------------------------------
 # Triton helpers shared by the quantize and dequantize kernels
@@ -83,22 +83,28 @@ def _unpack_bool_kernel(src_ptr, dst_ptr, n_elements, BLOCK_BYTES: tl.constexpr)
     tl.store(dst_ptr + elem_idx, codes, mask=elem_idx < n_elements)
 
 
+_launch_pack_bool = KernelLauncher(_pack_bool_kernel)
+_launch_unpack_bool = KernelLauncher(_unpack_bool_kernel)
+
+
 def packed_bool_nbytes(n_elements: int) -> int:
     return (n_elements + 7) // 8
 
 
-def triton_pack_bool(flat: torch.Tensor) -> torch.Tensor:
-    """bool [n] (contiguous) -> uint8 [ceil(n / 8)], element i at bit i % 8 of byte i // 8."""
-    n = flat.numel()
-    out = torch.empty(packed_bool_nbytes(n), dtype=torch.uint8, device=flat.device)
+def triton_pack_bool(x: torch.Tensor) -> torch.Tensor:
+    """bool, dense (``launch.flat_view``), n elements -> uint8 [ceil(n / 8)], element i of the
+    memory-order run at bit i % 8 of byte i // 8."""
+    n = x.numel()
+    out = torch.empty(packed_bool_nbytes(n), dtype=torch.uint8, device=x.device)
     if n:
-        grid = (triton.cdiv(out.numel(), BOOL_BLOCK_BYTES),)
-        _pack_bool_kernel[grid](flat.view(torch.uint8), out, n, BLOCK_BYTES=BOOL_BLOCK_BYTES, **launch_options())
+        _launch_pack_bool(cdiv(out.numel(), BOOL_BLOCK_BYTES), (x.view(torch.uint8), out, n),
+                          dict(BLOCK_BYTES=BOOL_BLOCK_BYTES), BOOL_NUM_WARPS)
     return out
 
 
-def torch_pack_bool(flat: torch.Tensor) -> torch.Tensor:
+def torch_pack_bool(x: torch.Tensor) -> torch.Tensor:
     """Reference for ``triton_pack_bool``."""
+    flat = flat_view(x)
     n = flat.numel()
     padded = torch.zeros(packed_bool_nbytes(n) * 8, dtype=torch.uint8, device=flat.device)
     padded[:n] = flat.view(torch.uint8)
@@ -106,14 +112,15 @@ def torch_pack_bool(flat: torch.Tensor) -> torch.Tensor:
 
 
 def triton_unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
-    """uint8 [ceil(n / 8)] -> writes bool [n] into ``out`` (contiguous, n = out.numel())."""
+    """uint8 [ceil(n / 8)] -> writes the n = out.numel() bools into ``out`` (dense, in memory order)."""
     n = out.numel()
     if n:
-        grid = (triton.cdiv(packed.numel(), BOOL_BLOCK_BYTES),)
-        _unpack_bool_kernel[grid](packed, out.view(torch.uint8), n, BLOCK_BYTES=BOOL_BLOCK_BYTES, **launch_options())
+        _launch_unpack_bool(cdiv(packed.numel(), BOOL_BLOCK_BYTES), (packed, out.view(torch.uint8), n),
+                            dict(BLOCK_BYTES=BOOL_BLOCK_BYTES), BOOL_NUM_WARPS)
 
 
 def torch_unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
     """Reference for ``triton_unpack_bool``."""
+    out = flat_view(out)
     n = out.numel()
     out.view(torch.uint8).copy_(torch_unpack_codes(packed, 1)[:n])

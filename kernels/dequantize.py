@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
-from .launch import is_interpreted, launch_options
+from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 from .quantize import element_mask, torch_channel_of
 
 
@@ -66,9 +66,13 @@ def _dequantize_kernel(
     tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty, HARDWARE_CAST), mask=valid)
 
 
+_launch_dequantize = KernelLauncher(_dequantize_kernel)
+
+
 def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
                       channels: torch.Tensor | None = None, channel_stride: int = 1) -> None:
-    """Decode into ``out``, a contiguous 1-D float32/float16/bfloat16 tensor of the original n elements.
+    """Decode into ``out``: float32/float16/bfloat16, dense (``launch.flat_view``) with the original n
+    elements, written in memory order.
 
     ``channels``, ``channel_stride``: as given to ``triton_quantize`` (None: not standardized).
     """
@@ -77,19 +81,21 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     if n == 0:
         return
     rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size)
-    grid = (triton.cdiv(n_groups, rows),)
     standardize = channels is not None
-    _dequantize_kernel[grid](
-        payload, meta, out, n, n_groups,
-        channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1,
-        BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, HARDWARE_CAST=not is_interpreted(),
-        EVEN=n % group_size == 0, num_warps=num_warps, **launch_options(),
+    _launch_dequantize(
+        cdiv(n_groups, rows),
+        (payload, meta, out, n, n_groups,
+         channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
+        dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, HARDWARE_CAST=not is_interpreted(),
+             EVEN=n % group_size == 0),
+        num_warps,
     )
 
 
 def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
                      channels: torch.Tensor | None = None, channel_stride: int = 1) -> None:
     """Plain-PyTorch reference for ``triton_dequantize``: same signature, same bits out."""
+    out = flat_view(out)
     n = out.numel()
     n_groups = meta.shape[0]
     if n == 0:

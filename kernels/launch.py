@@ -8,9 +8,15 @@ candidates per GPU and falls back to ``default_group_tile`` when tuning is off o
 
 import os
 
-import triton
+import torch
+
+try:
+    from triton import knobs as _knobs  # Triton >= 3.4: where launch hooks are installed
+except ImportError:  # pragma: no cover - older Triton: always use its dispatch
+    _knobs = None
 
 BOOL_BLOCK_BYTES = 1024
+BOOL_NUM_WARPS = 4  # Triton's default, which the bool kernels have always used
 # Elements one program handles on a GPU, before tuning; the interpreter prefers fewer, larger tiles.
 GPU_TILE_ELEMENTS = 4096
 INTERPRETER_TILE_ELEMENTS = 1 << 16
@@ -25,6 +31,28 @@ def launch_options() -> dict:
     return {"enable_fp_fusion": False}
 
 
+# Integer helpers for the launchers. triton.cdiv and triton.next_power_of_2 do the same, but they are
+# constexpr functions that cost more than a microsecond a call on the host, and the launchers run
+# once per saved tensor.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def flat_view(x: torch.Tensor) -> torch.Tensor:
+    """The elements of dense ``x`` as a 1-D tensor in memory order (no copy).
+
+    "Dense": the elements fill one gap-free run of memory that starts at ``x.data_ptr()``, in any
+    dimension order (contiguous, channels_last, any permutation). The launchers accept such tensors
+    as they are, because a kernel only sees the start address; the references need this view.
+    """
+    return x if x.dim() == 1 else x.as_strided((x.numel(),), (1,))
+
+
 def default_group_tile(n_groups: int, group_size: int, interpreted: bool | None = None) -> tuple[int, int]:
     """(groups per program, num_warps) for the quantize/dequantize kernels, before any tuning.
 
@@ -35,10 +63,125 @@ def default_group_tile(n_groups: int, group_size: int, interpreted: bool | None 
     if interpreted:
         # The interpreter pays per element of a tile, masked or not: shrink tiles to small tensors.
         rows = max(1, INTERPRETER_TILE_ELEMENTS // group_size)
-        rows = min(rows, triton.next_power_of_2(max(n_groups, 1)))
+        rows = min(rows, next_power_of_2(n_groups))
     else:
         # On a GPU masked lanes of a small tensor's tile cost nothing measurable, while every distinct
         # ROWS is another compiled specialization: keep the tile fixed per group size.
         rows = max(1, GPU_TILE_ELEMENTS // group_size)
     num_warps = 4 if rows * group_size <= 4096 else 8
     return rows, num_warps
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching without Triton's per-call dispatch
+# ---------------------------------------------------------------------------------------------
+
+ENV_DIRECT_LAUNCH = "TRITONQUANT_DIRECT_LAUNCH"  # "0" (or off/false/no): always launch through Triton's dispatch
+DIRECT_LAUNCH = os.environ.get(ENV_DIRECT_LAUNCH, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+class KernelLauncher:
+    """Launches one ``@triton.jit`` kernel, doing Triton's per-call dispatch once per specialization.
+
+    ``kernel[grid](*args, **constexprs)`` binds the arguments, specializes them, builds a cache key
+    and looks the compiled kernel up on every call: about 8 us of host Python per launch (Triton 3.6
+    and 3.9, measured with the launch itself stubbed out), paid twice per packed tensor. This class
+    keeps the compiled kernel that the first launch of each specialization returns and calls it
+    directly afterwards, as ``CompiledKernel.__getitem__`` does.
+
+    The key is what Triton's own key is made of: the current device, ``num_warps``, the constexpr
+    values, and Triton's specialization of every runtime argument (``native_specialize_impl``, the
+    function Triton's binder calls: dtype and 16-byte alignment of pointers, int width, divisibility
+    by 16, and the value 1). So a direct launch only ever runs a kernel that Triton's dispatch would
+    have chosen for the same arguments. The positional arguments passed on are the kernel's
+    parameters in declaration order, runtime ones first (checked on construction).
+
+    Triton's dispatch is used instead under the interpreter, while a launch hook is installed
+    (profilers read launch metadata; without one, the direct call passes no metadata and no hooks,
+    where Triton's passes its empty hook chains), when TRITONQUANT_DIRECT_LAUNCH=0, and, with one
+    warning, if this Triton lacks the internals used.
+    """
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self._compiled: dict[tuple, object] = {}
+        self._device_state = None  # (get_current_device, get_current_stream, specialize, backend), at first use
+        self._direct = False
+        try:
+            from triton.runtime.jit import JITFunction
+
+            if isinstance(kernel, JITFunction):
+                params = kernel.params
+                self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
+                self.runtime_names = tuple(p.name for p in params if not p.is_constexpr)
+                if [p.name for p in params] != [*self.runtime_names, *self.constexpr_names]:
+                    raise TypeError(f"{kernel.__name__}: runtime parameters must come before the constexprs")
+                self._direct = True
+        except Exception as exc:  # noqa: BLE001 - an unfamiliar Triton: keep its own dispatch
+            _warn_no_direct_launch(exc)
+
+    def __call__(self, grid: int, args: tuple, constexprs: dict, num_warps: int) -> None:
+        """Launch ``grid`` programs (1-D grid). ``args``: the runtime arguments in declaration order;
+        ``constexprs``: every constexpr parameter by name."""
+        if self._direct and DIRECT_LAUNCH and _no_launch_hooks():  # (checked per call: hooks come and go)
+            try:
+                if self._launch_direct(grid, args, constexprs, num_warps):
+                    return
+            except (AttributeError, ImportError, TypeError) as exc:
+                # Setup or argument handling this Triton does differently: its own dispatch from now on.
+                self._direct = False
+                _warn_no_direct_launch(exc)
+        self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
+
+    def _launch_direct(self, grid: int, args: tuple, constexprs: dict, num_warps: int) -> bool:
+        if self._device_state is None:
+            self._device_state = _device_state()
+        get_device, get_stream, specialize, backend = self._device_state
+        device = get_device()
+        values = tuple(constexprs[name] for name in self.constexpr_names)
+        key = (device, num_warps, values, tuple(specialize(backend, arg, False, True, True) for arg in args))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            # First launch of this specialization: Triton's dispatch compiles (or loads) and launches it.
+            if len(args) != len(self.runtime_names):
+                raise TypeError(f"expected {len(self.runtime_names)} runtime arguments, got {len(args)}")
+            compiled = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
+            if compiled is not None:
+                self._compiled[key] = compiled
+            return True
+        compiled.run(grid, 1, 1, get_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *values)
+        return True
+
+
+def _device_state():
+    from triton._C.libtriton import native_specialize_impl
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.driver import driver
+
+    active = driver.active
+    return (active.get_current_device, active.get_current_stream, native_specialize_impl,
+            make_backend(active.get_current_target()))
+
+
+def _no_launch_hooks() -> bool:
+    """True when no launch hook is installed. (Triton 3.6+ keeps each hook as a chain, empty by default.)"""
+    runtime = _knobs.runtime if _knobs is not None else None
+    return runtime is not None and _is_empty_hook(runtime.launch_enter_hook) and _is_empty_hook(runtime.launch_exit_hook)
+
+
+def _is_empty_hook(hook) -> bool:
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+_warned_no_direct = False
+
+
+def _warn_no_direct_launch(exc: Exception) -> None:
+    global _warned_no_direct
+    if not _warned_no_direct:
+        _warned_no_direct = True
+        import warnings
+
+        warnings.warn(f"tritonquant launches through Triton's dispatch ({type(exc).__name__}: {exc})",
+                      RuntimeWarning, stacklevel=3)

@@ -1,6 +1,6 @@
 """Fused quantize: load a group, reduce, choose the grid, round, pack, store; one pass over the input.
 
-Input: a flat tensor of n float32/float16/bfloat16 elements in physical memory order, cut into
+Input: n float32/float16/bfloat16 elements read in physical memory order (a dense tensor), cut into
 ``n_groups = ceil(n / group_size)`` groups of consecutive elements (the last may be partial).
 Output:
     payload  uint8 [n_groups * group_size * bits // 8]   codes, packed as in kernels/bitpack.py
@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
-from .launch import launch_options
+from .launch import KernelLauncher, cdiv, flat_view
 from .philox import torch_philox_uniform
 
 SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Moseley use 3)
@@ -173,6 +173,9 @@ def _quantize_kernel(
     tl.store(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :], meta, mask=row_valid[:, None])
 
 
+_launch_quantize = KernelLauncher(_quantize_kernel)
+
+
 @triton.jit
 def _min_propagating_nan(a, b):
     return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
@@ -184,29 +187,34 @@ def _max_propagating_nan(a, b):
 
 
 def triton_quantize(
-    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
+    x: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
     channels: torch.Tensor | None = None, channel_stride: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a contiguous 1-D float tensor. Returns (payload uint8, meta float32 [n_groups, 2]).
+    """Quantize a dense float tensor in memory order. Returns (payload uint8, meta float32 [n_groups, 2]).
 
-    Element i draws its stochastic-rounding uniform from Philox(seed, counter = rng_offset + i).
+    ``x``: float32/float16/bfloat16 whose n elements fill one gap-free run of memory from
+    ``x.data_ptr()`` (``launch.flat_view``): a 1-D contiguous tensor, or any dense layout, read as
+    that run. Element i of the run draws its stochastic-rounding uniform from
+    Philox(seed, counter = rng_offset + i).
     ``channels``: float32 [C, 2] (minimum, scale) to standardize element i with, for its channel
     ``(i // channel_stride) % C`` (see the module docstring); None: no standardization.
     """
-    n = flat.numel()
+    n = x.numel()
     n_groups = -(-n // group_size)
-    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=flat.device)
-    meta = torch.empty((n_groups, 2), dtype=torch.float32, device=flat.device)
+    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=x.device)
+    meta = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device)
     if n == 0:
         return payload, meta
-    rows, num_warps = quantize_launch_config(flat, n_groups, bits, group_size, sigma, stochastic)
-    grid = (triton.cdiv(n_groups, rows),)
+    rows, num_warps = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic)
+    grid = cdiv(n_groups, rows)
     standardize = channels is not None
-    _quantize_kernel[grid](
-        flat, payload, meta, n, n_groups, seed, rng_offset,
-        channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1,
-        BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
-        EVEN=n % group_size == 0, num_warps=num_warps, **launch_options(),
+    _launch_quantize(
+        grid,
+        (x, payload, meta, n, n_groups, seed, rng_offset,
+         channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
+        dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
+             EVEN=n % group_size == 0),
+        num_warps,
     )
     return payload, meta
 
@@ -235,10 +243,11 @@ def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch
 
 
 def torch_quantize(
-    flat: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
+    x: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
     channels: torch.Tensor | None = None, channel_stride: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference for ``triton_quantize``: same signature, same bits out."""
+    flat = flat_view(x)
     n = flat.numel()
     n_groups = -(-n // group_size)
     device = flat.device

@@ -96,23 +96,21 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
     """
     _check_input(x)
     backend = resolve_backend(config.backend, x.device)
+    # Detached: the torch backend's arithmetic must not be recorded by autograd (nor saved again).
     x = x.detach()
-    stored = _collapse_broadcast(x)
-    if not _is_dense(stored):
-        stored = torch.empty_like(stored).copy_(stored)
+    stored = _dense_layout(x)
     channels, channel_stride = None, 1
     if standardize_channels and x.dtype != torch.bool and stored.dim() >= 2:
         channels, channel_stride = _channel_statistics(stored), _channel_stride(stored)
-    n = stored.numel()
-    flat = stored.as_strided((n,), (1,))
+    # The launchers read ``stored`` as its run of memory (kernels.launch.flat_view); no flat view needed.
     with _on_device(x.device):
         if x.dtype == torch.bool:
-            payload, meta = _PACK_BOOL[backend](flat), None
+            payload, meta = _PACK_BOOL[backend](stored), None
             bits, scheme, stochastic = 1, "bool", False
         else:
-            seed, offset = _rng_for(config, n)
+            seed, offset = _rng_for(config, stored.numel())
             payload, meta = _QUANTIZE[backend](
-                flat, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset,
+                stored, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset,
                 channels, channel_stride,
             )
             bits, scheme, stochastic = config.bits, config.scheme, config.stochastic
@@ -161,14 +159,14 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"dequantize expects a tritonquant.PackedTensor, got {type(packed).__name__}")
     backend = resolve_backend(backend, packed.device)
-    out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=packed.device)
-    flat = out.as_strided((out.numel(),), (1,))
+    device = packed.device
+    out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=device)
     channel_stride = _channel_stride(out) if packed.channels is not None else 1
-    with _on_device(packed.device):
+    with _on_device(device):  # (``out`` is dense: the launchers write it as its run of memory)
         if packed.meta is None:
-            _UNPACK_BOOL[backend](packed.payload, flat)
+            _UNPACK_BOOL[backend](packed.payload, out)
         else:
-            _DEQUANTIZE[backend](packed.payload, packed.meta, flat, packed.bits, packed.group_size,
+            _DEQUANTIZE[backend](packed.payload, packed.meta, out, packed.bits, packed.group_size,
                                  packed.channels, channel_stride)
     if out.shape != packed.shape:
         out = out.expand(packed.shape)
@@ -196,6 +194,16 @@ def _rng_for(config: QuantConfig, n_elements: int) -> tuple[int, int]:
     return _stream.reserve(padded)
 
 
+def _dense_layout(x: torch.Tensor) -> torch.Tensor:
+    """What gets packed: ``x`` itself when it is contiguous or channels_last (the common case, two
+    cheap checks); otherwise broadcast dimensions collapsed and, if gaps remain, a dense copy that
+    keeps the dimension order."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    stored = _collapse_broadcast(x)
+    return stored if _is_dense(stored) else torch.empty_like(stored).copy_(stored)
+
+
 def _collapse_broadcast(x: torch.Tensor) -> torch.Tensor:
     """View of ``x`` with every stride-0 dimension of size > 1 narrowed to size 1."""
     for dim, (size, stride) in enumerate(zip(x.shape, x.stride())):
@@ -214,6 +222,13 @@ def _is_dense(x: torch.Tensor) -> bool:
     return True
 
 
+_ALREADY_CURRENT = contextlib.nullcontext()
+
+
 def _on_device(device: torch.device):
-    """Make ``device`` current while launching: autograd's thread may sit on another GPU."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """Make ``device`` current while launching: autograd's thread may sit on another GPU.
+
+    A no-op when it already is (the common case, checked without building a device guard)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _ALREADY_CURRENT
+    return torch.cuda.device(device)

@@ -19,6 +19,7 @@ import torch
 from tests.activations import activation_like
 from tritonquant.kernels import autotune, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 from tritonquant.kernels import dequantize as dequantize_module
+from tritonquant.kernels import launch as launch_module
 from tritonquant.kernels import quantize as quantize_module
 from tritonquant.kernels.autotune import LaunchConfig, TuneKey
 from tritonquant.kernels.launch import default_group_tile
@@ -62,8 +63,9 @@ def fake_gpu(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("no kernel launch expected with the simulated GPU")
 
-    monkeypatch.setattr(quantize_module, "_quantize_kernel", NoLaunch())
-    monkeypatch.setattr(dequantize_module, "_dequantize_kernel", NoLaunch())
+    monkeypatch.setattr(quantize_module._launch_quantize, "kernel", NoLaunch())
+    monkeypatch.setattr(dequantize_module._launch_dequantize, "kernel", NoLaunch())
+    monkeypatch.setattr(launch_module, "DIRECT_LAUNCH", False)  # (on a GPU: no kernel compiled earlier either)
     monkeypatch.setattr(autotune, "is_interpreted", lambda: False)
     monkeypatch.setattr(autotune, "device_identity", lambda device: H200)
     monkeypatch.setattr(autotune, "benchmark", timer)
@@ -333,9 +335,10 @@ def test_forced_configs_give_identical_bytes(bits, sigma, stochastic, dtype, dev
     group, n = 64, 64 * 37 + 13  # a partial last group; 38 groups do not fill the last tile
     x = activation_like(n, dtype, group, seed=bits, device=device)
     spy = KernelSpy(quantize_module._quantize_kernel)
-    monkeypatch.setattr(quantize_module, "_quantize_kernel", spy)
+    monkeypatch.setattr(quantize_module._launch_quantize, "kernel", spy)
     decode_spy = KernelSpy(dequantize_module._dequantize_kernel)
-    monkeypatch.setattr(dequantize_module, "_dequantize_kernel", decode_spy)
+    monkeypatch.setattr(dequantize_module._launch_dequantize, "kernel", decode_spy)
+    monkeypatch.setattr(launch_module, "DIRECT_LAUNCH", False)  # every launch through the spies
     outputs = []
     for config in FORCED:
         with autotune.use_config(config):

@@ -42,3 +42,39 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, as_int: torch.dtype, nan_
     assert torch.equal(nan, b.isnan())
     assert nan.sum().item() == nan_count
     assert torch.equal(a.view(as_int)[~nan], b.view(as_int)[~nan])
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])  # 16-byte alignment is specialized on
+def test_direct_launches_write_what_dispatched_launches_write(offset, monkeypatch):
+    """kernels/launch.KernelLauncher: after the first launch of a specialization Triton's dispatch is
+    skipped, and the kernel it then calls writes the same bytes."""
+    from tritonquant.kernels import launch
+    from tritonquant.kernels.dequantize import _dequantize_kernel
+    from tritonquant.kernels.quantize import _quantize_kernel
+
+    n = 64 * GROUP + 3
+    x = activation_like(n + 1, torch.bfloat16, GROUP, seed=11, device="cuda")[offset:offset + n]
+    dispatches = []
+    for kernel in (_quantize_kernel, _dequantize_kernel):
+        def counting(*args, _run=kernel.run, **kwargs):
+            dispatches.append(1)
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", counting)
+
+    def round_trip():
+        payload, meta = triton_quantize(x, 4, GROUP, False, False, 0, 0)
+        out = torch.full((n,), float("nan"), dtype=torch.bfloat16, device="cuda")
+        triton_dequantize(payload, meta, out, 4, GROUP)
+        return payload, meta, out
+
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", False)
+    dispatched = round_trip()
+    assert len(dispatches) == 2
+    monkeypatch.setattr(launch, "DIRECT_LAUNCH", True)
+    round_trip()  # the first direct-path launch of each kernel may go through the dispatch once
+    before = len(dispatches)
+    direct = round_trip()
+    assert len(dispatches) == before, "a repeated launch must not go through Triton's dispatch"
+    for a, b in zip(direct, dispatched):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -1,0 +1,189 @@
+"""KernelLauncher's direct launches hand the launcher exactly what Triton's dispatch hands it (run as a script).
+
+No GPU is needed: Triton's active driver is replaced by one that targets sm_90, compiles for real
+(frontend, optimizer, bundled ptxas) and records each launch instead of performing it. Then, for the
+quantize kernel and a series of argument sets that differ in what Triton specializes on (pointer
+alignment, an int equal to 1, divisibility by 16, 64-bit ints, constexprs, num_warps), this checks:
+
+  * the first launch of each specialization goes through Triton's dispatch, a repeat does not;
+  * a direct launch passes the launcher the same values, in the same order, as the dispatch did
+    for the same arguments (grid, stream, compiled function, metadata, every argument);
+  * a direct launch never reuses a kernel compiled for another specialization;
+  * with a launch hook installed, every launch goes through the dispatch.
+
+Prints one line per check and exits 1 on the first failure, 2 if this Triton's internals differ
+from what the fake driver needs (then nothing about the launcher was checked).
+
+    python tests/kernels/direct_launch_check.py
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+
+try:
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+except ImportError as exc:  # pragma: no cover - an older or newer Triton
+    print(f"SKIP: {exc}")
+    sys.exit(2)
+
+LAUNCHES: list[tuple] = []
+
+
+class RecordingUtils:
+    def load_binary(self, name, kernel, shared, device):
+        return (1, 2, 32, 0, 1024)  # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+
+class RecordingDriver:
+    """Compiles for sm_90; each launch is recorded, with its kernel's compiled identity, and not run."""
+
+    utils = RecordingUtils()
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 1234
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+    def launcher_cls(self, src, metadata):
+        def launch(*args):
+            LAUNCHES.append((metadata.hash, *args))
+
+        return launch
+
+
+try:
+    driver.set_active(RecordingDriver())
+except Exception as exc:  # noqa: BLE001
+    print(f"SKIP: cannot install a fake driver: {exc}")
+    sys.exit(2)
+
+from tritonquant.kernels import launch as launch_module  # noqa: E402
+from tritonquant.kernels.launch import KernelLauncher  # noqa: E402
+from tritonquant.kernels.quantize import _quantize_kernel  # noqa: E402
+
+DISPATCHES = []
+_dispatch = _quantize_kernel.run
+
+
+def counting_dispatch(*args, **kwargs):
+    DISPATCHES.append(1)
+    return _dispatch(*args, **kwargs)
+
+
+_quantize_kernel.run = counting_dispatch
+
+
+def fail(message: str) -> None:
+    print(f"FAILED: {message}")
+    sys.exit(1)
+
+
+def identical(a, b) -> bool:
+    """The same object, or equal plain values (tensors only ever match themselves)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    return type(a) is type(b) and a == b
+
+
+def argument_sets():
+    """(name, runtime args, constexprs, num_warps); every set differs from the first in one respect."""
+    x = torch.zeros(4096 + 8, dtype=torch.bfloat16)
+    payload = torch.zeros(4096, dtype=torch.uint8)
+    meta = torch.zeros(64, 2)
+    constexprs = dict(BITS=4, GROUP=256, ROWS=4, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False, EVEN=True)
+    base = (x, payload, meta, 4096, 16, 0, 0, meta, 1, 1)
+
+    def changed(index, value):
+        return base[:index] + (value,) + base[index + 1:]
+
+    yield "aligned, 16 groups", base, constexprs, 4
+    yield "input pointer 2 bytes past 16-byte alignment", changed(0, x[1:]), constexprs, 4
+    yield "n_groups = 1 (Triton makes the value 1 a constant)", changed(4, 1), constexprs, 4
+    yield "n_groups = 17 (not a multiple of 16)", changed(4, 17), constexprs, 4
+    yield "rng_offset beyond int32", changed(6, 2**40), constexprs, 4
+    yield "fp32 input", changed(0, torch.zeros(4096)), constexprs, 4
+    yield "another constexpr (BITS=2)", base, {**constexprs, "BITS": 2}, 4
+    yield "another num_warps", base, constexprs, 8
+
+
+def main() -> None:
+    launcher = KernelLauncher(_quantize_kernel)
+    if not launcher._direct:
+        print("SKIP: KernelLauncher fell back to Triton's dispatch for a compiled kernel")
+        sys.exit(2)
+    seen_hashes = {}
+    for name, args, constexprs, num_warps in argument_sets():
+        dispatches = len(DISPATCHES)
+        launcher(3, args, constexprs, num_warps)
+        if len(DISPATCHES) != dispatches + 1:
+            fail(f"{name}: a new specialization must go through Triton's dispatch")
+        by_dispatch = LAUNCHES[-1]
+        launcher(3, args, constexprs, num_warps)
+        if len(DISPATCHES) != dispatches + 1:
+            fail(f"{name}: a repeated launch went through the dispatch again")
+        direct = LAUNCHES[-1]
+        # Recorded: (kernel hash, grid x, y, z, stream, function, packed metadata, launch metadata, enter
+        # hook, exit hook, *arguments). Without hooks installed the dispatch passes its empty hook chains
+        # (and metadata for them), the direct launch passes None: the launcher calls nothing either way.
+        if direct[7:10] != (None, None, None) or not all(launch_module._is_empty_hook(h) for h in by_dispatch[8:10]):
+            fail(f"{name}: hooks {by_dispatch[8:10]} (dispatch) / {direct[7:10]} (direct) are not both empty")
+        same = direct[:7] + direct[10:], by_dispatch[:7] + by_dispatch[10:]
+        if len(same[0]) != len(same[1]) or not all(map(identical, *same)):
+            fail(f"{name}: direct launch {same[0]} differs from the dispatch's {same[1]}")
+        if direct[0] in seen_hashes:
+            fail(f"{name}: compiled the same kernel as '{seen_hashes[direct[0]]}'; the set does not test a new key")
+        seen_hashes[direct[0]] = name
+        print(f"{name}: ok (dispatch once, then direct with identical launcher arguments)")
+
+    name, args, constexprs, num_warps = next(argument_sets())
+    def hook(metadata):
+        return None
+
+    chain = knobs.runtime.launch_enter_hook
+    if hasattr(chain, "add"):  # Triton 3.6+: a chain of hooks
+        chain.add(hook)
+    else:
+        knobs.runtime.launch_enter_hook = hook
+    try:
+        dispatches = len(DISPATCHES)
+        launcher(3, args, constexprs, num_warps)
+        if len(DISPATCHES) != dispatches + 1:
+            fail("with a launch hook installed the dispatch must run (hooks read its launch metadata)")
+    finally:
+        if hasattr(chain, "remove"):
+            chain.remove(hook)
+        else:
+            knobs.runtime.launch_enter_hook = chain
+    print("launch hook installed: ok (dispatch)")
+
+    launch_module.DIRECT_LAUNCH = False
+    dispatches = len(DISPATCHES)
+    launcher(3, args, constexprs, num_warps)
+    if len(DISPATCHES) != dispatches + 1:
+        fail("TRITONQUANT_DIRECT_LAUNCH=0 must always use the dispatch")
+    print("direct launch switched off: ok (dispatch)")
+
+
+if __name__ == "__main__":
+    main()
