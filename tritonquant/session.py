@@ -218,8 +218,11 @@ class Session:
                 calibration.enter(self._stack.name_of(module), module)
         if id(module) not in self._seen_modules:
             self._seen_modules.add(id(module))
-            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-                self._module_tensors.add(tensor)
+            # The module's own registries, as parameters(recurse=False) and buffers(recurse=False) would
+            # list them, without their generator machinery: this runs for every module of every step.
+            for tensor in (*module._parameters.values(), *module._buffers.values()):
+                if tensor is not None:
+                    self._module_tensors.add(tensor)
 
     def _on_module_exit(self, module: nn.Module, args: object, output: object) -> None:
         if _compiling():
