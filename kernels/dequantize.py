@@ -13,7 +13,16 @@ import triton.language as tl
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
-from .quantize import element_mask, torch_channel_of
+from .quantize import torch_channel_of
+
+
+@triton.jit
+def element_mask(idx, row_valid, n_elements, GROUP: tl.constexpr, EVEN: tl.constexpr):
+    """[ROWS, GROUP] mask of the elements that exist. EVEN (n_elements a multiple of GROUP): every
+    group is whole, so the row mask, broadcast to the tile, saves a 64-bit compare per element."""
+    if EVEN:
+        return row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]
+    return idx < n_elements
 
 
 @triton.jit

@@ -167,7 +167,8 @@ def _device_state():
 def _no_launch_hooks() -> bool:
     """True when no launch hook is installed. (Triton 3.6+ keeps each hook as a chain, empty by default.)"""
     runtime = _knobs.runtime if _knobs is not None else None
-    return runtime is not None and _is_empty_hook(runtime.launch_enter_hook) and _is_empty_hook(runtime.launch_exit_hook)
+    return (runtime is not None and _is_empty_hook(runtime.launch_enter_hook)
+            and _is_empty_hook(runtime.launch_exit_hook))
 
 
 def _is_empty_hook(hook) -> bool:

@@ -48,18 +48,23 @@ _K_TINY_RANGE = tl.constexpr(_TINY_RANGE)
 _K_MIN_NORMAL = tl.constexpr(_MIN_NORMAL)
 
 
+# Threads that share one group in _quantize_kernel: fewer threads per group means each holds more of
+# it and pays for the group's reduction and scalars over more elements; 8 threads of 16-byte vectors
+# still cover 128 contiguous bytes per group and load instruction.
+THREADS_PER_GROUP = 8
+
+
+def split_for(group_size: int, element_size: int) -> int:
+    """_quantize_kernel's SPLIT: the chunks a group is cut into so that THREADS_PER_GROUP threads, one
+    16-byte vector each, cover a chunk (4 for bf16/fp16 and 8 for fp32 at group size 256; 1 for groups
+    of one chunk or less)."""
+    chunk = THREADS_PER_GROUP * (16 // element_size)
+    return max(group_size // chunk, 1)
+
+
 def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
     n_groups = -(-n_elements // group_size)
     return n_groups * group_size * bits // 8
-
-
-@triton.jit
-def element_mask(idx, row_valid, n_elements, GROUP: tl.constexpr, EVEN: tl.constexpr):
-    """[ROWS, GROUP] mask of the elements that exist. EVEN (n_elements a multiple of GROUP): every
-    group is whole, so the row mask, broadcast to the tile, saves a 64-bit compare per element."""
-    if EVEN:
-        return row_valid[:, None] & (tl.arange(0, GROUP) < GROUP)[None, :]
-    return idx < n_elements
 
 
 @triton.jit
@@ -68,10 +73,18 @@ def _quantize_kernel(
     channels_ptr, channel_stride, n_channels,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, EVEN: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    # The kernel is bound by instructions per element, not bytes: work that can be done once per row
+    # (group) is done per row, and each row is shared by as few threads as keep loads coalesced.
+    # The tile is [SPLIT, ROWS, CHUNK]: element (s, r, j) is element s * CHUNK + j of row r. Triton
+    # spreads a warp's threads over CHUNK first, so a row of CHUNK = 8 vectors of 16 bytes is shared by
+    # 8 threads that each hold SPLIT vectors of it: 32 bf16 values per thread at GROUP 256, where a
+    # [ROWS, GROUP] tile gave each of 32 threads 8 values, and every thread pays for the row's reduction
+    # and scalars (sm_90, 4 bits: 22 instructions per element against 31 to 34; ``split_for``).
     # EVEN: n_elements is a multiple of GROUP, so every group is whole and only rows past n_groups are
-    # masked (per row, not per element). The kernel is bound by instructions per element, not bytes:
-    # work that can be done once per row is done per row.
+    # masked (per row, not per element).
+    CHUNK: tl.constexpr = GROUP // SPLIT
     LEVELS_M1: tl.constexpr = (1 << BITS) - 1
     # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
     Z_MIN: tl.constexpr = 1 if BITS > 1 else 0
@@ -80,8 +93,13 @@ def _quantize_kernel(
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_valid = rows < n_groups
-    idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    valid = element_mask(idx, row_valid, n_elements, GROUP, EVEN)
+    idx = (rows.to(tl.int64)[None, :, None] * GROUP + (tl.arange(0, SPLIT) * CHUNK)[:, None, None]
+           + tl.arange(0, CHUNK)[None, None, :])
+    if EVEN:  # the row mask, broadcast to the tile: no 64-bit compare per element
+        valid = ((tl.arange(0, SPLIT) < SPLIT)[:, None, None] & row_valid[None, :, None]
+                 & (tl.arange(0, CHUNK) < CHUNK)[None, None, :])
+    else:
+        valid = idx < n_elements
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     if STANDARDIZE:
         channel = (idx // channel_stride) % n_channels
@@ -91,11 +109,11 @@ def _quantize_kernel(
 
     # NaN-propagating min/max: one reduction each finds the range and any NaN or +/-Inf in the group.
     if EVEN:
-        lo_raw = tl.reduce(x, 1, _min_propagating_nan)
-        hi_raw = tl.reduce(x, 1, _max_propagating_nan)
+        lo_raw = _row_min(x)
+        hi_raw = _row_max(x)
     else:
-        lo_raw = tl.reduce(tl.where(valid, x, float("inf")), 1, _min_propagating_nan)
-        hi_raw = tl.reduce(tl.where(valid, x, -float("inf")), 1, _max_propagating_nan)
+        lo_raw = _row_min(tl.where(valid, x, float("inf")))
+        hi_raw = _row_max(tl.where(valid, x, -float("inf")))
     # False for NaN too. A bad group stores step = NaN and all-zero codes; its grid is computed from 0.
     bad = ~((lo_raw > -float("inf")) & (hi_raw < float("inf")) & row_valid)
     lo = tl.where(bad, 0.0, lo_raw)
@@ -105,10 +123,10 @@ def _quantize_kernel(
         center = lo * 0.5 + hi * 0.5
         half = hi * 0.5 - lo * 0.5
         to_fixed = tl.where(half > 0, tl.div_rn(_K_FIXED_POINT_SCALE, tl.maximum(half, _K_TINY_RANGE)), 0.0)
-        ok = valid & ~bad[:, None]
-        fixed = (tl.where(ok, x - center[:, None], 0.0) * to_fixed[:, None]).to(tl.int32)
-        sum1 = tl.sum(fixed, axis=1)
-        sum2 = tl.sum((fixed * fixed).to(tl.int64), axis=1)
+        ok = valid & ~bad[None, :, None]
+        fixed = (tl.where(ok, x - center[None, :, None], 0.0) * to_fixed[None, :, None]).to(tl.int32)
+        sum1 = tl.sum(tl.sum(fixed, axis=2), axis=0)
+        sum2 = tl.sum(tl.sum((fixed * fixed).to(tl.int64), axis=2), axis=0)
         count = tl.maximum(tl.minimum(n_elements - rows.to(tl.int64) * GROUP, GROUP), 1).to(tl.float32)
         mean_fixed = tl.div_rn(sum1.to(tl.float32), count)
         var_fixed = tl.maximum(tl.div_rn(sum2.to(tl.float32), count) - mean_fixed * mean_fixed, 0.0)
@@ -150,30 +168,51 @@ def _quantize_kernel(
     zero_code = tl.where(bad, 0.0, z)
     step_positive = step > 0
 
-    t = (x - base[:, None]) * inv_step[:, None]
+    t = (x - base[None, :, None]) * inv_step[None, :, None]
     if STOCHASTIC:
         t = t + tl.rand(seed, rng_offset + idx)
     else:
         t = t + 0.5
-    away = (x > 0) == step_positive[:, None]
-    lower = tl.where(away, away_lo[:, None], 0.0)
-    upper = tl.where(away, away_hi[:, None], toward_hi[:, None])
+    away = (x > 0) == step_positive[None, :, None]
+    lower = tl.where(away, away_lo[None, :, None], 0.0)
+    upper = tl.where(away, away_hi[None, :, None], toward_hi[None, :, None])
     # (min/max that ignore NaN: a bad group's NaN t lands on its bounds, 0.)
     code = tl.minimum(tl.maximum(tl.floor(t), lower), upper)
-    code = tl.where(x != 0, code, zero_code[:, None])
+    code = tl.where(x != 0, code, zero_code[None, :, None])
     if not EVEN:
         code = tl.where(valid, code, 0.0)
     code = code.to(tl.uint8)
 
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
-    packed = pack_codes(code, ROWS, GROUP, BITS)
-    out_idx = rows.to(tl.int64)[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
-    tl.store(payload_ptr + out_idx, packed, mask=row_valid[:, None])
+    CHUNK_BYTES: tl.constexpr = CHUNK * BITS // 8
+    packed = tl.reshape(pack_codes(tl.reshape(code, (SPLIT * ROWS, CHUNK)), SPLIT * ROWS, CHUNK, BITS),
+                        (SPLIT, ROWS, CHUNK_BYTES))
+    # Each thread's codes fill whole bytes of one run (a 16-byte vector of bf16 at 4 bits: 4 bytes); the
+    # contiguity hint keeps the store in that layout instead of a round trip through shared memory
+    # to make 16-byte stores.
+    VECTOR: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+    THREAD_BYTES: tl.constexpr = max(VECTOR * BITS // 8, 1)
+    out_idx = (rows.to(tl.int64)[None, :, None] * BYTES_PER_GROUP
+               + (tl.arange(0, SPLIT) * CHUNK_BYTES)[:, None, None]
+               + tl.max_contiguous(tl.arange(0, CHUNK_BYTES), THREAD_BYTES)[None, None, :])
+    tl.store(payload_ptr + out_idx, packed, mask=row_valid[None, :, None])
     meta = tl.join(base, tl.where(bad, float("nan"), step))  # [ROWS, 2]: one store for both
     tl.store(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :], meta, mask=row_valid[:, None])
 
 
 _launch_quantize = KernelLauncher(_quantize_kernel)
+
+
+@triton.jit
+def _row_min(x):
+    """[SPLIT, ROWS, CHUNK] -> [ROWS]: each row's minimum, NaN if it holds one."""
+    return tl.reduce(tl.reduce(x, 2, _min_propagating_nan), 0, _min_propagating_nan)
+
+
+@triton.jit
+def _row_max(x):
+    """[SPLIT, ROWS, CHUNK] -> [ROWS]: each row's maximum, NaN if it holds one."""
+    return tl.reduce(tl.reduce(x, 2, _max_propagating_nan), 0, _max_propagating_nan)
 
 
 @triton.jit
@@ -213,7 +252,7 @@ def triton_quantize(
         (x, payload, meta, n, n_groups, seed, rng_offset,
          channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
-             EVEN=n % group_size == 0),
+             EVEN=n % group_size == 0, SPLIT=split_for(group_size, x.element_size())),
         num_warps,
     )
     return payload, meta

@@ -21,10 +21,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tritonquant.kernels.bitpack import _pack_bool_kernel, _unpack_bool_kernel  # noqa: E402
 from tritonquant.kernels.dequantize import _dequantize_kernel  # noqa: E402
-from tritonquant.kernels.quantize import _quantize_kernel  # noqa: E402
+from tritonquant.kernels.quantize import _quantize_kernel, split_for  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 FLOATS = ("fp32", "fp16", "bf16")
+ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def variants(quick: bool):
@@ -38,9 +39,9 @@ def variants(quick: bool):
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
                      "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args, "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
-                     "STANDARDIZE": "constexpr", "EVEN": "constexpr"}
+                     "STANDARDIZE": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr"}
         constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "SIGMA": sigma, "STOCHASTIC": stochastic,
-                     "STANDARDIZE": standardize, "EVEN": even}
+                     "STANDARDIZE": standardize, "EVEN": even, "SPLIT": split_for(256, ELEMENT_SIZES[dtype])}
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize} "
                 f"even={even}")
         yield name, _quantize_kernel, signature, constants

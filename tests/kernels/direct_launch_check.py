@@ -111,7 +111,8 @@ def argument_sets():
     x = torch.zeros(4096 + 8, dtype=torch.bfloat16)
     payload = torch.zeros(4096, dtype=torch.uint8)
     meta = torch.zeros(64, 2)
-    constexprs = dict(BITS=4, GROUP=256, ROWS=4, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False, EVEN=True)
+    constexprs = dict(BITS=4, GROUP=256, ROWS=4, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False, EVEN=True,
+                      SPLIT=4)
     base = (x, payload, meta, 4096, 16, 0, 0, meta, 1, 1)
 
     def changed(index, value):

@@ -374,7 +374,8 @@ def test_cache_location_env_vars(monkeypatch, tmp_path):
     assert autotune.cache_path() == tmp_path / "xdg" / "tritonquant" / f"autotune-{autotune.FORMAT_VERSION}.json"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # the XDG spec says to ignore relative paths
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert autotune.cache_path() == tmp_path / "home" / ".cache" / "tritonquant" / "autotune-1.json"
+    name = f"autotune-{autotune.FORMAT_VERSION}.json"
+    assert autotune.cache_path() == tmp_path / "home" / ".cache" / "tritonquant" / name
 
 
 def one_entry(rows=4, bits=4, gpu="NVIDIA H200"):

@@ -320,3 +320,36 @@ def test_sigma_window_is_mean_plus_minus_three_std(device):
     tolerance = step.abs() / 2 + 1e-3 * std
     assert ((low_end - (mean - 3 * std)).abs() <= tolerance).all()
     assert ((high_end - (mean + 3 * std)).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 8], ids=lambda s: f"split{s}")
+@pytest.mark.parametrize("variant", ["minmax", "sigma", "stochastic", "standardized"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("n", [256 * 5 + 7, 256 * 4], ids=["partial", "whole"])
+def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, device, monkeypatch):
+    """_quantize_kernel cuts each group into SPLIT chunks (split_for picks 4 for bf16 and 8 for fp32 at
+    group size 256): the tiling changes which thread holds what, never the bytes."""
+    from tritonquant.kernels import quantize as quantize_module
+
+    monkeypatch.setattr(quantize_module, "split_for", lambda group_size, element_size: split)
+    x = activation_like(n, dtype, 256, seed=split, device=device)
+    x[300] = 0.0
+    channels = None
+    if variant == "standardized":
+        channels = torch.tensor([[-1.0, 0.5], [0.25, 2.0], [0.0, 1.0]], device=device)
+    args = (x, 2 if variant == "standardized" else 4, 256, variant == "sigma", variant == "stochastic", 5, 17,
+            channels, 16)
+    payload, meta = triton_quantize(*args)
+    ref_payload, ref_meta = torch_quantize(*args)
+    assert torch.equal(payload, ref_payload)
+    assert torch.equal(meta, ref_meta)
+
+
+@pytest.mark.parametrize("group_size, element_size, expected", [
+    (256, 2, 4), (256, 4, 8), (64, 2, 1), (64, 4, 2), (8, 4, 1), (4096, 2, 64)])
+def test_split_for_gives_each_of_8_threads_16_byte_vectors(group_size, element_size, expected):
+    from tritonquant.kernels.quantize import THREADS_PER_GROUP, split_for
+
+    assert split_for(group_size, element_size) == expected
+    chunk = group_size // expected
+    assert chunk * element_size == min(group_size * element_size, THREADS_PER_GROUP * 16)
