@@ -201,7 +201,7 @@ def _dense_layout(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     stored = _collapse_broadcast(x)
-    return stored if _is_dense(stored) else torch.empty_like(stored).copy_(stored)
+    return stored if is_dense(stored) else torch.empty_like(stored).copy_(stored)
 
 
 def _collapse_broadcast(x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +212,7 @@ def _collapse_broadcast(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _is_dense(x: torch.Tensor) -> bool:
+def is_dense(x: torch.Tensor) -> bool:
     """True when the elements of ``x`` fill one gap-free, non-overlapping run of its storage."""
     expected = 1
     for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz != 1):

@@ -8,6 +8,9 @@ backward runs (double backward, checkpoint recomputation) are short-lived; spars
 FakeTensor, ...) and meta tensors have no flat storage to read; integer tensors (indices) and float64
 must stay exact; small tensors cost more in launches than they save.
 
+Max-pooling indices are the one integer tensor that is packed, losslessly: int64 stored as int16
+or int32, whichever holds every position of the pooled input plane (``narrow_index_dtype``).
+
 Normalization statistics (BatchNorm's save_mean/save_invstd, LayerNorm's mean/rstd) and attention's
 log-sum-exp hold one value per row or channel and usually fall below ``min_bytes``. (They cannot be
 told apart by ``requires_grad``: inside a compiled region or a custom autograd.Function every saved
@@ -50,6 +53,7 @@ REASONS = {
     "subclass": "tensor subclass",
     "device": "device without a backend",
     "dtype": "integer, float64 or other unsupported dtype",
+    "narrowed": "max-pooling indices, kept exactly in int16/int32",
     "small": "storage below min_bytes",
     "excluded": "excluded by an override",
 }
@@ -132,6 +136,37 @@ def standardize_kind(t: torch.Tensor, module: nn.Module | None, made_by: str | N
 def standardizes(kind: str | None, bits: int) -> bool:
     """Whether a tensor of ``standardize_kind`` ``kind`` is standardized before packing at ``bits``."""
     return kind == "probability" or (kind == "batchnorm" and bits <= STANDARDIZE_MAX_BITS)
+
+
+# Max-pooling modules whose int64 indices can be stored narrower without loss: each index is a flat
+# position inside one (n, c) plane of the module's input, so it is below the product of the input's
+# last ``dims`` sizes, known from shapes alone (no look at the values, so no host synchronization).
+# Exact types only: a subclass may save other integers.
+MAX_POOL_SPATIAL_DIMS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3,
+}
+
+
+def narrow_index_dtype(
+    t: torch.Tensor, module: nn.Module | None, input_shape: torch.Size | None
+) -> torch.dtype | None:
+    """int16 or int32 when ``t`` is the int64 index tensor a max-pooling module saves and every index
+    it can hold fits that type; None otherwise.
+
+    ``input_shape``: the shape of the module's input in this forward (None when unknown).
+    """
+    dims = MAX_POOL_SPATIAL_DIMS.get(type(module))
+    if dims is None or input_shape is None or t.dtype != torch.int64 or len(input_shape) < dims:
+        return None
+    bound = 1
+    for size in input_shape[-dims:]:
+        bound *= size
+    if bound <= torch.iinfo(torch.int16).max + 1:
+        return torch.int16
+    if bound <= torch.iinfo(torch.int32).max + 1:
+        return torch.int32
+    return None
 
 
 def in_backward() -> bool:

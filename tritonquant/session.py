@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
-from .codec import dequantize, quantize_with
+from .codec import is_dense, dequantize, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
-from .policy import is_sensitive, pass_reason, producer, standardize_kind, standardizes
+from .policy import (MAX_POOL_SPATIAL_DIMS, is_sensitive, narrow_index_dtype, pass_reason, producer,
+                     standardize_kind, standardizes)
 
 OUTSIDE_MODULES = "(outside modules)"
 
@@ -54,6 +55,7 @@ class Stats:
     packed_bytes: bytes they hold packed (payload plus metadata).
     passed_bytes: bytes of the storages of saved tensors kept as they were, each counted once;
         parameters and buffers excluded (the model holds them anyway: they cost the step nothing).
+        Max-pooling indices, kept exactly but in int16/int32, count the bytes of that copy.
     passed_by_reason: tensor counts per pass-through reason (see ``policy.REASONS``).
     deduplicated: saves that reused a tensor already packed in this block.
     offloaded_bytes: packed bytes moved to host memory (``offload="cpu"``, CUDA tensors only).
@@ -100,6 +102,19 @@ class _Kept:
         # (Leaves, parameters among them, have no grad_fn to close one.)
         self.tensor = tensor.detach() if tensor.grad_fn is not None else tensor
         self.version = tensor._version
+
+
+class _NarrowedIndices:
+    """Max-pooling indices stored losslessly in a narrower integer type (``policy.narrow_index_dtype``)."""
+
+    __slots__ = ("narrow", "dtype", "__weakref__")
+
+    def __init__(self, t: torch.Tensor, narrow_dtype: torch.dtype) -> None:
+        self.narrow = t.detach().to(narrow_dtype)  # (same strides: max-pooling indices are dense)
+        self.dtype = t.dtype
+
+    def restore(self) -> torch.Tensor:
+        return self.narrow.to(self.dtype)
 
 
 class _ModuleStack:
@@ -171,6 +186,7 @@ class Session:
         self._slot_counts: Counter = Counter()
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
+        self._pool_inputs: dict[int, torch.Size] = {}  # max-pooling module id -> its input's shape, this forward
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._module_hook_handles: list = []
         self._offloader = Offloader() if config.offload == "cpu" else None
@@ -212,6 +228,8 @@ class Session:
         if _compiling():
             return
         self._stack.push(module)
+        if type(module) in MAX_POOL_SPATIAL_DIMS and args and isinstance(args[0], torch.Tensor):
+            self._pool_inputs[id(module)] = args[0].shape
         if self.config.auto_budget is not None:
             calibration = self._auto_state()
             if isinstance(calibration, Calibration):
@@ -238,6 +256,10 @@ class Session:
         if override is None:
             reason = "excluded"
         row = self._module_row(module)
+        if reason == "dtype" and module is not None and self._override_for() is not None:
+            narrowed = self._pack_pool_indices(t, module, row)
+            if narrowed is not None:
+                return narrowed
         if reason is not None:
             self.stats.passed_by_reason[reason] += 1
             self.stats.passed_tensors += 1
@@ -296,8 +318,24 @@ class Session:
         row.bits.add(packed.bits)
         return handle
 
+    def _pack_pool_indices(self, t: torch.Tensor, module: nn.Module, row: ModuleStats) -> _NarrowedIndices | None:
+        """Max-pooling indices, stored in int16/int32 without loss; None for any other integer tensor."""
+        narrow_dtype = narrow_index_dtype(t, module, self._pool_inputs.get(id(module)))
+        if narrow_dtype is None or t.untyped_storage().nbytes() < self.config.min_bytes or not is_dense(t):
+            return None
+        handle = _NarrowedIndices(t, narrow_dtype)
+        # Counted as kept (exact), at the bytes held: the ratio stays a measure of quantization.
+        self.stats.passed_by_reason["narrowed"] += 1
+        self.stats.passed_tensors += 1
+        self.stats.passed_bytes += handle.narrow.nbytes
+        row.passed_tensors += 1
+        row.passed_bytes += handle.narrow.nbytes
+        return handle
+
     @staticmethod
-    def _unpack(handle: _Packed | _Kept | ProbeTensor) -> torch.Tensor:
+    def _unpack(handle: _Packed | _Kept | ProbeTensor | _NarrowedIndices) -> torch.Tensor:
+        if isinstance(handle, _NarrowedIndices):
+            return handle.restore()
         if isinstance(handle, (_Kept, ProbeTensor)):
             t = handle.tensor
             if t._version != handle.version:

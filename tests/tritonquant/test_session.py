@@ -601,3 +601,54 @@ def test_plain_grid_keeps_probability_rows_summing_to_one_where_the_sign_rule_in
     # rounds them to the nearest level, zero included (measured within 0.28 of 1).
     assert (plain - 1).abs().max() < 0.4
     assert (signed - 1).abs().max() > 1.5
+
+
+class _MaxPoolSubclass(nn.MaxPool2d):
+    pass
+
+
+@pytest.mark.parametrize("pool, shape, bits", [
+    (nn.MaxPool2d(3, 2, 1, return_indices=False), (4, 8, 32, 32), 16),
+    (nn.MaxPool2d(2), (2, 3, 200, 200), 32),  # 40,000 positions a plane do not fit int16
+    (nn.MaxPool1d(4), (4, 8, 1024), 16),
+    (nn.MaxPool3d(2), (2, 4, 8, 16, 16), 16),
+    (nn.AdaptiveMaxPool2d((5, 7)), (4, 8, 30, 28), 16),
+], ids=["maxpool2d", "maxpool2d-wide", "maxpool1d", "maxpool3d", "adaptive2d"])
+def test_max_pool_indices_are_packed_without_loss(pool, shape, bits):
+    # max-pooling's backward reads only the indices (and the input's shape), so with the indices
+    # restored exactly the input gradient is bit-identical to exact training's, whatever the codes.
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    weight = torch.randn_like(pool(x))
+    exact = input_grad(pool, x, contextlib.nullcontext(), weight)
+    session = tq.compress(bits=2, min_bytes=0)
+    compressed = input_grad(pool, x, session, weight)
+    assert torch.equal(compressed, exact)
+    row = session.stats.modules[type(pool).__name__]  # (a root module is named by its type)
+    assert row.packed_tensors == 1 and row.bits == {2}, "the input, quantized"
+    assert session.stats.passed_by_reason == {"narrowed": 1}, "the indices, kept exactly"
+    assert row.passed_bytes == weight.numel() * bits // 8
+
+
+def test_only_max_pooling_modules_get_their_indices_narrowed():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32, 32)
+    pool = _MaxPoolSubclass(2)
+    weight = torch.randn_like(pool(x))
+    session = tq.compress(bits=4, min_bytes=0)
+    input_grad(pool, x, session, weight)
+    assert session.stats.passed_by_reason["dtype"] == 1, "a subclass may save other integers: kept"
+    session = tq.compress(bits=4, min_bytes=0)
+    input_grad(lambda inputs: F.max_pool2d(inputs, 2), x, session, weight)
+    assert session.stats.passed_by_reason["dtype"] == 1, "outside a pooling module the bound is unknown: kept"
+
+
+def test_max_pool_indices_follow_overrides_that_exclude_the_module():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32, 32)
+    pool = nn.MaxPool2d(2)
+    weight = torch.randn_like(pool(x))
+    session = tq.compress(bits=4, min_bytes=0, overrides={nn.MaxPool2d: None})
+    grad = input_grad(pool, x, session, weight)
+    assert session.stats.packed_tensors == 0 and session.stats.passed_by_reason["dtype"] == 1
+    assert torch.equal(grad, input_grad(pool, x, contextlib.nullcontext(), weight))
