@@ -4,9 +4,10 @@ Stochastic rounding draws its uniforms from a counter-based generator so that a 
 (seed, element counter): no state is consumed from torch's global generator (dropout masks and
 ``torch.rand`` stay unchanged) and the torch backend can reproduce the Triton kernel exactly.
 
-Triton's ``tl.rand(seed, offset)`` with an int64 ``offset`` runs Philox4x32 with
-counter = (offset_lo, offset_hi, 0, 0) and key = (seed_lo, seed_hi), then maps the first output word
-to a float in [0, 1). The same is done here with uint32 arithmetic emulated in int64 tensors.
+Triton's ``tl.rand4x(seed, offset)`` with an int64 ``offset`` runs Philox4x32 with
+counter = (offset_lo, offset_hi, 0, 0) and key = (seed_lo, seed_hi), then maps each of the four output
+words to a float in [0, 1); ``tl.rand`` is the first of them. The same is done here with uint32
+arithmetic emulated in int64 tensors.
 """
 
 import torch
@@ -32,14 +33,14 @@ def _mul_hi_lo(constant: int, value: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (product >> 32).bitwise_and_(_MASK32), product.bitwise_and_(_MASK32)
 
 
-def torch_philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """Uniform float32 in [0, 1) for every int64 counter, equal to ``tl.rand(seed, counters)``.
+def torch_philox_uniform4(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """The four uniforms ``tl.rand4x(seed, counters)`` gives, as float32 [*counters.shape, 4].
 
     Args:
         seed: integer key, 0 <= seed < 2**64 (values >= 2**63 must be passed as their int64 wrap).
-        counters: int64 tensor of any shape; each element is an independent draw.
+        counters: int64 tensor of any shape; each element is one Philox4x32-10 evaluation.
     Returns:
-        float32 tensor with the shape and device of ``counters``.
+        float32 tensor in [0, 1): ``[..., k]`` is output word k, mapped to a float as ``tl.rand`` maps it.
     """
     counters = counters.to(torch.int64)
     seed &= (1 << 64) - 1
@@ -58,7 +59,17 @@ def torch_philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
         c1, c3 = lo_b, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
+    return torch.stack([_to_uniform(word) for word in (c0, c1, c2, c3)], dim=-1)
+
+
+def torch_philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1) for every int64 counter, equal to ``tl.rand(seed, counters)`` (the
+    first word of ``torch_philox_uniform4``)."""
+    return torch_philox_uniform4(seed, counters)[..., 0]
+
+
+def _to_uniform(word: torch.Tensor) -> torch.Tensor:
     # Reinterpret the word as int32, fold negatives with bitwise not, scale into [0, 1).
-    signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
+    signed = torch.where(word >= 2**31, word - 2**32, word)
     folded = torch.where(signed < 0, ~signed, signed).to(torch.int32)
     return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)

@@ -35,7 +35,7 @@ import triton.language as tl
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
 from .launch import KernelLauncher, cdiv, flat_view
-from .philox import torch_philox_uniform
+from .philox import torch_philox_uniform4
 
 SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Moseley use 3)
 FIXED_POINT_SCALE = 32768.0  # centred values map into [-2**15, 2**15] for the sigma statistics
@@ -170,7 +170,7 @@ def _quantize_kernel(
 
     t = (x - base[None, :, None]) * inv_step[None, :, None]
     if STOCHASTIC:
-        t = t + tl.rand(seed, rng_offset + idx)
+        t = t + _uniforms(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP)
     else:
         t = t + 0.5
     away = (x > 0) == step_positive[None, :, None]
@@ -204,6 +204,20 @@ _launch_quantize = KernelLauncher(_quantize_kernel)
 
 
 @triton.jit
+def _uniforms(seed, rng_offset, rows, SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+              GROUP: tl.constexpr):
+    """[SPLIT, ROWS, CHUNK] float32 uniforms in [0, 1): element i (of the whole tensor) takes word i % 4
+    of Philox4x32-10(seed, counter = rng_offset + i // 4), so one Philox evaluation serves 4 elements."""
+    QUADS: tl.constexpr = CHUNK // 4
+    quad = (rows.to(tl.int64)[None, :, None] * (GROUP // 4) + (tl.arange(0, SPLIT) * QUADS)[:, None, None]
+            + tl.arange(0, QUADS)[None, None, :])
+    u0, u1, u2, u3 = tl.rand4x(seed, rng_offset + quad)
+    # join(join(u0, u2), join(u1, u3))[..., b, a] is u_(2b + a): word k lands at position k of its quad.
+    quads = tl.join(tl.join(u0, u2), tl.join(u1, u3))
+    return tl.reshape(quads, (SPLIT, ROWS, CHUNK))
+
+
+@triton.jit
 def _row_min(x):
     """[SPLIT, ROWS, CHUNK] -> [ROWS]: each row's minimum, NaN if it holds one."""
     return tl.reduce(tl.reduce(x, 2, _min_propagating_nan), 0, _min_propagating_nan)
@@ -233,8 +247,9 @@ def triton_quantize(
 
     ``x``: float32/float16/bfloat16 whose n elements fill one gap-free run of memory from
     ``x.data_ptr()`` (``launch.flat_view``): a 1-D contiguous tensor, or any dense layout, read as
-    that run. Element i of the run draws its stochastic-rounding uniform from
-    Philox(seed, counter = rng_offset + i).
+    that run. Element i of the run draws its stochastic-rounding uniform from word i % 4 of
+    Philox4x32-10(seed, counter = rng_offset + i // 4): a call uses ceil(n_groups * group_size / 4)
+    counters from rng_offset on.
     ``channels``: float32 [C, 2] (minimum, scale) to standardize element i with, for its channel
     ``(i // channel_stride) % C`` (see the module docstring); None: no standardization.
     """
@@ -356,8 +371,9 @@ def torch_quantize(
 
     t = (xs - base[:, None]) * inv_step[:, None]
     if stochastic:
-        counters = rng_offset + torch.arange(n_groups * group_size, device=device, dtype=torch.int64)
-        t = t + torch_philox_uniform(seed, counters).view(n_groups, group_size)
+        # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _uniforms in the kernel.
+        counters = rng_offset + torch.arange(n_groups * group_size // 4, device=device, dtype=torch.int64)
+        t = t + torch_philox_uniform4(seed, counters).view(n_groups, group_size)
     else:
         t = t + 0.5
     away = (xs > 0) == (step[:, None] > 0)

@@ -191,7 +191,7 @@ def _rng_for(config: QuantConfig, n_elements: int) -> tuple[int, int]:
     if config.seed is not None:
         return config.seed, 0
     padded = -(-n_elements // config.group_size) * config.group_size
-    return _stream.reserve(padded)
+    return _stream.reserve(padded // 4)  # one Philox counter serves 4 elements (kernels/quantize.py)
 
 
 def _dense_layout(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonquant.kernels.philox import torch_philox_uniform
+from tritonquant.kernels.philox import torch_philox_uniform, torch_philox_uniform4
 
 
 @triton.jit
@@ -19,6 +19,25 @@ def test_torch_philox_matches_tl_rand(seed, first_counter, device):
     _rand_kernel[(1,)](out, seed, first_counter, N=128)
     counters = torch.arange(128, device=device, dtype=torch.int64) + first_counter
     assert torch.equal(out, torch_philox_uniform(seed, counters))
+
+
+@triton.jit
+def _rand4x_kernel(out_ptr, seed, first_counter, N: tl.constexpr):
+    counters = tl.arange(0, N).to(tl.int64) + first_counter
+    u0, u1, u2, u3 = tl.rand4x(seed, counters)
+    tl.store(out_ptr + tl.arange(0, N) * 4, u0)
+    tl.store(out_ptr + tl.arange(0, N) * 4 + 1, u1)
+    tl.store(out_ptr + tl.arange(0, N) * 4 + 2, u2)
+    tl.store(out_ptr + tl.arange(0, N) * 4 + 3, u3)
+
+
+@pytest.mark.parametrize("seed", [0, 2**40 + 7, 2**63 - 1], ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("first_counter", [0, 2**33 + 1], ids=lambda c: f"from{c}")
+def test_torch_philox_words_match_tl_rand4x(seed, first_counter, device):
+    out = torch.empty(128, 4, device=device)
+    _rand4x_kernel[(1,)](out, seed, first_counter, N=128)
+    counters = torch.arange(128, device=device, dtype=torch.int64) + first_counter
+    assert torch.equal(out, torch_philox_uniform4(seed, counters))
 
 
 def test_uniforms_lie_in_unit_interval_and_look_uniform():
