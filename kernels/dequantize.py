@@ -17,7 +17,7 @@ from .quantize import torch_channel_of
 
 
 @triton.jit
-def element_mask(idx, row_valid, n_elements, GROUP: tl.constexpr, EVEN: tl.constexpr):
+def _element_mask(idx, row_valid, n_elements, GROUP: tl.constexpr, EVEN: tl.constexpr):
     """[ROWS, GROUP] mask of the elements that exist. EVEN (n_elements a multiple of GROUP): every
     group is whole, so the row mask, broadcast to the tile, saves a 64-bit compare per element."""
     if EVEN:
@@ -66,7 +66,7 @@ def _dequantize_kernel(
                                   mask=row_valid[:, None], other=0.0))  # [ROWS, 2]: one load for both
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    valid = element_mask(idx, row_valid, n_elements, GROUP, EVEN)
+    valid = _element_mask(idx, row_valid, n_elements, GROUP, EVEN)
     if STANDARDIZE:
         channel = (idx // channel_stride) % n_channels
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)

@@ -125,15 +125,15 @@ class KernelLauncher:
         ``constexprs``: every constexpr parameter by name."""
         if self._direct and DIRECT_LAUNCH and _no_launch_hooks():  # (checked per call: hooks come and go)
             try:
-                if self._launch_direct(grid, args, constexprs, num_warps):
-                    return
+                self._launch_direct(grid, args, constexprs, num_warps)
+                return
             except (AttributeError, ImportError, TypeError) as exc:
                 # Setup or argument handling this Triton does differently: its own dispatch from now on.
                 self._direct = False
                 _warn_no_direct_launch(exc)
         self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
 
-    def _launch_direct(self, grid: int, args: tuple, constexprs: dict, num_warps: int) -> bool:
+    def _launch_direct(self, grid: int, args: tuple, constexprs: dict, num_warps: int) -> None:
         if self._device_state is None:
             self._device_state = _device_state()
         get_device, get_stream, specialize, backend = self._device_state
@@ -148,10 +148,9 @@ class KernelLauncher:
             compiled = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
             if compiled is not None:
                 self._compiled[key] = compiled
-            return True
+            return
         compiled.run(grid, 1, 1, get_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
                      *args, *values)
-        return True
 
 
 def _device_state():

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
-from .codec import is_dense, dequantize, quantize_with
+from .codec import dequantize, is_dense, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
