@@ -256,7 +256,7 @@ class Session:
         if override is None:
             reason = "excluded"
         row = self._module_row(module)
-        if reason == "dtype" and module is not None and self._override_for() is not None:
+        if reason == "dtype" and type(module) in MAX_POOL_SPATIAL_DIMS and self._override_for() is not None:
             narrowed = self._pack_pool_indices(t, module, row)
             if narrowed is not None:
                 return narrowed
