@@ -1,8 +1,8 @@
 """``python -m tritonquant bench``: memory and speed of a training step, against the alternatives.
 
 For each built-in workload and batch size, one training step (forward + backward) is measured for:
-exact training, ``compress`` at 8/4/2 bits, ``torch.utils.checkpoint`` around every block, and
-``torch.autograd.graph.save_on_cpu``. Every figure is also given as a ratio to exact training measured
+exact training, ``compress`` at 8/4/2 bits, ``torch.utils.checkpoint`` around every block (alone,
+and with ``compress`` at 4 bits around the step), and ``torch.autograd.graph.save_on_cpu``. Every figure is also given as a ratio to exact training measured
 in the same run.
 
 On a GPU: peak memory (``torch.cuda.max_memory_allocated``), activation memory (memory held after the
@@ -35,7 +35,14 @@ from .models import ResNet50Like, SmallCNN, TinyTransformer, cnn_batch, cnn_loss
 from .session import compress
 
 MB = 2**20
-METHODS = ("exact", "tq-8bit", "tq-4bit", "tq-2bit", "checkpoint", "save_on_cpu")
+# "checkpoint+tq-4bit": every block checkpointed, and what the step still saves (the block inputs, the
+# head) compressed at 4 bits: where the two combine, the lowest peak of the table.
+METHODS = ("exact", "tq-8bit", "tq-4bit", "tq-2bit", "checkpoint", "checkpoint+tq-4bit", "save_on_cpu")
+
+
+def compresses(method: str) -> bool:
+    """True for the methods that run the step inside ``compress``."""
+    return "tq-" in method
 
 
 @dataclass
@@ -98,9 +105,10 @@ def method_context(method: str, model: nn.Module, on_gpu: bool):
     if method.startswith("tq-"):
         bits = int(method[3:-3])
         return (lambda: compress(bits=bits)), contextlib.nullcontext()
-    if method == "checkpoint":
+    if method in ("checkpoint", "checkpoint+tq-4bit"):
         # On CPU the reentrant form keeps the block inputs visible to the byte accounting.
-        return contextlib.nullcontext, checkpointed_blocks(model, use_reentrant=not on_gpu)
+        context = (lambda: compress(bits=4)) if compresses(method) else contextlib.nullcontext
+        return context, checkpointed_blocks(model, use_reentrant=not on_gpu)
     if method == "save_on_cpu":
         return (lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)), contextlib.nullcontext()
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -160,10 +168,10 @@ def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: 
     with model_change:
         # Saved-tensor bytes: packed + kept for compress; everything kept (min_bytes beyond any storage)
         # for the other methods, counted by a non-packing accounting block around the step.
-        counting = compress(min_bytes=2**62) if not method.startswith("tq-") else contextlib.nullcontext()
+        counting = contextlib.nullcontext() if compresses(method) else compress(min_bytes=2**62)
         with counting as counter:
             loss, session = _forward(model, workload, batch, context_factory)
-        stats = session.stats if method.startswith("tq-") else counter.stats
+        stats = session.stats if compresses(method) else counter.stats
         saved = stats.packed_bytes + stats.passed_bytes
         loss.backward()
         times = []

@@ -29,6 +29,7 @@ def test_quick_bench_saved_bytes_fall_with_bits(quick_results):
             saved = {r["method"]: r["saved_mb"] for r in data["rows"] if r["workload"] == workload and r["batch"] == batch}
             assert saved["tq-2bit"] < saved["tq-4bit"] < saved["tq-8bit"] < saved["exact"]
             assert saved["checkpoint"] < saved["exact"]
+            assert saved["checkpoint+tq-4bit"] < saved["checkpoint"], "what checkpointing keeps, compressed"
             assert saved["save_on_cpu"] is None  # nothing to move on a CPU
 
 
