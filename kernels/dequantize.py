@@ -59,7 +59,13 @@ def _dequantize_kernel(
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_valid = rows < n_groups
-    in_idx = rows.to(tl.int64)[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
+    # Each thread stores one 16-byte vector of outputs; the contiguity hint makes it load just the
+    # payload bytes those outputs come from, instead of 16-byte payload loads redistributed through
+    # shared memory.
+    VECTOR: tl.constexpr = 128 // out_ptr.dtype.element_ty.primitive_bitwidth
+    THREAD_BYTES: tl.constexpr = max(VECTOR * BITS // 8, 1)
+    in_idx = (rows.to(tl.int64)[:, None] * BYTES_PER_GROUP
+              + tl.max_contiguous(tl.arange(0, BYTES_PER_GROUP), THREAD_BYTES)[None, :])
     packed = tl.load(payload_ptr + in_idx, mask=row_valid[:, None], other=0)
     code = unpack_codes(packed, ROWS, GROUP, BITS).to(tl.float32)
     base, step = tl.split(tl.load(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :],
