@@ -70,13 +70,16 @@ def _pack_bool_kernel(src_ptr, dst_ptr, n_elements, BLOCK_BYTES: tl.constexpr):
     bits = tl.load(src_ptr + elem_idx, mask=elem_idx < n_elements, other=0)
     codes = (bits != 0).to(tl.uint8)
     packed = tl.reshape(pack_codes(codes, BLOCK_BYTES, 8, 1), (BLOCK_BYTES,))
-    tl.store(dst_ptr + byte_idx, packed, mask=byte_idx * 8 < n_elements)
+    # (The hint keeps the store in the layout the bytes are computed in: one byte a thread, a warp's
+    # 32 bytes contiguous; without it Triton widens the store through shared memory.)
+    out_idx = pid.to(tl.int64) * BLOCK_BYTES + tl.max_contiguous(tl.arange(0, BLOCK_BYTES), 1)
+    tl.store(dst_ptr + out_idx, packed, mask=byte_idx * 8 < n_elements)
 
 
 @triton.jit
 def _unpack_bool_kernel(src_ptr, dst_ptr, n_elements, BLOCK_BYTES: tl.constexpr):
     pid = tl.program_id(0)
-    byte_idx = pid.to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    byte_idx = pid.to(tl.int64) * BLOCK_BYTES + tl.max_contiguous(tl.arange(0, BLOCK_BYTES), 1)
     packed = tl.load(src_ptr + byte_idx, mask=byte_idx * 8 < n_elements, other=0)
     codes = unpack_codes(tl.reshape(packed, (BLOCK_BYTES, 1)), BLOCK_BYTES, 8, 1)
     elem_idx = byte_idx[:, None] * 8 + tl.arange(0, 8)[None, :]
