@@ -114,8 +114,8 @@ class KernelLauncher:
             if isinstance(kernel, JITFunction):
                 params = kernel.params
                 self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
-                self.runtime_names = tuple(p.name for p in params if not p.is_constexpr)
-                if [p.name for p in params] != [*self.runtime_names, *self.constexpr_names]:
+                runtime_names = [p.name for p in params if not p.is_constexpr]
+                if [p.name for p in params] != [*runtime_names, *self.constexpr_names]:
                     raise TypeError(f"{kernel.__name__}: runtime parameters must come before the constexprs")
                 self._direct = True
         except Exception as exc:  # noqa: BLE001 - an unfamiliar Triton: keep its own dispatch
@@ -124,34 +124,44 @@ class KernelLauncher:
     def __call__(self, grid: int, args: tuple, constexprs: dict, num_warps: int) -> None:
         """Launch ``grid`` programs (1-D grid). ``args``: the runtime arguments in declaration order;
         ``constexprs``: every constexpr parameter by name."""
+        key = None
         if self._direct and DIRECT_LAUNCH and _no_launch_hooks():  # (checked per call: hooks come and go)
-            try:
-                self._launch_direct(grid, args, constexprs, num_warps)
-                return
-            except (AttributeError, ImportError, TypeError) as exc:
-                # Setup or argument handling this Triton does differently: its own dispatch from now on.
-                self._direct = False
-                _warn_no_direct_launch(exc)
-        self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
-
-    def _launch_direct(self, grid: int, args: tuple, constexprs: dict, num_warps: int) -> None:
-        if self._device_state is None:
-            self._device_state = _device_state()
-        get_device, get_stream, specialize, backend = self._device_state
-        device = get_device()
-        values = tuple(constexprs[name] for name in self.constexpr_names)
-        key = (device, num_warps, values, tuple(specialize(backend, arg, False, True, True) for arg in args))
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            # First launch of this specialization: Triton's dispatch compiles (or loads) and launches it.
-            if len(args) != len(self.runtime_names):
-                raise TypeError(f"expected {len(self.runtime_names)} runtime arguments, got {len(args)}")
-            compiled = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
+            key = self._key(args, constexprs, num_warps)
+            compiled = self._compiled.get(key) if key is not None else None
             if compiled is not None:
-                self._compiled[key] = compiled
-            return
-        compiled.run(grid, 1, 1, get_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
-                     *args, *values)
+                device, _, values, _ = key
+                try:
+                    compiled.run(grid, 1, 1, self._device_state[1](device), compiled.function,
+                                 compiled.packed_metadata, None, None, None, *args, *values)
+                    return
+                except TypeError as exc:  # this Triton's launcher takes its arguments differently
+                    self._give_up(exc)
+                    key = None
+        # Triton's dispatch: compiles (or loads) the kernel on a first launch, and returns it.
+        compiled = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
+        if key is not None and compiled is not None:
+            self._compiled[key] = compiled
+
+    def _key(self, args: tuple, constexprs: dict, num_warps: int) -> tuple | None:
+        """(device, num_warps, constexpr values, Triton's specialization of each argument), or None
+        when it cannot be computed (then this launch goes through Triton's dispatch)."""
+        if self._device_state is None:
+            try:
+                self._device_state = _device_state()
+            except (AttributeError, ImportError) as exc:  # an unfamiliar Triton
+                self._give_up(exc)
+                return None
+        get_device, _, specialize, backend = self._device_state
+        try:
+            values = tuple(constexprs[name] for name in self.constexpr_names)
+            specialization = tuple(specialize(backend, arg, False, True, True) for arg in args)
+        except (KeyError, TypeError):  # arguments the dispatch will report properly
+            return None
+        return get_device(), num_warps, values, specialization
+
+    def _give_up(self, exc: Exception) -> None:
+        self._direct = False
+        _warn_no_direct_launch(exc)
 
 
 def _device_state():
