@@ -9,6 +9,7 @@ alignment, an int equal to 1, divisibility by 16, 64-bit ints, constexprs, num_w
   * a direct launch passes the launcher the same values, in the same order, as the dispatch did
     for the same arguments (grid, stream, compiled function, metadata, every argument);
   * a direct launch never reuses a kernel compiled for another specialization;
+  * an argument error is raised by the dispatch and leaves direct launches on;
   * with a launch hook installed, every launch goes through the dispatch.
 
 Prints one line per check and exits 1 on the first failure, 2 if this Triton's internals differ
@@ -158,6 +159,18 @@ def main() -> None:
         print(f"{name}: ok (dispatch once, then direct with identical launcher arguments)")
 
     name, args, constexprs, num_warps = next(argument_sets())
+    try:  # an argument error is the dispatch's to report...
+        launcher(3, args, {k: v for k, v in constexprs.items() if k != "BITS"}, num_warps)
+    except TypeError:
+        pass
+    else:
+        fail("a missing constexpr must raise")
+    dispatches = len(DISPATCHES)
+    launcher(3, args, constexprs, num_warps)
+    if len(DISPATCHES) != dispatches:
+        fail("after an argument error, a known specialization must still launch directly")
+    print("argument error: ok (raised by the dispatch; direct launches stay on)")
+
     def hook(metadata):
         return None
 
