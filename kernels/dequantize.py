@@ -82,6 +82,9 @@ def _dequantize_kernel(
 
 
 _launch_dequantize = KernelLauncher(_dequantize_kernel)
+# Whether the kernel above was compiled or is interpreted was decided when triton.jit ran, from the
+# same TRITON_INTERPRET: read once here rather than on every unpack.
+_HARDWARE_CAST = not is_interpreted()
 
 
 def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
@@ -101,7 +104,7 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
         cdiv(n_groups, rows),
         (payload, meta, out, n, n_groups,
          channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
-        dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, HARDWARE_CAST=not is_interpreted(),
+        dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, HARDWARE_CAST=_HARDWARE_CAST,
              EVEN=n % group_size == 0),
         num_warps,
     )
