@@ -256,7 +256,7 @@ run_stage tests-gpu 120 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p 
     --junitxml="$RESULTS/pytest-gpu.xml"
 run_stage tune 50 "$PY" -m tritonquant tune --max-seconds @BUDGET@
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
-run_stage bench 150 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
+run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3

@@ -86,6 +86,11 @@ class CompressConfig:
     auto_budget: set by ``bits="auto", budget=B``: per-tensor widths chosen by ``tritonquant.autobits``
         so that the average code width stays within B bits (1 <= B <= 8); ``quant.bits`` is then the
         calibration width.
+    recast_weights: True (default): autocast's low-precision copies of parameters, which layers save for
+        the gradient of their input, are not kept from forward to backward; backward casts the
+        parameter again (bit for bit the same copy; ``policy.weight_cast_source``). It needs the
+        parameter unchanged, in place and storage, until backward; a changed one raises at backward.
+        False keeps the copies, as exact training does.
     """
 
     quant: QuantConfig = QuantConfig()
@@ -94,15 +99,17 @@ class CompressConfig:
     offload: str | None = None
     auto_budget: float | None = None
     sensitive_bits: int = 4
+    recast_weights: bool = True
 
     @classmethod
     def from_kwargs(
         cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, offload: str | None = None,
-        budget: float | None = None, sensitive_bits: int = 4, **quant_kwargs
+        budget: float | None = None, sensitive_bits: int = 4, recast_weights: bool = True, **quant_kwargs
     ) -> "CompressConfig":
         unknown = sorted(set(quant_kwargs) - set(QUANT_FIELDS))
         if unknown:
-            allowed = QUANT_FIELDS + ("min_bytes", "overrides", "offload", "budget", "sensitive_bits")
+            allowed = QUANT_FIELDS + ("min_bytes", "overrides", "offload", "budget", "sensitive_bits",
+                                      "recast_weights")
             raise TypeError(f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
         auto_budget = None
         if quant_kwargs.get("bits") == "auto":
@@ -117,10 +124,12 @@ class CompressConfig:
             raise ValueError(f"sensitive_bits must be one of {BITS_CHOICES}, got {sensitive_bits!r}")
         if not _is_int(min_bytes) or min_bytes < 0:
             raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
+        if not isinstance(recast_weights, bool):
+            raise ValueError(f"recast_weights must be True or False, got {recast_weights!r}")
         if not (offload is None or (isinstance(offload, str) and offload in OFFLOAD_CHOICES)):
             raise ValueError(f"offload must be one of None, 'cpu'; got {offload!r}")
         return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant), offload=offload,
-                   auto_budget=auto_budget, sensitive_bits=sensitive_bits)
+                   auto_budget=auto_budget, sensitive_bits=sensitive_bits, recast_weights=recast_weights)
 
 
 def _parse_overrides(overrides: dict, base: QuantConfig) -> tuple:

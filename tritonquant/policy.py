@@ -1,15 +1,21 @@
 """What the pack hook packs, and why everything else passes through.
 
 A saved tensor is packed only when packing can free memory and the codec can represent it:
-parameters, buffers and views of them are kept alive by their module anyway (autocast's cached
-weight copies too, and exact training keeps those; packing them would also quantize the weights every
-input gradient is computed with); tensors saved while
+parameters, buffers and views of them are kept alive by their module anyway; tensors saved while
 backward runs (double backward, checkpoint recomputation) are short-lived; sparse, subclass (DTensor,
 FakeTensor, ...) and meta tensors have no flat storage to read; integer tensors (indices) and float64
 must stay exact; small tensors cost more in launches than they save.
 
-Max-pooling indices are the one integer tensor that is packed, losslessly: int64 stored as int16
-or int32, whichever holds every position of the pooled input plane (``narrow_index_dtype``).
+Autocast's weight copies (a parameter cast to bf16/fp16, saved by the layer for the gradient of its
+input) are not packed either: quantized, they would put error on the weights every input gradient is
+computed with. Exact training keeps them from forward to backward, 2 bytes per parameter (51 MB for
+ResNet-50, 248 MB for GPT-2 small). The pack hook keeps only a reference to the parameter instead, and
+backward casts it again, bit for bit the same copy (``weight_cast_source``); ``recast_weights=False``
+keeps the copies as exact training does.
+
+Max-pooling indices are the one integer tensor that is packed, losslessly: as positions inside their
+windows, 1-8 bits each (``tritonquant.pool_indices``, nn.MaxPool1d/2d/3d), else as int16 or int32,
+whichever holds every position of the pooled input plane (``narrow_index_dtype``; adaptive pools too).
 
 Normalization statistics (BatchNorm's save_mean/save_invstd, LayerNorm's mean/rstd) and attention's
 log-sum-exp hold one value per row or channel and usually fall below ``min_bytes``. (They cannot be
@@ -37,23 +43,25 @@ against exact 2.389 +/- 0.021 (7.5x).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Container
 
 import torch
 from torch import nn
 
-from .codec import SUPPORTED_DTYPES
+from .codec import SUPPORTED_DTYPES, is_dense
 
 PACKABLE_DEVICES = ("cuda", "cpu")
 
 REASONS = {
     "parameter": "parameters, buffers, and views and dtype casts of them",
+    "recast": "dtype casts of parameters (autocast's weight copies), cast again in backward",
     "backward": "saved while backward runs",
     "layout": "sparse or non-strided",
     "subclass": "tensor subclass",
     "device": "device without a backend",
     "dtype": "integer, float64 or other unsupported dtype",
-    "narrowed": "max-pooling indices, kept exactly in int16/int32",
+    "narrowed": "max-pooling indices, kept exactly in fewer bits",
     "small": "storage below min_bytes",
     "excluded": "excluded by an override",
 }
@@ -188,6 +196,61 @@ def _derived_from_module_tensor(t: torch.Tensor, module_tensors: Container[int])
     node = _source_node(t, _CAST_GRAD_FNS)
     variable = getattr(node, "variable", None)  # AccumulateGrad's: the leaf it accumulates into
     return variable is not None and variable.untyped_storage().data_ptr() in module_tensors
+
+
+def weight_cast_source(t: torch.Tensor) -> torch.Tensor | None:
+    """The parameter ``t`` is a dtype cast of, or a view of such a cast, when ``param.to(t.dtype)``
+    remakes that cast bit for bit; None otherwise.
+
+    Remade exactly when the cast (``t`` or its view base) is the output of a ``ToCopy`` node straight
+    from the parameter's ``AccumulateGrad``, on the parameter's device, in another dtype, with the
+    parameter's shape and strides and a storage of its own; and the parameter is dense, so that
+    ``to()`` preserves its strides. Casts are deterministic (round to nearest even).
+    """
+    cast = t._base if t._base is not None else t
+    node = cast.grad_fn
+    if node is None or type(node).__name__ != "ToCopyBackward0":
+        return None
+    sources = node.next_functions
+    param = getattr(sources[0][0], "variable", None) if len(sources) == 1 else None
+    if (param is None or param.device != cast.device or param.dtype == cast.dtype or param.shape != cast.shape
+            or param.stride() != cast.stride() or cast.storage_offset() != 0
+            or not is_dense(param)):
+        return None
+    return param
+
+
+@functools.cache
+def sharding_module_types() -> tuple[type, ...]:
+    """Module types that free their parameters' storage after forward and gather it again for backward
+    (FSDP and FSDP2): a cast of such a parameter cannot be made again in backward (``weight_cast_source``).
+    Empty where torch.distributed is not built."""
+    types = []
+    try:
+        from torch.distributed import fsdp
+    except ImportError:
+        return ()
+    for name in ("FullyShardedDataParallel", "FSDPModule"):
+        if hasattr(fsdp, name):
+            types.append(getattr(fsdp, name))
+    if not hasattr(fsdp, "FSDPModule"):
+        try:  # before torch 2.6 FSDP2 lived under _composable
+            from torch.distributed._composable.fsdp import FSDPModule
+            types.append(FSDPModule)
+        except ImportError:
+            pass
+    return tuple(types)
+
+
+def recastable(param: torch.Tensor, running: list[nn.Module]) -> bool:
+    """Whether ``param`` will still hold the same values, in the same storage, in backward: not while a
+    sharding module (FSDP, FSDP2) is among the ``running`` modules, nor for a DeepSpeed ZeRO-3
+    partitioned parameter (marked by its ``ds_id``). Anything else that changes a parameter between
+    forward and backward is caught at backward by its version and address."""
+    if getattr(param, "ds_id", None) is not None:
+        return False
+    sharding = sharding_module_types()
+    return not any(isinstance(module, sharding) for module in running) if sharding else True
 
 
 def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int) -> str | None:

@@ -28,8 +28,9 @@ from .codec import dequantize, is_dense, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
+from .pool_indices import PoolWindows, decode, encode, pool_windows
 from .policy import (MAX_POOL_SPATIAL_DIMS, is_sensitive, narrow_index_dtype, pass_reason, producer,
-                     standardize_kind, standardizes)
+                     recastable, standardize_kind, standardizes, weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 
@@ -55,7 +56,9 @@ class Stats:
     packed_bytes: bytes they hold packed (payload plus metadata).
     passed_bytes: bytes of the storages of saved tensors kept as they were, each counted once;
         parameters and buffers excluded (the model holds them anyway: they cost the step nothing).
-        Max-pooling indices, kept exactly but in int16/int32, count the bytes of that copy.
+        Max-pooling indices, kept exactly in fewer bits, count the bytes they are kept in. Parameter
+        casts cost nothing when cast again in backward (``recast_weights``); kept, they are counted
+        with the parameters, not here.
     passed_by_reason: tensor counts per pass-through reason (see ``policy.REASONS``).
     deduplicated: saves that reused a tensor already packed in this block.
     offloaded_bytes: packed bytes moved to host memory (``offload="cpu"``, CUDA tensors only).
@@ -115,6 +118,52 @@ class _NarrowedIndices:
 
     def restore(self) -> torch.Tensor:
         return self.narrow.to(self.dtype)
+
+
+class _WindowIndices:
+    """Max-pooling indices stored exactly as 1-8 bit positions inside their windows (``pool_indices``)."""
+
+    __slots__ = ("codes", "windows", "shape", "stride", "__weakref__")
+
+    def __init__(self, t: torch.Tensor, windows: PoolWindows) -> None:
+        self.codes = encode(t.detach(), windows)
+        self.windows = windows
+        self.shape, self.stride = t.shape, t.stride()
+
+    def restore(self) -> torch.Tensor:
+        return decode(self.codes, self.windows, self.shape, self.stride)
+
+
+class _RecastWeight:
+    """A dtype cast of a parameter (autocast's weight copy, or a view of it), made again in backward.
+
+    Holds the parameter, which its module keeps alive anyway, instead of the copy
+    (``policy.weight_cast_source``); the parameter's version and address tell whether it still holds
+    what was cast.
+    """
+
+    __slots__ = ("param", "dtype", "view", "version", "address")
+
+    def __init__(self, t: torch.Tensor, param: torch.Tensor) -> None:
+        self.param = param
+        self.dtype = t.dtype
+        # (sizes, strides, offset) of the view that was saved; None when the cast itself was.
+        self.view = None if t._base is None else (t.shape, t.stride(), t.storage_offset())
+        self.version = param._version
+        self.address = param.untyped_storage().data_ptr()
+
+    def restore(self) -> torch.Tensor:
+        param = self.param
+        if param._version != self.version or param.untyped_storage().data_ptr() != self.address:
+            raise RuntimeError(
+                f"a parameter [{param.type()} {list(param.shape)}] that autocast cast to {self.dtype} in "
+                "forward changed before backward (modified in place, or its storage replaced, as FSDP "
+                "does when it gathers parameters again), so tritonquant cannot cast it again for backward. "
+                "Modify parameters after backward, or pass recast_weights=False to compress()/attach() to "
+                "keep the casts from forward to backward, as exact training does."
+            )
+        cast = param.detach().to(self.dtype)
+        return cast if self.view is None else cast.as_strided(*self.view)
 
 
 class _ModuleStack:
@@ -260,6 +309,15 @@ class Session:
             narrowed = self._pack_pool_indices(t, module, row)
             if narrowed is not None:
                 return narrowed
+        if reason == "parameter" and self.config.recast_weights:
+            param = weight_cast_source(t)  # (None at once for parameters themselves: no grad_fn)
+            if (param is not None and t.untyped_storage().nbytes() >= self.config.min_bytes
+                    and recastable(param, self._stack.frames)):
+                reason, recast = "recast", _RecastWeight(t, param)
+                self.stats.passed_by_reason[reason] += 1
+                self.stats.passed_tensors += 1
+                row.passed_tensors += 1
+                return recast
         if reason is not None:
             self.stats.passed_by_reason[reason] += 1
             self.stats.passed_tensors += 1
@@ -318,23 +376,33 @@ class Session:
         row.bits.add(packed.bits)
         return handle
 
-    def _pack_pool_indices(self, t: torch.Tensor, module: nn.Module, row: ModuleStats) -> _NarrowedIndices | None:
-        """Max-pooling indices, stored in int16/int32 without loss; None for any other integer tensor."""
-        narrow_dtype = narrow_index_dtype(t, module, self._pool_inputs.get(id(module)))
+    def _pack_pool_indices(self, t: torch.Tensor, module: nn.Module,
+                           row: ModuleStats) -> _WindowIndices | _NarrowedIndices | None:
+        """Max-pooling indices, stored without loss as window positions (nn.MaxPool1d/2d/3d) or in
+        int16/int32 (also adaptive pools); None for any other integer tensor."""
+        input_shape = self._pool_inputs.get(id(module))
+        narrow_dtype = narrow_index_dtype(t, module, input_shape)
         if narrow_dtype is None or t.untyped_storage().nbytes() < self.config.min_bytes or not is_dense(t):
             return None
-        handle = _NarrowedIndices(t, narrow_dtype)
+        windows = pool_windows(module, input_shape)
+        if windows is not None:
+            handle = _WindowIndices(t, windows)
+            held = handle.codes.nbytes
+        else:
+            handle = _NarrowedIndices(t, narrow_dtype)
+            held = handle.narrow.nbytes
         # Counted as kept (exact), at the bytes held: the ratio stays a measure of quantization.
         self.stats.passed_by_reason["narrowed"] += 1
         self.stats.passed_tensors += 1
-        self.stats.passed_bytes += handle.narrow.nbytes
+        self.stats.passed_bytes += held
         row.passed_tensors += 1
-        row.passed_bytes += handle.narrow.nbytes
+        row.passed_bytes += held
         return handle
 
     @staticmethod
-    def _unpack(handle: _Packed | _Kept | ProbeTensor | _NarrowedIndices) -> torch.Tensor:
-        if isinstance(handle, _NarrowedIndices):
+    def _unpack(handle: _Packed | _Kept | ProbeTensor | _NarrowedIndices | _WindowIndices | _RecastWeight,
+                ) -> torch.Tensor:
+        if isinstance(handle, (_WindowIndices, _NarrowedIndices, _RecastWeight)):
             return handle.restore()
         if isinstance(handle, (_Kept, ProbeTensor)):
             t = handle.tensor
@@ -509,7 +577,8 @@ def compress(**config) -> Session:
     """Context manager packing every tensor autograd saves inside the block.
 
     Keywords: ``bits``, ``scheme``, ``stochastic``, ``group_size``, ``seed``, ``backend`` (see
-    ``QuantConfig``), ``min_bytes``, ``overrides`` and ``offload`` (see ``CompressConfig``).
+    ``QuantConfig``; ``bits="auto"`` with ``budget``), ``min_bytes``, ``overrides``, ``offload``,
+    ``sensitive_bits`` and ``recast_weights`` (see ``CompressConfig``).
     """
     return Session(CompressConfig.from_kwargs(**config))
 

@@ -410,11 +410,13 @@ def test_autocast_saves_low_precision_and_trains(dtype):
     assert session.stats.packed_tensors > 0
 
 
+@pytest.mark.parametrize("recast", [True, False], ids=["recast", "kept"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_autocast_weight_copies_are_kept_so_input_gradients_are_exact(dtype):
+def test_autocast_weight_copies_are_not_packed_so_input_gradients_are_exact(dtype, recast):
     # Autocast casts each weight to `dtype`; a layer saves that copy for the gradient of its input. With
     # two linear layers and a loss linear in the output, the input gradient involves only those copies:
-    # kept, it is bit-identical to exact training even at 2 bits; packed, it would not be.
+    # cast again in backward or kept, it is bit-identical to exact training even at 2 bits; packed, it
+    # would not be.
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64))
     x = torch.randn(128, 64, requires_grad=True)
@@ -428,12 +430,67 @@ def test_autocast_weight_copies_are_kept_so_input_gradients_are_exact(dtype):
         return [x.grad.clone(), model[0].weight.grad.clone()]
 
     exact = grads(contextlib.nullcontext())
-    session = tq.compress(bits=2, min_bytes=0)
+    session = tq.compress(bits=2, min_bytes=0, recast_weights=recast)
     packed = grads(session)
-    assert session.stats.passed_by_reason["parameter"] == 2  # both weight copies
+    assert session.stats.passed_by_reason["recast" if recast else "parameter"] == 2  # both weight copies
     assert session.stats.packed_tensors == 2  # the inputs of the two layers, saved for the weight grads
     assert torch.equal(packed[0], exact[0])
     assert not torch.equal(packed[1], exact[1])  # the weight gradient did see the packed input
+
+
+def test_recast_weights_holds_no_autocast_copy_from_forward_to_backward():
+    model = nn.Sequential(nn.Linear(64, 256), nn.Linear(256, 64))
+    x = torch.randn(128, 64, requires_grad=True)
+    for recast in (True, False):
+        session = tq.compress(bits=4, min_bytes=0, recast_weights=recast)
+        held = []  # (address of a weight copy's storage, addresses of the tensors its handle references)
+        pack = session._pack
+
+        def recording_pack(t, pack=pack):
+            handle = pack(t)
+            if t.dtype == torch.bfloat16 and t.shape in ((256, 64), (64, 256)):
+                referenced = [r.untyped_storage().data_ptr() for r in gc.get_referents(handle)
+                              if isinstance(r, torch.Tensor)]
+                held.append((t.untyped_storage().data_ptr(), referenced))
+            return handle
+
+        session._pack = recording_pack
+        with session, torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        y.float().sum().backward()
+        assert len(held) == 2
+        assert all((address in referenced) != recast for address, referenced in held)
+
+
+def test_recast_gradients_equal_kept_casts_bit_for_bit_on_a_cnn():
+    # Convolutions save the cast itself, linear layers a transposed view of it: both are remade exactly.
+    torch.manual_seed(0)
+    model, batch = SmallCNN(width=8, blocks=1), cnn_batch(8)
+    results = {}
+    for recast in (True, False):
+        model.zero_grad()
+        with tq.compress(bits=4, min_bytes=0, recast_weights=recast) as session, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = cnn_loss(model, batch)
+        loss.backward()
+        results[recast] = (torch.cat([p.grad.flatten() for p in model.parameters()]), session.stats.passed_by_reason)
+    assert results[True][1]["recast"] >= 3 and results[False][1]["recast"] == 0
+    assert torch.equal(results[True][0], results[False][0])
+
+
+def test_parameter_changed_before_backward_raises_when_recast():
+    model = nn.Linear(64, 64)
+    x = torch.randn(32, 64, requires_grad=True)  # (else no input gradient, and no weight copy saved)
+    with tq.compress(bits=4, min_bytes=0), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.tanh(x))
+    with torch.no_grad():
+        model.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="recast_weights=False"):
+        y.float().sum().backward()
+
+
+def test_recast_weights_is_validated():
+    with pytest.raises(ValueError, match="recast_weights must be True or False"):
+        tq.compress(recast_weights="yes")
 
 
 def test_grad_scaler_skips_step_when_activations_overflow():
@@ -608,12 +665,14 @@ class _MaxPoolSubclass(nn.MaxPool2d):
 
 
 @pytest.mark.parametrize("pool, shape, bits", [
-    (nn.MaxPool2d(3, 2, 1, return_indices=False), (4, 8, 32, 32), 16),
-    (nn.MaxPool2d(2), (2, 3, 200, 200), 32),  # 40,000 positions a plane do not fit int16
-    (nn.MaxPool1d(4), (4, 8, 1024), 16),
-    (nn.MaxPool3d(2), (2, 4, 8, 16, 16), 16),
-    (nn.AdaptiveMaxPool2d((5, 7)), (4, 8, 30, 28), 16),
-], ids=["maxpool2d", "maxpool2d-wide", "maxpool1d", "maxpool3d", "adaptive2d"])
+    (nn.MaxPool2d(3, 2, 1, return_indices=False), (4, 8, 32, 32), 4),  # 9 window positions: 4 bits
+    (nn.MaxPool2d(2), (2, 3, 200, 200), 2),
+    (nn.MaxPool1d(4), (4, 8, 1024), 2),
+    (nn.MaxPool3d(2), (2, 4, 8, 16, 16), 4),
+    (nn.MaxPool2d(17, 16), (2, 4, 64, 64), 16),  # 289 window positions: int16
+    (nn.AdaptiveMaxPool2d((5, 7)), (4, 8, 30, 28), 16),  # windows of varying size: int16
+    (nn.AdaptiveMaxPool2d(2), (2, 3, 200, 200), 32),  # 40,000 positions a plane do not fit int16
+], ids=["maxpool2d", "maxpool2d-wide", "maxpool1d", "maxpool3d", "maxpool2d-17x17", "adaptive2d", "adaptive2d-wide"])
 def test_max_pool_indices_are_packed_without_loss(pool, shape, bits):
     # max-pooling's backward reads only the indices (and the input's shape), so with the indices
     # restored exactly the input gradient is bit-identical to exact training's, whatever the codes.
