@@ -194,8 +194,9 @@ def _derived_from_module_tensor(t: torch.Tensor, module_tensors: Container[int])
     which has no autograd node, is not recognised.
     """
     node = _source_node(t, _CAST_GRAD_FNS)
-    variable = getattr(node, "variable", None)  # AccumulateGrad's: the leaf it accumulates into
-    return variable is not None and variable.untyped_storage().data_ptr() in module_tensors
+    if node is None or type(node).__name__ != "AccumulateGrad":  # (a name test costs less than a failed getattr)
+        return False
+    return node.variable.untyped_storage().data_ptr() in module_tensors  # the leaf it accumulates into
 
 
 def weight_cast_source(t: torch.Tensor) -> torch.Tensor | None:
@@ -269,7 +270,7 @@ def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int)
         return "backward"
     if t.layout != torch.strided:
         return "layout"
-    if t.device.type not in PACKABLE_DEVICES:
+    if not (t.is_cuda or t.is_cpu):  # PACKABLE_DEVICES, without building a torch.device per call
         return "device"
     if t.dtype not in SUPPORTED_DTYPES:
         return "dtype"
