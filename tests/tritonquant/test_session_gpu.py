@@ -64,3 +64,48 @@ def test_kernels_launch_on_the_tensors_own_device():
         loss.backward()
     for got, want in zip((p.grad for p in model.parameters()), expected):
         assert torch.equal(got, want)
+
+
+def test_autocast_weight_casts_are_not_held_between_forward_and_backward():
+    # CUDA autocast caches each weight's bf16 cast for the forward; with recast_weights the saved casts
+    # are dropped when the block exits and made again in backward, bit for bit the same.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024)).cuda()
+    x = torch.randn(64, 1024, device="cuda", requires_grad=True)
+    cast_bytes = sum(p.numel() * 2 for p in model.parameters() if p.dim() == 2)
+    held, grads = {}, {}
+    for recast in (True, False):
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        baseline = _allocated()
+        with tq.compress(bits=4, recast_weights=recast), torch.autocast("cuda", dtype=torch.bfloat16):
+            y = model(x)
+        held[recast] = _allocated() - baseline
+        y.float().square().sum().backward()
+        grads[recast] = [x.grad.clone()] + [p.grad.clone() for p in model.parameters()]
+        del y
+    assert held[False] - held[True] >= cast_bytes, (held, cast_bytes)
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, ceil_mode", [
+    ((8, 64, 112, 112), 3, 2, 1, 1, False),  # ResNet's stem pool
+    ((4, 16, 33, 31), 3, 2, 1, 2, True),
+    ((4, 16, 32, 32), 2, 2, 0, 1, False),
+], ids=["resnet-stem", "dilated-ceil", "2x2"])
+def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kernel, stride, padding, dilation, ceil_mode):
+    # pool_indices relies on each index lying inside its window, which CUDA's kernel must honour too
+    # (ties, -inf windows and NaN included).
+    from torch import nn
+
+    from tritonquant.pool_indices import decode, encode, pool_windows
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, shape, device="cuda").float()  # many ties
+    x[0, 0] = float("-inf")
+    x[1, 1, ::5] = float("nan")
+    pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    _, indices = torch.nn.functional.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+    windows = pool_windows(pool, x.shape)
+    restored = decode(encode(indices, windows), windows, indices.shape, indices.stride())
+    assert torch.equal(restored, indices)
