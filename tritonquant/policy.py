@@ -13,6 +13,11 @@ ResNet-50, 248 MB for GPT-2 small). The pack hook keeps only a reference to the 
 backward casts it again, bit for bit the same copy (``weight_cast_source``); ``recast_weights=False``
 keeps the copies as exact training does.
 
+A frozen parameter's cast (``requires_grad=False``: a fine-tuned model's base weights) has no autograd
+node to tell it by, yet its layer saves it for the input gradient just the same. It is recognised by
+looking like one of the saving module's frozen parameters in another dtype (``is_frozen_weight_cast``)
+and kept whole, as exact training keeps it; only a cast proven through autograd is cast again.
+
 Max-pooling indices are the one integer tensor that is packed, losslessly: as positions inside their
 windows, 1-8 bits each (``tritonquant.pool_indices``, nn.MaxPool1d/2d/3d), else as int16 or int32,
 whichever holds every position of the pooled input plane (``narrow_index_dtype``; adaptive pools too).
@@ -56,6 +61,7 @@ PACKABLE_DEVICES = ("cuda", "cpu")
 REASONS = {
     "parameter": "parameters, buffers, and views and dtype casts of them",
     "recast": "dtype casts of parameters (autocast's weight copies), cast again in backward",
+    "frozen": "dtype casts of frozen parameters (autocast's weight copies), kept",
     "backward": "saved while backward runs",
     "layout": "sparse or non-strided",
     "subclass": "tensor subclass",
@@ -219,6 +225,27 @@ def weight_cast_source(t: torch.Tensor) -> torch.Tensor | None:
             or not is_dense(param)):
         return None
     return param
+
+
+def is_frozen_weight_cast(t: torch.Tensor, module: nn.Module | None) -> bool:
+    """True when ``t``, or the tensor it views, looks like a dtype cast of a frozen parameter of
+    ``module`` (the module saving it): no autograd node and no gradient, a storage of its own, and
+    the parameter's device, shape and strides in another dtype.
+
+    Such casts have no autograd node that would prove what they are (``weight_cast_source``), so they
+    are kept rather than cast again; an activation that merely looks like one is kept too, which
+    costs memory but never changes a gradient.
+    """
+    if module is None or t.requires_grad or t.grad_fn is not None:
+        return False
+    cast = t._base if t._base is not None else t
+    if cast.requires_grad or cast.storage_offset() != 0:
+        return False
+    for param in module._parameters.values():
+        if (param is not None and not param.requires_grad and param.dtype != cast.dtype
+                and param.shape == cast.shape and param.stride() == cast.stride() and param.device == cast.device):
+            return True
+    return False
 
 
 @functools.cache

@@ -29,8 +29,8 @@ from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
 from .pool_indices import PoolWindows, decode, encode, pool_windows
-from .policy import (MAX_POOL_SPATIAL_DIMS, is_sensitive, narrow_index_dtype, pass_reason, producer,
-                     recastable, standardize_kind, standardizes, weight_cast_source)
+from .policy import (MAX_POOL_SPATIAL_DIMS, is_frozen_weight_cast, is_sensitive, narrow_index_dtype, pass_reason,
+                     producer, recastable, standardize_kind, standardizes, weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 
@@ -301,6 +301,8 @@ class Session:
     def _pack(self, t: torch.Tensor) -> _Packed | _Kept:
         module = self._stack.current()
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
+        if reason is None and t.grad_fn is None and is_frozen_weight_cast(t, module):
+            reason = "frozen"
         override = self._override_for() if reason is None else _NO_MATCH
         if override is None:
             reason = "excluded"
