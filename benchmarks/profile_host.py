@@ -144,13 +144,13 @@ def call_costs(device: torch.device) -> list[list[str]]:
         rows += [["pack hook (per saved tensor)", pack], ["unpack hook (per saved tensor)", unpack]]
         return [[name, f"{us:.1f}"] for name, us in rows]
 
-    from tritonquant.kernels.quantize import _launch_quantize, _quantize_kernel, split_for
+    from tritonquant.kernels.quantize import SPLIT_FIRST, _launch_quantize, _quantize_kernel, split_for
 
     n_groups = meta.shape[0]
     grid = -(-n_groups // 16)
     arguments = (x, payload, meta, x.numel(), n_groups, 0, 0, meta, 1, 1)
     constexprs = dict(BITS=4, GROUP=256, ROWS=16, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False,
-                      EVEN=x.numel() % 256 == 0, SPLIT=split_for(256, x.element_size()))
+                      EVEN=x.numel() % 256 == 0, SPLIT=split_for(256, x.element_size()), SPLIT_FIRST=SPLIT_FIRST)
 
     def dispatched_launch():
         return _quantize_kernel[(grid,)](*arguments, **constexprs, num_warps=4, **launch.launch_options())

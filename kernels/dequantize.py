@@ -67,7 +67,10 @@ def _dequantize_kernel(
     in_idx = (rows.to(tl.int64)[:, None] * BYTES_PER_GROUP
               + tl.max_contiguous(tl.arange(0, BYTES_PER_GROUP), THREAD_BYTES)[None, :])
     packed = tl.load(payload_ptr + in_idx, mask=row_valid[:, None], other=0)
-    code = unpack_codes(packed, ROWS, GROUP, BITS).to(tl.float32)
+    # The code as a float32 without a conversion instruction (those run at 1/8 of the float32 rate):
+    # the bits 0x4B000000 | code are the float 2**23 + code, exactly.
+    code = (unpack_codes(packed, ROWS, GROUP, BITS).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+    code = code - 8388608.0
     base, step = tl.split(tl.load(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :],
                                   mask=row_valid[:, None], other=0.0))  # [ROWS, 2]: one load for both
     value = base[:, None] + code * step[:, None]

@@ -46,6 +46,9 @@ _K_SIGMA_WIDTH = tl.constexpr(SIGMA_WIDTH)
 _K_FIXED_POINT_SCALE = tl.constexpr(FIXED_POINT_SCALE)
 _K_TINY_RANGE = tl.constexpr(_TINY_RANGE)
 _K_MIN_NORMAL = tl.constexpr(_MIN_NORMAL)
+# 1.5 * 2**23: t + _K_MAGIC is a float32 whose spacing is 1, so the add rounds t to an integer (ties to
+# even) and leaves it in the low mantissa bits (see the kernel's rounding).
+_K_MAGIC = tl.constexpr(12582912.0)
 
 
 # Threads that share one group in _quantize_kernel: fewer threads per group means each holds more of
@@ -62,6 +65,22 @@ def split_for(group_size: int, element_size: int) -> int:
     return max(group_size // chunk, 1)
 
 
+def split_axis_first() -> bool:
+    """_quantize_kernel's SPLIT_FIRST for the installed Triton: whether the tile's SPLIT axis goes first.
+
+    Triton's coalescing gives a warp's threads to the contiguous axis (CHUNK), then to the next axis
+    in its order. Rows and chunks are both strided, so they tie. Triton 3.7 and later break the tie
+    towards the later axis, and earlier versions towards the earlier one. The rows must win it, so
+    that 8 threads share a row rather than a whole warp. Checked for the installed Triton by
+    tests/kernels/compile_for_gpu.py; measured with 3.6 (rows first) and 3.7 to 3.9 (split first).
+    """
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 7)
+
+
+SPLIT_FIRST = split_axis_first()
+
+
 def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
     n_groups = -(-n_elements // group_size)
     return n_groups * group_size * bits // 8
@@ -73,15 +92,17 @@ def _quantize_kernel(
     channels_ptr, channel_stride, n_channels,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, EVEN: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr,
 ):
     # The kernel is bound by instructions per element, not bytes: work that can be done once per row
     # (group) is done per row, and each row is shared by as few threads as keep loads coalesced.
-    # The tile is [SPLIT, ROWS, CHUNK]: element (s, r, j) is element s * CHUNK + j of row r. Triton
-    # spreads a warp's threads over CHUNK first, so a row of CHUNK = 8 vectors of 16 bytes is shared by
-    # 8 threads that each hold SPLIT vectors of it: 32 bf16 values per thread at GROUP 256, where a
-    # [ROWS, GROUP] tile gave each of 32 threads 8 values, and every thread pays for the row's reduction
-    # and scalars (sm_90, 4 bits: 22 instructions per element against 31 to 34; ``split_for``).
+    # The tile is [SPLIT, ROWS, CHUNK] (SPLIT_FIRST) or [ROWS, SPLIT, CHUNK]: element (s, r, j) is
+    # element s * CHUNK + j of row r. Triton spreads a warp's threads over CHUNK first, then over one
+    # of the other two axes, and SPLIT_FIRST (``split_axis_first``) makes that the rows: a row of
+    # CHUNK = 8 vectors of 16 bytes is shared by 8 threads that each hold SPLIT vectors of it, 32 bf16
+    # values per thread at GROUP 256, where a [ROWS, GROUP] tile gave each of 32 threads 8 values, and
+    # every thread pays for the row's reduction and scalars (sm_90, 4 bits: 20 instructions per element
+    # against 32; ``split_for``). _per_row and _per_chunk broadcast [ROWS] and [SPLIT] to the tile.
     # EVEN: n_elements is a multiple of GROUP, so every group is whole and only rows past n_groups are
     # masked (per row, not per element).
     CHUNK: tl.constexpr = GROUP // SPLIT
@@ -93,10 +114,10 @@ def _quantize_kernel(
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_valid = rows < n_groups
-    idx = (rows.to(tl.int64)[None, :, None] * GROUP + (tl.arange(0, SPLIT) * CHUNK)[:, None, None]
+    idx = (_per_row(rows.to(tl.int64) * GROUP, SPLIT_FIRST) + _per_chunk(tl.arange(0, SPLIT) * CHUNK, SPLIT_FIRST)
            + tl.arange(0, CHUNK)[None, None, :])
     if EVEN:  # the row mask, broadcast to the tile: no 64-bit compare per element
-        valid = ((tl.arange(0, SPLIT) < SPLIT)[:, None, None] & row_valid[None, :, None]
+        valid = (_per_chunk(tl.arange(0, SPLIT) < SPLIT, SPLIT_FIRST) & _per_row(row_valid, SPLIT_FIRST)
                  & (tl.arange(0, CHUNK) < CHUNK)[None, None, :])
     else:
         valid = idx < n_elements
@@ -109,11 +130,11 @@ def _quantize_kernel(
 
     # NaN-propagating min/max: one reduction each finds the range and any NaN or +/-Inf in the group.
     if EVEN:
-        lo_raw = _row_min(x)
-        hi_raw = _row_max(x)
+        lo_raw = _row_min(x, SPLIT_FIRST)
+        hi_raw = _row_max(x, SPLIT_FIRST)
     else:
-        lo_raw = _row_min(tl.where(valid, x, float("inf")))
-        hi_raw = _row_max(tl.where(valid, x, -float("inf")))
+        lo_raw = _row_min(tl.where(valid, x, float("inf")), SPLIT_FIRST)
+        hi_raw = _row_max(tl.where(valid, x, -float("inf")), SPLIT_FIRST)
     # False for NaN too. A bad group stores step = NaN and all-zero codes; its grid is computed from 0.
     bad = ~((lo_raw > -float("inf")) & (hi_raw < float("inf")) & row_valid)
     lo = tl.where(bad, 0.0, lo_raw)
@@ -123,10 +144,10 @@ def _quantize_kernel(
         center = lo * 0.5 + hi * 0.5
         half = hi * 0.5 - lo * 0.5
         to_fixed = tl.where(half > 0, tl.div_rn(_K_FIXED_POINT_SCALE, tl.maximum(half, _K_TINY_RANGE)), 0.0)
-        ok = valid & ~bad[None, :, None]
-        fixed = (tl.where(ok, x - center[None, :, None], 0.0) * to_fixed[None, :, None]).to(tl.int32)
-        sum1 = tl.sum(tl.sum(fixed, axis=2), axis=0)
-        sum2 = tl.sum(tl.sum((fixed * fixed).to(tl.int64), axis=2), axis=0)
+        ok = valid & ~_per_row(bad, SPLIT_FIRST)
+        fixed = (tl.where(ok, x - _per_row(center, SPLIT_FIRST), 0.0) * _per_row(to_fixed, SPLIT_FIRST)).to(tl.int32)
+        sum1 = _row_sum(fixed, SPLIT_FIRST)
+        sum2 = _row_sum((fixed * fixed).to(tl.int64), SPLIT_FIRST)
         count = tl.maximum(tl.minimum(n_elements - rows.to(tl.int64) * GROUP, GROUP), 1).to(tl.float32)
         mean_fixed = tl.div_rn(sum1.to(tl.float32), count)
         var_fixed = tl.maximum(tl.div_rn(sum2.to(tl.float32), count) - mean_fixed * mean_fixed, 0.0)
@@ -161,41 +182,49 @@ def _quantize_kernel(
 
     # Per row: the codes a nonzero value may take. Values on the side of zero that step points to
     # ("away") take z+1..L, the others 0..z-1, so none decodes to zero or to the other sign; a bad
-    # group takes 0 only.
-    away_lo = tl.where(bad, 0.0, z + 1.0)
-    away_hi = tl.where(bad, 0.0, LEVELS_M1 * 1.0)
-    toward_hi = tl.where(bad, 0.0, tl.maximum(z - 1.0, 0.0))
-    zero_code = tl.where(bad, 0.0, z)
+    # group takes 0 only. (Offset by _K_MAGIC, as the codes are below.)
+    away_lo = tl.where(bad, 0.0, z + 1.0) + _K_MAGIC
+    away_hi = tl.where(bad, 0.0, LEVELS_M1 * 1.0) + _K_MAGIC
+    toward_hi = tl.where(bad, 0.0, tl.maximum(z - 1.0, 0.0)) + _K_MAGIC
+    zero_code = tl.where(bad, 0.0, z) + _K_MAGIC
     step_positive = step > 0
 
-    t = (x - base[None, :, None]) * inv_step[None, :, None]
+    # Codes are computed as _K_MAGIC + code: a float32 in [2**23, 2**24), where floats are the integers,
+    # whose low bits are the code. Adding _K_MAGIC to t rounds t to the nearest integer (ties to even),
+    # and taking the low bits replaces float-to-int conversions. Those conversions, a floor and a
+    # convert per element, run at 1/8 of the float32 rate on recent GPUs; the add and the mask run at
+    # full and half rate. Exact while |t| < 2**22; beyond, t is clamped to the bounds either way.
+    t = (x - _per_row(base, SPLIT_FIRST)) * _per_row(inv_step, SPLIT_FIRST)
     if STOCHASTIC:
-        t = t + _uniforms(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP)
+        r = tl.floor(t + _uniforms(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP, SPLIT_FIRST)) + _K_MAGIC
     else:
-        t = t + 0.5
-    away = (x > 0) == step_positive[None, :, None]
-    lower = tl.where(away, away_lo[None, :, None], 0.0)
-    upper = tl.where(away, away_hi[None, :, None], toward_hi[None, :, None])
-    # (min/max that ignore NaN: a bad group's NaN t lands on its bounds, 0.)
-    code = tl.minimum(tl.maximum(tl.floor(t), lower), upper)
-    code = tl.where(x != 0, code, zero_code[None, :, None])
+        r = t + _K_MAGIC
+    away = (x > 0) == _per_row(step_positive, SPLIT_FIRST)
+    lower = tl.where(away, _per_row(away_lo, SPLIT_FIRST), _K_MAGIC)
+    upper = tl.where(away, _per_row(away_hi, SPLIT_FIRST), _per_row(toward_hi, SPLIT_FIRST))
+    # (min/max that ignore NaN: a bad group's NaN t lands on its bounds, code 0.)
+    r = tl.minimum(tl.maximum(r, lower), upper)
+    r = tl.where(x != 0, r, _per_row(zero_code, SPLIT_FIRST))
     if not EVEN:
-        code = tl.where(valid, code, 0.0)
-    code = code.to(tl.uint8)
+        r = tl.where(valid, r, _K_MAGIC)
+    code = (r.to(tl.int32, bitcast=True) & 0xFF).to(tl.uint8)
 
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
     CHUNK_BYTES: tl.constexpr = CHUNK * BITS // 8
-    packed = tl.reshape(pack_codes(tl.reshape(code, (SPLIT * ROWS, CHUNK)), SPLIT * ROWS, CHUNK, BITS),
-                        (SPLIT, ROWS, CHUNK_BYTES))
+    packed = pack_codes(tl.reshape(code, (SPLIT * ROWS, CHUNK)), SPLIT * ROWS, CHUNK, BITS)
+    if SPLIT_FIRST:
+        packed = tl.reshape(packed, (SPLIT, ROWS, CHUNK_BYTES))
+    else:
+        packed = tl.reshape(packed, (ROWS, SPLIT, CHUNK_BYTES))
     # Each thread's codes fill whole bytes of one run (a 16-byte vector of bf16 at 4 bits: 4 bytes); the
     # contiguity hint keeps the store in that layout instead of a round trip through shared memory
     # to make 16-byte stores.
     VECTOR: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
     THREAD_BYTES: tl.constexpr = max(VECTOR * BITS // 8, 1)
-    out_idx = (rows.to(tl.int64)[None, :, None] * BYTES_PER_GROUP
-               + (tl.arange(0, SPLIT) * CHUNK_BYTES)[:, None, None]
+    out_idx = (_per_row(rows.to(tl.int64) * BYTES_PER_GROUP, SPLIT_FIRST)
+               + _per_chunk(tl.arange(0, SPLIT) * CHUNK_BYTES, SPLIT_FIRST)
                + tl.max_contiguous(tl.arange(0, CHUNK_BYTES), THREAD_BYTES)[None, None, :])
-    tl.store(payload_ptr + out_idx, packed, mask=row_valid[None, :, None])
+    tl.store(payload_ptr + out_idx, packed, mask=_per_row(row_valid, SPLIT_FIRST))
     meta = tl.join(base, tl.where(bad, float("nan"), step))  # [ROWS, 2]: one store for both
     tl.store(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :], meta, mask=row_valid[:, None])
 
@@ -205,28 +234,65 @@ _launch_quantize = KernelLauncher(_quantize_kernel)
 
 @triton.jit
 def _uniforms(seed, rng_offset, rows, SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-              GROUP: tl.constexpr):
-    """[SPLIT, ROWS, CHUNK] float32 uniforms in [0, 1): element i (of the whole tensor) takes word i % 4
-    of Philox4x32-10(seed, counter = rng_offset + i // 4), so one Philox evaluation serves 4 elements."""
+              GROUP: tl.constexpr, SPLIT_FIRST: tl.constexpr):
+    """Float32 uniforms in [0, 1) for the tile ([SPLIT, ROWS, CHUNK] or [ROWS, SPLIT, CHUNK]): element
+    i (of the whole tensor) takes word i % 4 of Philox4x32-10(seed, counter = rng_offset + i // 4), so
+    one Philox evaluation serves 4 elements."""
     QUADS: tl.constexpr = CHUNK // 4
-    quad = (rows.to(tl.int64)[None, :, None] * (GROUP // 4) + (tl.arange(0, SPLIT) * QUADS)[:, None, None]
+    quad = (_per_row(rows.to(tl.int64) * (GROUP // 4), SPLIT_FIRST) + _per_chunk(tl.arange(0, SPLIT) * QUADS, SPLIT_FIRST)
             + tl.arange(0, QUADS)[None, None, :])
     u0, u1, u2, u3 = tl.rand4x(seed, rng_offset + quad)
     # join(join(u0, u2), join(u1, u3))[..., b, a] is u_(2b + a): word k lands at position k of its quad.
     quads = tl.join(tl.join(u0, u2), tl.join(u1, u3))
-    return tl.reshape(quads, (SPLIT, ROWS, CHUNK))
+    if SPLIT_FIRST:
+        return tl.reshape(quads, (SPLIT, ROWS, CHUNK))
+    else:
+        return tl.reshape(quads, (ROWS, SPLIT, CHUNK))
 
 
 @triton.jit
-def _row_min(x):
-    """[SPLIT, ROWS, CHUNK] -> [ROWS]: each row's minimum, NaN if it holds one."""
-    return tl.reduce(tl.reduce(x, 2, _min_propagating_nan), 0, _min_propagating_nan)
+def _per_row(v, SPLIT_FIRST: tl.constexpr):
+    """[ROWS] -> broadcastable against the tile."""
+    if SPLIT_FIRST:
+        return v[None, :, None]
+    else:
+        return v[:, None, None]
 
 
 @triton.jit
-def _row_max(x):
-    """[SPLIT, ROWS, CHUNK] -> [ROWS]: each row's maximum, NaN if it holds one."""
-    return tl.reduce(tl.reduce(x, 2, _max_propagating_nan), 0, _max_propagating_nan)
+def _per_chunk(v, SPLIT_FIRST: tl.constexpr):
+    """[SPLIT] -> broadcastable against the tile."""
+    if SPLIT_FIRST:
+        return v[:, None, None]
+    else:
+        return v[None, :, None]
+
+
+@triton.jit
+def _row_min(x, SPLIT_FIRST: tl.constexpr):
+    """Tile -> [ROWS]: each row's minimum, NaN if it holds one."""
+    if SPLIT_FIRST:
+        return tl.reduce(tl.reduce(x, 2, _min_propagating_nan), 0, _min_propagating_nan)
+    else:
+        return tl.reduce(tl.reduce(x, 2, _min_propagating_nan), 1, _min_propagating_nan)
+
+
+@triton.jit
+def _row_max(x, SPLIT_FIRST: tl.constexpr):
+    """Tile -> [ROWS]: each row's maximum, NaN if it holds one."""
+    if SPLIT_FIRST:
+        return tl.reduce(tl.reduce(x, 2, _max_propagating_nan), 0, _max_propagating_nan)
+    else:
+        return tl.reduce(tl.reduce(x, 2, _max_propagating_nan), 1, _max_propagating_nan)
+
+
+@triton.jit
+def _row_sum(x, SPLIT_FIRST: tl.constexpr):
+    """Tile -> [ROWS]: each row's sum."""
+    if SPLIT_FIRST:
+        return tl.sum(tl.sum(x, axis=2), axis=0)
+    else:
+        return tl.sum(tl.sum(x, axis=2), axis=1)
 
 
 @triton.jit
@@ -267,7 +333,7 @@ def triton_quantize(
         (x, payload, meta, n, n_groups, seed, rng_offset,
          channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
-             EVEN=n % group_size == 0, SPLIT=split_for(group_size, x.element_size())),
+             EVEN=n % group_size == 0, SPLIT=split_for(group_size, x.element_size()), SPLIT_FIRST=SPLIT_FIRST),
         num_warps,
     )
     return payload, meta
@@ -373,13 +439,13 @@ def torch_quantize(
     if stochastic:
         # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _uniforms in the kernel.
         counters = rng_offset + torch.arange(n_groups * group_size // 4, device=device, dtype=torch.int64)
-        t = t + torch_philox_uniform4(seed, counters).view(n_groups, group_size)
+        rounded = torch.floor(t + torch_philox_uniform4(seed, counters).view(n_groups, group_size))
     else:
-        t = t + 0.5
+        rounded = torch.round(t)  # to nearest, ties to even
     away = (xs > 0) == (step[:, None] > 0)
     lower = torch.where(away, away_lo[:, None], 0.0)
     upper = torch.where(away, away_hi[:, None], toward_hi[:, None])
-    code = torch.minimum(torch.maximum(torch.floor(t), lower), upper)
+    code = torch.minimum(torch.maximum(rounded, lower), upper)
     code = torch.where(xs != 0, code, zero_code[:, None])
     code = torch.where(valid, code, 0.0).to(torch.uint8)
 

@@ -21,7 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tritonquant.kernels.bitpack import _pack_bool_kernel, _unpack_bool_kernel  # noqa: E402
 from tritonquant.kernels.dequantize import _dequantize_kernel  # noqa: E402
-from tritonquant.kernels.quantize import _quantize_kernel, split_for  # noqa: E402
+from tritonquant.kernels.quantize import SPLIT_FIRST, _quantize_kernel, split_for  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 FLOATS = ("fp32", "fp16", "bf16")
@@ -39,9 +39,11 @@ def variants(quick: bool):
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
                      "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args, "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
-                     "STANDARDIZE": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr"}
+                     "STANDARDIZE": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr",
+                     "SPLIT_FIRST": "constexpr"}
         constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "SIGMA": sigma, "STOCHASTIC": stochastic,
-                     "STANDARDIZE": standardize, "EVEN": even, "SPLIT": split_for(256, ELEMENT_SIZES[dtype])}
+                     "STANDARDIZE": standardize, "EVEN": even, "SPLIT": split_for(256, ELEMENT_SIZES[dtype]),
+                     "SPLIT_FIRST": SPLIT_FIRST}
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize} "
                 f"even={even}")
         yield name, _quantize_kernel, signature, constants
@@ -61,6 +63,30 @@ def variants(quick: bool):
         yield name, kernel, signature, {"BLOCK_BYTES": 1024}
 
 
+
+
+def aligned(signature: dict) -> dict:
+    """The specialization Triton gives pointers that are 16-byte aligned and an n_elements that is a
+    multiple of 16, as tensors of whole groups have them: the one whose layout is checked below."""
+    runtime = [name for name, kind in signature.items() if kind != "constexpr"]
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(runtime)
+            if signature[name].startswith("*") or name == "n_elements"}
+
+
+def split_axis_threads(compiled) -> int:
+    """Threads of a warp that _quantize_kernel's input load spreads over its tile's SPLIT axis.
+
+    1 means each thread holds all SPLIT vectors of its row, as the kernel intends; more means a
+    row is shared by a whole warp (``quantize.split_axis_first``).
+    """
+    lines = compiled.asm["ttgir"].splitlines()
+    load = next(line for line in lines if "tt.load" in line and "x!tt.ptr<" in line and line.count("x") >= 3)
+    encoding = load.rsplit(", #", 1)[1].split(">", 1)[0]
+    definition = next(line for line in lines if line.startswith(f"#{encoding} ="))
+    threads = [int(n) for n in definition.split("threadsPerWarp = [", 1)[1].split("]", 1)[0].split(",")]
+    return threads[0 if SPLIT_FIRST else 1]
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     failures = 0
@@ -68,9 +94,13 @@ def main() -> int:
         for target_name, target in TARGETS.items():
             start = time.perf_counter()
             try:
-                compiled = triton.compile(ASTSource(kernel, signature, constants), target=target,
+                compiled = triton.compile(ASTSource(kernel, signature, constants, aligned(signature)), target=target,
                                           options={"num_warps": 4, "enable_fp_fusion": False})
                 status = f"ok ({len(compiled.asm['cubin'])} bytes of cubin)"
+                if kernel is _quantize_kernel and constants["SPLIT"] > 1 and split_axis_threads(compiled) != 1:
+                    failures += 1
+                    status = (f"FAILED: the input load spreads {split_axis_threads(compiled)} threads over a row's "
+                              "chunks: quantize.split_axis_first is wrong for this Triton")
             except Exception as exc:  # noqa: BLE001 - report every failing variant, then fail
                 failures += 1
                 status = f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"

@@ -113,7 +113,7 @@ def argument_sets():
     payload = torch.zeros(4096, dtype=torch.uint8)
     meta = torch.zeros(64, 2)
     constexprs = dict(BITS=4, GROUP=256, ROWS=4, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False, EVEN=True,
-                      SPLIT=4)
+                      SPLIT=4, SPLIT_FIRST=True)
     base = (x, payload, meta, 4096, 16, 0, 0, meta, 1, 1)
 
     def changed(index, value):

@@ -217,6 +217,18 @@ def test_grid_values_and_constant_groups_roundtrip_exactly(bits, scheme, device)
     assert torch.equal(decode_fp32(payload, meta, x.numel(), bits), x)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nearest_rounding_breaks_ties_to_even(backend, device):
+    # A group spanning [0, 12] at 2 bits has step 4: 2, 6 and 10 lie halfway between grid points and
+    # go to the even code (0 -> lifted to 1 by the sign rule, 2, 2); 5 and 11 are no ties.
+    x = torch.zeros(GROUP, device=device)
+    x[:6] = torch.tensor([12.0, 2.0, 6.0, 10.0, 5.0, 11.0])
+    payload, meta = quantize(x, 2, backend=backend)
+    assert meta[0].tolist() == [0.0, 4.0]
+    decoded = decode_fp32(payload, meta, GROUP, 2)
+    assert decoded[:6].tolist() == [12.0, 4.0, 8.0, 8.0, 4.0, 12.0]
+
+
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_non_finite_group_decodes_non_finite(bad_value, backend, device):
@@ -322,16 +334,19 @@ def test_sigma_window_is_mean_plus_minus_three_std(device):
     assert ((high_end - (mean + 3 * std)).abs() <= tolerance).all()
 
 
+@pytest.mark.parametrize("split_first", [True, False], ids=["split-first", "rows-first"])
 @pytest.mark.parametrize("split", [1, 2, 4, 8], ids=lambda s: f"split{s}")
 @pytest.mark.parametrize("variant", ["minmax", "sigma", "stochastic", "standardized"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n", [256 * 5 + 7, 256 * 4], ids=["partial", "whole"])
-def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, device, monkeypatch):
+def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, split_first, device, monkeypatch):
     """_quantize_kernel cuts each group into SPLIT chunks (split_for picks 4 for bf16 and 8 for fp32 at
-    group size 256): the tiling changes which thread holds what, never the bytes."""
+    group size 256), and puts the SPLIT axis first or second in its tile (SPLIT_FIRST, which depends on
+    the Triton version): the tiling changes which thread holds what, never the bytes."""
     from tritonquant.kernels import quantize as quantize_module
 
     monkeypatch.setattr(quantize_module, "split_for", lambda group_size, element_size: split)
+    monkeypatch.setattr(quantize_module, "SPLIT_FIRST", split_first)
     x = activation_like(n, dtype, 256, seed=split, device=device)
     x[300] = 0.0
     channels = None
