@@ -8,10 +8,10 @@ must stay exact; small tensors cost more in launches than they save.
 
 Autocast's weight copies (a parameter cast to bf16/fp16, saved by the layer for the gradient of its
 input) are not packed either: quantized, they would put error on the weights every input gradient is
-computed with. Exact training keeps them from forward to backward, 2 bytes per parameter (51 MB for
-ResNet-50, 248 MB for GPT-2 small). The pack hook keeps only a reference to the parameter instead, and
-backward casts it again, bit for bit the same copy (``weight_cast_source``); ``recast_weights=False``
-keeps the copies as exact training does.
+computed with. Exact training keeps them from forward to backward, 2 bytes per parameter (49 MB for
+ResNet-50, 236 MB for GPT-2 small; MB = 2**20). The pack hook keeps only a reference to the parameter
+instead, and backward casts it again, bit for bit the same copy (``weight_cast_source``);
+``recast_weights=False`` keeps the copies as exact training does.
 
 A frozen parameter's cast (``requires_grad=False``: a fine-tuned model's base weights) has no autograd
 node to tell it by, yet its layer saves it for the input gradient just the same. It is recognised by

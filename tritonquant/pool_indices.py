@@ -1,13 +1,13 @@
 """Max-pooling indices stored exactly as positions inside their pooling window.
 
 ``nn.MaxPool1d/2d/3d`` saves, for each output element, the int64 flat position of its maximum in the
-(n, c) plane of the input. That position always lies inside the output element's window (PyTorch's
-CPU and CUDA kernels start from the window's first in-bounds position and only move to larger values
-inside it), so it is fully described by its place in the window: one of ``prod(kernel_size)``
-values, 9 for a 3x3 pool. Stored in the fewest of 1, 2, 4 or 8 bits that hold that many values and
-packed several to a byte, ResNet-50's stem pool keeps its indices in 4 bits each instead of 64
-(8 MB instead of 103 MB at batch 64). The encoding uses only the module's settings and the input's
-shape, never the values, so it needs no host synchronization; decoding reverses it exactly.
+(n, c) plane of the input. That position always lies inside the output element's window (PyTorch's CPU
+and CUDA kernels start from the window's first in-bounds position and only move to larger values inside
+it), so it is fully described by its place in the window: one of ``prod(kernel_size)`` values, 9 for a
+3x3 pool. Stored in the fewest of 1, 2, 4 or 8 bits that hold that many values and packed several to a
+byte, ResNet-50's stem pool keeps its indices in 4 bits each instead of 64 (6.4 MB instead of 103 MB at
+batch 64). The encoding uses only the module's settings and the input's shape, never the
+values, so it needs no host synchronization; decoding reverses it exactly.
 
 Layout of the packed codes: the window positions, in the logical (row-major) order of the index
 tensor, ``8 // bits`` to a byte, the first in the lowest bits; the last byte padded with zeros. A
@@ -62,7 +62,8 @@ def pool_windows(module: nn.Module, input_shape: torch.Size | None) -> PoolWindo
     stride = module.stride if module.stride is not None else module.kernel_size
     windows = PoolWindows(tuple(input_shape[-dims:]), per_dim(module.kernel_size), per_dim(stride),
                           per_dim(module.padding), per_dim(module.dilation))
-    if math.prod(windows.kernel_size) > 1 << CODE_BITS[-1]:
+    # (encode computes in int32: planes of more than 2**31 positions keep the int64 indices' narrowing)
+    if math.prod(windows.kernel_size) > 1 << CODE_BITS[-1] or math.prod(windows.input_sizes) > 2**31:
         return None
     return windows
 

@@ -56,9 +56,9 @@ class Stats:
     packed_bytes: bytes they hold packed (payload plus metadata).
     passed_bytes: bytes of the storages of saved tensors kept as they were, each counted once;
         parameters and buffers excluded (the model holds them anyway: they cost the step nothing).
-        Max-pooling indices, kept exactly in fewer bits, count the bytes they are kept in. Parameter
-        casts cost nothing when cast again in backward (``recast_weights``); kept, they are counted
-        with the parameters, not here.
+        Max-pooling indices, kept exactly in fewer bits, count the bytes they are kept in. Casts of
+        trainable parameters cost nothing when cast again in backward (``recast_weights``); kept,
+        they are counted with the parameters, not here. Casts of frozen parameters are counted here.
     passed_by_reason: tensor counts per pass-through reason (see ``policy.REASONS``).
     deduplicated: saves that reused a tensor already packed in this block.
     offloaded_bytes: packed bytes moved to host memory (``offload="cpu"``, CUDA tensors only).
