@@ -239,8 +239,8 @@ def _uniforms(seed, rng_offset, rows, SPLIT: tl.constexpr, ROWS: tl.constexpr, C
     i (of the whole tensor) takes word i % 4 of Philox4x32-10(seed, counter = rng_offset + i // 4), so
     one Philox evaluation serves 4 elements."""
     QUADS: tl.constexpr = CHUNK // 4
-    quad = (_per_row(rows.to(tl.int64) * (GROUP // 4), SPLIT_FIRST) + _per_chunk(tl.arange(0, SPLIT) * QUADS, SPLIT_FIRST)
-            + tl.arange(0, QUADS)[None, None, :])
+    quad = (_per_row(rows.to(tl.int64) * (GROUP // 4), SPLIT_FIRST)
+            + _per_chunk(tl.arange(0, SPLIT) * QUADS, SPLIT_FIRST) + tl.arange(0, QUADS)[None, None, :])
     u0, u1, u2, u3 = tl.rand4x(seed, rng_offset + quad)
     # join(join(u0, u2), join(u1, u3))[..., b, a] is u_(2b + a): word k lands at position k of its quad.
     quads = tl.join(tl.join(u0, u2), tl.join(u1, u3))
