@@ -35,7 +35,7 @@ import triton.language as tl
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
 from .launch import KernelLauncher, cdiv, flat_view
-from .philox import torch_philox_uniform4
+from .philox import DITHER_ROUNDS, torch_dither4
 
 SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Moseley use 3)
 FIXED_POINT_SCALE = 32768.0  # centred values map into [-2**15, 2**15] for the sigma statistics
@@ -49,6 +49,7 @@ _K_MIN_NORMAL = tl.constexpr(_MIN_NORMAL)
 # 1.5 * 2**23: t + _K_MAGIC is a float32 whose spacing is 1, so the add rounds t to an integer (ties to
 # even) and leaves it in the low mantissa bits (see the kernel's rounding).
 _K_MAGIC = tl.constexpr(12582912.0)
+_K_DITHER_ROUNDS = tl.constexpr(DITHER_ROUNDS)
 
 
 # Threads that share one group in _quantize_kernel: fewer threads per group means each holds more of
@@ -195,10 +196,9 @@ def _quantize_kernel(
     # convert per element, run at 1/8 of the float32 rate on recent GPUs; the add and the mask run at
     # full and half rate. Exact while |t| < 2**22; beyond, t is clamped to the bounds either way.
     t = (x - _per_row(base, SPLIT_FIRST)) * _per_row(inv_step, SPLIT_FIRST)
-    if STOCHASTIC:
-        r = tl.floor(t + _uniforms(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP, SPLIT_FIRST)) + _K_MAGIC
-    else:
-        r = t + _K_MAGIC
+    if STOCHASTIC:  # rounding t + v to nearest, v uniform in [-0.5, 0.5), rounds t up with probability frac(t)
+        t = t + _dithers(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP, SPLIT_FIRST)
+    r = t + _K_MAGIC
     away = (x > 0) == _per_row(step_positive, SPLIT_FIRST)
     lower = tl.where(away, _per_row(away_lo, SPLIT_FIRST), _K_MAGIC)
     upper = tl.where(away, _per_row(away_hi, SPLIT_FIRST), _per_row(toward_hi, SPLIT_FIRST))
@@ -233,17 +233,18 @@ _launch_quantize = KernelLauncher(_quantize_kernel)
 
 
 @triton.jit
-def _uniforms(seed, rng_offset, rows, SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-              GROUP: tl.constexpr, SPLIT_FIRST: tl.constexpr):
-    """Float32 uniforms in [0, 1) for the tile ([SPLIT, ROWS, CHUNK] or [ROWS, SPLIT, CHUNK]): element
-    i (of the whole tensor) takes word i % 4 of Philox4x32-10(seed, counter = rng_offset + i // 4), so
-    one Philox evaluation serves 4 elements."""
+def _dithers(seed, rng_offset, rows, SPLIT: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+             GROUP: tl.constexpr, SPLIT_FIRST: tl.constexpr):
+    """Float32 dithers in [-0.5, 0.5) for the tile ([SPLIT, ROWS, CHUNK] or [ROWS, SPLIT, CHUNK]):
+    element i (of the whole tensor) takes word i % 4 of Philox4x32-7(seed, counter = rng_offset + i // 4),
+    so one Philox evaluation serves 4 elements; ``philox.torch_dither4`` maps the words the same way."""
     QUADS: tl.constexpr = CHUNK // 4
     quad = (_per_row(rows.to(tl.int64) * (GROUP // 4), SPLIT_FIRST)
             + _per_chunk(tl.arange(0, SPLIT) * QUADS, SPLIT_FIRST) + tl.arange(0, QUADS)[None, None, :])
-    u0, u1, u2, u3 = tl.rand4x(seed, rng_offset + quad)
-    # join(join(u0, u2), join(u1, u3))[..., b, a] is u_(2b + a): word k lands at position k of its quad.
-    quads = tl.join(tl.join(u0, u2), tl.join(u1, u3))
+    w0, w1, w2, w3 = tl.randint4x(seed, rng_offset + quad, _K_DITHER_ROUNDS)
+    # join(join(w0, w2), join(w1, w3))[..., b, a] is w_(2b + a): word k lands at position k of its quad.
+    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+    quads = ((words >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.5
     if SPLIT_FIRST:
         return tl.reshape(quads, (SPLIT, ROWS, CHUNK))
     else:
@@ -437,11 +438,10 @@ def torch_quantize(
 
     t = (xs - base[:, None]) * inv_step[:, None]
     if stochastic:
-        # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _uniforms in the kernel.
+        # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _dithers in the kernel.
         counters = rng_offset + torch.arange(n_groups * group_size // 4, device=device, dtype=torch.int64)
-        rounded = torch.floor(t + torch_philox_uniform4(seed, counters).view(n_groups, group_size))
-    else:
-        rounded = torch.round(t)  # to nearest, ties to even
+        t = t + torch_dither4(seed, counters).view(n_groups, group_size)
+    rounded = torch.round(t)  # to nearest, ties to even
     away = (xs > 0) == (step[:, None] > 0)
     lower = torch.where(away, away_lo[:, None], 0.0)
     upper = torch.where(away, away_hi[:, None], toward_hi[:, None])

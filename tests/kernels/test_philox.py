@@ -3,7 +3,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonquant.kernels.philox import torch_philox_uniform, torch_philox_uniform4
+from tritonquant.kernels.philox import (DITHER_ROUNDS, torch_dither4, torch_philox4x32, torch_philox_uniform,
+                                        torch_philox_uniform4)
 
 
 @triton.jit
@@ -38,6 +39,36 @@ def test_torch_philox_words_match_tl_rand4x(seed, first_counter, device):
     _rand4x_kernel[(1,)](out, seed, first_counter, N=128)
     counters = torch.arange(128, device=device, dtype=torch.int64) + first_counter
     assert torch.equal(out, torch_philox_uniform4(seed, counters))
+
+
+@triton.jit
+def _randint4x_kernel(out_ptr, seed, first_counter, N: tl.constexpr, ROUNDS: tl.constexpr):
+    counters = tl.arange(0, N).to(tl.int64) + first_counter
+    w0, w1, w2, w3 = tl.randint4x(seed, counters, ROUNDS)
+    tl.store(out_ptr + tl.arange(0, N) * 4, w0.to(tl.int64))
+    tl.store(out_ptr + tl.arange(0, N) * 4 + 1, w1.to(tl.int64))
+    tl.store(out_ptr + tl.arange(0, N) * 4 + 2, w2.to(tl.int64))
+    tl.store(out_ptr + tl.arange(0, N) * 4 + 3, w3.to(tl.int64))
+
+
+@pytest.mark.parametrize("rounds", [DITHER_ROUNDS, 10], ids=lambda r: f"{r}rounds")
+@pytest.mark.parametrize("seed", [0, 2**40 + 7, 2**63 - 1], ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("first_counter", [0, 2**33 + 1], ids=lambda c: f"from{c}")
+def test_torch_philox_words_match_tl_randint4x(seed, first_counter, rounds, device):
+    out = torch.empty(128, 4, dtype=torch.int64, device=device)
+    _randint4x_kernel[(1,)](out, seed, first_counter, N=128, ROUNDS=rounds)
+    counters = torch.arange(128, device=device, dtype=torch.int64) + first_counter
+    assert torch.equal(out, torch_philox4x32(seed, counters, rounds))
+
+
+def test_dithers_fill_minus_half_to_half_uniformly():
+    v = torch_dither4(11, torch.arange(50_000, dtype=torch.int64)).reshape(-1)
+    assert v.min() >= -0.5 and v.max() < 0.5
+    counts = torch.histc(v, bins=10, min=-0.5, max=0.5)
+    # Each decile holds 20000 +/- 141 (binomial sd); 5 sd is a loose, non-flaky bound.
+    assert (counts - 20_000).abs().max() < 5 * 141
+    # 23 random mantissa bits: every value is a multiple of 2**-23.
+    assert torch.equal(v * 2**23, (v * 2**23).round())
 
 
 def test_uniforms_lie_in_unit_interval_and_look_uniform():
