@@ -88,12 +88,14 @@ def test_autocast_weight_casts_are_not_held_between_forward_and_backward():
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape, kernel, stride, padding, dilation, ceil_mode", [
     ((8, 64, 112, 112), 3, 2, 1, 1, False),  # ResNet's stem pool
     ((4, 16, 33, 31), 3, 2, 1, 2, True),
     ((4, 16, 32, 32), 2, 2, 0, 1, False),
 ], ids=["resnet-stem", "dilated-ceil", "2x2"])
-def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kernel, stride, padding, dilation, ceil_mode):
+def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kernel, stride, padding, dilation,
+                                                                     ceil_mode, channels_last):
     # pool_indices relies on each index lying inside its window, which CUDA's kernel must honour too
     # (ties, -inf windows and NaN included).
     from torch import nn
@@ -104,6 +106,8 @@ def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kern
     x = torch.randint(0, 3, shape, device="cuda").float()  # many ties
     x[0, 0] = float("-inf")
     x[1, 1, ::5] = float("nan")
+    if channels_last:  # (CUDA pools channels_last tensors with another kernel)
+        x = x.to(memory_format=torch.channels_last)
     pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
     _, indices = torch.nn.functional.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
     windows = pool_windows(pool, x.shape)
