@@ -280,7 +280,8 @@ def _row_min(x, SPLIT_FIRST: tl.constexpr):
 
 @triton.jit
 def _row_max(x, SPLIT_FIRST: tl.constexpr):
-    """Tile -> [ROWS]: each row's maximum, NaN if it holds one."""
+    """Tile -> [ROWS]: each row's maximum, NaN if it holds one. (_row_min's twin: a jit helper cannot
+    take the combine function as an argument.)"""
     if SPLIT_FIRST:
         return tl.reduce(tl.reduce(x, 2, _max_propagating_nan), 0, _max_propagating_nan)
     else:
