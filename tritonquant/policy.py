@@ -222,7 +222,7 @@ def weight_cast_source(t: torch.Tensor) -> torch.Tensor | None:
     param = getattr(sources[0][0], "variable", None) if len(sources) == 1 else None
     if (param is None or param.device != cast.device or param.dtype == cast.dtype or param.shape != cast.shape
             or param.stride() != cast.stride() or cast.storage_offset() != 0
-            or not is_dense(param)):
+            or not (param.is_contiguous() or is_dense(param))):  # (the cheap test first: most weights pass it)
         return None
     return param
 
