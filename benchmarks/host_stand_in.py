@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""The host's share of compress() without a GPU: Triton kernels compiled for sm_90, launches not run.
+
+    python benchmarks/host_stand_in.py [--repeats N]      # exits 2 if this Triton's driver API differs
+
+Why: step time under compress() was lost on the host, per saved tensor (docs/benchmarks.md), and a GPU
+is rarely at hand. Here Triton's active driver is replaced by a stand-in that targets sm_90: kernels
+are compiled for real (frontend, optimizer, the bundled ptxas) and every launch returns at once. So
+everything a GPU host does in Python is timed: the hooks, the policy, the codec, the launchers,
+Triton's dispatch or the direct path, allocations (of CPU memory here). Only the C launcher and the
+CUDA calls under it are left out. Figures describe this machine's Python, not a GPU host; compare
+them with each other, run by run.
+
+Prints:
+  1. host microseconds per saved tensor, pack and unpack: a chain of tanh on a 64K-element bf16 tensor
+     under compress(bits=4), minus the same chain without it (benchmarks/profile_host.py's measure),
+     with direct launches and with Triton's dispatch;
+  2. one ResNet-50 step (bf16 autocast, batch 1, 64 px, so the model's own CPU work stays small) under
+     compress(bits=4): the extra forward and backward milliseconds, and the pack hook's time per kind
+     of saved tensor (packed, reused, kept, weight cast made again in backward, pooling indices).
+     min_bytes is set so that what is packed is what a 224 px batch-64 step packs: activations yes,
+     per-channel statistics no.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import statistics
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # no tuning: there is nothing to time kernels on
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+
+class _StandInUtils:
+    def load_binary(self, name, kernel, shared, device):
+        return (1, 2, 32, 0, 1024)  # module, function, registers, spills, max threads
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+
+class StandInDriver:
+    """Targets sm_90 and compiles for real; a launch does nothing."""
+
+    utils = _StandInUtils()
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args: None
+
+
+try:
+    driver.set_active(StandInDriver())
+except Exception as exc:  # noqa: BLE001 - a Triton whose driver API differs
+    print(f"SKIP: cannot install a stand-in driver: {exc}")
+    sys.exit(2)
+
+import tritonquant as tq  # noqa: E402
+from tritonquant import codec  # noqa: E402
+from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_host import chain_us_per_tensor, launch_mode  # noqa: E402
+
+# backend="triton" accepts CPU tensors only under the interpreter; here the compiled kernels' launches
+# are what is wanted, on CPU tensors, so the codec is told as much.
+codec.is_interpreted = lambda: True
+
+MIN_BYTES = 12_000  # between the largest per-channel statistics (8 KB) and the smallest activation (16 KB)
+
+
+def per_tensor_rows(repeats: int) -> list[list[str]]:
+    rows = []
+    for mode, direct in (("direct launches", True), ("Triton's dispatch", False)):
+        with launch_mode(direct):
+            figures = [chain_us_per_tensor(torch.device("cpu"), "triton") for _ in range(repeats)]
+        rows.append([f"tanh chain, {mode}", f"{statistics.median(f[0] for f in figures):.1f}",
+                     f"{statistics.median(f[1] for f in figures):.1f}"])
+    return rows
+
+
+def resnet_step(repeats: int) -> tuple[list[list[str]], list[list[str]]]:
+    torch.manual_seed(0)
+    model = ResNet50Like()
+    batch = cnn_batch(1, size=64, classes=1000)
+    pack_time: collections.Counter = collections.Counter()
+    pack_count: collections.Counter = collections.Counter()
+
+    def step(compressed: bool) -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        session = tq.compress(bits=4, backend="triton", min_bytes=MIN_BYTES) if compressed else None
+        if session is not None:
+            pack = session._pack
+
+            def timed_pack(t, pack=pack, stats=session.stats):
+                reused_before = stats.deduplicated
+                started = time.perf_counter()
+                handle = pack(t)
+                kind = type(handle).__name__.lstrip("_")
+                if stats.deduplicated > reused_before:
+                    kind += " (reused)"
+                pack_time[kind] += time.perf_counter() - started
+                pack_count[kind] += 1
+                return handle
+
+            session._pack = timed_pack
+        started = time.perf_counter()
+        with session or contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = cnn_loss(model, batch)
+        middle = time.perf_counter()
+        loss.backward()
+        return middle - started, time.perf_counter() - middle
+
+    for compressed in (False, True, False, True):  # warm-up: compile, allocate
+        step(compressed)
+    pack_time.clear()
+    pack_count.clear()
+    extra_forward, extra_backward = [], []
+    for _ in range(repeats):
+        exact = [step(False) for _ in range(5)]
+        compressed = [step(True) for _ in range(5)]
+        extra_forward.append(statistics.median(c[0] for c in compressed) - statistics.median(e[0] for e in exact))
+        extra_backward.append(statistics.median(c[1] for c in compressed) - statistics.median(e[1] for e in exact))
+    steps = 5 * repeats
+    forward_ms = statistics.median(extra_forward) * 1e3
+    pack_ms = sum(pack_time.values()) / steps * 1e3
+    step_rows = [["extra forward", f"{forward_ms:.2f}"],
+                 ["extra forward: in the pack hook", f"{pack_ms:.2f}"],
+                 ["extra forward: the rest (module hooks, session set-up, this timing)", f"{forward_ms - pack_ms:.2f}"],
+                 ["extra backward (unpacking)", f"{statistics.median(extra_backward) * 1e3:.2f}"]]
+    kind_rows = [[kind, f"{pack_count[kind] / steps:.0f}", f"{pack_time[kind] / pack_count[kind] * 1e6:.1f}",
+                  f"{pack_time[kind] / steps * 1e3:.2f}"] for kind in sorted(pack_count)]
+    return step_rows, kind_rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="medians over this many rounds (default 3)")
+    repeats = parser.parse_args().repeats
+    torch.set_num_threads(1)
+    import triton
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}; "
+          "kernels compiled for sm_90, launches not run\n")
+    print(tabulate(per_tensor_rows(repeats), headers=["host us per saved tensor", "pack", "unpack"],
+                   tablefmt="github"))
+    step_rows, kind_rows = resnet_step(repeats)
+    print("\nResNet-50 step, bf16 autocast, batch 1, 64 px, compress(bits=4), minus the exact step:\n")
+    print(tabulate(step_rows, headers=["", "ms"], tablefmt="github"))
+    print()
+    print(tabulate(kind_rows, headers=["pack hook, by what it returned", "per step", "us each", "ms per step"],
+                   tablefmt="github"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
