@@ -27,8 +27,9 @@ def test_stand_in_host_profile_runs_and_counts_what_resnet50_saves():
         r"^\| ([A-Za-z ()]+?)\s+\|\s+(\d+) \|\s+([\d.]+) \|", result.stdout, re.MULTILINE)}
     # Per step: 72 activations packed and 36 saves that reuse one; 53 autocast weight casts made again in
     # backward (every convolution and the head); the stem pool's indices as window positions.
-    assert rows["Packed"][0] == 72 and rows["Packed (reused)"][0] == 36
-    assert rows["RecastWeight"][0] == 53 and rows["WindowIndices"][0] == 1
+    assert {"Packed", "Packed (reused)", "RecastWeight", "WindowIndices"} <= rows.keys(), result.stdout
+    assert rows["Packed"][0] == 72 and rows["Packed (reused)"][0] == 36, result.stdout
+    assert rows["RecastWeight"][0] == 53 and rows["WindowIndices"][0] == 1, result.stdout
     assert all(us > 0 for _, us in rows.values())
     chain = re.search(r"tanh chain, direct launches\s+\|\s+([\d.]+) \|\s+([\d.]+) \|", result.stdout)
     assert chain and float(chain[1]) > 0 and float(chain[2]) > 0
