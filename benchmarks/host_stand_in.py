@@ -167,13 +167,13 @@ def main() -> int:
     print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}; "
           "kernels compiled for sm_90, launches not run\n")
     print(tabulate(per_tensor_rows(repeats), headers=["host us per saved tensor", "pack", "unpack"],
-                   tablefmt="github"))
+                   tablefmt="github", disable_numparse=True))
     step_rows, kind_rows = resnet_step(repeats)
     print("\nResNet-50 step, bf16 autocast, batch 1, 64 px, compress(bits=4), minus the exact step:\n")
-    print(tabulate(step_rows, headers=["", "ms"], tablefmt="github"))
+    print(tabulate(step_rows, headers=["", "ms"], tablefmt="github", disable_numparse=True))
     print()
     print(tabulate(kind_rows, headers=["pack hook, by what it returned", "per step", "us each", "ms per step"],
-                   tablefmt="github"))
+                   tablefmt="github", disable_numparse=True))
     return 0
 
 

@@ -24,12 +24,12 @@ def test_stand_in_host_profile_runs_and_counts_what_resnet50_saves():
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {m[1].strip(): (int(m[2]), float(m[3])) for m in re.finditer(
-        r"^\| ([A-Za-z ()]+?)\s+\|\s+(\d+) \|\s+([\d.]+) \|", result.stdout, re.MULTILINE)}
+        r"^\| ([A-Za-z ()]+?)\s+\|\s+(\d+)\s+\|\s+([\d.]+)\s+\|", result.stdout, re.MULTILINE)}
     # Per step: 72 activations packed and 36 saves that reuse one; 53 autocast weight casts made again in
     # backward (every convolution and the head); the stem pool's indices as window positions.
     assert {"Packed", "Packed (reused)", "RecastWeight", "WindowIndices"} <= rows.keys(), result.stdout
     assert rows["Packed"][0] == 72 and rows["Packed (reused)"][0] == 36, result.stdout
     assert rows["RecastWeight"][0] == 53 and rows["WindowIndices"][0] == 1, result.stdout
-    assert all(us > 0 for _, us in rows.values())
-    chain = re.search(r"tanh chain, direct launches\s+\|\s+([\d.]+) \|\s+([\d.]+) \|", result.stdout)
-    assert chain and float(chain[1]) > 0 and float(chain[2]) > 0
+    assert all(us > 0 for _, us in rows.values())  # (wall time inside the hook: positive however noisy)
+    # Differences of timings: present, but on a loaded machine any sign.
+    assert re.search(r"tanh chain, direct launches\s+\|\s+-?[\d.]+\s+\|\s+-?[\d.]+\s+\|", result.stdout), result.stdout
