@@ -37,44 +37,12 @@ os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # no tuning: there is nothing to time 
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime.driver import driver  # noqa: E402
 
-
-class _StandInUtils:
-    def load_binary(self, name, kernel, shared, device):
-        return (1, 2, 32, 0, 1024)  # module, function, registers, spills, max threads
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
-
-
-class StandInDriver:
-    """Targets sm_90 and compiles for real; a launch does nothing."""
-
-    utils = _StandInUtils()
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def map_python_to_cpp_type(self, ty):
-        return ty
-
-    def launcher_cls(self, src, metadata):
-        return lambda *args: None
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stand_in_driver  # noqa: E402
 
 try:
-    driver.set_active(StandInDriver())
+    stand_in_driver.install()
 except Exception as exc:  # noqa: BLE001 - a Triton whose driver API differs
     print(f"SKIP: cannot install a stand-in driver: {exc}")
     sys.exit(2)
@@ -83,7 +51,6 @@ import tritonquant as tq  # noqa: E402
 from tritonquant import codec  # noqa: E402
 from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_host import chain_us_per_tensor, launch_mode  # noqa: E402
 
 # backend="triton" accepts CPU tensors only under the interpreter; here the compiled kernels' launches

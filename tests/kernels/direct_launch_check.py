@@ -20,59 +20,27 @@ from what the fake driver needs (then nothing about the launcher was checked).
 
 import os
 import sys
+from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # for stand_in_driver
+
 try:
     from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
+
+    import stand_in_driver
 except ImportError as exc:  # pragma: no cover - an older or newer Triton
     print(f"SKIP: {exc}")
     sys.exit(2)
 
 LAUNCHES: list[tuple] = []
 
-
-class RecordingUtils:
-    def load_binary(self, name, kernel, shared, device):
-        return (1, 2, 32, 0, 1024)  # module, function, registers, spills, max threads
-
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
-
-
-class RecordingDriver:
-    """Compiles for sm_90; each launch is recorded, with its kernel's compiled identity, and not run."""
-
-    utils = RecordingUtils()
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 1234
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def map_python_to_cpp_type(self, ty):
-        return ty
-
-    def launcher_cls(self, src, metadata):
-        def launch(*args):
-            LAUNCHES.append((metadata.hash, *args))
-
-        return launch
-
-
 try:
-    driver.set_active(RecordingDriver())
+    # Compiles for sm_90; each launch is recorded, with its kernel's compiled identity, and not run.
+    stand_in_driver.install(on_launch=lambda *launch: LAUNCHES.append(launch), stream=1234)
 except Exception as exc:  # noqa: BLE001
     print(f"SKIP: cannot install a fake driver: {exc}")
     sys.exit(2)
