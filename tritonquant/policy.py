@@ -56,8 +56,6 @@ from torch import nn
 
 from .codec import SUPPORTED_DTYPES, is_dense
 
-PACKABLE_DEVICES = ("cuda", "cpu")
-
 REASONS = {
     "parameter": "parameters, buffers, and views and dtype casts of them",
     "recast": "dtype casts of parameters (autocast's weight copies), cast again in backward",
@@ -297,7 +295,7 @@ def pass_reason(t: torch.Tensor, module_tensors: Container[int], min_bytes: int)
         return "backward"
     if t.layout != torch.strided:
         return "layout"
-    if not (t.is_cuda or t.is_cpu):  # PACKABLE_DEVICES, without building a torch.device per call
+    if not (t.is_cuda or t.is_cpu):  # (the devices with a backend; no torch.device built per call)
         return "device"
     if t.dtype not in SUPPORTED_DTYPES:
         return "dtype"

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .kernels.bitpack import torch_pack_codes, torch_unpack_codes
+
 # Window sizes up to 256 positions fit a byte; larger windows keep the int16/int32 narrowing.
 CODE_BITS = (1, 2, 4, 8)
 _MAX_POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
@@ -112,24 +114,14 @@ def decode(codes: torch.Tensor, windows: PoolWindows, shape: torch.Size, stride:
 
 
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [n] values below 2**bits -> uint8 [ceil(n * bits / 8)], ``8 // bits`` to a byte, first lowest."""
+    """uint8 [n] values below 2**bits -> uint8 [ceil(n * bits / 8)], ``8 // bits`` to a byte, first lowest
+    (the payload's own bit order, ``kernels.bitpack``), the last byte padded with zeros."""
     per_byte = 8 // bits
-    if per_byte == 1:
-        return codes
     padded = torch.zeros(-(-codes.numel() // per_byte) * per_byte, dtype=torch.uint8, device=codes.device)
     padded[:codes.numel()] = codes
-    lanes = padded.view(-1, per_byte)
-    packed = lanes[:, 0].clone()
-    for j in range(1, per_byte):
-        packed |= lanes[:, j] << (bits * j)
-    return packed
+    return torch_pack_codes(padded, bits)
 
 
 def _unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of ``_pack_codes``: uint8 [n]."""
-    per_byte = 8 // bits
-    if per_byte == 1:
-        return packed[:n]
-    mask = (1 << bits) - 1
-    lanes = torch.stack([(packed >> (bits * j)) & mask for j in range(per_byte)], dim=1)
-    return lanes.view(-1)[:n]
+    return torch_unpack_codes(packed, bits)[:n]

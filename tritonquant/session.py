@@ -315,22 +315,17 @@ class Session:
             param = weight_cast_source(t)  # (None at once for parameters themselves: no grad_fn)
             if (param is not None and t.untyped_storage().nbytes() >= self.config.min_bytes
                     and recastable(param, self._stack.frames)):
-                reason, recast = "recast", _RecastWeight(t, param)
-                self.stats.passed_by_reason[reason] += 1
-                self.stats.passed_tensors += 1
-                row.passed_tensors += 1
-                return recast
+                self._count_passed(row, "recast", 0)  # (held by its module anyway)
+                return _RecastWeight(t, param)
         if reason is not None:
-            self.stats.passed_by_reason[reason] += 1
-            self.stats.passed_tensors += 1
-            row.passed_tensors += 1
             storage = t.untyped_storage()
+            held = 0
             if reason != "parameter" and storage.data_ptr() not in self._kept_storages:
                 # Count each kept storage once, however many ops save it. (An address can only be
                 # reused after its tensor died; undercounting such a rare reuse is acceptable here.)
                 self._kept_storages.add(storage.data_ptr())
-                self.stats.passed_bytes += storage.nbytes()
-                row.passed_bytes += storage.nbytes()
+                held = storage.nbytes()
+            self._count_passed(row, reason, held)
             return _Kept(t)
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
@@ -394,12 +389,16 @@ class Session:
             handle = _NarrowedIndices(t, narrow_dtype)
             held = handle.narrow.nbytes
         # Counted as kept (exact), at the bytes held: the ratio stays a measure of quantization.
-        self.stats.passed_by_reason["narrowed"] += 1
-        self.stats.passed_tensors += 1
-        self.stats.passed_bytes += held
-        row.passed_tensors += 1
-        row.passed_bytes += held
+        self._count_passed(row, "narrowed", held)
         return handle
+
+    def _count_passed(self, row: ModuleStats, reason: str, held_bytes: int) -> None:
+        """Count one saved tensor that was not quantized (``policy.REASONS``), and the bytes it holds."""
+        self.stats.passed_by_reason[reason] += 1
+        self.stats.passed_tensors += 1
+        self.stats.passed_bytes += held_bytes
+        row.passed_tensors += 1
+        row.passed_bytes += held_bytes
 
     @staticmethod
     def _unpack(handle: _Packed | _Kept | ProbeTensor | _NarrowedIndices | _WindowIndices | _RecastWeight,
