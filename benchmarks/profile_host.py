@@ -23,7 +23,8 @@ by piece, so each change to the pack path can be judged by a number.
 2. One training step of ResNet-50 (bf16 autocast, batch 32, 224 px) under compress(bits=4), after two
    warm-up steps, beside exact training, compress() with nothing to pack (its hooks and bookkeeping
    alone) and compress(bits=4) with every launch through Triton's dispatch: host time to issue
-   forward + backward against the GPU time of the step (CUDA events), the CUDA time of tritonquant's
+   forward + backward against the GPU time of the step (CUDA events), the calls in one step that make
+   the host wait for the GPU (synchronizations, cudaMalloc, cudaFree), the CUDA time of tritonquant's
    kernels against all kernels (torch.profiler), and a cProfile of three steps (the 25 functions with
    the most own time).
 
@@ -181,6 +182,45 @@ def call_costs(device: torch.device) -> list[list[str]]:
     return [[name, f"{us:.1f}"] for name, us in rows]
 
 
+def launch_path() -> str:
+    """Whether the quantize launches of the steps above went the direct way or through Triton's
+    dispatch: a launch hook installed by another library (a profiler) turns the direct path off."""
+    from tritonquant.kernels.quantize import _launch_quantize
+
+    if not launch.DIRECT_LAUNCH:
+        return "Triton's dispatch (TRITONQUANT_DIRECT_LAUNCH=0)"
+    if not launch._no_launch_hooks():
+        return "Triton's dispatch (a Triton launch hook is installed)"
+    if not _launch_quantize._compiled:
+        return "Triton's dispatch (no direct launch was set up)"
+    return f"direct ({len(_launch_quantize._compiled)} quantize specializations)"
+
+
+def gpu_waits(step: Callable[[], None]) -> tuple[int, int, int]:
+    """(synchronizing calls, cudaMalloc calls, cudaFree calls) during one ``step()`` after warm-up.
+
+    Each of them makes the host wait for the GPU (a cudaFree always, a cudaMalloc often), which puts
+    the host's issue time in series with the GPU's. Synchronizing calls are counted by torch's sync
+    debug mode (copies to the host, .item(), stream and device synchronizations); allocator calls
+    by the caching allocator's own counters."""
+    import warnings
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_stats()
+    syncs = sum("synchronizing" in str(w.message) for w in caught)
+    return (syncs, after.get("num_device_alloc", 0) - before.get("num_device_alloc", 0),
+            after.get("num_device_free", 0) - before.get("num_device_free", 0))
+
+
 def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], str]:
     on_gpu = device.type == "cuda"
     torch.manual_seed(0)
@@ -224,7 +264,13 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
             gpus.append(start.elapsed_time(end) if on_gpu else float("nan"))
         rows.append([f"ResNet-50 step, {name}: host ms to issue", f"{statistics.median(hosts):.1f}"])
         rows.append([f"ResNet-50 step, {name}: step ms (events)", f"{statistics.median(gpus):.1f}"])
+        if on_gpu:
+            syncs, mallocs, frees = gpu_waits(lambda: step(name))
+            rows.append([f"ResNet-50 step, {name}: synchronizing calls / cudaMalloc / cudaFree",
+                         f"{syncs} / {mallocs} / {frees}"])
 
+    if on_gpu:  # (before torch.profiler runs: it may install launch hooks of its own)
+        rows.append(["ResNet-50 step: launch path of compress(bits=4)", launch_path()])
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_gpu:
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -1,12 +1,13 @@
 """compress() on CUDA: real memory released and returned, kernels launched on the tensor's device."""
 
+import contextlib
 import gc
 
 import pytest
 import torch
 
 import tritonquant as tq
-from tritonquant.models import SmallCNN, cnn_batch, cnn_loss
+from tritonquant.models import ResNet50Like, SmallCNN, cnn_batch, cnn_loss
 
 pytestmark = pytest.mark.gpu
 
@@ -45,6 +46,37 @@ def test_activation_memory_drops_and_returns_to_baseline():
     del loss  # the graph is dropped without backward
     assert _allocated() == baseline
     assert "peak CUDA memory" in session.report()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_a_compressed_step_never_waits_for_the_gpu(bits, monkeypatch):
+    # The hooks must only enqueue work. One synchronization per saved tensor would put the host's
+    # issue time in series with the GPU's, a cost that grows with the number of saved tensors, not
+    # with their size. torch's sync debug mode raises at any synchronizing call (copies to the host,
+    # .item(), stream and device synchronizations), so the step fails at the first one.
+    # (Tuning at first use times kernels, which synchronizes by design: off here.)
+    monkeypatch.setenv("TRITONQUANT_AUTOTUNE", "0")
+    torch.manual_seed(0)
+    model = ResNet50Like(classes=10).cuda()  # packed, reused, recast, kept and max-pool index saves
+    batch = cnn_batch(2, size=64, classes=10, device="cuda")
+
+    def step(compressed: bool) -> None:
+        model.zero_grad(set_to_none=True)
+        with tq.compress(bits=bits) if compressed else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = cnn_loss(model, batch)
+        loss.backward()
+
+    step(True)  # kernels compiled and the allocator settled outside the checked steps
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):  # the check can fail: a synchronizing call does raise
+            torch.ones(1, device="cuda").item()
+        step(False)  # the model's own step does not synchronize...
+        step(True)  # ...nor does compressing it
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
