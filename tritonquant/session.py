@@ -139,18 +139,29 @@ class _RecastWeight:
 
     Holds the parameter, which its module keeps alive anyway, instead of the copy
     (``policy.weight_cast_source``); the parameter's version and address tell whether it still holds
-    what was cast.
+    what was cast. One handle serves every save of the same cast in a block (``saves``): a layer run
+    several times in one forward (a loop, shared weights) saves autocast's one cached copy each time,
+    and backward then casts once, not once per save. That cast is held from the first of those
+    unpacks to the last (exact training holds its copy from forward on).
     """
 
-    __slots__ = ("param", "dtype", "view", "version", "address")
+    __slots__ = ("param", "dtype", "view", "version", "address", "saves", "_cast", "_unpacked", "__weakref__")
 
-    def __init__(self, t: torch.Tensor, param: torch.Tensor) -> None:
+    def __init__(self, param: torch.Tensor, dtype: torch.dtype, view: tuple | None) -> None:
         self.param = param
-        self.dtype = t.dtype
-        # (sizes, strides, offset) of the view that was saved; None when the cast itself was.
-        self.view = None if t._base is None else (t.shape, t.stride(), t.storage_offset())
+        self.dtype = dtype
+        self.view = view  # (sizes, strides, offset) of the view that was saved; None when the cast itself was
         self.version = param._version
         self.address = param.untyped_storage().data_ptr()
+        self.saves = 1
+        self._cast: torch.Tensor | None = None
+        self._unpacked = 0
+
+    @staticmethod
+    def key(t: torch.Tensor, param: torch.Tensor) -> tuple:
+        """What makes two saves the same cast: the parameter, its version, the dtype and the view."""
+        view = None if t._base is None else (t.shape, t.stride(), t.storage_offset())
+        return id(param), param._version, t.dtype, view
 
     def restore(self) -> torch.Tensor:
         param = self.param
@@ -162,8 +173,19 @@ class _RecastWeight:
                 "Modify parameters after backward, or pass recast_weights=False to compress()/attach() to "
                 "keep the casts from forward to backward, as exact training does."
             )
-        cast = param.detach().to(self.dtype)
-        return cast if self.view is None else cast.as_strided(*self.view)
+        cast = self._cast
+        if cast is None:
+            cast = param.detach().to(self.dtype)
+            if self.view is not None:
+                cast = cast.as_strided(*self.view)
+        # Kept until the last save is unpacked. (The count starts again for a second backward through a
+        # retained graph; casts are deterministic, so a cast made again is the same cast.)
+        self._unpacked += 1
+        if self._unpacked < self.saves:
+            self._cast = cast
+        else:
+            self._cast, self._unpacked = None, 0
+        return cast
 
 
 class _ModuleStack:
@@ -232,6 +254,8 @@ class Session:
         self._override_cache: dict[int, QuantConfig | None] = {}
         self._quant_by_bits: dict[int, QuantConfig] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # _RecastWeight.key -> the handle of that cast; an entry lives as long as a graph holds it.
+        self._recasts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._slot_counts: Counter = Counter()
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
@@ -316,7 +340,13 @@ class Session:
             if (param is not None and t.untyped_storage().nbytes() >= self.config.min_bytes
                     and recastable(param, self._stack.frames)):
                 self._count_passed(row, "recast", 0)  # (held by its module anyway)
-                return _RecastWeight(t, param)
+                key = _RecastWeight.key(t, param)
+                handle = self._recasts.get(key)
+                if handle is None:
+                    handle = self._recasts[key] = _RecastWeight(param, t.dtype, key[3])
+                else:
+                    handle.saves += 1
+                return handle
         if reason is not None:
             storage = t.untyped_storage()
             held = 0

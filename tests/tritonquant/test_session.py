@@ -3,11 +3,13 @@
 import contextlib
 import gc
 import weakref
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonquant as tq
 from tritonquant.codec import quantize_with
@@ -475,6 +477,53 @@ def test_recast_gradients_equal_kept_casts_bit_for_bit_on_a_cnn():
         results[recast] = (torch.cat([p.grad.flatten() for p in model.parameters()]), session.stats.passed_by_reason)
     assert results[True][1]["recast"] >= 3 and results[False][1]["recast"] == 0
     assert torch.equal(results[True][0], results[False][0])
+
+
+class _CastCounter(TorchDispatchMode):
+    """Counts casts to bfloat16 of a tensor of ``shape`` (the weight casts a backward makes again)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.ops.aten._to_copy.default and args[0].shape == self.shape
+                and out.dtype == torch.bfloat16):
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("retain_graph", [False, True], ids=["once", "twice-retained"])
+def test_a_weight_saved_by_every_step_of_a_loop_is_cast_once_in_backward(retain_graph):
+    # A layer run four times in one forward (an RNN cell, shared weights) saves autocast's one cached
+    # copy of its weight four times. Cast again per save, backward would make four casts; it makes one,
+    # and the gradients are those of casts kept from forward.
+    torch.manual_seed(0)
+    cell = nn.Linear(64, 64)
+    x = torch.randn(16, 64, requires_grad=True)
+
+    def run(recast: bool) -> tuple[list[torch.Tensor], int, Counter]:
+        x.grad, cell.weight.grad, cell.bias.grad = None, None, None
+        with tq.compress(bits=4, min_bytes=0, recast_weights=recast) as session:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = x
+                for _ in range(4):
+                    h = torch.tanh(cell(h))
+        counter = _CastCounter((64, 64))
+        with counter:
+            h.float().sum().backward(retain_graph=retain_graph)
+            if retain_graph:
+                h.float().sum().backward()
+        return [x.grad, cell.weight.grad, cell.bias.grad], counter.count, session.stats.passed_by_reason
+
+    grads, casts, reasons = run(recast=True)
+    kept_grads, kept_casts, _ = run(recast=False)
+    assert reasons["recast"] == 4  # each save is still counted
+    assert kept_casts == 0
+    assert casts == (2 if retain_graph else 1)  # once per backward, not once per save
+    for got, want in zip(grads, kept_grads):
+        assert torch.equal(got, want)
 
 
 def test_parameter_changed_before_backward_raises_when_recast():
