@@ -199,7 +199,7 @@ def launch_path() -> str:
 def gpu_waits(step: Callable[[], None]) -> tuple[int, int, int]:
     """(synchronizing calls, cudaMalloc calls, cudaFree calls) during one ``step()`` after warm-up.
 
-    Each of them makes the host wait for the GPU (a cudaFree always, a cudaMalloc often), which puts
+    Each of them can make the host wait for the GPU (cudaFree synchronizes the device), which puts
     the host's issue time in series with the GPU's. Synchronizing calls are counted by torch's sync
     debug mode (copies to the host, .item(), stream and device synchronizations); allocator calls
     by the caching allocator's own counters."""
