@@ -150,7 +150,7 @@ class _RecastWeight:
     def __init__(self, param: torch.Tensor, dtype: torch.dtype, view: tuple | None) -> None:
         self.param = param
         self.dtype = dtype
-        self.view = view  # (sizes, strides, offset) of the view that was saved; None when the cast itself was
+        self.view = view  # (``view_of`` the saved tensor)
         self.version = param._version
         self.address = param.untyped_storage().data_ptr()
         self.saves = 1
@@ -158,10 +158,9 @@ class _RecastWeight:
         self._unpacked = 0
 
     @staticmethod
-    def key(t: torch.Tensor, param: torch.Tensor) -> tuple:
-        """What makes two saves the same cast: the parameter, its version, the dtype and the view."""
-        view = None if t._base is None else (t.shape, t.stride(), t.storage_offset())
-        return id(param), param._version, t.dtype, view
+    def view_of(t: torch.Tensor) -> tuple | None:
+        """(sizes, strides, offset) of a saved view of the cast; None when the cast itself was saved."""
+        return None if t._base is None else (t.shape, t.stride(), t.storage_offset())
 
     def restore(self) -> torch.Tensor:
         param = self.param
@@ -254,7 +253,7 @@ class Session:
         self._override_cache: dict[int, QuantConfig | None] = {}
         self._quant_by_bits: dict[int, QuantConfig] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-        # _RecastWeight.key -> the handle of that cast; an entry lives as long as a graph holds it.
+        # (id(param), version, dtype, view) -> the _RecastWeight of that cast, while a graph holds it.
         self._recasts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._slot_counts: Counter = Counter()
         self._cuda_devices: set[int] = set()
@@ -340,10 +339,12 @@ class Session:
             if (param is not None and t.untyped_storage().nbytes() >= self.config.min_bytes
                     and recastable(param, self._stack.frames)):
                 self._count_passed(row, "recast", 0)  # (held by its module anyway)
-                key = _RecastWeight.key(t, param)
+                # Saves of the same parameter, version, dtype and view are one cast: one handle.
+                view = _RecastWeight.view_of(t)
+                key = (id(param), param._version, t.dtype, view)
                 handle = self._recasts.get(key)
                 if handle is None:
-                    handle = self._recasts[key] = _RecastWeight(param, t.dtype, key[3])
+                    handle = self._recasts[key] = _RecastWeight(param, t.dtype, view)
                 else:
                     handle.saves += 1
                 return handle
