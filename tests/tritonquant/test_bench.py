@@ -85,3 +85,24 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert {r["error"] for r in rows if r["method"] == "tq-2bit"} == {"RuntimeError: kernel broke"}
     assert all(r["error"] is None and r["saved_mb"] > 0 for r in rows if r["method"] in ("exact", "tq-4bit"))
     assert "RuntimeError: kernel broke" in (tmp_path / "bench.md").read_text()
+
+
+def test_gpu_table_gives_ratios_to_exact_and_the_accounted_bytes_of_compressed_rows():
+    from tritonquant.bench import _table
+
+    def row(method, batch, peak, activation, accounted, ms):
+        return {"workload": "w", "batch": batch, "method": method, "peak_mb": peak, "activation_mb": activation,
+                "accounted_mb": accounted, "step_ms": ms, "error": None}
+
+    results = [row("exact", 8, 1000.0, 800.0, None, 20.0), row("tq-4bit", 8, 500.0, 200.0, 190.0, 25.0),
+               row("exact", 16, 1800.0, 1600.0, None, 40.0), row("tq-4bit", 16, 700.0, 400.0, 380.0, 45.0),
+               {"workload": "w", "batch": 16, "method": "tq-2bit", "error": "out of memory"}]
+    rows, headers = _table(results, on_gpu=True, budget_mb=4096.0)
+    assert headers[3:] == ["peak MB", "x exact", "activation MB", "x exact", "accounted MB", "step ms", "x exact",
+                           "max batch in 4 GB"]
+    assert all(len(r) == len(headers) for r in rows)
+    cells = {(r[1], r[2]): r[3:] for r in rows}
+    # Peaks at 8 and 16: tq-4bit 300 MB + 25 MB a sample, 151 samples in 4096 MB; exact 200 + 100, 38.
+    assert cells[(8, "tq-4bit")] == ["500", "0.50", "200", "0.25", "190", "25.0", "1.25", "151"]
+    assert cells[(16, "exact")] == ["1800", "1.00", "1600", "1.00", "-", "40.0", "1.00", "38"]
+    assert cells[(16, "tq-2bit")] == ["out of memory"] + [""] * 7
