@@ -112,7 +112,7 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
     src = torch.ones(copy_bytes // 4, dtype=torch.float32, device=device)  # touched pages, not a zero page
     dst = torch.empty_like(src)
     copy_ms = gpu_ms(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # (freed; rebinding, not del: the lambda above closes over them)
     meta["copy_buffer_mib"] = copy_bytes // MIB
     meta["copy_gbps"] = 2 * copy_bytes / (copy_ms * 1e6)
     copy_gbps = meta["copy_gbps"]
@@ -157,7 +157,7 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
         fns["heuristic"] = forced_heuristic
         for impl in ("triton", "heuristic", "torch"):
             record(row, impl, copy_gbps, lambda: gpu_ms(fns[impl]))
-        del x, payload, meta_, out, fns
+        x = payload = meta_ = out = fns = None  # freed before the next row's buffers
         torch.cuda.empty_cache()
 
     save(rows)
@@ -217,7 +217,7 @@ def compile_rows(rows: list[dict], kind: str, bits: int, inputs, copy_gbps: floa
             traceback.print_exception(exc, limit=-8)
             continue
         record(row, "compiled", copy_gbps, lambda: gpu_ms(fn))
-        del x, payload, meta_, out
+        x = payload = meta_ = out = None  # freed before the next row's buffers
         torch.cuda.empty_cache()
 
 
@@ -249,7 +249,7 @@ def measure_cpu(args: argparse.Namespace, meta: dict) -> list[dict]:
     dst = torch.empty_like(src)
     meta["copy_buffer_mib"] = copy_bytes // MIB
     meta["copy_gbps"] = 2 * copy_bytes / (cpu_ms(lambda: dst.copy_(src)) * 1e6)
-    del src, dst
+    src = dst = None  # (freed; rebinding, not del: the lambda above closes over them)
     meta["note"] = CPU_NOTE
     rows = [new_row(kind, dtype, bits, size * 1024) for kind in KINDS for dtype in DTYPES for bits in BITS
             for size in sizes]
