@@ -6,7 +6,8 @@ For each kernel kind (quantize, dequantize), input dtype (bf16, fp32), bits (2, 
     triton     the Triton kernel with the autotuned launch config (tuned now if not cached)
     heuristic  the same kernel forced to the untuned heuristic config
     torch      the plain-torch reference (tritonquant.kernels.torch_quantize / torch_dequantize)
-    compiled   torch.compile(dynamic=True) of the torch reference (a failure is reported per row)
+    compiled   torch.compile of the torch reference: dynamic shapes, else static shapes at the largest
+               size (a failure is reported per row)
 GB/s counts the bytes a kernel must move: quantize reads the input and writes codes plus 8 bytes of
 (base, step) per group of 256; dequantize reads those and writes the output. "%copy" divides by the
 bandwidth of ``dst.copy_(src)`` on a large buffer (read + write) measured in the same run, so it is
@@ -162,7 +163,7 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
 
     save(rows)
     print("pass 1 (triton, heuristic, torch) done; compiling the torch reference", flush=True)
-    # Pass 2: torch.compile of the reference, one compile per (kind, dtype, bits), dynamic shapes.
+    # Pass 2: torch.compile of the reference, per (kind, dtype, bits) (compile_rows).
     for kind in KINDS:
         for dtype in DTYPES:
             for bits in BITS:
@@ -181,44 +182,66 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
 
 
 def compile_rows(rows: list[dict], kind: str, bits: int, inputs, copy_gbps: float, deadline: float | None) -> None:
+    """torch.compile of the reference for one (kind, dtype, bits), rows in increasing size: one compile
+    with dynamic shapes serves every size. If it fails, one more compile with static shapes is tried,
+    at the largest size only: that is where the roofline target is, and a compile costs tens of
+    seconds. Each measured row records ``compile_mode``; every failure's traceback goes to the log."""
     import torch._dynamo
 
-    # A fresh dynamo cache per combination: the closures share one code object, and the recompile
-    # limit would otherwise silently fall back to eager after a few of them.
-    torch._dynamo.reset()
-    if kind == "quantize":
-        compiled = torch.compile(lambda t: torch_quantize(t, bits, GROUP, False, False, 0, 0), dynamic=True)
-    else:
-        compiled = torch.compile(lambda p, m, o: torch_dequantize(p, m, o, bits, GROUP), dynamic=True)
-    failure = None
-    for row in rows:
-        if failure is not None:
-            mark_skipped(row, ("compiled",), failure)
-            continue
-        if over(deadline):
-            mark_skipped(row, ("compiled",), "skipped (time budget)")
-            continue
+    def make(dynamic: bool):
+        # A fresh dynamo cache per combination: the closures share one code object, and the recompile
+        # limit would otherwise silently fall back to eager after a few of them.
+        torch._dynamo.reset()
+        if kind == "quantize":
+            return torch.compile(lambda t: torch_quantize(t, bits, GROUP, False, False, 0, 0), dynamic=dynamic)
+        return torch.compile(lambda p, m, o: torch_dequantize(p, m, o, bits, GROUP), dynamic=dynamic)
+
+    def compile_and_time(row: dict, compiled, mode: str) -> str | None:
+        """Measure ``row`` with ``compiled``; the compile's failure text, or None."""
         try:
             x, payload, meta_, out = inputs(row)
         except Exception as exc:  # noqa: BLE001
             mark_skipped(row, ("compiled",), short_error(exc))
-            continue
-        fn = (lambda: compiled(x)) if kind == "quantize" else (lambda: compiled(payload, meta_, out))
+            return None
+
+        def fn():
+            return compiled(x) if kind == "quantize" else compiled(payload, meta_, out)
+
         try:
             started = time.monotonic()
             fn()  # compiles on the first call
             torch.cuda.synchronize()
-            row["compile_s"] = round(time.monotonic() - started, 1)
         except Exception as exc:  # noqa: BLE001 - report per row, never crash the sweep
-            failure = "compile failed: " + short_error(exc)
-            mark_skipped(row, ("compiled",), failure)
             # The table keeps one line; the log gets the whole story (the first line alone rarely says why).
-            print(f"torch.compile of the {kind} reference ({bits} bits) failed:", flush=True)
+            print(f"torch.compile ({mode} shapes) of the {kind} reference ({bits} bits) failed:", flush=True)
             traceback.print_exception(exc, limit=-8)
-            continue
+            return "compile failed: " + short_error(exc)
+        row["compile_s"] = round(time.monotonic() - started, 1)
+        row["compile_mode"] = mode
         record(row, "compiled", copy_gbps, lambda: gpu_ms(fn))
-        x = payload = meta_ = out = None  # freed before the next row's buffers
-        torch.cuda.empty_cache()
+        return None
+
+    compiled_dynamic = make(True)
+    for i, row in enumerate(rows):
+        if over(deadline):
+            mark_skipped(row, ("compiled",), "skipped (time budget)")
+            continue
+        failure = compile_and_time(row, compiled_dynamic, "dynamic")
+        torch.cuda.empty_cache()  # (the row's buffers are freed by now)
+        if failure is not None:
+            break
+    else:
+        return
+    largest = rows[-1]
+    for row in rows[i:-1]:
+        mark_skipped(row, ("compiled",), f"{failure} (dynamic shapes; static shapes tried at the largest size only)")
+    if over(deadline):
+        mark_skipped(largest, ("compiled",), "skipped (time budget)")
+        return
+    static_failure = compile_and_time(largest, make(False), "static")
+    torch.cuda.empty_cache()
+    if static_failure is not None:
+        mark_skipped(largest, ("compiled",), f"{static_failure} (dynamic and static shapes)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +359,8 @@ def table(rows: list[dict], ran: tuple[str, ...]) -> str:
             line.append(row.get("config", ""))
         for impl in ran:
             if f"{impl}_gbps" in row:
-                line += [number(row[f"{impl}_gbps"]), f"{100 * row[f'{impl}_frac']:.1f}%"]
+                static = " (static shapes)" if impl == "compiled" and row.get("compile_mode") == "static" else ""
+                line += [number(row[f"{impl}_gbps"]) + static, f"{100 * row[f'{impl}_frac']:.1f}%"]
             else:
                 line += [row.get(f"{impl}_error", ""), ""]
         lines.append(line)
