@@ -13,7 +13,8 @@
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
 #   tests      python -m pytest -q -m "not slow"     the whole suite, real kernels (no interpreter on a GPU)
 # Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
-# summary.md/summary.json (pass/fail/timeout per stage), logs/<stage>.log, pytest junit XML,
+# summary.md/summary.json (pass/fail/timeout per stage; summary.md also the results against the
+# benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML,
 # bench_kernels.md/json, bench.md/json, memory_vs_batch.png, step_time_vs_bits.png,
 # profile_host.md, cprofile.txt,
 # autotune-cache/ (the tuned configs).
@@ -279,6 +280,8 @@ FAILED=0
         echo "| $name | $status | $rc | $seconds | $limit | \`$cmd\` |"
     done < "$SUMMARY_TSV"
 } > "$RESULTS/summary.md"
+# The measurements against the benchmark targets (whatever the stages left behind to read).
+{ echo; "$PY" "$REPO/benchmarks/targets.py" "$RESULTS"; } >> "$RESULTS/summary.md" 2>> "$SUITE_LOG"
 {
     printf '{"results": "%s", "total_s": %s, "budget_s": %s, "import_mode": "%s", "stages": [' \
         "$(json_escape "$RESULTS")" "$TOTAL_S" "$BUDGET_S" "$(json_escape "$IMPORT_MODE")"

@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""The GPU suite's results against the benchmark targets, as one markdown table.
+
+    python benchmarks/targets.py RESULTS_DIR      # reads bench.json and bench_kernels.json there
+
+The targets (docs/benchmarks.md):
+    step time      compress(bits=4) less than 10% slower than exact training, bf16 workloads
+    activations    compress(bits=2) keeps less than 1/7 of exact's activation memory in bf16, 1/14 in fp32
+    peak           compress's peak clearly below torch.utils.checkpoint's at the same batch; "clearly" is
+                   read here as at most 0.90x, and the ratio is printed either way
+    bandwidth      the Triton kernels at 85% or more of the copy bandwidth for inputs of 256 MiB and up
+
+Every figure is a ratio of two measurements of the same run. A row whose measurement is missing (a stage
+that failed or ran out of time, an out-of-memory cell) says so instead of a verdict. The suite appends
+this table to its summary.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+STEP_OVERHEAD_MAX = 0.10
+ACTIVATION_MAX = {"bf16": 1 / 7, "fp32": 1 / 14}
+PEAK_VS_CHECKPOINT_MAX = 0.90
+COPY_FRACTION_MIN = 0.85
+LARGE_INPUT_BYTES = 256 << 20
+
+
+def load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verdict(met: bool) -> str:
+    return "yes" if met else "no"
+
+
+def bench_rows(bench: dict | None) -> list[list[str]]:
+    """Rows for the step-time, activation and peak targets from ``bench.json``'s rows."""
+    if bench is None:
+        return [["step time, activations, peak", "-", "bench.json missing or unreadable", "-"]]
+    cells = {(r["workload"], r["batch"], r["method"]): r for r in bench["rows"]}
+    rows = []
+    for workload, batch in dict.fromkeys((r["workload"], r["batch"]) for r in bench["rows"]):
+        precision = "fp32" if "fp32" in workload else "bf16"
+        name = f"{workload}, batch {batch}"
+
+        def measured(method: str, key: str) -> float | None:
+            cell = cells.get((workload, batch, method))
+            return None if cell is None or cell.get("error") else cell.get(key)
+
+        exact_ms, tq_ms = measured("exact", "step_ms"), measured("tq-4bit", "step_ms")
+        if precision == "bf16":
+            if exact_ms and tq_ms:
+                overhead = tq_ms / exact_ms - 1
+                rows.append(["step time, 4 bits: under +10%", name,
+                             f"{overhead:+.0%} ({tq_ms:.1f} vs {exact_ms:.1f} ms)", verdict(overhead < STEP_OVERHEAD_MAX)])
+            else:
+                rows.append(["step time, 4 bits: under +10%", name, "not measured", "-"])
+
+        exact_act, tq_act = measured("exact", "activation_mb"), measured("tq-2bit", "activation_mb")
+        limit = ACTIVATION_MAX[precision]
+        label = f"activations, 2 bits: below 1/{round(1 / limit)} of exact"
+        if exact_act and tq_act:
+            accounted = measured("tq-2bit", "accounted_mb")
+            note = "" if accounted is None else f"; {accounted:.0f} MB by the session's count"
+            rows.append([label, name, f"1/{exact_act / tq_act:.2f} ({tq_act:.0f} vs {exact_act:.0f} MB{note})",
+                         verdict(tq_act < limit * exact_act)])
+        else:
+            rows.append([label, name, "not measured", "-"])
+
+        checkpoint_peak = measured("checkpoint", "peak_mb")
+        for method in ("tq-4bit", "tq-2bit"):
+            peak = measured(method, "peak_mb")
+            label = f"peak, {method[3:-3]} bits: at most 0.90x checkpointing's"
+            if checkpoint_peak and peak:
+                ratio = peak / checkpoint_peak
+                rows.append([label, name, f"{ratio:.2f}x ({peak:.0f} vs {checkpoint_peak:.0f} MB)",
+                             verdict(ratio <= PEAK_VS_CHECKPOINT_MAX)])
+            else:
+                rows.append([label, name, "not measured", "-"])
+    return rows
+
+
+def kernel_rows(kernels: dict | None) -> list[list[str]]:
+    """Rows for the bandwidth target from ``bench_kernels.json``: every row of 256 MiB or more."""
+    if kernels is None or kernels.get("meta", {}).get("device") != "cuda":
+        return [["bandwidth: 85% of copy, 256 MiB and up", "-", "no GPU bench_kernels.json", "-"]]
+    rows = []
+    for r in kernels["rows"]:
+        if r["input_bytes"] < LARGE_INPUT_BYTES:
+            continue
+        name = f"{r['kind']} {r['dtype']} {r['bits']}-bit, {r['input_bytes'] >> 20} MiB"
+        if "triton_frac" in r:
+            rows.append(["bandwidth: 85% of copy, 256 MiB and up", name,
+                         f"{r['triton_frac']:.0%} ({r['triton_gbps']:.0f} GB/s)", verdict(r["triton_frac"] >= COPY_FRACTION_MIN)])
+        else:
+            rows.append(["bandwidth: 85% of copy, 256 MiB and up", name, r.get("triton_error") or "not measured", "-"])
+    return rows
+
+
+def targets_table(results: Path) -> str:
+    """The markdown table (with its heading) for the results folder ``results``."""
+    rows = bench_rows(load(results / "bench.json")) + kernel_rows(load(results / "bench_kernels.json"))
+    lines = ["## Against the targets", "", "| target | where | measured | met? |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    print(targets_table(Path(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,77 @@
+"""benchmarks/targets.py: the verdicts against the benchmark targets, from results written by the suite."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "targets.py"
+spec = importlib.util.spec_from_file_location("targets", SCRIPT)
+targets = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(targets)
+
+
+def cell(workload, batch, method, step_ms, activation_mb, peak_mb, accounted_mb=None, error=None):
+    return {"workload": workload, "batch": batch, "method": method, "step_ms": step_ms, "activation_mb": activation_mb,
+            "peak_mb": peak_mb, "accounted_mb": accounted_mb, "error": error}
+
+
+BF16 = "resnet50 bf16 224px"
+FP32 = "resnet50 fp32 224px"
+BENCH = {"rows": [
+    cell(BF16, 256, "exact", 100.0, 7000.0, 8000.0),
+    cell(BF16, 256, "tq-4bit", 109.0, 1900.0, 2900.0),  # +9%: met
+    cell(BF16, 256, "tq-2bit", 111.0, 999.0, 2000.0, accounted_mb=990.0),  # 1/7.007: met, just
+    cell(BF16, 256, "checkpoint", 140.0, 2500.0, 3200.0),  # 4 bits 0.906x: not clearly below; 2 bits 0.625x
+    cell(FP32, 64, "exact", 200.0, 5600.0, 6500.0),
+    cell(FP32, 64, "tq-4bit", 230.0, 800.0, 1500.0),
+    cell(FP32, 64, "tq-2bit", None, None, None, error="out of memory"),
+    cell(FP32, 64, "checkpoint", 260.0, 1200.0, 2000.0),
+]}
+KERNELS = {"meta": {"device": "cuda"}, "rows": [
+    {"kind": "quantize", "dtype": "bf16", "bits": 4, "input_bytes": 16 << 20, "triton_frac": 0.2, "triton_gbps": 800.0},
+    {"kind": "quantize", "dtype": "bf16", "bits": 4, "input_bytes": 256 << 20, "triton_frac": 0.84, "triton_gbps": 3480.0},
+    {"kind": "dequantize", "dtype": "fp32", "bits": 2, "input_bytes": 256 << 20, "triton_frac": 0.85, "triton_gbps": 3520.0},
+    {"kind": "dequantize", "dtype": "fp32", "bits": 4, "input_bytes": 1 << 30, "triton_error": "skipped (time budget)"},
+]}
+
+
+@pytest.fixture
+def rows(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps(BENCH))
+    (tmp_path / "bench_kernels.json").write_text(json.dumps(KERNELS))
+    table = targets.targets_table(tmp_path)
+    return {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in table.splitlines()[4:]}
+
+
+def test_step_time_is_judged_for_bf16_workloads_only(rows):
+    assert rows[("| step time, 4 bits: under +10%", f"{BF16}, batch 256")] == ["+9% (109.0 vs 100.0 ms)", "yes |"]
+    assert not any(key[1].startswith(FP32) and "step time" in key[0] for key in rows)
+
+
+def test_activations_use_the_limit_of_their_precision_and_show_the_sessions_count(rows):
+    assert rows[("| activations, 2 bits: below 1/7 of exact", f"{BF16}, batch 256")] == [
+        "1/7.01 (999 vs 7000 MB; 990 MB by the session's count)", "yes |"]
+    assert rows[("| activations, 2 bits: below 1/14 of exact", f"{FP32}, batch 64")] == ["not measured", "- |"]
+
+
+def test_peak_must_be_clearly_below_checkpointings(rows):
+    assert rows[("| peak, 4 bits: at most 0.90x checkpointing's", f"{BF16}, batch 256")] == [
+        "0.91x (2900 vs 3200 MB)", "no |"]
+    assert rows[("| peak, 2 bits: at most 0.90x checkpointing's", f"{BF16}, batch 256")] == [
+        "0.62x (2000 vs 3200 MB)", "yes |"]
+    assert rows[("| peak, 2 bits: at most 0.90x checkpointing's", f"{FP32}, batch 64")] == ["not measured", "- |"]
+
+
+def test_bandwidth_is_judged_from_256_mib_up(rows):
+    bandwidth = {key[1]: value for key, value in rows.items() if key[0].startswith("| bandwidth")}
+    assert bandwidth == {"quantize bf16 4-bit, 256 MiB": ["84% (3480 GB/s)", "no |"],
+                         "dequantize fp32 2-bit, 256 MiB": ["85% (3520 GB/s)", "yes |"],
+                         "dequantize fp32 4-bit, 1024 MiB": ["skipped (time budget)", "- |"]}
+
+
+def test_missing_results_are_said_to_be_missing(tmp_path, capsys):
+    table = targets.targets_table(tmp_path)
+    assert "bench.json missing or unreadable" in table and "no GPU bench_kernels.json" in table
+    assert targets.main([str(tmp_path)]) == 0 and "## Against the targets" in capsys.readouterr().out
