@@ -102,8 +102,9 @@ def _quantize_kernel(
     # of the other two axes, and SPLIT_FIRST (``split_axis_first``) makes that the rows: a row of
     # CHUNK = 8 vectors of 16 bytes is shared by 8 threads that each hold SPLIT vectors of it, 32 bf16
     # values per thread at GROUP 256, where a [ROWS, GROUP] tile gave each of 32 threads 8 values, and
-    # every thread pays for the row's reduction and scalars (sm_90, 4 bits: 20 instructions per element
-    # against 32; ``split_for``). _per_row and _per_chunk broadcast [ROWS] and [SPLIT] to the tile.
+    # every thread pays for the row's reduction and scalars (sm_90, 4 bits: 18 instructions per element
+    # against 32; ``split_for``, ``_row_min``). _per_row and _per_chunk broadcast [ROWS] and [SPLIT] to
+    # the tile.
     # EVEN: n_elements is a multiple of GROUP, so every group is whole and only rows past n_groups are
     # masked (per row, not per element).
     CHUNK: tl.constexpr = GROUP // SPLIT
@@ -269,13 +270,17 @@ def _per_chunk(v, SPLIT_FIRST: tl.constexpr):
         return v[None, :, None]
 
 
+# The row reductions fold the SPLIT axis first. A thread holds every SPLIT chunk of its share of a row,
+# so that fold stays in the thread, and the shuffles between the 8 threads of a row then run once per
+# row. Folding CHUNK first ran them once per chunk, SPLIT times over (bf16 at 4 bits, sm_90, Triton 3.6:
+# 20.4 instructions per element that way, 18.4 this way).
 @triton.jit
 def _row_min(x, SPLIT_FIRST: tl.constexpr):
     """Tile -> [ROWS]: each row's minimum, NaN if it holds one."""
     if SPLIT_FIRST:
-        return tl.reduce(tl.reduce(x, 2, _min_propagating_nan), 0, _min_propagating_nan)
+        return tl.reduce(tl.reduce(x, 0, _min_propagating_nan), 1, _min_propagating_nan)
     else:
-        return tl.reduce(tl.reduce(x, 2, _min_propagating_nan), 1, _min_propagating_nan)
+        return tl.reduce(tl.reduce(x, 1, _min_propagating_nan), 1, _min_propagating_nan)
 
 
 @triton.jit
@@ -283,18 +288,18 @@ def _row_max(x, SPLIT_FIRST: tl.constexpr):
     """Tile -> [ROWS]: each row's maximum, NaN if it holds one. (_row_min's twin: a jit helper cannot
     take the combine function as an argument.)"""
     if SPLIT_FIRST:
-        return tl.reduce(tl.reduce(x, 2, _max_propagating_nan), 0, _max_propagating_nan)
+        return tl.reduce(tl.reduce(x, 0, _max_propagating_nan), 1, _max_propagating_nan)
     else:
-        return tl.reduce(tl.reduce(x, 2, _max_propagating_nan), 1, _max_propagating_nan)
+        return tl.reduce(tl.reduce(x, 1, _max_propagating_nan), 1, _max_propagating_nan)
 
 
 @triton.jit
 def _row_sum(x, SPLIT_FIRST: tl.constexpr):
     """Tile -> [ROWS]: each row's sum."""
     if SPLIT_FIRST:
-        return tl.sum(tl.sum(x, axis=2), axis=0)
+        return tl.sum(tl.sum(x, axis=0), axis=1)
     else:
-        return tl.sum(tl.sum(x, axis=2), axis=1)
+        return tl.sum(tl.sum(x, axis=1), axis=1)
 
 
 @triton.jit
