@@ -396,9 +396,8 @@ def torch_quantize(
     finite = x.abs() < float("inf")
     ok = valid & finite
     bad = (valid & ~finite).any(dim=1)
-    inf = torch.tensor(float("inf"), device=device)
-    lo = torch.where(bad, 0.0, torch.where(ok, x, inf).amin(dim=1))
-    hi = torch.where(bad, 0.0, torch.where(ok, x, -inf).amax(dim=1))
+    lo = torch.where(bad, 0.0, torch.where(ok, x, float("inf")).amin(dim=1))
+    hi = torch.where(bad, 0.0, torch.where(ok, x, -float("inf")).amax(dim=1))
     xs = torch.where(ok, x, 0.0)
 
     if sigma:
