@@ -54,15 +54,29 @@ _K_DITHER_ROUNDS = tl.constexpr(DITHER_ROUNDS)
 
 # Threads that share one group in _quantize_kernel: fewer threads per group means each holds more of
 # it and pays for the group's reduction and scalars over more elements; 8 threads of 16-byte vectors
-# still cover 128 contiguous bytes per group and load instruction.
+# still cover 128 contiguous bytes per group and load instruction (4 threads, in tiles with rows to
+# spare, 64 bytes: two whole 32-byte sectors; ``threads_per_group``).
 THREADS_PER_GROUP = 8
 
 
-def split_for(group_size: int, element_size: int) -> int:
-    """_quantize_kernel's SPLIT: the chunks a group is cut into so that THREADS_PER_GROUP threads, one
-    16-byte vector each, cover a chunk (4 for bf16/fp16 and 8 for fp32 at group size 256; 1 for groups
-    of one chunk or less)."""
-    chunk = THREADS_PER_GROUP * (16 // element_size)
+def threads_per_group(rows: int, num_warps: int) -> int:
+    """Threads of _quantize_kernel that share a group: THREADS_PER_GROUP, or half as many when the tile
+    has 8 rows or more per warp.
+
+    At 8 threads a row, a warp covers 4 rows, so a tile of 8 rows per warp gives each thread two rows,
+    with the registers and scalars of both. At 4 it gives each thread one row's share, twice as long,
+    and the row's scalars once for 64 values. sm_90, bf16, 4 bits, 32 rows on 4 warps: 16.2 instructions
+    per element at 124 registers, against 19.3 at 158 with 8 threads a row. The 16-row, 4-warp tile
+    keeps 8: 18.4 at 67. Which of the two tiles is faster is the tuner's question.
+    """
+    return THREADS_PER_GROUP // 2 if rows >= 8 * num_warps else THREADS_PER_GROUP
+
+
+def split_for(group_size: int, element_size: int, threads: int = THREADS_PER_GROUP) -> int:
+    """_quantize_kernel's SPLIT: the chunks a group is cut into so that ``threads`` threads, one 16-byte
+    vector each, cover a chunk (at 8 threads: 4 for bf16/fp16 and 8 for fp32 at group size 256; 1 for
+    groups of one chunk or less)."""
+    chunk = threads * (16 // element_size)
     return max(group_size // chunk, 1)
 
 
@@ -99,9 +113,10 @@ def _quantize_kernel(
     # (group) is done per row, and each row is shared by as few threads as keep loads coalesced.
     # The tile is [SPLIT, ROWS, CHUNK] (SPLIT_FIRST) or [ROWS, SPLIT, CHUNK]: element (s, r, j) is
     # element s * CHUNK + j of row r. Triton spreads a warp's threads over CHUNK first, then over one
-    # of the other two axes, and SPLIT_FIRST (``split_axis_first``) makes that the rows: a row of
-    # CHUNK = 8 vectors of 16 bytes is shared by 8 threads that each hold SPLIT vectors of it, 32 bf16
-    # values per thread at GROUP 256, where a [ROWS, GROUP] tile gave each of 32 threads 8 values, and
+    # of the other two axes, and SPLIT_FIRST (``split_axis_first``) makes that the rows: a row is
+    # shared by 8 threads (4 in tiles of 8 rows or more per warp, ``threads_per_group``), a chunk is one
+    # 16-byte vector for each of them, and each thread holds SPLIT vectors of its row: 32 bf16 values at
+    # GROUP 256 (64 with 4 threads), where a [ROWS, GROUP] tile gave each of 32 threads 8 values, and
     # every thread pays for the row's reduction and scalars (sm_90, 4 bits: 18 instructions per element
     # against 32; ``split_for``, ``_row_min``). _per_row and _per_chunk broadcast [ROWS] and [SPLIT] to
     # the tile.
@@ -340,7 +355,8 @@ def triton_quantize(
         (x, payload, meta, n, n_groups, seed, rng_offset,
          channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
-             EVEN=n % group_size == 0, SPLIT=split_for(group_size, x.element_size()), SPLIT_FIRST=SPLIT_FIRST),
+             EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
+             SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps))),
         num_warps,
     )
     return payload, meta

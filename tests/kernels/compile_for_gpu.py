@@ -21,31 +21,35 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tritonquant.kernels.bitpack import _pack_bool_kernel, _unpack_bool_kernel  # noqa: E402
 from tritonquant.kernels.dequantize import _dequantize_kernel  # noqa: E402
-from tritonquant.kernels.quantize import SPLIT_FIRST, _quantize_kernel, split_for  # noqa: E402
+from tritonquant.kernels.quantize import SPLIT_FIRST, _quantize_kernel, split_for, threads_per_group  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 FLOATS = ("fp32", "fp16", "bf16")
 ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
+NUM_WARPS = 4
+# Quantize tiles: 16 rows, whose rows 8 threads share, and 32, whose rows 4 share (threads_per_group).
+QUANTIZE_ROWS = (16, 32)
 
 
 def variants(quick: bool):
     bits_choices = (1, 2, 4, 8)
     channel_args = {"channels_ptr": "*fp32", "channel_stride": "i32", "n_channels": "i32"}
-    for bits, sigma, stochastic, standardize, even, dtype in itertools.product(
-            bits_choices, (False, True), (False, True), (False, True), (True, False), FLOATS):
+    for bits, sigma, stochastic, standardize, even, dtype, rows in itertools.product(
+            bits_choices, (False, True), (False, True), (False, True), (True, False), FLOATS, QUANTIZE_ROWS):
         if quick and (dtype != "bf16" or (sigma and stochastic and bits != 4) or (standardize and bits != 2)
-                      or (not even and (bits != 4 or sigma or stochastic or standardize))):
+                      or (not even and (bits != 4 or sigma or stochastic or standardize))
+                      or (rows != QUANTIZE_ROWS[0] and (bits != 4 or sigma or stochastic or standardize))):
             continue
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
                      "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args, "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
                      "STANDARDIZE": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr",
                      "SPLIT_FIRST": "constexpr"}
-        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "SIGMA": sigma, "STOCHASTIC": stochastic,
-                     "STANDARDIZE": standardize, "EVEN": even, "SPLIT": split_for(256, ELEMENT_SIZES[dtype]),
-                     "SPLIT_FIRST": SPLIT_FIRST}
+        split = split_for(256, ELEMENT_SIZES[dtype], threads_per_group(rows, NUM_WARPS))
+        constants = {"BITS": bits, "GROUP": 256, "ROWS": rows, "SIGMA": sigma, "STOCHASTIC": stochastic,
+                     "STANDARDIZE": standardize, "EVEN": even, "SPLIT": split, "SPLIT_FIRST": SPLIT_FIRST}
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize} "
-                f"even={even}")
+                f"even={even} rows={rows}")
         yield name, _quantize_kernel, signature, constants
     for bits, standardize, even, dtype in itertools.product(bits_choices, (False, True), (True, False), FLOATS):
         if quick and ((standardize and bits != 2) or (not even and (bits != 4 or standardize or dtype != "bf16"))):
@@ -95,7 +99,7 @@ def main() -> int:
             start = time.perf_counter()
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, constants, aligned(signature)), target=target,
-                                          options={"num_warps": 4, "enable_fp_fusion": False})
+                                          options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
                 status = f"ok ({len(compiled.asm['cubin'])} bytes of cubin)"
                 if kernel is _quantize_kernel and constants["SPLIT"] > 1 and split_axis_threads(compiled) != 1:
                     failures += 1

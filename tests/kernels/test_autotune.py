@@ -310,21 +310,26 @@ def test_use_config_is_checked_nested_and_per_thread():
 
 
 class KernelSpy:
-    """Wraps a jitted kernel to record the ROWS and num_warps each launch really used."""
+    """Wraps a jitted kernel to record the ROWS and num_warps each launch really used (and the SPLIT of
+    each quantize launch, in ``splits``)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.launches = []
+        self.splits = []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((kwargs["ROWS"], kwargs["num_warps"], grid))
+            if "SPLIT" in kwargs:
+                self.splits.append(kwargs["SPLIT"])
             return self.kernel[grid](*args, **kwargs)
 
         return launch
 
 
-FORCED = [LaunchConfig(1, 1), LaunchConfig(4, 2), LaunchConfig(32, 8)]
+# (16, 2) has 8 rows a warp: its rows are shared by 4 threads, the others' by 8 (quantize.threads_per_group).
+FORCED = [LaunchConfig(1, 1), LaunchConfig(4, 2), LaunchConfig(16, 2), LaunchConfig(32, 8)]
 
 
 @pytest.mark.parametrize(
@@ -347,7 +352,9 @@ def test_forced_configs_give_identical_bytes(bits, sigma, stochastic, dtype, dev
             triton_dequantize(payload, meta, out, bits, group)
         outputs.append((payload, meta, out))
     assert [launch[:2] for launch in spy.launches] == [tuple(c) for c in FORCED], "the forced tile reached the kernel"
-    assert [launch[2] for launch in spy.launches] == [(38,), (10,), (2,)]
+    assert [launch[2] for launch in spy.launches] == [(38,), (10,), (3,), (2,)]
+    # A group of 64 is one chunk of 8 threads' vectors (2 for fp32), and two of 4 threads' (4 for fp32).
+    assert spy.splits == ([1, 1, 2, 1] if dtype == torch.bfloat16 else [2, 2, 4, 2])
     assert decode_spy.launches == spy.launches
     reference_payload, reference_meta = torch_quantize(x, bits, group, sigma, stochastic, 7, 3)
     reference_out = torch.empty(n, dtype=dtype, device=device)

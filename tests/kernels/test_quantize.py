@@ -345,7 +345,7 @@ def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, 
     the Triton version): the tiling changes which thread holds what, never the bytes."""
     from tritonquant.kernels import quantize as quantize_module
 
-    monkeypatch.setattr(quantize_module, "split_for", lambda group_size, element_size: split)
+    monkeypatch.setattr(quantize_module, "split_for", lambda group_size, element_size, threads: split)
     monkeypatch.setattr(quantize_module, "SPLIT_FIRST", split_first)
     x = activation_like(n, dtype, 256, seed=split, device=device)
     x[300] = 0.0
@@ -360,11 +360,20 @@ def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, 
     assert torch.equal(meta, ref_meta)
 
 
-@pytest.mark.parametrize("group_size, element_size, expected", [
-    (256, 2, 4), (256, 4, 8), (64, 2, 1), (64, 4, 2), (8, 4, 1), (4096, 2, 64)])
-def test_split_for_gives_each_of_8_threads_16_byte_vectors(group_size, element_size, expected):
-    from tritonquant.kernels.quantize import THREADS_PER_GROUP, split_for
+@pytest.mark.parametrize("group_size, element_size, threads, expected", [
+    (256, 2, 8, 4), (256, 4, 8, 8), (64, 2, 8, 1), (64, 4, 8, 2), (8, 4, 8, 1), (4096, 2, 8, 64),
+    (256, 2, 4, 8), (256, 4, 4, 16), (64, 2, 4, 2), (64, 4, 4, 4), (8, 4, 4, 1), (4096, 2, 4, 128)])
+def test_split_for_gives_each_thread_a_16_byte_vector_of_a_chunk(group_size, element_size, threads, expected):
+    from tritonquant.kernels.quantize import split_for
 
-    assert split_for(group_size, element_size) == expected
+    assert split_for(group_size, element_size, threads) == expected
     chunk = group_size // expected
-    assert chunk * element_size == min(group_size * element_size, THREADS_PER_GROUP * 16)
+    assert chunk * element_size == min(group_size * element_size, threads * 16)
+
+
+@pytest.mark.parametrize("rows, num_warps, expected", [(16, 4, 8), (32, 4, 4), (8, 1, 4), (4, 1, 8), (64, 8, 4),
+                                                       (32, 8, 8), (1, 1, 8)])
+def test_a_tile_with_8_rows_or_more_per_warp_shares_each_row_among_4_threads(rows, num_warps, expected):
+    from tritonquant.kernels.quantize import threads_per_group
+
+    assert threads_per_group(rows, num_warps) == expected
