@@ -286,8 +286,8 @@ def _per_chunk(v, SPLIT_FIRST: tl.constexpr):
 
 
 # The row reductions fold the SPLIT axis first. A thread holds every SPLIT chunk of its share of a row,
-# so that fold stays in the thread, and the shuffles between the 8 threads of a row then run once per
-# row. Folding CHUNK first ran them once per chunk, SPLIT times over (bf16 at 4 bits, sm_90, Triton 3.6:
+# so that fold stays in the thread, and the shuffles between the threads that share a row then run once
+# per row. Folding CHUNK first ran them once per chunk, SPLIT times over (bf16 at 4 bits, sm_90, Triton 3.6:
 # 20.4 instructions per element that way, 18.4 this way).
 @triton.jit
 def _row_min(x, SPLIT_FIRST: tl.constexpr):
