@@ -38,6 +38,16 @@ MB = 2**20
 # "checkpoint+tq-4bit": every block checkpointed, and what the step still saves (the block inputs, the
 # head) compressed at 4 bits: where the two combine, the lowest peak of the table.
 METHODS = ("exact", "tq-8bit", "tq-4bit", "tq-2bit", "checkpoint", "checkpoint+tq-4bit", "save_on_cpu")
+# GPU only: the whole step (forward and backward) captured once in a CUDA graph and replayed. A replay
+# runs no Python, so the host's per-tensor cost is gone and what is left is GPU time, compression's
+# kernels included: how a host-bound job can get its speed back (docs/integrations/cuda-graphs.md).
+GRAPH = "+graph"
+GRAPH_METHODS = ("exact" + GRAPH, "tq-4bit" + GRAPH)
+
+
+def methods_for(on_gpu: bool) -> tuple[str, ...]:
+    """The methods measured on a GPU, or on the CPU (no CUDA graphs there)."""
+    return METHODS + GRAPH_METHODS if on_gpu else METHODS
 
 
 def compresses(method: str) -> bool:
@@ -105,10 +115,10 @@ def checkpointed_blocks(model: nn.Module, use_reentrant: bool = False):
 
 def method_context(method: str, model: nn.Module, on_gpu: bool):
     """(context around the whole step's forward, context that measures nothing but changes the model)."""
-    if method == "exact":
+    if method in ("exact", "exact" + GRAPH):
         return contextlib.nullcontext, contextlib.nullcontext()
     if method.startswith("tq-"):
-        bits = int(method[3:-3])
+        bits = int(method.removesuffix(GRAPH)[3:-3])
         return (lambda: compress(bits=bits)), contextlib.nullcontext()
     if method in ("checkpoint", "checkpoint+tq-4bit"):
         # On CPU the reentrant form keeps the block inputs visible to the byte accounting.
@@ -116,7 +126,7 @@ def method_context(method: str, model: nn.Module, on_gpu: bool):
         return context, checkpointed_blocks(model, use_reentrant=not on_gpu)
     if method == "save_on_cpu":
         return (lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)), contextlib.nullcontext()
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise ValueError(f"method must be one of {methods_for(on_gpu=True)}, got {method!r}")
 
 
 def _forward(model, workload, batch, context_factory):
@@ -132,6 +142,8 @@ def batch_device(batch) -> torch.device:
 
 
 def measure_gpu(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:
+    if method.endswith(GRAPH):
+        return measure_gpu_graphed(model, workload, method, batch_size, steps)
     device = torch.device("cuda")
     batch = workload.make_batch(batch_size, device)
     context_factory, model_change = method_context(method, model, on_gpu=True)
@@ -168,6 +180,52 @@ def measure_gpu(model, workload: Workload, method: str, batch_size: int, steps: 
     model.zero_grad(set_to_none=True)
     return {"peak_mb": peak / MB, "activation_mb": activation / MB,
             "accounted_mb": None if accounted is None else accounted / MB, "step_ms": statistics.median(times)}
+
+
+def measure_gpu_graphed(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:
+    """A step captured in one CUDA graph (forward and backward), then replayed: step ms of the replays,
+    peak MB of the capture, which allocates what one eager step does. Activation MB is not measured:
+    forward and backward are one graph, with no point in between to read memory at."""
+    batch = workload.make_batch(batch_size, torch.device("cuda"))
+    context_factory, _ = method_context(method, model, on_gpu=True)
+
+    def step() -> None:
+        _forward(model, workload, batch, context_factory)[0].backward()
+
+    # Warm-up on a side stream, as torch's recipe for capturing a whole network has it: kernels compiled,
+    # launch configs tuned, cuBLAS and cuDNN set up, before anything is captured.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)  # so the captured backward allocates the gradients in the graph's pool
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        graph.replay()  # the first replay uploads the graph
+        times = []
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    finally:
+        model.zero_grad(set_to_none=True)  # the gradients live in the graph's pool
+        graph = None
+        torch.cuda.empty_cache()
+    return {"peak_mb": peak / MB, "activation_mb": None, "accounted_mb": None, "step_ms": statistics.median(times)}
 
 
 def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:
@@ -253,14 +311,15 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
         quick = True
     workloads = gpu_workloads() if on_gpu else quick_workloads()
     measure = measure_gpu if on_gpu else measure_cpu
+    methods = methods_for(on_gpu)
     results = []
-    total = sum(len(w.batch_sizes) for w in workloads) * len(METHODS)
+    total = sum(len(w.batch_sizes) for w in workloads) * len(methods)
     done, started = 0, time.perf_counter()
     for workload in workloads:
         torch.manual_seed(0)
         model = workload.make_model().to("cuda" if on_gpu else "cpu")
         for batch_size in workload.batch_sizes:
-            for method in METHODS:
+            for method in methods:
                 done += 1
                 print(f"[{done}/{total} {time.perf_counter() - started:5.0f}s] {workload.name} batch {batch_size}: {method}",
                       flush=True)
@@ -276,11 +335,11 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
                     if on_gpu:
                         torch.cuda.empty_cache()
                 results.append({"workload": workload.name, "batch": batch_size, "method": method, **row})
+            # Written after every batch, so a run stopped by a time limit keeps what it measured.
+            _write_results(results, on_gpu, budget_gb, out, verbose=False)
         del model
         if on_gpu:
             torch.cuda.empty_cache()
-        # Written after every workload, so a run stopped by a time limit keeps what it measured.
-        _write_results(results, on_gpu, budget_gb, out, verbose=False)
     _write_results(results, on_gpu, budget_gb, out, verbose=True)
     if plots:
         _plots(results, on_gpu, Path(plots))
@@ -307,7 +366,8 @@ def _write_results(results: list[dict], on_gpu: bool, budget_gb: float, out: str
 
 
 def _table(results: list[dict], on_gpu: bool, budget_mb: float):
-    exact = {(r["workload"], r["batch"]): r for r in results if r["method"] == "exact"}
+    exact = {(r["workload"], r["batch"], r["method"].endswith(GRAPH)): r for r in results
+             if r["method"] in ("exact", "exact" + GRAPH)}
     rows = []
     if on_gpu:
         headers = ["workload", "batch", "method", "peak MB", "x exact", "activation MB", "x exact",
@@ -317,22 +377,24 @@ def _table(results: list[dict], on_gpu: bool, budget_mb: float):
             if r["error"] is None:
                 peaks.setdefault((r["workload"], r["method"]), {})[r["batch"]] = r["peak_mb"]
         for r in results:
-            ref = exact[(r["workload"], r["batch"])]
+            # A step captured in a CUDA graph is compared with exact training captured the same way.
+            ref = exact.get((r["workload"], r["batch"], r["method"].endswith(GRAPH)), {})
             if r["error"]:
                 rows.append([r["workload"], r["batch"], r["method"], r["error"]] + [""] * (len(headers) - 4))
                 continue
             fit = max_batch_in_budget(peaks.get((r["workload"], r["method"]), {}), budget_mb)
             accounted = r.get("accounted_mb")
+            activation = r.get("activation_mb")  # (None for a step captured in a CUDA graph)
             rows.append([
                 r["workload"], r["batch"], r["method"], f"{r['peak_mb']:.0f}", _ratio(r["peak_mb"], ref.get("peak_mb")),
-                f"{r['activation_mb']:.0f}", _ratio(r["activation_mb"], ref.get("activation_mb")),
+                "-" if activation is None else f"{activation:.0f}", _ratio(activation, ref.get("activation_mb")),
                 "-" if accounted is None else f"{accounted:.0f}",
                 f"{r['step_ms']:.1f}", _ratio(r["step_ms"], ref.get("step_ms")), "-" if fit is None else str(fit),
             ])
     else:
         headers = ["workload", "batch", "method", "saved MB (accounting)", "x exact", "step ms (CPU)", "x exact"]
         for r in results:
-            ref = exact[(r["workload"], r["batch"])]
+            ref = exact[(r["workload"], r["batch"], False)]
             if r["error"]:
                 rows.append([r["workload"], r["batch"], r["method"], r["error"], "", "", ""])
                 continue
@@ -374,12 +436,12 @@ def _plots(results: list[dict], on_gpu: bool, folder: Path) -> None:
     for ax, name in zip(axes[0], workloads):
         largest = max(r["batch"] for r in results if r["workload"] == name)
         labels, times = [], []
-        for method in ("exact", "tq-8bit", "tq-4bit", "tq-2bit"):
+        for method in ("exact", "tq-8bit", "tq-4bit", "tq-2bit", *GRAPH_METHODS):
             row = next((r for r in results if r["workload"] == name and r["batch"] == largest and r["method"] == method), None)
             if row and row.get("step_ms") is not None:
                 labels.append(method)
                 times.append(row["step_ms"])
-        ax.bar(labels, times, color=["gray" if label == "exact" else "tab:blue" for label in labels])
+        ax.bar(labels, times, color=["gray" if label.startswith("exact") else "tab:blue" for label in labels])
         ax.set(title=f"{name}, batch {largest}", ylabel="step time (ms)" + ("" if on_gpu else ", CPU"))
     fig.tight_layout()
     fig.savefig(folder / "step_time_vs_bits.png", dpi=120)

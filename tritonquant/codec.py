@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 import torch
 
@@ -108,7 +109,7 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
             payload, meta = _PACK_BOOL[backend](stored), None
             bits, scheme, stochastic = 1, "bool", False
         else:
-            seed, offset = _rng_for(config, stored.numel())
+            seed, offset = _rng_for(config, stored.numel(), x.device)
             payload, meta = _QUANTIZE[backend](
                 stored, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset,
                 channels, channel_stride,
@@ -185,13 +186,25 @@ def _check_input(x: object) -> None:
         raise ValueError("x is on the meta device and holds no data to quantize")
 
 
-def _rng_for(config: QuantConfig, n_elements: int) -> tuple[int, int]:
+def _rng_for(config: QuantConfig, n_elements: int, device: torch.device) -> tuple[int, int]:
     if not config.stochastic:
         return 0, 0
     if config.seed is not None:
         return config.seed, 0
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _warn_stochastic_capture()
     padded = -(-n_elements // config.group_size) * config.group_size
     return _stream.reserve(padded // 4)  # one Philox counter serves 4 elements (kernels/quantize.py)
+
+
+def _warn_stochastic_capture() -> None:
+    # The seed and counter are kernel arguments, fixed when the graph is captured.
+    warnings.warn(
+        "stochastic rounding inside a CUDA graph capture: the random stream's seed and counter are fixed at "
+        "capture, so every replay rounds with the same random numbers, which are then no longer independent "
+        "from step to step. Use nearest rounding (stochastic=False, the default) in captured steps.",
+        RuntimeWarning, stacklevel=4,
+    )
 
 
 def _dense_layout(x: torch.Tensor) -> torch.Tensor:

@@ -88,6 +88,14 @@ class Offloader:
         """Start copying ``packed`` to host memory; the returned entry replaces it in the saved graph."""
         device = packed.device
         if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                # Pinned host memory is recycled by polling events, which a capture forbids, and a
+                # replay would not run the bookkeeping in fetch(): refuse rather than record half of it.
+                raise RuntimeError(
+                    "offload='cpu' cannot run inside a CUDA graph capture: it moves packed tensors through "
+                    "pinned host memory with host-side bookkeeping that a graph replay does not repeat. "
+                    "Capture the step with offload=None, or run it eagerly to offload."
+                )
             d2h, _ = self._streams_for(device)
             with torch.cuda.device(device):
                 # The payload was written by kernels on the compute stream: copy only after them.

@@ -18,10 +18,19 @@ def cell(workload, batch, method, step_ms, activation_mb, peak_mb, accounted_mb=
 
 
 BF16 = "resnet50 bf16 224px"
+GPT = "gpt2-small bf16 seq1024"
 FP32 = "resnet50 fp32 224px"
 BENCH = {"rows": [
     cell(BF16, 256, "exact", 100.0, 7000.0, 8000.0),
     cell(BF16, 256, "tq-4bit", 109.0, 1900.0, 2900.0),  # +9%: met
+    cell(BF16, 256, "exact+graph", 80.0, None, 8000.0),
+    cell(BF16, 256, "tq-4bit+graph", 92.0, None, 2900.0),  # +15% against exact captured the same way: not met
+    cell(BF16, 64, "exact", 30.0, 2700.0, 3000.0),  # a run from before the bench captured steps
+    cell(BF16, 64, "tq-4bit", 80.0, 800.0, 1200.0),
+    cell(GPT, 8, "exact", 40.0, 5000.0, 7000.0),
+    cell(GPT, 8, "tq-4bit", 90.0, 1100.0, 5000.0),
+    cell(GPT, 8, "exact+graph", 35.0, None, 7000.0),
+    cell(GPT, 8, "tq-4bit+graph", None, None, None, error="RuntimeError: capture failed"),
     cell(BF16, 256, "tq-2bit", 111.0, 999.0, 2000.0, accounted_mb=990.0),  # 1/7.007: met, just
     cell(BF16, 256, "checkpoint", 140.0, 2500.0, 3200.0),  # 4 bits 0.906x: not clearly below; 2 bits 0.625x
     cell(FP32, 64, "exact", 200.0, 5600.0, 6500.0),
@@ -47,7 +56,17 @@ def rows(tmp_path):
 
 def test_step_time_is_judged_for_bf16_workloads_only(rows):
     assert rows[("| step time, 4 bits: under +10%", f"{BF16}, batch 256")] == ["+9% (109.0 vs 100.0 ms)", "yes |"]
+    assert rows[("| step time, 4 bits: under +10%", f"{GPT}, batch 8")] == ["+125% (90.0 vs 40.0 ms)", "no |"]
     assert not any(key[1].startswith(FP32) and "step time" in key[0] for key in rows)
+
+
+def test_a_captured_step_is_judged_against_exact_training_captured_the_same_way(rows):
+    assert rows[("| step time, 4 bits, CUDA graph: under +10%", f"{BF16}, batch 256")] == [
+        "+15% (92.0 vs 80.0 ms)", "no |"]
+    assert rows[("| step time, 4 bits, CUDA graph: under +10%", f"{GPT}, batch 8")] == ["not measured", "- |"]
+    # Results from before the bench captured steps have no such row.
+    assert ("| step time, 4 bits: under +10%", f"{BF16}, batch 64") in rows
+    assert ("| step time, 4 bits, CUDA graph: under +10%", f"{BF16}, batch 64") not in rows
 
 
 def test_activations_use_the_limit_of_their_precision_and_show_the_sessions_count(rows):

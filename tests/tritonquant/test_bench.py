@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -106,3 +107,96 @@ def test_gpu_table_gives_ratios_to_exact_and_the_accounted_bytes_of_compressed_r
     assert cells[(8, "tq-4bit")] == ["500", "0.50", "200", "0.25", "190", "25.0", "1.25", "151"]
     assert cells[(16, "exact")] == ["1800", "1.00", "1600", "1.00", "-", "40.0", "1.00", "38"]
     assert cells[(16, "tq-2bit")] == ["out of memory"] + [""] * 7
+
+
+def test_gpu_table_compares_captured_steps_with_exact_training_captured_the_same_way():
+    from tritonquant.bench import _table
+
+    def row(method, peak, activation, ms):
+        return {"workload": "w", "batch": 8, "method": method, "peak_mb": peak, "activation_mb": activation,
+                "accounted_mb": None, "step_ms": ms, "error": None}
+
+    results = [row("exact", 1000.0, 800.0, 40.0), row("tq-4bit", 500.0, 200.0, 80.0),
+               row("exact+graph", 1000.0, None, 20.0), row("tq-4bit+graph", 520.0, None, 22.0)]
+    rows, headers = _table(results, on_gpu=True, budget_mb=4096.0)
+    cells = {r[2]: r[3:] for r in rows}
+    assert cells["tq-4bit"][:7] == ["500", "0.50", "200", "0.25", "-", "80.0", "2.00"]
+    # No activation memory for a captured step (forward and backward are one graph); ratios to exact+graph.
+    assert cells["tq-4bit+graph"][:7] == ["520", "0.52", "-", "-", "-", "22.0", "1.10"]
+    assert cells["exact+graph"][:7] == ["1000", "1.00", "-", "-", "-", "20.0", "1.00"]
+
+
+def test_captured_methods_are_gpu_only_and_compress_at_their_width():
+    from tritonquant.bench import GRAPH_METHODS, compresses, methods_for
+
+    assert methods_for(on_gpu=False) == METHODS
+    assert methods_for(on_gpu=True) == METHODS + GRAPH_METHODS
+    assert [compresses(m) for m in GRAPH_METHODS] == [False, True]
+    model = SmallCNN(width=16, blocks=1)
+    context_factory, _ = method_context("tq-4bit+graph", model, on_gpu=True)
+    with context_factory() as session:
+        model(torch.randn(4, 3, 32, 32)).sum()  # (activations of 256 KB: above min_bytes)
+    assert session.config.quant.bits == 4 and session.stats.packed_tensors > 0
+
+
+def test_a_captured_step_is_warmed_up_captured_once_and_timed_over_replays(monkeypatch):
+    # The CUDA calls of measure_gpu_graphed, faked on the CPU: what it runs eagerly, what it captures and
+    # how many replays it times. (On a GPU, tests/integration/test_cuda_graphs.py checks what replays compute.)
+    import tritonquant.bench as bench
+
+    log = []
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    class FakeEvent:
+        clock = iter(range(100))
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = next(FakeEvent.clock)
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        assert isinstance(graph, FakeGraph)
+        log.append("capture")
+        yield
+        log.append("end capture")
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    cuda = bench.torch.cuda
+    for name, value in {"Stream": FakeStream, "stream": lambda s: contextlib.nullcontext(),
+                        "current_stream": FakeStream, "synchronize": lambda: None, "empty_cache": lambda: None,
+                        "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 3 * bench.MB,
+                        "CUDAGraph": FakeGraph, "graph": capture, "Event": FakeEvent}.items():
+        monkeypatch.setattr(cuda, name, value)
+
+    compress = bench.compress
+
+    def logged_compress(**config):
+        log.append(f"compress {config}")
+        return compress(**config)
+
+    monkeypatch.setattr(bench, "compress", logged_compress)
+
+    def loss_fn(model, batch):
+        log.append("step")
+        return model(batch[0]).sum()
+
+    workload = bench.Workload("w", lambda: torch.nn.Linear(4, 4), lambda b, dev: (torch.randn(b, 4),), loss_fn,
+                              (2,), None)
+    model = workload.make_model()
+    row = bench.measure_gpu_graphed(model, workload, "tq-4bit+graph", 2, steps=3)
+    step = ["compress {'bits': 4}", "step"]
+    assert log == step * 2 + ["capture", *step, "end capture"] + ["replay"] * 4
+    assert row == {"peak_mb": 3.0, "activation_mb": None, "accounted_mb": None, "step_ms": 1.0}
+    assert all(p.grad is None for p in model.parameters()), "the graph's gradients are not left on the model"
