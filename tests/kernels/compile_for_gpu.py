@@ -5,12 +5,21 @@ test suite runs this in a subprocess without TRITON_INTERPRET: Triton's frontend
 and the bundled ptxas then turn each variant into a cubin for the targets listed below. Prints one
 line per variant and exits 1 if any failed.
 
+For sm_90 it also counts, in the machine code (with the nvdisasm and cuobjdump that Triton bundles,
+when present), the quantize and dequantize kernels' instructions per element on the main path, the
+float-integer conversions among them, and the registers: how the kernels are judged without a GPU
+(docs/kernels.md). A quantize variant without the sigma scheme or standardization must not convert per
+element (a few conversions per group are fine): conversions issue at 1/8 of the float32 rate on sm_90.
+
     python tests/kernels/compile_for_gpu.py [--quick]
 """
 
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
@@ -91,6 +100,62 @@ def split_axis_threads(compiled) -> int:
     return threads[0 if SPLIT_FIRST else 1]
 
 
+# Conversions between float and integer, and float roundings: 16 per clock per SM on sm_90.
+CONVERSIONS = ("F2I", "I2F", "FRND", "I2FP", "F2IP")
+MAX_QUANTIZE_CONVERSIONS = 0.1  # per element, for quantize without the sigma scheme or standardization
+
+
+def _bundled_tool(name: str) -> str | None:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return path if os.access(path, os.X_OK) else None
+
+
+def _run_on_cubin(tool: str, args: list, cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_path_opcodes(cubin: bytes) -> list[str] | None:
+    """Opcodes (predicates and modifiers stripped) from the kernel's start to its last EXIT: the main
+    path. Out-of-line slow paths, such as a correctly rounded division's, come after it. None without
+    nvdisasm."""
+    tool = _bundled_tool("nvdisasm")
+    if tool is None:
+        return None
+    opcodes = []
+    for line in _run_on_cubin(tool, ["-c"], cubin).splitlines():
+        if line.strip().startswith("/*") and "*/" in line:
+            text = line.split("*/", 1)[1].strip().rstrip(" ;")
+            if len(text) > 1:
+                opcodes.append(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0])
+    last_exit = max(i for i, opcode in enumerate(opcodes) if opcode == "EXIT")
+    return opcodes[:last_exit + 1]
+
+
+def registers(cubin: bytes) -> int | None:
+    tool = _bundled_tool("cuobjdump")
+    if tool is None:
+        return None
+    match = re.search(r"REG:(\d+)", _run_on_cubin(tool, ["--dump-resource-usage"], cubin))
+    return int(match.group(1)) if match else None
+
+
+def count(kernel, constants: dict, cubin: bytes) -> tuple[str, bool]:
+    """(what to print, whether it is acceptable) for a compiled quantize or dequantize variant."""
+    opcodes = main_path_opcodes(cubin)
+    if opcodes is None:
+        return "", True
+    per_thread = constants["GROUP"] * constants["ROWS"] / (32 * NUM_WARPS)  # elements each thread handles
+    conversions = sum(opcode in CONVERSIONS for opcode in opcodes) / per_thread
+    text = (f"; {len(opcodes) / per_thread:.1f} instructions and {conversions:.2f} conversions per element, "
+            f"{registers(cubin)} registers")
+    # A few conversions per row are fine (the floor that puts zero on a group's grid): under 0.1 per element.
+    must_not_convert = (kernel is _quantize_kernel and not constants["SIGMA"] and not constants["STANDARDIZE"])
+    return text, not (must_not_convert and conversions >= MAX_QUANTIZE_CONVERSIONS)
+
+
 def main() -> int:
     quick = "--quick" in sys.argv
     failures = 0
@@ -100,11 +165,17 @@ def main() -> int:
             try:
                 compiled = triton.compile(ASTSource(kernel, signature, constants, aligned(signature)), target=target,
                                           options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
-                status = f"ok ({len(compiled.asm['cubin'])} bytes of cubin)"
+                counts, counts_ok = "", True
+                if target_name == "sm90" and kernel in (_quantize_kernel, _dequantize_kernel):
+                    counts, counts_ok = count(kernel, constants, compiled.asm["cubin"])
+                status = f"ok ({len(compiled.asm['cubin'])} bytes of cubin{counts})"
                 if kernel is _quantize_kernel and constants["SPLIT"] > 1 and split_axis_threads(compiled) != 1:
                     failures += 1
                     status = (f"FAILED: the input load spreads {split_axis_threads(compiled)} threads over a row's "
                               "chunks: quantize.split_axis_first is wrong for this Triton")
+                elif not counts_ok:
+                    failures += 1
+                    status = f"FAILED: float-integer conversions on the main path{counts}"
             except Exception as exc:  # noqa: BLE001 - report every failing variant, then fail
                 failures += 1
                 status = f"FAILED: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
