@@ -12,6 +12,8 @@ CUDA calls under it are left out. Figures describe this machine's Python, not a 
 them with each other, run by run.
 
 Prints:
+  0. host microseconds of one quantize launch, through Triton's dispatch and through the direct path
+     (benchmarks/profile_host.py's launch_costs, which the GPU suite's host stage runs too);
   1. host microseconds per saved tensor, pack and unpack: a chain of tanh on a 64K-element bf16 tensor
      under compress(bits=4), minus the same chain without it (benchmarks/profile_host.py's measure),
      with direct launches and with Triton's dispatch;
@@ -51,13 +53,20 @@ import tritonquant as tq  # noqa: E402
 from tritonquant import codec  # noqa: E402
 from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss  # noqa: E402
 
-from profile_host import chain_us_per_tensor, launch_mode  # noqa: E402
+from profile_host import chain_us_per_tensor, launch_costs, launch_mode  # noqa: E402
 
 # backend="triton" accepts CPU tensors only under the interpreter; here the compiled kernels' launches
 # are what is wanted, on CPU tensors, so the codec is told as much.
 codec.is_interpreted = lambda: True
 
 MIN_BYTES = 12_000  # between the largest per-channel statistics (8 KB) and the smallest activation (16 KB)
+
+
+def launch_rows() -> list[list[str]]:
+    """One quantize launch (64K bf16 elements, 4 bits), through Triton's dispatch and directly."""
+    x = torch.randn(1 << 16, dtype=torch.bfloat16)
+    payload, meta = codec.kernels.triton_quantize(x, 4, 256, False, False, 0, 0)
+    return [[name, f"{us:.1f}"] for name, us in launch_costs(x, payload, meta, torch.device("cpu"))]
 
 
 def per_tensor_rows(repeats: int) -> list[list[str]]:
@@ -133,6 +142,8 @@ def main() -> int:
 
     print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}; "
           "kernels compiled for sm_90, launches not run\n")
+    print(tabulate(launch_rows(), headers=["host us per call", "us"], tablefmt="github", disable_numparse=True))
+    print()
     print(tabulate(per_tensor_rows(repeats), headers=["host us per saved tensor", "pack", "unpack"],
                    tablefmt="github", disable_numparse=True))
     step_rows, kind_rows = resnet_step(repeats)

@@ -123,6 +123,24 @@ def launch_mode(direct: bool):
 LAUNCH_MODES = {"dispatch": False, "direct": True}
 
 
+def launch_costs(x: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, device: torch.device) -> list[list]:
+    """[name, host us] of one quantize launch of ``x`` (bf16, 4 bits) through Triton's dispatch and
+    through KernelLauncher's direct path. (Also run by benchmarks/host_stand_in.py, without a GPU.)"""
+    from tritonquant.kernels.quantize import _launch_quantize, _quantize_kernel, quantize_launch_arguments
+
+    grid = -(-meta.shape[0] // 16)
+    arguments, constexprs = quantize_launch_arguments(x, payload, meta, bits=4, group_size=256, rows=16, num_warps=4)
+
+    def dispatched_launch():
+        return _quantize_kernel[(grid,)](*arguments, **constexprs, num_warps=4, **launch.launch_options())
+
+    rows = [["launch, Triton's dispatch: _quantize_kernel[grid](...)", host_us_per_call(dispatched_launch, device)]]
+    with launch_mode(True):
+        rows.append(["launch, KernelLauncher direct path",
+                     host_us_per_call(lambda: _launch_quantize(grid, arguments, constexprs, 4), device)])
+    return rows
+
+
 def call_costs(device: torch.device) -> list[list[str]]:
     on_gpu = device.type == "cuda"
     backend = "triton" if on_gpu else "torch"
@@ -145,21 +163,7 @@ def call_costs(device: torch.device) -> list[list[str]]:
         rows += [["pack hook (per saved tensor)", pack], ["unpack hook (per saved tensor)", unpack]]
         return [[name, f"{us:.1f}"] for name, us in rows]
 
-    from tritonquant.kernels.quantize import SPLIT_FIRST, _launch_quantize, _quantize_kernel, split_for
-
-    n_groups = meta.shape[0]
-    grid = -(-n_groups // 16)
-    arguments = (x, payload, meta, x.numel(), n_groups, 0, 0, meta, 1, 1)
-    constexprs = dict(BITS=4, GROUP=256, ROWS=16, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False,
-                      EVEN=x.numel() % 256 == 0, SPLIT=split_for(256, x.element_size()), SPLIT_FIRST=SPLIT_FIRST)
-
-    def dispatched_launch():
-        return _quantize_kernel[(grid,)](*arguments, **constexprs, num_warps=4, **launch.launch_options())
-
-    rows.append(["launch, Triton's dispatch: _quantize_kernel[grid](...)", host_us_per_call(dispatched_launch, device)])
-    with launch_mode(True):
-        rows.append(["launch, KernelLauncher direct path",
-                     host_us_per_call(lambda: _launch_quantize(grid, arguments, constexprs, 4), device)])
+    rows += launch_costs(x, payload, meta, device)
 
     def device_context() -> None:
         with torch.cuda.device(device):

@@ -12,8 +12,8 @@ import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
+from .channels import channel_index_args, channel_of, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
-from .quantize import torch_channel_of
 
 
 @triton.jit
@@ -50,9 +50,9 @@ def _round_to(value, DTYPE: tl.constexpr, HARDWARE_CAST: tl.constexpr):
 @triton.jit
 def _dequantize_kernel(
     payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
-    channels_ptr, channel_stride, n_channels,
+    channels_ptr, channel_stride, n_channels, stride_divider, count_divider,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, STANDARDIZE: tl.constexpr,
-    HARDWARE_CAST: tl.constexpr, EVEN: tl.constexpr,
+    INDEX64: tl.constexpr, HARDWARE_CAST: tl.constexpr, EVEN: tl.constexpr,
 ):
     # EVEN: n_elements is a multiple of GROUP, so the store mask is per row (as in _quantize_kernel).
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
@@ -76,8 +76,8 @@ def _dequantize_kernel(
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = _element_mask(idx, row_valid, n_elements, GROUP, EVEN)
-    if STANDARDIZE:
-        channel = (idx // channel_stride) % n_channels
+    if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
+        channel = channel_of(idx, channel_stride, n_channels, stride_divider, count_divider, INDEX64)
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
         scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
         value = (value - 1.0) * scale + minimum
@@ -103,12 +103,15 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
         return
     rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size)
     standardize = channels is not None
+    n_channels = channels.shape[0] if standardize else 1
+    stride_divider, count_divider, index64 = (channel_index_args(n, channel_stride, n_channels) if standardize
+                                              else (0, 0, False))
     _launch_dequantize(
         cdiv(n_groups, rows),
         (payload, meta, out, n, n_groups,
-         channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
-        dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, HARDWARE_CAST=_HARDWARE_CAST,
-             EVEN=n % group_size == 0),
+         channels if standardize else meta, channel_stride, n_channels, stride_divider, count_divider),
+        dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, INDEX64=index64,
+             HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0),
         num_warps,
     )
 

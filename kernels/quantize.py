@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
+from .channels import channel_index_args, channel_of, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view
 from .philox import DITHER_ROUNDS, torch_dither4
 
@@ -104,10 +105,10 @@ def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
 @triton.jit
 def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
-    channels_ptr, channel_stride, n_channels,
+    channels_ptr, channel_stride, n_channels, stride_divider, count_divider,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, EVEN: tl.constexpr,
-    SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr,
+    SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, INDEX64: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr,
 ):
     # The kernel is bound by instructions per element, not bytes: work that can be done once per row
     # (group) is done per row, and each row is shared by as few threads as keep loads coalesced.
@@ -139,8 +140,8 @@ def _quantize_kernel(
     else:
         valid = idx < n_elements
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
-    if STANDARDIZE:
-        channel = (idx // channel_stride) % n_channels
+    if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
+        channel = channel_of(idx, channel_stride, n_channels, stride_divider, count_divider, INDEX64)
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
         scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
         x = tl.where(valid, tl.div_rn(x - minimum, scale) + 1.0, 0.0)
@@ -348,18 +349,30 @@ def triton_quantize(
     if n == 0:
         return payload, meta
     rows, num_warps = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic)
-    grid = cdiv(n_groups, rows)
-    standardize = channels is not None
-    _launch_quantize(
-        grid,
-        (x, payload, meta, n, n_groups, seed, rng_offset,
-         channels if standardize else meta, channel_stride, channels.shape[0] if standardize else 1),
-        dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic, STANDARDIZE=standardize,
-             EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
-             SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps))),
-        num_warps,
-    )
+    args, constexprs = quantize_launch_arguments(x, payload, meta, bits, group_size, rows, num_warps, sigma, stochastic,
+                                                 seed, rng_offset, channels, channel_stride)
+    _launch_quantize(cdiv(n_groups, rows), args, constexprs, num_warps)
     return payload, meta
+
+
+def quantize_launch_arguments(
+    x: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, bits: int, group_size: int, rows: int, num_warps: int,
+    sigma: bool = False, stochastic: bool = False, seed: int = 0, rng_offset: int = 0,
+    channels: torch.Tensor | None = None, channel_stride: int = 1,
+) -> tuple[tuple, dict]:
+    """(runtime arguments, constexprs) of one _quantize_kernel launch: what ``triton_quantize`` passes,
+    for callers that launch the kernel themselves (benchmarks/profile_host.py)."""
+    n = x.numel()
+    standardize = channels is not None
+    n_channels = channels.shape[0] if standardize else 1
+    stride_divider, count_divider, index64 = (channel_index_args(n, channel_stride, n_channels) if standardize
+                                              else (0, 0, False))
+    args = (x, payload, meta, n, meta.shape[0], seed, rng_offset,
+            channels if standardize else meta, channel_stride, n_channels, stride_divider, count_divider)
+    constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
+                      STANDARDIZE=standardize, INDEX64=index64, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
+                      SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)))
+    return args, constexprs
 
 
 def _exact_div(numerator: float, t: torch.Tensor) -> torch.Tensor:
@@ -378,11 +391,6 @@ def _exact_sqrt(t: torch.Tensor) -> torch.Tensor:
     # torch's vectorized float32 sqrt on CPU can be 1 ulp off; the float64 root of a float32 value,
     # rounded to float32, is the correctly rounded float32 root that tl.sqrt_rn computes.
     return t.double().sqrt().float()
-
-
-def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device) -> torch.Tensor:
-    """int64 [n]: the channel of each element of a flat run (``(i // channel_stride) % n_channels``)."""
-    return torch.div(torch.arange(n, device=device), channel_stride, rounding_mode="floor") % n_channels
 
 
 def torch_quantize(

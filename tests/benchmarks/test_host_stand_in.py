@@ -31,5 +31,8 @@ def test_stand_in_host_profile_runs_and_counts_what_resnet50_saves():
     assert rows["Packed"][0] == 72 and rows["Packed (reused)"][0] == 36, result.stdout
     assert rows["RecastWeight"][0] == 53 and rows["WindowIndices"][0] == 1, result.stdout
     assert all(us > 0 for _, us in rows.values())  # (wall time inside the hook: positive however noisy)
+    # The launch rows that the GPU suite's host stage measures too: the kernel's arguments as triton_quantize
+    # passes them, through the dispatch and directly.
+    assert re.search(r"launch, KernelLauncher direct path\s+\|\s+[\d.]+\s+\|", result.stdout), result.stdout
     # Differences of timings: present, but on a loaded machine any sign.
     assert re.search(r"tanh chain, direct launches\s+\|\s+-?[\d.]+\s+\|\s+-?[\d.]+\s+\|", result.stdout), result.stdout

@@ -42,34 +42,46 @@ QUANTIZE_ROWS = (16, 32)
 
 def variants(quick: bool):
     bits_choices = (1, 2, 4, 8)
-    channel_args = {"channels_ptr": "*fp32", "channel_stride": "i32", "n_channels": "i32"}
-    for bits, sigma, stochastic, standardize, even, dtype, rows in itertools.product(
-            bits_choices, (False, True), (False, True), (False, True), (True, False), FLOATS, QUANTIZE_ROWS):
+    channel_args = {"channels_ptr": "*fp32", "channel_stride": "i32", "n_channels": "i32", "stride_divider": "i64",
+                    "count_divider": "i64"}
+    # INDEX64 (channel indices by 64-bit division, for runs of 2**31 elements or more): standardized
+    # variants only, at the 16-row tile of whole groups (and in quick mode one of them).
+    for bits, sigma, stochastic, standardize, index64, even, dtype, rows in itertools.product(
+            bits_choices, (False, True), (False, True), (False, True), (False, True), (True, False), FLOATS,
+            QUANTIZE_ROWS):
+        if index64 and (not standardize or not even or rows != QUANTIZE_ROWS[0]):
+            continue
         if quick and (dtype != "bf16" or (sigma and stochastic and bits != 4) or (standardize and bits != 2)
+                      or (index64 and (sigma or stochastic))
                       or (not even and (bits != 4 or sigma or stochastic or standardize))
                       or (rows != QUANTIZE_ROWS[0] and (bits != 4 or sigma or stochastic or standardize))):
             continue
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
                      "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args, "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
-                     "STANDARDIZE": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr",
+                     "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr",
                      "SPLIT_FIRST": "constexpr"}
         split = split_for(256, ELEMENT_SIZES[dtype], threads_per_group(rows, NUM_WARPS))
         constants = {"BITS": bits, "GROUP": 256, "ROWS": rows, "SIGMA": sigma, "STOCHASTIC": stochastic,
-                     "STANDARDIZE": standardize, "EVEN": even, "SPLIT": split, "SPLIT_FIRST": SPLIT_FIRST}
-        name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize} "
-                f"even={even} rows={rows}")
+                     "STANDARDIZE": standardize, "INDEX64": index64, "EVEN": even, "SPLIT": split,
+                     "SPLIT_FIRST": SPLIT_FIRST}
+        name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"
+                f"{' index64' if index64 else ''} even={even} rows={rows}")
         yield name, _quantize_kernel, signature, constants
-    for bits, standardize, even, dtype in itertools.product(bits_choices, (False, True), (True, False), FLOATS):
-        if quick and ((standardize and bits != 2) or (not even and (bits != 4 or standardize or dtype != "bf16"))):
+    for bits, standardize, index64, even, dtype in itertools.product(
+            bits_choices, (False, True), (False, True), (True, False), FLOATS):
+        if index64 and (not standardize or not even):
+            continue
+        if quick and ((standardize and bits != 2) or (index64 and dtype != "bf16")
+                      or (not even and (bits != 4 or standardize or dtype != "bf16"))):
             continue
         signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_elements": "i64",
                      "n_groups": "i32", **channel_args, "BITS": "constexpr", "GROUP": "constexpr",
-                     "ROWS": "constexpr", "STANDARDIZE": "constexpr", "HARDWARE_CAST": "constexpr",
-                     "EVEN": "constexpr"}
-        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "HARDWARE_CAST": True,
-                     "EVEN": even}
-        name = f"dequantize {bits}bit {dtype} standardize={standardize} even={even}"
+                     "ROWS": "constexpr", "STANDARDIZE": "constexpr", "INDEX64": "constexpr",
+                     "HARDWARE_CAST": "constexpr", "EVEN": "constexpr"}
+        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "INDEX64": index64,
+                     "HARDWARE_CAST": True, "EVEN": even}
+        name = f"dequantize {bits}bit {dtype} standardize={standardize}{' index64' if index64 else ''} even={even}"
         yield name, _dequantize_kernel, signature, constants
     for name, kernel in (("pack bool", _pack_bool_kernel), ("unpack bool", _unpack_bool_kernel)):
         signature = {"src_ptr": "*u8", "dst_ptr": "*u8", "n_elements": "i64", "BLOCK_BYTES": "constexpr"}

@@ -46,8 +46,9 @@ except Exception as exc:  # noqa: BLE001
     sys.exit(2)
 
 from tritonquant.kernels import launch as launch_module  # noqa: E402
+from tritonquant.kernels.channels import divider  # noqa: E402
 from tritonquant.kernels.launch import KernelLauncher  # noqa: E402
-from tritonquant.kernels.quantize import _quantize_kernel  # noqa: E402
+from tritonquant.kernels.quantize import _quantize_kernel, quantize_launch_arguments  # noqa: E402
 
 DISPATCHES = []
 _dispatch = _quantize_kernel.run
@@ -80,9 +81,9 @@ def argument_sets():
     x = torch.zeros(4096 + 8, dtype=torch.bfloat16)
     payload = torch.zeros(4096, dtype=torch.uint8)
     meta = torch.zeros(64, 2)
-    constexprs = dict(BITS=4, GROUP=256, ROWS=4, SIGMA=False, STOCHASTIC=False, STANDARDIZE=False, EVEN=True,
-                      SPLIT=4, SPLIT_FIRST=True)
-    base = (x, payload, meta, 4096, 16, 0, 0, meta, 1, 1)
+    # What triton_quantize passes for 4096 bf16 elements (16 groups) at 4 rows x 4 warps.
+    base, constexprs = quantize_launch_arguments(x[:4096], payload, meta[:16], bits=4, group_size=256, rows=4,
+                                                 num_warps=4)
 
     def changed(index, value):
         return base[:index] + (value,) + base[index + 1:]
@@ -92,6 +93,7 @@ def argument_sets():
     yield "n_groups = 1 (Triton makes the value 1 a constant)", changed(4, 1), constexprs, 4
     yield "n_groups = 17 (not a multiple of 16)", changed(4, 17), constexprs, 4
     yield "rng_offset beyond int32", changed(6, 2**40), constexprs, 4
+    yield "a channel divider (a 64-bit int)", changed(10, divider(49)), constexprs, 4
     yield "fp32 input", changed(0, torch.zeros(4096)), constexprs, 4
     yield "another constexpr (BITS=2)", base, {**constexprs, "BITS": 2}, 4
     yield "another num_warps", base, constexprs, 8

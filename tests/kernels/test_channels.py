@@ -1,0 +1,85 @@
+"""kernels/channels.py: the channel index of standardized packings, by multiply-high instead of division."""
+
+import random
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from tritonquant.kernels.channels import INDEX32_LIMIT, channel_index_args, channel_of, divider, torch_channel_of
+
+# Divisors the layouts give (feature-map areas, channel counts, a vocabulary) and the awkward ones.
+DIVISORS = [1, 2, 3, 7, 49, 64, 196, 255, 256, 257, 784, 3136, 50257, 2**16 + 1, 2**30 - 1, 2**30, 2**30 + 1,
+            2**31 - 1]
+
+
+def _divide_as_the_kernel_does(i: int, packed: int) -> int:
+    multiplier, shift = packed >> 8, packed & 0xFF
+    return ((2 * i * multiplier) >> 32) >> shift
+
+
+def _numerators(d: int, rng: random.Random) -> list[int]:
+    """Multiples of d and their neighbours (where a wrong quotient shows first), near 0 and near 2**31."""
+    top = (INDEX32_LIMIT - 1) // d * d
+    near = [0, 1, d - 1, d, d + 1, top - 1, top, min(top + 1, INDEX32_LIMIT - 1), INDEX32_LIMIT - 1]
+    multiples = [k * d + offset for k in (rng.randrange(1, max(2, INDEX32_LIMIT // d)) for _ in range(200))
+                 for offset in (-1, 0, 1)]
+    return [i for i in near + multiples + [rng.randrange(INDEX32_LIMIT) for _ in range(200)] if 0 <= i < INDEX32_LIMIT]
+
+
+@pytest.mark.parametrize("d", DIVISORS, ids=str)
+def test_multiply_high_divides_exactly_below_2_to_31(d):
+    packed = divider(d)
+    assert 2**31 <= packed >> 8 < 2**32 and packed & 0xFF < 32  # a 32-bit multiplier, a shift below 32
+    for i in _numerators(d, random.Random(d)):
+        assert _divide_as_the_kernel_does(i, packed) == i // d, (i, d)
+
+
+def test_every_divisor_up_to_4096_divides_its_boundary_numerators():
+    for d in range(1, 4097):
+        packed = divider(d)
+        top = (INDEX32_LIMIT - 1) // d * d
+        for i in (d - 1, d, top - 1, top, INDEX32_LIMIT - 1):
+            assert _divide_as_the_kernel_does(i, packed) == i // d, (i, d)
+
+
+def test_bad_divisor_is_rejected():
+    with pytest.raises(ValueError, match="d must be a positive int"):
+        divider(0)
+
+
+def test_runs_of_2_to_31_elements_or_more_divide_in_64_bits():
+    assert channel_index_args(INDEX32_LIMIT - 1, 49, 64)[2] is False
+    assert channel_index_args(INDEX32_LIMIT, 49, 64) == (0, 0, True)
+
+
+@triton.jit
+def _channel_kernel(idx_ptr, out_ptr, n, channel_stride, n_channels, stride_divider, count_divider,
+                    INDEX64: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    idx = tl.load(idx_ptr + offsets, mask=mask, other=0)
+    channel = channel_of(idx, channel_stride, n_channels, stride_divider, count_divider, INDEX64)
+    tl.store(out_ptr + offsets, channel.to(tl.int64), mask=mask)
+
+
+@pytest.mark.parametrize("index64", [False, True], ids=["multiply-high", "64-bit"])
+@pytest.mark.parametrize("channel_stride, n_channels", [(1, 3), (49, 2048), (3136, 64), (1, 50257), (7, 1)],
+                         ids=["nhwc-rgb", "nchw-7x7", "nchw-56x56", "vocabulary", "one-channel"])
+def test_channel_of_matches_the_reference_at_the_ends_of_the_index_range(channel_stride, n_channels, index64, device):
+    limit = 2**40 if index64 else INDEX32_LIMIT
+    rng = random.Random(channel_stride * n_channels)
+    indices = [0, 1, channel_stride - 1, channel_stride, limit - 1, limit - 2, limit - channel_stride]
+    indices += [rng.randrange(limit) for _ in range(100)]
+    idx = torch.tensor(indices, dtype=torch.int64, device=device)
+    out = torch.full_like(idx, -1)
+    stride_divider, count_divider, _ = channel_index_args(1, channel_stride, n_channels)
+    _channel_kernel[(1,)](idx, out, idx.numel(), channel_stride, n_channels, stride_divider, count_divider,
+                          INDEX64=index64, BLOCK=128)
+    torch.testing.assert_close(out, (idx // channel_stride) % n_channels, rtol=0, atol=0)
+
+
+def test_torch_channel_of_follows_the_layout():
+    # NCHW [2, 3, 2, 2]: dimension 1's stride is 4, so the flat run holds 4 of channel 0, 4 of 1, 4 of 2, ...
+    assert torch_channel_of(24, 4, 3, torch.device("cpu")).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4 + [2] * 4
