@@ -190,6 +190,72 @@ def test_retain_graph_and_saved_tensor_access_keep_working():
     assert torch.equal(lin.weight.grad, 2 * first)
 
 
+def _linear_relu_linear() -> tuple[nn.Sequential, torch.Tensor]:
+    # The ReLU's output is saved twice, by the ReLU (for its mask) and by the second Linear (its input);
+    # in backward the second Linear unpacks it and the ReLU comes right after.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)), torch.randn(32, 64)
+
+
+def test_a_tensor_saved_by_two_ops_in_a_row_is_decoded_once_with_the_same_gradients(monkeypatch):
+    from tritonquant import session as session_module
+
+    model, x = _linear_relu_linear()
+    decodes = []
+    dequantize = session_module.dequantize
+
+    def counted(packed, backend):
+        decodes.append(packed)
+        return dequantize(packed, backend=backend)
+
+    def gradients(decode) -> torch.Tensor:
+        monkeypatch.setattr(session_module, "_decode", decode)
+        model.zero_grad()
+        decodes.clear()
+        with tq.compress(bits=2, min_bytes=0) as session:
+            loss = model(x).square().sum()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), session.stats
+
+    monkeypatch.setattr(session_module, "dequantize", counted)
+    shared, stats = gradients(session_module._decode)
+    assert stats.deduplicated == 1 and len(decodes) == stats.packed_tensors, "one decode per packed tensor"
+    every_unpack, _ = gradients(lambda handle: counted(handle.packed, handle.backend))
+    assert len(decodes) == stats.packed_tensors + 1
+    assert torch.equal(shared, every_unpack)
+
+
+def test_a_decode_is_kept_for_the_next_saver_only_until_another_tensor_is_decoded():
+    from tritonquant.session import _decode, _Packed
+
+    sources = [torch.randn(4, 256) for _ in range(2)]
+    twice, once = (_Packed(tq.quantize(t, bits=4, backend="torch"), "torch", t) for t in sources)
+    twice.saves = 2
+    first = _decode(twice)
+    assert twice.decoded is first and torch.equal(first, tq.dequantize(twice.packed))
+    assert _decode(twice) is first, "its second saver, right after the first, gets the same decode"
+    assert twice.decoded is None and twice.unpacked == 0, "its last saver: nothing kept"
+    first = _decode(twice)
+    _decode(once)  # another packed tensor decoded in between: the kept decode is dropped first
+    assert twice.decoded is None
+    second = _decode(twice)
+    assert second is not first and torch.equal(second, first)
+    assert twice.decoded is None and twice.unpacked == 0
+
+
+def test_after_a_retained_backward_no_handle_keeps_a_decoded_tensor():
+    model, x = _linear_relu_linear()
+    with tq.compress(bits=4, min_bytes=0) as session:
+        loss = model(x).square().sum()
+    loss.backward(retain_graph=True)
+    first = torch.cat([p.grad.flatten() for p in model.parameters()])
+    handles = list(session._dedup.values())
+    assert handles and all(h.decoded is None and h.unpacked == 0 for h in handles)
+    model.zero_grad()
+    loss.backward()
+    assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), first)
+
+
 def conv_batchnorm(channels: int = 6) -> tuple[nn.Conv2d, nn.BatchNorm2d, torch.Tensor]:
     """A conv whose output channels sit at offsets and spreads far apart, the BatchNorm after it, a batch."""
     torch.manual_seed(0)
