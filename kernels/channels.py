@@ -21,13 +21,16 @@ import triton.language as tl
 
 # Runs shorter than this divide with a multiplier (the module docstring); longer ones with 64-bit division.
 INDEX32_LIMIT = 2**31
+# Channel counts below this travel inside their prepared divisor (bits 40 and up); larger ones (never seen
+# in practice) take the 64-bit path too.
+COUNT_LIMIT = 2**23
 
 
 def divider(d: int) -> int:
     """The multiplier and shift that divide every 0 <= i < 2**31 by ``d`` (>= 1), in one int: the
-    shift in the low 8 bits, the multiplier above them. (The multiplier is at least 2**31, so the int is
-    at least 2**39: a 64-bit value for compiled kernels and Triton's interpreter alike, which holds ints
-    between 2**31 and 2**32 in 32 bits.)"""
+    shift in the low 8 bits, the multiplier in the next 32. (The multiplier is at least 2**31, so the int
+    is at least 2**39: a 64-bit value for compiled kernels and Triton's interpreter alike, which holds
+    ints between 2**31 and 2**32 in 32 bits.)"""
     if d < 1:
         raise ValueError(f"d must be a positive int, got {d}")
     shift = (d - 1).bit_length()
@@ -36,31 +39,35 @@ def divider(d: int) -> int:
 
 
 def channel_index_args(n_elements: int, channel_stride: int, n_channels: int) -> tuple[int, int, bool]:
-    """Kernel arguments for ``channel_of``: (stride divider, channel-count divider, INDEX64)."""
-    if n_elements >= INDEX32_LIMIT:
-        return 0, 0, True
-    return divider(channel_stride), divider(n_channels), False
+    """The kernels' arguments for ``channel_of``: (stride_divisor, count_divisor, INDEX64).
+
+    Runs of fewer than 2**31 elements get the divisors prepared for multiply-high (``divider``), the
+    channel count riding above the count's divider; longer runs get them as they are, for 64-bit division.
+    """
+    if n_elements >= INDEX32_LIMIT or n_channels >= COUNT_LIMIT:
+        return channel_stride, n_channels, True
+    return divider(channel_stride), divider(n_channels) | n_channels << 40, False
 
 
 @triton.jit
-def _divide(i, packed_divider):
-    """i // d for uint32 ``i`` below 2**31, with ``packed_divider = divider(d)``."""
-    multiplier = (packed_divider >> 8).to(tl.uint32)
-    shift = (packed_divider & 0xFF).to(tl.uint32)
+def _divide(i, prepared):
+    """i // d for uint32 ``i`` below 2**31, with ``prepared`` = ``divider(d)`` (bits above 40 ignored)."""
+    multiplier = (prepared >> 8).to(tl.uint32)
+    shift = (prepared & 0xFF).to(tl.uint32)
     return tl.umulhi(i + i, multiplier) >> shift
 
 
 @triton.jit
-def channel_of(idx, channel_stride, n_channels, stride_divider, count_divider, INDEX64: tl.constexpr):
-    """The channel ``(idx // channel_stride) % n_channels`` of each flat element index in ``idx``
-    (int64, any shape; indices at or past the run's end, which callers mask, may give any value).
-    ``stride_divider``, ``count_divider``, ``INDEX64``: from ``channel_index_args``."""
+def channel_of(idx, stride_divisor, count_divisor, INDEX64: tl.constexpr):
+    """The channel ``(idx // channel_stride) % n_channels`` of each flat element index in ``idx`` (int64,
+    any shape; indices at or past the run's end, which callers mask, may give any value), from the
+    divisors ``channel_index_args`` prepared."""
     if INDEX64:
-        return (idx // channel_stride) % n_channels
+        return (idx // stride_divisor) % count_divisor
     else:
-        i = idx.to(tl.uint32)
-        quotient = _divide(i, stride_divider)
-        return (quotient - _divide(quotient, count_divider) * n_channels.to(tl.uint32)).to(tl.int32)
+        quotient = _divide(idx.to(tl.uint32), stride_divisor)
+        n_channels = (count_divisor >> 40).to(tl.uint32)
+        return (quotient - _divide(quotient, count_divisor) * n_channels).to(tl.int32)
 
 
 def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device) -> torch.Tensor:

@@ -50,7 +50,7 @@ def _round_to(value, DTYPE: tl.constexpr, HARDWARE_CAST: tl.constexpr):
 @triton.jit
 def _dequantize_kernel(
     payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
-    channels_ptr, channel_stride, n_channels, stride_divider, count_divider,
+    channels_ptr, stride_divisor, count_divisor,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, STANDARDIZE: tl.constexpr,
     INDEX64: tl.constexpr, HARDWARE_CAST: tl.constexpr, EVEN: tl.constexpr,
 ):
@@ -77,7 +77,7 @@ def _dequantize_kernel(
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = _element_mask(idx, row_valid, n_elements, GROUP, EVEN)
     if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
-        channel = channel_of(idx, channel_stride, n_channels, stride_divider, count_divider, INDEX64)
+        channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
         scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
         value = (value - 1.0) * scale + minimum
@@ -103,13 +103,11 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
         return
     rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size)
     standardize = channels is not None
-    n_channels = channels.shape[0] if standardize else 1
-    stride_divider, count_divider, index64 = (channel_index_args(n, channel_stride, n_channels) if standardize
-                                              else (0, 0, False))
+    stride_divisor, count_divisor, index64 = (channel_index_args(n, channel_stride, channels.shape[0])
+                                              if standardize else (1, 1, False))
     _launch_dequantize(
         cdiv(n_groups, rows),
-        (payload, meta, out, n, n_groups,
-         channels if standardize else meta, channel_stride, n_channels, stride_divider, count_divider),
+        (payload, meta, out, n, n_groups, channels if standardize else meta, stride_divisor, count_divisor),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, INDEX64=index64,
              HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0),
         num_warps,

@@ -105,7 +105,7 @@ def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
 @triton.jit
 def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
-    channels_ptr, channel_stride, n_channels, stride_divider, count_divider,
+    channels_ptr, stride_divisor, count_divisor,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, INDEX64: tl.constexpr,
     EVEN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr,
@@ -141,7 +141,7 @@ def _quantize_kernel(
         valid = idx < n_elements
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
-        channel = channel_of(idx, channel_stride, n_channels, stride_divider, count_divider, INDEX64)
+        channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
         minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
         scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
         x = tl.where(valid, tl.div_rn(x - minimum, scale) + 1.0, 0.0)
@@ -364,11 +364,10 @@ def quantize_launch_arguments(
     for callers that launch the kernel themselves (benchmarks/profile_host.py)."""
     n = x.numel()
     standardize = channels is not None
-    n_channels = channels.shape[0] if standardize else 1
-    stride_divider, count_divider, index64 = (channel_index_args(n, channel_stride, n_channels) if standardize
-                                              else (0, 0, False))
+    stride_divisor, count_divisor, index64 = (channel_index_args(n, channel_stride, channels.shape[0])
+                                              if standardize else (1, 1, False))
     args = (x, payload, meta, n, meta.shape[0], seed, rng_offset,
-            channels if standardize else meta, channel_stride, n_channels, stride_divider, count_divider)
+            channels if standardize else meta, stride_divisor, count_divisor)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
                       STANDARDIZE=standardize, INDEX64=index64, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
                       SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)))

@@ -42,8 +42,8 @@ QUANTIZE_ROWS = (16, 32)
 
 def variants(quick: bool):
     bits_choices = (1, 2, 4, 8)
-    channel_args = {"channels_ptr": "*fp32", "channel_stride": "i32", "n_channels": "i32", "stride_divider": "i64",
-                    "count_divider": "i64"}
+    # The channel divisors: 64-bit prepared divisors (kernels/channels.py), or 32-bit plain ones (INDEX64).
+    channel_args = {"channels_ptr": "*fp32", "stride_divisor": "i64", "count_divisor": "i64"}
     # INDEX64 (channel indices by 64-bit division, for runs of 2**31 elements or more): standardized
     # variants only, at the 16-row tile of whole groups (and in quick mode one of them).
     for bits, sigma, stochastic, standardize, index64, even, dtype, rows in itertools.product(

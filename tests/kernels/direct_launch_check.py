@@ -93,7 +93,7 @@ def argument_sets():
     yield "n_groups = 1 (Triton makes the value 1 a constant)", changed(4, 1), constexprs, 4
     yield "n_groups = 17 (not a multiple of 16)", changed(4, 17), constexprs, 4
     yield "rng_offset beyond int32", changed(6, 2**40), constexprs, 4
-    yield "a channel divider (a 64-bit int)", changed(10, divider(49)), constexprs, 4
+    yield "a prepared channel divisor (a 64-bit int)", changed(8, divider(49)), constexprs, 4
     yield "fp32 input", changed(0, torch.zeros(4096)), constexprs, 4
     yield "another constexpr (BITS=2)", base, {**constexprs, "BITS": 2}, 4
     yield "another num_warps", base, constexprs, 8

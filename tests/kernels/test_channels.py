@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonquant.kernels.channels import INDEX32_LIMIT, channel_index_args, channel_of, divider, torch_channel_of
+from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, channel_index_args, channel_of, divider,
+                                          torch_channel_of)
 
 # Divisors the layouts give (feature-map areas, channel counts, a vocabulary) and the awkward ones.
 DIVISORS = [1, 2, 3, 7, 49, 64, 196, 255, 256, 257, 784, 3136, 50257, 2**16 + 1, 2**30 - 1, 2**30, 2**30 + 1,
@@ -49,18 +50,19 @@ def test_bad_divisor_is_rejected():
         divider(0)
 
 
-def test_runs_of_2_to_31_elements_or_more_divide_in_64_bits():
-    assert channel_index_args(INDEX32_LIMIT - 1, 49, 64)[2] is False
-    assert channel_index_args(INDEX32_LIMIT, 49, 64) == (0, 0, True)
+def test_runs_of_2_to_31_elements_or_more_and_huge_channel_counts_divide_in_64_bits():
+    assert channel_index_args(INDEX32_LIMIT - 1, 49, 64) == (divider(49), divider(64) | 64 << 40, False)
+    assert channel_index_args(INDEX32_LIMIT, 49, 64) == (49, 64, True)
+    assert channel_index_args(1000, 1, COUNT_LIMIT) == (1, COUNT_LIMIT, True)
+    assert channel_index_args(1000, 1, COUNT_LIMIT - 1)[1] < 2**63, "a signed 64-bit int"
 
 
 @triton.jit
-def _channel_kernel(idx_ptr, out_ptr, n, channel_stride, n_channels, stride_divider, count_divider,
-                    INDEX64: tl.constexpr, BLOCK: tl.constexpr):
+def _channel_kernel(idx_ptr, out_ptr, n, stride_divisor, count_divisor, INDEX64: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     idx = tl.load(idx_ptr + offsets, mask=mask, other=0)
-    channel = channel_of(idx, channel_stride, n_channels, stride_divider, count_divider, INDEX64)
+    channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
     tl.store(out_ptr + offsets, channel.to(tl.int64), mask=mask)
 
 
@@ -74,9 +76,10 @@ def test_channel_of_matches_the_reference_at_the_ends_of_the_index_range(channel
     indices += [rng.randrange(limit) for _ in range(100)]
     idx = torch.tensor(indices, dtype=torch.int64, device=device)
     out = torch.full_like(idx, -1)
-    stride_divider, count_divider, _ = channel_index_args(1, channel_stride, n_channels)
-    _channel_kernel[(1,)](idx, out, idx.numel(), channel_stride, n_channels, stride_divider, count_divider,
-                          INDEX64=index64, BLOCK=128)
+    stride_divisor, count_divisor, index64_args = channel_index_args(limit if index64 else 1, channel_stride,
+                                                                     n_channels)
+    assert index64_args == index64
+    _channel_kernel[(1,)](idx, out, idx.numel(), stride_divisor, count_divisor, INDEX64=index64, BLOCK=128)
     torch.testing.assert_close(out, (idx // channel_stride) % n_channels, rtol=0, atol=0)
 
 
