@@ -236,7 +236,9 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
     set -- "${cmd[@]}"
     say "stage $name (timeout ${limit}s): $*"
     local t0; t0=$(date +%s)
-    (cd "$REPO" && exec timeout --kill-after=10 "$limit" "$@") 2>&1 | tee "$log"
+    # SIGINT first: pytest then still writes its summary and JUnit report (which tests passed before the
+    # limit), and Python stages stop as on Ctrl-C, their files written so far kept. KILL 10 s later.
+    (cd "$REPO" && exec timeout --signal=INT --kill-after=10 "$limit" "$@") 2>&1 | tee "$log"
     local rc=${PIPESTATUS[0]}
     local seconds=$(( $(date +%s) - t0 ))
     local status="PASS"
@@ -253,7 +255,7 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
 # Order: correctness on the GPU first (the GPU-only tests, including a compiled-vs-reference check),
 # then the measurements, then the whole suite, whose many kernel specializations each compile once on
 # a GPU: if the budget runs out, the stage lost is the one a CPU run already covers.
-run_stage tests-gpu 120 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+run_stage tests-gpu 150 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu --durations=10 -p no:cacheprovider \
     --junitxml="$RESULTS/pytest-gpu.xml"
 run_stage tune 50 "$PY" -m tritonquant tune --max-seconds @BUDGET@
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
