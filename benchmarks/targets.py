@@ -44,6 +44,8 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
     """Rows for the step-time, activation and peak targets from ``bench.json``'s rows."""
     if bench is None:
         return [["step time, activations, peak", "-", "bench.json missing or unreadable", "-"]]
+    if not bench.get("gpu", True):
+        return [["step time, activations, peak", "-", "bench.json is from a CPU run: no GPU figures", "-"]]
     cells = {(r["workload"], r["batch"], r["method"]): r for r in bench["rows"]}
     rows = []
     for workload, batch in dict.fromkeys((r["workload"], r["batch"]) for r in bench["rows"]):

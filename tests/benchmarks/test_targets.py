@@ -94,3 +94,9 @@ def test_missing_results_are_said_to_be_missing(tmp_path, capsys):
     table = targets.targets_table(tmp_path)
     assert "bench.json missing or unreadable" in table and "no GPU bench_kernels.json" in table
     assert targets.main([str(tmp_path)]) == 0 and "## Against the targets" in capsys.readouterr().out
+
+
+def test_a_cpu_bench_is_said_to_hold_no_gpu_figures(tmp_path):
+    (tmp_path / "bench.json").write_text(json.dumps({"gpu": False, "rows": BENCH["rows"]}))
+    table = targets.targets_table(tmp_path)
+    assert "bench.json is from a CPU run: no GPU figures" in table and "step time, 4 bits: under" not in table
