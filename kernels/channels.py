@@ -70,6 +70,25 @@ def channel_of(idx, stride_divisor, count_divisor, INDEX64: tl.constexpr):
         return (quotient - _divide(quotient, count_divisor) * n_channels).to(tl.int32)
 
 
+def as_loadable(channels: torch.Tensor) -> torch.Tensor:
+    """``channels`` (float32 [C, 2]) as ``channel_statistics`` reads it: contiguous rows at an 8-byte
+    aligned address. Statistics the library computed already are; a view is copied."""
+    if channels.is_contiguous() and channels.data_ptr() % 8 == 0:
+        return channels
+    return channels.clone(memory_format=torch.contiguous_format)
+
+
+@triton.jit
+def channel_statistics(channels_ptr, channel, mask):
+    """(minimum, scale) of each element's channel from ``channels`` (float32 [C, 2], ``as_loadable``):
+    one 8-byte load per element rather than two 4-byte ones; masked elements get (0.0, 1.0)."""
+    pairs = channels_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+    pair = tl.load(pairs + channel, mask=mask, other=0x3F80000000000000)  # (little-endian: scale 1.0 on top)
+    minimum = pair.to(tl.uint32).to(tl.float32, bitcast=True)
+    scale = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    return minimum, scale
+
+
 def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device) -> torch.Tensor:
     """int64 [n]: the channel of each element of a flat run (``(i // channel_stride) % n_channels``)."""
     return torch.div(torch.arange(n, device=device), channel_stride, rounding_mode="floor") % n_channels

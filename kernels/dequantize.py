@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
-from .channels import channel_index_args, channel_of, torch_channel_of
+from .channels import as_loadable, channel_index_args, channel_of, channel_statistics, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 
 
@@ -78,8 +78,7 @@ def _dequantize_kernel(
     valid = _element_mask(idx, row_valid, n_elements, GROUP, EVEN)
     if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
         channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
-        minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
-        scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
+        minimum, scale = channel_statistics(channels_ptr, channel, valid)
         value = (value - 1.0) * scale + minimum
     tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty, HARDWARE_CAST), mask=valid)
 
@@ -107,7 +106,8 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
                                               if standardize else (1, 1, False))
     _launch_dequantize(
         cdiv(n_groups, rows),
-        (payload, meta, out, n, n_groups, channels if standardize else meta, stride_divisor, count_divisor),
+        (payload, meta, out, n, n_groups, as_loadable(channels) if standardize else meta, stride_divisor,
+         count_divisor),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, INDEX64=index64,
              HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0),
         num_warps,

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
-from .channels import channel_index_args, channel_of, torch_channel_of
+from .channels import as_loadable, channel_index_args, channel_of, channel_statistics, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view
 from .philox import DITHER_ROUNDS, torch_dither4
 
@@ -142,8 +142,7 @@ def _quantize_kernel(
     x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
     if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
         channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
-        minimum = tl.load(channels_ptr + channel * 2, mask=valid, other=0.0)
-        scale = tl.load(channels_ptr + channel * 2 + 1, mask=valid, other=1.0)
+        minimum, scale = channel_statistics(channels_ptr, channel, valid)
         x = tl.where(valid, tl.div_rn(x - minimum, scale) + 1.0, 0.0)
 
     # NaN-propagating min/max: one reduction each finds the range and any NaN or +/-Inf in the group.
@@ -367,7 +366,7 @@ def quantize_launch_arguments(
     stride_divisor, count_divisor, index64 = (channel_index_args(n, channel_stride, channels.shape[0])
                                               if standardize else (1, 1, False))
     args = (x, payload, meta, n, meta.shape[0], seed, rng_offset,
-            channels if standardize else meta, stride_divisor, count_divisor)
+            as_loadable(channels) if standardize else meta, stride_divisor, count_divisor)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
                       STANDARDIZE=standardize, INDEX64=index64, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
                       SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)))

@@ -7,8 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, channel_index_args, channel_of, divider,
-                                          torch_channel_of)
+from tritonquant.kernels import triton_dequantize, triton_quantize
+from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, as_loadable, channel_index_args, channel_of,
+                                          divider, torch_channel_of)
 
 # Divisors the layouts give (feature-map areas, channel counts, a vocabulary) and the awkward ones.
 DIVISORS = [1, 2, 3, 7, 49, 64, 196, 255, 256, 257, 784, 3136, 50257, 2**16 + 1, 2**30 - 1, 2**30, 2**30 + 1,
@@ -86,3 +87,22 @@ def test_channel_of_matches_the_reference_at_the_ends_of_the_index_range(channel
 def test_torch_channel_of_follows_the_layout():
     # NCHW [2, 3, 2, 2]: dimension 1's stride is 4, so the flat run holds 4 of channel 0, 4 of 1, 4 of 2, ...
     assert torch_channel_of(24, 4, 3, torch.device("cpu")).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_statistics_at_a_misaligned_address_are_copied_and_give_the_same_bytes(device):
+    # The kernels read a channel's (minimum, scale) as one 8-byte word: a view 4 bytes into a buffer is
+    # copied first, and packs exactly as the aligned statistics do.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    aligned = torch.stack([torch.randn(3), torch.rand(3) + 0.5], 1).to(device)
+    buffer = torch.empty(7, device=device)
+    buffer[1:].copy_(aligned.flatten())
+    misaligned = buffer[1:].view(3, 2)
+    assert misaligned.data_ptr() % 8 == 4 and as_loadable(misaligned).data_ptr() % 8 == 0
+    assert as_loadable(aligned) is aligned
+    packed = [triton_quantize(x, 2, 64, False, False, 0, 0, stats, 64) for stats in (aligned, misaligned)]
+    assert all(torch.equal(a, b) for a, b in zip(*packed))
+    outs = [torch.empty_like(x) for _ in range(2)]
+    for out, stats in zip(outs, (aligned, misaligned)):
+        triton_dequantize(*packed[0], out, 2, 64, stats, 64)
+    assert torch.equal(outs[0], outs[1])
