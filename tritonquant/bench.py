@@ -2,8 +2,10 @@
 
 For each built-in workload and batch size, one training step (forward + backward) is measured for:
 exact training, ``compress`` at 8/4/2 bits, ``torch.utils.checkpoint`` around every block (alone,
-and with ``compress`` at 4 bits around the step), and ``torch.autograd.graph.save_on_cpu``. Every figure is also given as a ratio to exact training measured
-in the same run.
+and with ``compress`` at 4 bits around the step), and ``torch.autograd.graph.save_on_cpu``; on a GPU
+also exact training and ``compress`` at 4 bits captured whole in a CUDA graph and replayed. Every
+figure is also given as a ratio to exact training measured in the same run (captured steps: to exact
+training captured the same way).
 
 On a GPU: peak memory (``torch.cuda.max_memory_allocated``), activation memory (memory held after the
 forward pass), step time (median of CUDA-event timings), and the largest batch that fits a memory
