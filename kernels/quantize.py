@@ -139,10 +139,15 @@ def _quantize_kernel(
                  & (tl.arange(0, CHUNK) < CHUNK)[None, None, :])
     else:
         valid = idx < n_elements
-    x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    # Standardized tiles gather their channel statistics before loading x. Triton 3.6 gives the gather a
+    # layout of one element per thread; loaded after x, that layout took over the whole tile (x converted
+    # through shared memory: 78 instructions per element for bf16 at 2 bits), loaded before, only the
+    # gathered values are converted (54). Triton 3.9 compiles both orders alike (52).
     if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
         channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
         minimum, scale = channel_statistics(channels_ptr, channel, valid)
+    x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+    if STANDARDIZE:
         x = tl.where(valid, tl.div_rn(x - minimum, scale) + 1.0, 0.0)
 
     # NaN-propagating min/max: one reduction each finds the range and any NaN or +/-Inf in the group.

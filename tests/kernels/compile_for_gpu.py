@@ -98,14 +98,20 @@ def aligned(signature: dict) -> dict:
             if signature[name].startswith("*") or name == "n_elements"}
 
 
-def split_axis_threads(compiled) -> int:
-    """Threads of a warp that _quantize_kernel's input load spreads over its tile's SPLIT axis.
+TTGIR_TYPES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+
+
+def split_axis_threads(compiled, dtype: str) -> int:
+    """Threads of a warp that _quantize_kernel's input load (of ``dtype`` elements) spreads over its
+    tile's SPLIT axis.
 
     1 means each thread holds all SPLIT vectors of its row, as the kernel intends; more means a
-    row is shared by a whole warp (``quantize.split_axis_first``).
+    row is shared by a whole warp (``quantize.split_axis_first``). (Standardized variants also load
+    their channel statistics over the tile, as 64-bit words: not the load checked here.)
     """
     lines = compiled.asm["ttgir"].splitlines()
-    load = next(line for line in lines if "tt.load" in line and "x!tt.ptr<" in line and line.count("x") >= 3)
+    pointer = f"x!tt.ptr<{TTGIR_TYPES[dtype]}>"
+    load = next(line for line in lines if "tt.load" in line and pointer in line and line.count("x") >= 3)
     encoding = load.rsplit(", #", 1)[1].split(">", 1)[0]
     definition = next(line for line in lines if line.startswith(f"#{encoding} ="))
     threads = [int(n) for n in definition.split("threadsPerWarp = [", 1)[1].split("]", 1)[0].split(",")]
@@ -181,10 +187,11 @@ def main() -> int:
                 if target_name == "sm90" and kernel in (_quantize_kernel, _dequantize_kernel):
                     counts, counts_ok = count(kernel, constants, compiled.asm["cubin"])
                 status = f"ok ({len(compiled.asm['cubin'])} bytes of cubin{counts})"
-                if kernel is _quantize_kernel and constants["SPLIT"] > 1 and split_axis_threads(compiled) != 1:
+                dtype = signature["x_ptr"][1:] if kernel is _quantize_kernel else None
+                if kernel is _quantize_kernel and constants["SPLIT"] > 1 and split_axis_threads(compiled, dtype) != 1:
                     failures += 1
-                    status = (f"FAILED: the input load spreads {split_axis_threads(compiled)} threads over a row's "
-                              "chunks: quantize.split_axis_first is wrong for this Triton")
+                    status = (f"FAILED: the input load spreads {split_axis_threads(compiled, dtype)} threads over a "
+                              "row's chunks: quantize.split_axis_first is wrong for this Triton")
                 elif not counts_ok:
                     failures += 1
                     status = f"FAILED: float-integer conversions on the main path{counts}"
