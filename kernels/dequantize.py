@@ -100,7 +100,7 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     n_groups = meta.shape[0]
     if n == 0:
         return
-    rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size)
+    rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size, channels is not None)
     standardize = channels is not None
     stride_divisor, count_divisor, index64 = (channel_index_args(n, channel_stride, channels.shape[0])
                                               if standardize else (1, 1, False))

@@ -352,7 +352,7 @@ def triton_quantize(
     meta = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device)
     if n == 0:
         return payload, meta
-    rows, num_warps = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic)
+    rows, num_warps = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic, channels is not None)
     args, constexprs = quantize_launch_arguments(x, payload, meta, bits, group_size, rows, num_warps, sigma, stochastic,
                                                  seed, rng_offset, channels, channel_stride)
     _launch_quantize(cdiv(n_groups, rows), args, constexprs, num_warps)

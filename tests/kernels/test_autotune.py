@@ -207,6 +207,19 @@ def test_hot_path_tunes_once_persists_and_then_only_looks_up(fake_gpu, monkeypat
     assert len(fake_gpu.calls) == len(candidates)
 
 
+def test_standardized_launches_use_the_untuned_tile_and_time_nothing(fake_gpu, isolated_cache):
+    x = big(4**10, torch.bfloat16)
+    n_groups = n_groups_of(x.numel())
+    heuristic = autotune.heuristic_config(n_groups, GROUP)
+    assert tuple(autotune.quantize_launch_config(x, n_groups, 2, GROUP, False, False, standardize=True)) == tuple(
+        heuristic)
+    assert tuple(autotune.dequantize_launch_config(x, n_groups, 2, GROUP, standardize=True)) == tuple(heuristic)
+    assert fake_gpu.calls == [] and autotune.read_cache() == {}
+    # The same key unstandardized is tuned as ever: the check above could have failed.
+    autotune.quantize_launch_config(x, n_groups, 2, GROUP, False, False)
+    assert fake_gpu.calls
+
+
 def test_second_process_reads_the_cache_instead_of_tuning(fake_gpu, isolated_cache):
     candidates = autotune.candidate_configs(n_groups_of(4**9), GROUP, interpreted=False)
     fake_gpu.costs = {candidates[2]: 0.1}
