@@ -2,7 +2,9 @@
 """Kernel roofline: quantize and dequantize throughput against the device's own copy bandwidth.
 
 For each kernel kind (quantize, dequantize), input dtype (bf16, fp32), bits (2, 4, 8) and input size
-(1 MiB to 1 GiB of input bytes; --quick: 1, 16 and 256 MiB) it times, on a CUDA device:
+(1 MiB to 1 GiB of input bytes; --quick: 1, 16 and 256 MiB), and for standardized packings (per-channel
+statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as log-softmax outputs do; --quick:
+256 MiB only), it times, on a CUDA device:
     triton     the Triton kernel with the autotuned launch config (tuned now if not cached)
     heuristic  the same kernel forced to the untuned heuristic config
     torch      the plain-torch reference (tritonquant.kernels.torch_quantize / torch_dequantize)
@@ -12,7 +14,8 @@ GB/s counts the bytes a kernel must move: quantize reads the input and writes co
 (base, step) per group of 256; dequantize reads those and writes the output. "%copy" divides by the
 bandwidth of ``dst.copy_(src)`` on a large buffer (read + write) measured in the same run, so it is
 the fraction of the achievable memory roofline. GPU times are medians of triton.testing.do_bench.
-With --quick, torch.compile runs for 4-bit rows only (each compile costs tens of seconds).
+With --quick, torch.compile runs for 4-bit rows only (each compile costs tens of seconds); it is not
+run for standardized rows.
 
 Without CUDA the script still runs, in seconds: small sizes, the torch reference only, timed with
 time.perf_counter and labelled as CPU figures (the Triton interpreter is far too slow to time
@@ -51,6 +54,11 @@ QUICK_GPU_SIZES_MIB = (1, 16, 256)
 CPU_SIZES_KIB = (64, 256, 1024)
 QUICK_CPU_SIZES_KIB = (64,)
 IMPLS = ("triton", "heuristic", "torch", "compiled")
+# Standardized packings timed on a GPU: (dtype, bits) of BatchNorm inputs under bf16 autocast at 2 bits,
+# and of fp32 log-softmax outputs at 4 bits; laid out as a 56x56 map of 256 channels in NCHW (ResNet-50's
+# first stage): element i is in channel (i // 3136) % 256.
+STANDARDIZED = (("bf16", 2), ("fp32", 4))
+STANDARDIZED_STRIDE, STANDARDIZED_CHANNELS = 56 * 56, 256
 GPU_WARMUP_MS, GPU_REP_MS = 10, 50
 COMPILE_RESERVE_S = 30  # with --max-seconds, no torch.compile starts with less time than this left
 CPU_NOTE = ("CPU figures (no CUDA device): torch reference only, timed with time.perf_counter. The Triton "
@@ -119,34 +127,42 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
     copy_gbps = meta["copy_gbps"]
 
     def inputs(row: dict):
+        """(x, payload, meta, out, channel statistics or None) for one row."""
         dtype = DTYPES[row["dtype"]]
         n = row["elements"]
         x = torch.randn(n, generator=generator, device=device, dtype=torch.float32).to(dtype)
-        payload, meta_ = triton_quantize(x, row["bits"], GROUP, False, False, 0, 0)
+        channels = None
+        if row["standardized"]:  # any positive scales will do for timing
+            channels = torch.stack([torch.randn(STANDARDIZED_CHANNELS, device=device),
+                                    torch.rand(STANDARDIZED_CHANNELS, device=device) + 0.5], 1)
+        payload, meta_ = triton_quantize(x, row["bits"], GROUP, False, False, 0, 0, channels, STANDARDIZED_STRIDE)
         out = torch.empty(n, dtype=dtype, device=device)
-        return x, payload, meta_, out
+        return x, payload, meta_, out, channels
 
     rows = [new_row(kind, dtype, bits, size * MIB) for kind in KINDS for dtype in DTYPES for bits in BITS
             for size in sizes]
+    rows += [new_row(kind, dtype, bits, size * MIB, standardized=True) for kind in KINDS
+             for dtype, bits in STANDARDIZED for size in (sizes[-1:] if args.quick else sizes)]
     # Pass 1: the Triton kernel (tuned and heuristic) and the torch reference, for every row.
     for row in rows:
         if over(deadline):
             mark_skipped(row, ("triton", "heuristic", "torch"), "skipped (time budget)")
             continue
         try:
-            x, payload, meta_, out = inputs(row)
+            x, payload, meta_, out, channels = inputs(row)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at 1 GiB
             mark_skipped(row, ("triton", "heuristic", "torch"), short_error(exc))
             continue
-        bits, n_groups = row["bits"], -(-row["elements"] // GROUP)
+        bits, n_groups, standardized = row["bits"], -(-row["elements"] // GROUP), row["standardized"]
+        stride = STANDARDIZED_STRIDE
         if row["kind"] == "quantize":
-            config = autotune.quantize_launch_config(x, n_groups, bits, GROUP, False, False)
-            fns = {"triton": lambda: triton_quantize(x, bits, GROUP, False, False, 0, 0),
-                   "torch": lambda: torch_quantize(x, bits, GROUP, False, False, 0, 0)}
+            config = autotune.quantize_launch_config(x, n_groups, bits, GROUP, False, False, standardized)
+            fns = {"triton": lambda: triton_quantize(x, bits, GROUP, False, False, 0, 0, channels, stride),
+                   "torch": lambda: torch_quantize(x, bits, GROUP, False, False, 0, 0, channels, stride)}
         else:
-            config = autotune.dequantize_launch_config(out, n_groups, bits, GROUP)
-            fns = {"triton": lambda: triton_dequantize(payload, meta_, out, bits, GROUP),
-                   "torch": lambda: torch_dequantize(payload, meta_, out, bits, GROUP)}
+            config = autotune.dequantize_launch_config(out, n_groups, bits, GROUP, standardized)
+            fns = {"triton": lambda: triton_dequantize(payload, meta_, out, bits, GROUP, channels, stride),
+                   "torch": lambda: torch_dequantize(payload, meta_, out, bits, GROUP, channels, stride)}
         heuristic = autotune.heuristic_config(n_groups, GROUP)
         row["config"] = f"{config[0]}x{config[1]}"
         row["heuristic_config"] = f"{heuristic.rows}x{heuristic.num_warps}"
@@ -158,16 +174,20 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
         fns["heuristic"] = forced_heuristic
         for impl in ("triton", "heuristic", "torch"):
             record(row, impl, copy_gbps, lambda: gpu_ms(fns[impl]))
-        x = payload = meta_ = out = fns = None  # freed before the next row's buffers
+        x = payload = meta_ = out = channels = fns = None  # freed before the next row's buffers
         torch.cuda.empty_cache()
 
     save(rows)
     print("pass 1 (triton, heuristic, torch) done; compiling the torch reference", flush=True)
+    for row in rows:
+        if row["standardized"]:
+            mark_skipped(row, ("compiled",), "not run (standardized)")
     # Pass 2: torch.compile of the reference, per (kind, dtype, bits) (compile_rows).
     for kind in KINDS:
         for dtype in DTYPES:
             for bits in BITS:
-                group_rows = [r for r in rows if (r["kind"], r["dtype"], r["bits"]) == (kind, dtype, bits)]
+                group_rows = [r for r in rows if (r["kind"], r["dtype"], r["bits"]) == (kind, dtype, bits)
+                              and not r["standardized"]]
                 if args.quick and bits != 4:
                     for row in group_rows:
                         mark_skipped(row, ("compiled",), "not run (--quick: 4-bit only)")
@@ -199,7 +219,7 @@ def compile_rows(rows: list[dict], kind: str, bits: int, inputs, copy_gbps: floa
     def compile_and_time(row: dict, compiled, mode: str) -> str | None:
         """Measure ``row`` with ``compiled``; the compile's failure text, or None."""
         try:
-            x, payload, meta_, out = inputs(row)
+            x, payload, meta_, out, _ = inputs(row)
         except Exception as exc:  # noqa: BLE001
             mark_skipped(row, ("compiled",), short_error(exc))
             return None
@@ -299,10 +319,11 @@ def measure_cpu(args: argparse.Namespace, meta: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def new_row(kind: str, dtype: str, bits: int, input_bytes: int) -> dict:
+def new_row(kind: str, dtype: str, bits: int, input_bytes: int, standardized: bool = False) -> dict:
+    """One row of the table. Standardized rows move the same bytes (plus C x 8 of statistics, negligible)."""
     elements = input_bytes // DTYPES[dtype].itemsize
     return {"kind": kind, "dtype": dtype, "bits": bits, "group_size": GROUP, "input_bytes": input_bytes,
-            "elements": elements,
+            "elements": elements, "standardized": standardized,
             "traffic_bytes": autotune.traffic_bytes(kind, elements, bits, GROUP, DTYPES[dtype].itemsize)}
 
 
@@ -353,7 +374,8 @@ def table(rows: list[dict], ran: tuple[str, ...]) -> str:
         headers += [f"{impl} GB/s", f"{impl} %copy"]
     lines = []
     for row in rows:
-        line = [row["kind"], row["dtype"], str(row["bits"]), size_label(row["input_bytes"]),
+        line = [row["kind"] + (", standardized" if row.get("standardized") else ""), row["dtype"], str(row["bits"]),
+                size_label(row["input_bytes"]),
                 number(row["traffic_bytes"] / 1e6)]
         if "triton" in ran:
             line.append(row.get("config", ""))

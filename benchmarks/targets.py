@@ -101,7 +101,8 @@ def kernel_rows(kernels: dict | None) -> list[list[str]]:
     for r in kernels["rows"]:
         if r["input_bytes"] < LARGE_INPUT_BYTES:
             continue
-        name = f"{r['kind']} {r['dtype']} {r['bits']}-bit, {r['input_bytes'] >> 20} MiB"
+        kind = r["kind"] + (", standardized" if r.get("standardized") else "")
+        name = f"{kind} {r['dtype']} {r['bits']}-bit, {r['input_bytes'] >> 20} MiB"
         if "triton_frac" in r:
             rows.append(["bandwidth: 85% of copy, 256 MiB and up", name,
                          f"{r['triton_frac']:.0%} ({r['triton_gbps']:.0f} GB/s)", verdict(r["triton_frac"] >= COPY_FRACTION_MIN)])

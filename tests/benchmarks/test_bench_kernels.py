@@ -29,7 +29,7 @@ def quantize_rows(module):
     def inputs(row):
         x = torch.randn(row["elements"]).to(torch.bfloat16)
         payload, meta = torch_quantize(x, 4, module.GROUP, False, False, 0, 0)
-        return x, payload, meta, torch.empty_like(x)
+        return x, payload, meta, torch.empty_like(x), None
 
     return rows, inputs
 
@@ -82,3 +82,11 @@ def test_a_working_dynamic_compile_serves_every_size(bench_kernels, monkeypatch)
     bench_kernels.compile_rows(rows, "quantize", 4, inputs, copy_gbps=100.0, deadline=None)
     assert calls == [True]
     assert [r["compile_mode"] for r in rows] == ["dynamic", "dynamic"]
+
+
+def test_standardized_rows_are_labelled_as_such(bench_kernels):
+    plain = bench_kernels.new_row("quantize", "bf16", 2, 4096)
+    standardized = bench_kernels.new_row("quantize", "bf16", 2, 4096, standardized=True)
+    assert plain["traffic_bytes"] == standardized["traffic_bytes"] and not plain["standardized"]
+    lines = bench_kernels.table([plain, standardized], ("torch",)).splitlines()[2:]
+    assert [line.split("|")[1].strip() for line in lines] == ["quantize", "quantize, standardized"]

@@ -43,6 +43,8 @@ KERNELS = {"meta": {"device": "cuda"}, "rows": [
     {"kind": "quantize", "dtype": "bf16", "bits": 4, "input_bytes": 256 << 20, "triton_frac": 0.84, "triton_gbps": 3480.0},
     {"kind": "dequantize", "dtype": "fp32", "bits": 2, "input_bytes": 256 << 20, "triton_frac": 0.85, "triton_gbps": 3520.0},
     {"kind": "dequantize", "dtype": "fp32", "bits": 4, "input_bytes": 1 << 30, "triton_error": "skipped (time budget)"},
+    {"kind": "quantize", "dtype": "bf16", "bits": 2, "input_bytes": 256 << 20, "standardized": True,
+     "triton_frac": 0.5, "triton_gbps": 2070.0},
 ]}
 
 
@@ -87,7 +89,8 @@ def test_bandwidth_is_judged_from_256_mib_up(rows):
     bandwidth = {key[1]: value for key, value in rows.items() if key[0].startswith("| bandwidth")}
     assert bandwidth == {"quantize bf16 4-bit, 256 MiB": ["84% (3480 GB/s)", "no |"],
                          "dequantize fp32 2-bit, 256 MiB": ["85% (3520 GB/s)", "yes |"],
-                         "dequantize fp32 4-bit, 1024 MiB": ["skipped (time budget)", "- |"]}
+                         "dequantize fp32 4-bit, 1024 MiB": ["skipped (time budget)", "- |"],
+                         "quantize, standardized bf16 2-bit, 256 MiB": ["50% (2070 GB/s)", "no |"]}
 
 
 def test_missing_results_are_said_to_be_missing(tmp_path, capsys):
