@@ -434,19 +434,29 @@ def _plots(results: list[dict], on_gpu: bool, folder: Path) -> None:
     fig.savefig(folder / "memory_vs_batch.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
-    for ax, name in zip(axes[0], workloads):
-        largest = max(r["batch"] for r in results if r["workload"] == name)
-        labels, times = [], []
-        for method in ("exact", "tq-8bit", "tq-4bit", "tq-2bit", *GRAPH_METHODS):
-            row = next((r for r in results if r["workload"] == name and r["batch"] == largest and r["method"] == method), None)
-            if row and row.get("step_ms") is not None:
-                labels.append(method)
-                times.append(row["step_ms"])
-        # ("exact+graph" on two lines: side by side, the long labels run into each other)
-        ax.bar([label.replace(GRAPH, "\n" + GRAPH) for label in labels], times,
-               color=["gray" if label.startswith("exact") else "tab:blue" for label in labels])
-        ax.set(title=f"{name}, batch {largest}", ylabel="step time (ms)" + ("" if on_gpu else ", CPU"))
+    # One panel per workload and batch: at a small batch a step can be bound by the host, at a large one by
+    # the GPU, and compression's cost differs between the two.
+    batches = {name: sorted({r["batch"] for r in results if r["workload"] == name}) for name in workloads}
+    n_rows = max(len(b) for b in batches.values())
+    fig, axes = plt.subplots(n_rows, len(workloads), figsize=(6 * len(workloads), 4 * n_rows), squeeze=False)
+    for column, name in enumerate(workloads):
+        for row_index in range(n_rows):
+            ax = axes[row_index][column]
+            if row_index >= len(batches[name]):
+                ax.axis("off")
+                continue
+            batch = batches[name][row_index]
+            labels, times = [], []
+            for method in ("exact", "tq-8bit", "tq-4bit", "tq-2bit", *GRAPH_METHODS):
+                row = next((r for r in results if r["workload"] == name and r["batch"] == batch
+                            and r["method"] == method), None)
+                if row and row.get("step_ms") is not None:
+                    labels.append(method)
+                    times.append(row["step_ms"])
+            # ("exact+graph" on two lines: side by side, the long labels run into each other)
+            ax.bar([label.replace(GRAPH, "\n" + GRAPH) for label in labels], times,
+                   color=["gray" if label.startswith("exact") else "tab:blue" for label in labels])
+            ax.set(title=f"{name}, batch {batch}", ylabel="step time (ms)" + ("" if on_gpu else ", CPU"))
     fig.tight_layout()
     fig.savefig(folder / "step_time_vs_bits.png", dpi=120)
     plt.close(fig)
