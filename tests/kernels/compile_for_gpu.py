@@ -42,8 +42,13 @@ QUANTIZE_ROWS = (16, 32)
 
 def variants(quick: bool):
     bits_choices = (1, 2, 4, 8)
-    # The channel divisors: 64-bit prepared divisors (kernels/channels.py), or 32-bit plain ones (INDEX64).
-    channel_args = {"channels_ptr": "*fp32", "stride_divisor": "i64", "count_divisor": "i64"}
+
+    def channel_args(index64: bool) -> dict:
+        # The channel divisors as launches pass them: prepared for multiply-high, 64-bit ints
+        # (kernels/channels.py), or plain 32-bit ones for 64-bit division (INDEX64).
+        kind = "i32" if index64 else "i64"
+        return {"channels_ptr": "*fp32", "stride_divisor": kind, "count_divisor": kind}
+
     # INDEX64 (channel indices by 64-bit division, for runs of 2**31 elements or more): standardized
     # variants only, at the 16-row tile of whole groups (and in quick mode one of them).
     for bits, sigma, stochastic, standardize, index64, even, dtype, rows in itertools.product(
@@ -57,7 +62,8 @@ def variants(quick: bool):
                       or (rows != QUANTIZE_ROWS[0] and (bits != 4 or sigma or stochastic or standardize))):
             continue
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
-                     "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args, "BITS": "constexpr",
+                     "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args(index64),
+                     "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
                      "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr",
                      "SPLIT_FIRST": "constexpr"}
@@ -76,7 +82,7 @@ def variants(quick: bool):
                       or (not even and (bits != 4 or standardize or dtype != "bf16"))):
             continue
         signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_elements": "i64",
-                     "n_groups": "i32", **channel_args, "BITS": "constexpr", "GROUP": "constexpr",
+                     "n_groups": "i32", **channel_args(index64), "BITS": "constexpr", "GROUP": "constexpr",
                      "ROWS": "constexpr", "STANDARDIZE": "constexpr", "INDEX64": "constexpr",
                      "HARDWARE_CAST": "constexpr", "EVEN": "constexpr"}
         constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "INDEX64": index64,
