@@ -49,6 +49,16 @@ def channel_index_args(n_elements: int, channel_stride: int, n_channels: int) ->
     return divider(channel_stride), divider(n_channels) | n_channels << 40, False
 
 
+def channel_launch_args(n_elements: int, channels: torch.Tensor | None, channel_stride: int,
+                        placeholder: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+    """What a quantize or dequantize launch passes for its channels: (statistics, stride_divisor,
+    count_divisor, INDEX64). Without standardization (``channels`` None) ``placeholder``, any tensor
+    of the launch, stands in for the statistics pointer, which the kernel then never reads."""
+    if channels is None:
+        return placeholder, 1, 1, False
+    return (as_loadable(channels), *channel_index_args(n_elements, channel_stride, channels.shape[0]))
+
+
 @triton.jit
 def _divide(i, prepared):
     """i // d for uint32 ``i`` below 2**31, with ``prepared`` = ``divider(d)`` (bits above 40 ignored)."""

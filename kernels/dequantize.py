@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
-from .channels import as_loadable, channel_index_args, channel_of, channel_statistics, torch_channel_of
+from .channels import channel_launch_args, channel_of, channel_statistics, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 
 
@@ -101,14 +101,11 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     if n == 0:
         return
     rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size, channels is not None)
-    standardize = channels is not None
-    stride_divisor, count_divisor, index64 = (channel_index_args(n, channel_stride, channels.shape[0])
-                                              if standardize else (1, 1, False))
+    statistics, stride_divisor, count_divisor, index64 = channel_launch_args(n, channels, channel_stride, meta)
     _launch_dequantize(
         cdiv(n_groups, rows),
-        (payload, meta, out, n, n_groups, as_loadable(channels) if standardize else meta, stride_divisor,
-         count_divisor),
-        dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=standardize, INDEX64=index64,
+        (payload, meta, out, n, n_groups, statistics, stride_divisor, count_divisor),
+        dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=channels is not None, INDEX64=index64,
              HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0),
         num_warps,
     )

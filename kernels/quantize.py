@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
-from .channels import as_loadable, channel_index_args, channel_of, channel_statistics, torch_channel_of
+from .channels import channel_launch_args, channel_of, channel_statistics, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view
 from .philox import DITHER_ROUNDS, torch_dither4
 
@@ -367,13 +367,10 @@ def quantize_launch_arguments(
     """(runtime arguments, constexprs) of one _quantize_kernel launch: what ``triton_quantize`` passes,
     for callers that launch the kernel themselves (benchmarks/profile_host.py)."""
     n = x.numel()
-    standardize = channels is not None
-    stride_divisor, count_divisor, index64 = (channel_index_args(n, channel_stride, channels.shape[0])
-                                              if standardize else (1, 1, False))
-    args = (x, payload, meta, n, meta.shape[0], seed, rng_offset,
-            as_loadable(channels) if standardize else meta, stride_divisor, count_divisor)
+    statistics, stride_divisor, count_divisor, index64 = channel_launch_args(n, channels, channel_stride, meta)
+    args = (x, payload, meta, n, meta.shape[0], seed, rng_offset, statistics, stride_divisor, count_divisor)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
-                      STANDARDIZE=standardize, INDEX64=index64, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
+                      STANDARDIZE=channels is not None, INDEX64=index64, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
                       SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)))
     return args, constexprs
 
