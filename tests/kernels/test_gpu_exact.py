@@ -9,7 +9,18 @@ import pytest
 import torch
 
 from tests.activations import activation_like
-from tritonquant.kernels import torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
+from tritonquant.kernels import (
+    torch_dequantize,
+    torch_pack_bool,
+    torch_quantize,
+    torch_unpack_bool,
+    triton_dequantize,
+    triton_pack_bool,
+    triton_quantize,
+    triton_unpack_bool,
+)
+from tritonquant.kernels.channels import COUNT_LIMIT
+from tritonquant.kernels.launch import BOOL_BLOCK_BYTES
 
 pytestmark = pytest.mark.gpu
 
@@ -33,6 +44,54 @@ def test_compiled_kernels_match_references(bits, dtype, scheme, stochastic, n):
     triton_dequantize(payload, meta, out, bits, GROUP)
     torch_dequantize(ref_payload, ref_meta, ref_out, bits, GROUP)
     assert_same_bits(out, ref_out, torch.int16 if dtype == torch.bfloat16 else torch.int32, nan_count=GROUP)
+
+
+# Standardized packings (BatchNorm inputs, probabilities): each element's channel comes from multiply-high
+# division by prepared divisors, or, from COUNT_LIMIT channels on, from 64-bit division (INDEX64).
+STANDARDIZED_LAYOUTS = {
+    "nchw": (25, 6, 1000),  # (channel stride, channels, elements): partial groups and channels
+    "nhwc": (1, 7, 1000),
+    "index64": (1, COUNT_LIMIT, COUNT_LIMIT + 300),
+}
+# Every layout, with both input dtypes and both roundings, in six cases (on a GPU, each case compiles).
+STANDARDIZED_CASES = [
+    (torch.bfloat16, 2, "nchw", False), (torch.bfloat16, 2, "nhwc", True), (torch.bfloat16, 2, "index64", False),
+    (torch.float32, 4, "nchw", True), (torch.float32, 4, "nhwc", False), (torch.float32, 4, "index64", True),
+]
+
+
+@pytest.mark.parametrize("dtype, bits, layout, stochastic", STANDARDIZED_CASES, ids=[
+    f"{'bf16' if dtype == torch.bfloat16 else 'fp32'}-{bits}bit-{layout}-{'stochastic' if stochastic else 'nearest'}"
+    for dtype, bits, layout, stochastic in STANDARDIZED_CASES])
+def test_compiled_standardized_kernels_match_references(dtype, bits, layout, stochastic):
+    channel_stride, n_channels, n = STANDARDIZED_LAYOUTS[layout]
+    x = activation_like(n, dtype, GROUP, seed=bits, device="cuda")
+    g = torch.Generator().manual_seed(bits)
+    channels = torch.stack([torch.randn(n_channels, generator=g), torch.rand(n_channels, generator=g) + 0.1], 1)
+    channels = channels.to("cuda")
+    args = (bits, GROUP, False, stochastic, 11, 5, channels, channel_stride)
+    payload, meta = triton_quantize(x, *args)
+    ref_payload, ref_meta = torch_quantize(x, *args)
+    assert torch.equal(payload, ref_payload)
+    assert torch.equal(meta.view(torch.int32), ref_meta.view(torch.int32))
+    out = torch.full((n,), float("nan"), dtype=dtype, device="cuda")
+    ref_out = torch.full((n,), float("nan"), dtype=dtype, device="cuda")
+    triton_dequantize(payload, meta, out, bits, GROUP, channels, channel_stride)
+    torch_dequantize(ref_payload, ref_meta, ref_out, bits, GROUP, channels, channel_stride)
+    assert_same_bits(out, ref_out, torch.int16 if dtype == torch.bfloat16 else torch.int32, nan_count=0)
+
+
+@pytest.mark.parametrize("n", [1, 8 * 8 * BOOL_BLOCK_BYTES + 13], ids=["one", "blocks-and-a-tail"])
+def test_compiled_bool_kernels_match_references(n):
+    x = torch.rand(n, generator=torch.Generator().manual_seed(n)).lt(0.3).to("cuda")
+    packed = triton_pack_bool(x)
+    assert torch.equal(packed, torch_pack_bool(x))
+    out = torch.ones(n, dtype=torch.bool, device="cuda")
+    ref_out = torch.ones(n, dtype=torch.bool, device="cuda")
+    triton_unpack_bool(packed, out)
+    torch_unpack_bool(packed, ref_out)
+    assert torch.equal(out, ref_out)
+    assert torch.equal(out, x)
 
 
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor, as_int: torch.dtype, nan_count: int) -> None:
