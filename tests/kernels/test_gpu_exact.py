@@ -94,6 +94,46 @@ def test_compiled_bool_kernels_match_references(n):
     assert torch.equal(out, x)
 
 
+# Past 2**31 elements every address needs 64 bits (a 4-bit bf16 tensor of this size: 4.3 GB in, 1 GB out).
+HUGE_N = 2**31 + 3 * GROUP + 5
+TAIL_GROUPS = 9  # compared with the references: the last groups, the partial one among them
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_compiled_kernels_address_past_two_to_the_31_elements(stochastic):
+    """Groups are independent (a stochastic group's counters depend on its index alone), so the last
+    groups of a huge tensor must equal the references run on those groups alone."""
+    if torch.cuda.mem_get_info()[0] < 16 * 2**30:
+        pytest.skip("needs 16 GB of free GPU memory")
+    bits, seed, rng_offset = 4, 3, 7
+    start = (-(-HUGE_N // GROUP) - TAIL_GROUPS) * GROUP  # first element of the compared groups
+    x = torch.zeros(HUGE_N, dtype=torch.bfloat16, device="cuda")
+    x[start:] = activation_like(HUGE_N - start, torch.bfloat16, GROUP, seed=5, device="cuda")
+    payload, meta = triton_quantize(x, bits, GROUP, False, stochastic, seed, rng_offset)
+    tail_payload, tail_meta = torch_quantize(x[start:], bits, GROUP, False, stochastic, seed, rng_offset + start // 4)
+    assert torch.equal(payload[start * bits // 8:], tail_payload)
+    assert torch.equal(meta[-TAIL_GROUPS:].view(torch.int32), tail_meta.view(torch.int32))
+    del x
+    out = torch.empty(HUGE_N, dtype=torch.bfloat16, device="cuda")
+    out[start:] = float("nan")
+    triton_dequantize(payload, meta, out, bits, GROUP)
+    tail_out = torch.full((HUGE_N - start,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    torch_dequantize(tail_payload, tail_meta, tail_out, bits, GROUP)
+    assert_same_bits(out[start:], tail_out, torch.int16, nan_count=0)
+
+
+def test_compiled_bool_kernels_address_past_two_to_the_31_elements():
+    n = 2**31 + 8 * 8 * BOOL_BLOCK_BYTES + 13
+    start = n - 3 * 8 * BOOL_BLOCK_BYTES - 13  # a multiple of 8: a byte boundary of the packed bits
+    x = torch.zeros(n, dtype=torch.bool, device="cuda")
+    x[start:] = torch.rand(n - start, generator=torch.Generator().manual_seed(1)).lt(0.3).to("cuda")
+    packed = triton_pack_bool(x)
+    assert torch.equal(packed[start // 8:], torch_pack_bool(x[start:]))
+    out = torch.zeros(n, dtype=torch.bool, device="cuda")
+    triton_unpack_bool(packed, out)
+    assert torch.equal(out[start:], x[start:])
+
+
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor, as_int: torch.dtype, nan_count: int) -> None:
     """Bit for bit, except that NaNs need only be NaN in the same places (their payload bits are not
     part of the format); ``nan_count`` of them are expected."""
