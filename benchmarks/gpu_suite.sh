@@ -11,7 +11,7 @@
 #   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
-#   tests      python -m pytest -q -m "not slow"     the whole suite, real kernels (no interpreter on a GPU)
+#   tests      python -m pytest -q -m "not slow and not gpu"  the rest of the suite, real kernels, kernel tests first
 # Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
 # summary.md/summary.json (pass/fail/timeout per stage; summary.md also the results against the
 # benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML,
@@ -263,8 +263,16 @@ run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plot
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
-run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m "not slow" --durations=15 -p no:cacheprovider \
-    --junitxml="$RESULTS/pytest-all.xml"
+# The whole suite leaves out the GPU-only tests (their stage ran them first) and runs the kernel tests,
+# then the API's, before the rest: if its time runs out, what is lost is what depends least on the
+# compiled kernels. (pytest runs separate folders in the order given; every folder under tests/ is in.)
+TEST_DIRS=(tests/kernels tests/tritonquant tests/integration)
+for dir in "$REPO"/tests/*/; do
+    dir="tests/$(basename "$dir")"
+    case " ${TEST_DIRS[*]} " in *" $dir "*) ;; *) [ "$dir" = tests/__pycache__ ] || TEST_DIRS+=("$dir") ;; esac
+done
+run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m "not slow and not gpu" --durations=15 \
+    -p no:cacheprovider --junitxml="$RESULTS/pytest-all.xml" "${TEST_DIRS[@]}"
 
 # ------------------------------------------------------------------------------------------------
 # Summary
