@@ -22,9 +22,15 @@ GPU_TILE_ELEMENTS = 4096
 INTERPRETER_TILE_ELEMENTS = 1 << 16
 
 
+# Triton makes a kernel interpreted or compiled when the kernel is decorated, by TRITON_INTERPRET at that
+# moment. Ours are decorated as this package is imported, so their mode is read once, here, and a later
+# change of the variable (which would not change them) does not mislead the launchers either.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def is_interpreted() -> bool:
-    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETED
 
 
 def launch_options() -> dict:
