@@ -43,9 +43,11 @@ def unpack_codes(packed, ROWS: tl.constexpr, COLS: tl.constexpr, BITS: tl.conste
 def torch_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Reference for ``pack_codes``: uint8 codes [..., m] with m % (8 // bits) == 0 -> uint8 [..., m * bits // 8]."""
     per_byte = 8 // bits
-    fields = codes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.int32) * bits
-    return (fields << shifts).sum(dim=-1).to(torch.uint8)
+    fields = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    packed = fields[..., 0].clone()
+    for k in range(1, per_byte):  # code k of a byte at bit k * bits (codes < 2**bits: no bit leaves the byte)
+        packed |= fields[..., k] << (k * bits)
+    return packed
 
 
 def torch_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
