@@ -1,8 +1,9 @@
 """On a real GPU, compiled kernels equal their torch references bit for bit (a small matrix).
 
 The full parametrized suite runs the same comparison, but on a GPU each kernel specialization is
-compiled once; this file covers the main ones in a couple of dozen compiles, so the GPU suite checks
-correctness before it measures anything.
+compiled once; this file covers the main ones (plain, standardized and bool kernels, and addresses
+past 2**31 elements, which only a GPU has the memory and speed for) in a few dozen compiles, so the
+GPU suite checks correctness before it measures anything.
 """
 
 import pytest
