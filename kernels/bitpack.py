@@ -52,10 +52,9 @@ def torch_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def torch_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Reference for ``unpack_codes``: uint8 [..., k] -> uint8 codes [..., k * 8 // bits]."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
-    fields = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)  # code k of a byte at bit k * bits
+    fields = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(*packed.shape[:-1], -1)
 
 
 # ---------------------------------------------------------------------------------------------

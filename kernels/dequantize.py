@@ -126,5 +126,5 @@ def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tenso
         value = (value - 1.0) * channels[channel, 1] + channels[channel, 0]
     if out.dtype != torch.float32:
         limit = torch.finfo(out.dtype).max
-        value = torch.where(value > limit, limit, torch.where(value < -limit, -limit, value))
+        value = value.clamp(-limit, limit)  # (NaN stays NaN)
     out.copy_(value)
