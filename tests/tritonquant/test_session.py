@@ -864,3 +864,78 @@ def test_max_pool_indices_follow_overrides_that_exclude_the_module():
     grad = input_grad(pool, x, session, weight)
     assert session.stats.packed_tensors == 0 and session.stats.passed_by_reason["dtype"] == 1
     assert torch.equal(grad, input_grad(pool, x, contextlib.nullcontext(), weight))
+
+
+class _SyncRecorder(TorchDispatchMode):
+    """Counts the ops that make the host wait for a CUDA device (their result decides a host value or
+    an output size), so a CPU run can check the pack and unpack paths for them. A copy from the device
+    to the host synchronizes too; on the CPU it cannot be told from any other copy, so the GPU test
+    (test_session_gpu.py) remains the check for those."""
+
+    SYNCHRONIZING = {
+        torch.ops.aten._local_scalar_dense.default,  # .item(), bool(t), int(t), float(t)
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.equal.default,
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default,
+        torch.ops.aten.repeat_interleave.Tensor,
+        torch.ops.aten._unique2.default,
+        torch.ops.aten.unique_consecutive.default,
+        torch.ops.aten.unique_dim.default,
+    }
+    # Indexing with a bool mask finds the mask's nonzeros (inside the op, where this mode does not see).
+    MASK_INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCHRONIZING or (func in self.MASK_INDEXING and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+            self.calls[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+SYNC_WORKLOADS = {  # small: the triton backend runs interpreted here
+    "cnn": (lambda: SmallCNN(width=8, blocks=1), cnn_loss, lambda: cnn_batch(2, size=16)),
+    "transformer": (lambda: TinyTransformer(dim=32, heads=2, seq=16), lm_loss, lambda: lm_batch(2, seq=16)),
+}
+
+
+def test_the_sync_recorder_sees_host_reads_and_mask_indexing():
+    x = torch.randn(8)
+    with _SyncRecorder() as recorder:
+        x.sum().item()
+        bool(x.max() > 0)
+        x[x > 0]
+        torch.nonzero(x)
+    assert recorder.calls["aten._local_scalar_dense.default"] == 2
+    assert recorder.calls["aten.index.Tensor"] == 1 and recorder.calls["aten.nonzero.default"] == 1
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("bits", [2, 4], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("workload", SYNC_WORKLOADS)
+def test_a_compressed_step_adds_no_op_that_waits_for_the_gpu(workload, backend, bits, autocast):
+    # DESIGN's rule for the hot path: no host syncs. Checked on the CPU by the ops a step dispatches
+    # (packed, reused, kept, recast, standardized, bool and max-pool index saves, and their restores):
+    # compressing a step must add none of those that synchronize on CUDA.
+    make_model, loss_fn, make_batch = SYNC_WORKLOADS[workload]
+    torch.manual_seed(0)
+    model, batch = make_model(), make_batch()
+
+    def step(compressed: bool) -> Counter:
+        model.zero_grad(set_to_none=True)
+        with _SyncRecorder() as recorder:
+            with (tq.compress(bits=bits, min_bytes=0, backend=backend) if compressed
+                  else contextlib.nullcontext()) as session:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss = loss_fn(model, batch)
+            loss.backward()
+        if compressed:
+            assert session.stats.packed_tensors > 0
+        return recorder.calls
+
+    assert step(True) == step(False)
