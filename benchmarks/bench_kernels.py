@@ -143,8 +143,10 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
             for size in sizes]
     rows += [new_row(kind, dtype, bits, size * MIB, standardized=True) for kind in KINDS
              for dtype, bits in STANDARDIZED for size in (sizes[-1:] if args.quick else sizes)]
-    # Pass 1: the Triton kernel (tuned and heuristic) and the torch reference, for every row.
-    for row in rows:
+    # Pass 1: the Triton kernel (tuned and heuristic) and the torch reference, for every row. The largest
+    # size first: its rows are the ones the bandwidth target reads, so a run short of time loses others.
+    # (The table keeps its order.)
+    for row in sorted(rows, key=lambda r: -r["input_bytes"]):
         if over(deadline):
             mark_skipped(row, ("triton", "heuristic", "torch"), "skipped (time budget)")
             continue

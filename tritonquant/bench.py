@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -317,35 +318,54 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
     results = []
     total = sum(len(w.batch_sizes) for w in workloads) * len(methods)
     done, started = 0, time.perf_counter()
-    for workload in workloads:
-        torch.manual_seed(0)
-        model = workload.make_model().to("cuda" if on_gpu else "cpu")
-        for batch_size in workload.batch_sizes:
-            for method in methods:
-                done += 1
-                print(f"[{done}/{total} {time.perf_counter() - started:5.0f}s] {workload.name} batch {batch_size}: {method}",
-                      flush=True)
-                try:
-                    row = measure(model, workload, method, batch_size, steps)
-                    row["error"] = None
-                except torch.OutOfMemoryError:
-                    row = {"error": "out of memory"}
-                    torch.cuda.empty_cache()
-                except Exception as exc:  # noqa: BLE001 - one broken cell must not lose the whole table
-                    traceback.print_exc()
-                    row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
-                    if on_gpu:
-                        torch.cuda.empty_cache()
-                results.append({"workload": workload.name, "batch": batch_size, "method": method, **row})
-            # Written after every batch, so a run stopped by a time limit keeps what it measured.
-            _write_results(results, on_gpu, budget_gb, out, verbose=False)
-        del model
-        if on_gpu:
-            torch.cuda.empty_cache()
+    try:
+        for workload in workloads:
+            torch.manual_seed(0)
+            model = workload.make_model().to("cuda" if on_gpu else "cpu")
+            for batch_size in workload.batch_sizes:
+                for method in methods:
+                    done += 1
+                    print(f"[{done}/{total} {time.perf_counter() - started:5.0f}s] {workload.name} batch {batch_size}: "
+                          f"{method}", flush=True)
+                    row = _measure_cell(measure, model, workload, method, batch_size, steps, on_gpu)
+                    results.append({"workload": workload.name, "batch": batch_size, "method": method, **row})
+                # Written after every batch, so a run stopped by a time limit keeps what it measured.
+                _write_results(results, on_gpu, budget_gb, out, verbose=False)
+            del model
+            if on_gpu:
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # (the GPU suite stops a stage past its time limit with SIGINT)
+        print(f"\ninterrupted: writing the {len(results)} of {total} cells measured", flush=True)
+        _write_results(results, on_gpu, budget_gb, out, verbose=True)
+        if plots:
+            _plots(results, on_gpu, Path(plots))
+        return 130
     _write_results(results, on_gpu, budget_gb, out, verbose=True)
     if plots:
         _plots(results, on_gpu, Path(plots))
     return 0
+
+
+def _measure_cell(measure, model, workload: Workload, method: str, batch_size: int, steps: int, on_gpu: bool) -> dict:
+    """One cell of the table: its measurements, or the error that stopped it (one broken cell must not
+    lose the whole table)."""
+    stream = torch.cuda.current_stream() if on_gpu else None
+    try:
+        row = measure(model, workload, method, batch_size, steps)
+        row["error"] = None
+    except torch.OutOfMemoryError:
+        row = {"error": "out of memory"}
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
+    if on_gpu:
+        # A capture that failed can leave its side stream current (torch.cuda.graph ends the capture
+        # before it restores the stream): later cells must run where the others did.
+        torch.cuda.set_stream(stream)
+        # Here, not in the except blocks, whose traceback still holds the failed step's tensors.
+        gc.collect()
+        torch.cuda.empty_cache()
+    return row
 
 
 def _write_results(results: list[dict], on_gpu: bool, budget_gb: float, out: str | None, verbose: bool) -> None:
@@ -358,13 +378,21 @@ def _write_results(results: list[dict], on_gpu: bool, budget_gb: float, out: str
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "bench.json").write_text(json.dumps({"env": env, "gpu": on_gpu, "rows": results}, indent=2))
-        (folder / "bench.md").write_text(
+        _write_atomically(folder / "bench.json", json.dumps({"env": env, "gpu": on_gpu, "rows": results}, indent=2))
+        _write_atomically(folder / "bench.md",
             f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
             + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
         )
         if verbose:
             print(f"\nwrote {folder / 'bench.md'} and {folder / 'bench.json'}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Readers (the GPU suite's targets) see the old file or the new one, never half of one: the results
+    are rewritten after every batch, and a time limit may stop the run in the middle of a write."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def _table(results: list[dict], on_gpu: bool, budget_mb: float):

@@ -1,4 +1,5 @@
 import contextlib
+import importlib.util
 import json
 
 import pytest
@@ -88,6 +89,27 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
     assert "RuntimeError: kernel broke" in (tmp_path / "bench.md").read_text()
 
 
+def test_an_interrupted_sweep_writes_what_it_measured(tmp_path, monkeypatch):
+    # The GPU suite stops a stage past its time limit with SIGINT: the cells measured so far, and their
+    # plots, must still be written, whole.
+    import tritonquant.bench as bench
+
+    calls = []
+
+    def measure_until_interrupted(model, workload, method, batch_size, steps):
+        calls.append(method)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return {"saved_mb": 1.0, "step_ms": 1.0}
+
+    monkeypatch.setattr(bench, "measure_cpu", measure_until_interrupted)
+    assert run_bench(quick=True, out=str(tmp_path), steps=1, plots=str(tmp_path)) == 130
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == calls[:2]
+    plots = ["memory_vs_batch.png", "step_time_vs_bits.png"] if importlib.util.find_spec("matplotlib") else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", *plots]  # (no partial file)
+
+
 def test_gpu_table_gives_ratios_to_exact_and_the_accounted_bytes_of_compressed_rows():
     from tritonquant.bench import _table
 
@@ -173,10 +195,12 @@ def test_a_captured_step_is_warmed_up_captured_once_and_timed_over_replays(monke
         def wait_stream(self, other):
             pass
 
+    # (Stand-ins take any arguments, as the real calls do: on a GPU machine CUDA is initialized by the
+    # tests before this one, and compress() then resets the peak statistics of the current device.)
     cuda = bench.torch.cuda
     for name, value in {"Stream": FakeStream, "stream": lambda s: contextlib.nullcontext(),
-                        "current_stream": FakeStream, "synchronize": lambda: None, "empty_cache": lambda: None,
-                        "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 3 * bench.MB,
+                        "current_stream": FakeStream, "synchronize": lambda *a: None, "empty_cache": lambda: None,
+                        "reset_peak_memory_stats": lambda *a: None, "max_memory_allocated": lambda *a: 3 * bench.MB,
                         "CUDAGraph": FakeGraph, "graph": capture, "Event": FakeEvent}.items():
         monkeypatch.setattr(cuda, name, value)
 
