@@ -396,7 +396,8 @@ def tune(
             # making them needs no kernel launch (and no memory-hungry torch reference).
             payload = torch.randint(0, 256, (n_groups * key.group_size * key.bits // 8,), generator=generator,
                                     device=device, dtype=torch.uint8)
-            meta = torch.tensor([-1.0, 2.0 / ((1 << key.bits) - 1)], device=device).repeat(n_groups, 1)
+            meta = torch.tensor([-1.0, 2.0 / ((1 << key.bits) - 1)], dtype=torch.float32,
+                                device=device).repeat(n_groups, 1)
             out = torch.empty(n, dtype=dtype, device=device)
 
             def run() -> object:
@@ -627,6 +628,8 @@ def _interprocess_lock(lock_path: Path) -> Iterator[None]:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.01)
+            except OSError:  # no locking on this file system (ENOLCK on some NFS homes): go on unlocked
+                break
         yield
     finally:
         if locked:

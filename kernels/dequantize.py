@@ -71,7 +71,7 @@ def _dequantize_kernel(
     # the bits 0x4B000000 | code are the float 2**23 + code, exactly.
     code = (unpack_codes(packed, ROWS, GROUP, BITS).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
     code = code - 8388608.0
-    base, step = tl.split(tl.load(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :],
+    base, step = tl.split(tl.load(meta_ptr + rows.to(tl.int64)[:, None] * 2 + tl.arange(0, 2)[None, :],
                                   mask=row_valid[:, None], other=0.0))  # [ROWS, 2]: one load for both
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]

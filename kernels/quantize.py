@@ -255,7 +255,7 @@ def _quantize_kernel(
                + tl.max_contiguous(tl.arange(0, CHUNK_BYTES), THREAD_BYTES)[None, None, :])
     tl.store(payload_ptr + out_idx, packed, mask=_per_row(row_valid, SPLIT_FIRST))
     meta = tl.join(base, tl.where(bad, float("nan"), step))  # [ROWS, 2]: one store for both
-    tl.store(meta_ptr + rows[:, None] * 2 + tl.arange(0, 2)[None, :], meta, mask=row_valid[:, None])
+    tl.store(meta_ptr + rows.to(tl.int64)[:, None] * 2 + tl.arange(0, 2)[None, :], meta, mask=row_valid[:, None])
 
 
 _launch_quantize = KernelLauncher(_quantize_kernel)

@@ -76,7 +76,6 @@ class Offloader:
         self.prefetches = 0
         self.fetches_on_demand = 0
         self._order: list[weakref.ref] = []
-        self._streams: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 
     def wants(self, packed: PackedTensor) -> bool:
         """True when ``packed`` should move to the host (its payload is on a CUDA device)."""
@@ -156,12 +155,20 @@ class Offloader:
             ready.record(h2d)
         return device_packed, ready
 
-    def _streams_for(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    @staticmethod
+    def _streams_for(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+        """The (device-to-host, host-to-device) copy streams of ``device``, one pair per process: torch
+        hands out new streams round-robin from a small pool, so a pair per session (attach() opens one
+        per forward) would sooner or later be the user's own side stream, and the copies would queue
+        behind its work."""
         index = device.index if device.index is not None else torch.cuda.current_device()
-        streams = self._streams.get(index)
+        streams = _COPY_STREAMS.get(index)
         if streams is None:
-            streams = self._streams[index] = (torch.cuda.Stream(index), torch.cuda.Stream(index))
+            streams = _COPY_STREAMS.setdefault(index, (torch.cuda.Stream(index), torch.cuda.Stream(index)))
         return streams
+
+
+_COPY_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 
 
 def _tensors(packed: PackedTensor) -> tuple[torch.Tensor, ...]:

@@ -320,9 +320,11 @@ class Session:
 
     def _open(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            device = torch.cuda.current_device()
-            torch.cuda.reset_peak_memory_stats(device)
-            self._cuda_devices.add(device)
+            # Every device's peak: the block reports the peak of each device it packs on, which need not
+            # be the current one. (Host bookkeeping in the allocator: no CUDA call, no context made.)
+            for index in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(index)
+            self._cuda_devices.add(torch.cuda.current_device())
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
 

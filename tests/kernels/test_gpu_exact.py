@@ -95,31 +95,39 @@ def test_compiled_bool_kernels_match_references(n):
     assert torch.equal(out, x)
 
 
-# Past 2**31 elements every address needs 64 bits (a 4-bit bf16 tensor of this size: 4.3 GB in, 1 GB out).
-HUGE_N = 2**31 + 3 * GROUP + 5
+# Past 2**31 elements every address needs 64 bits (a 4-bit bf16 tensor of this size: 4.3 GB in, 1 GB out);
+# past 2**30 groups, every address of the (base, step) pairs too (groups of 8: 17 GB in, 13 GB out).
+HUGE_CASES = {
+    "past-2**31-elements-nearest": (2**31 + 3 * GROUP + 5, GROUP, False),
+    "past-2**31-elements-stochastic": (2**31 + 3 * GROUP + 5, GROUP, True),
+    "past-2**30-groups-of-8": (2**33 + 3 * 8 + 5, 8, False),
+}
 TAIL_GROUPS = 9  # compared with the references: the last groups, the partial one among them
 
 
-@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
-def test_compiled_kernels_address_past_two_to_the_31_elements(stochastic):
+@pytest.mark.parametrize("case", HUGE_CASES)
+def test_compiled_kernels_address_past_two_to_the_31_elements(case):
     """Groups are independent (a stochastic group's counters depend on its index alone), so the last
     groups of a huge tensor must equal the references run on those groups alone."""
-    if torch.cuda.mem_get_info()[0] < 16 * 2**30:
-        pytest.skip("needs 16 GB of free GPU memory")
+    n, group, stochastic = HUGE_CASES[case]
     bits, seed, rng_offset = 4, 3, 7
-    start = (-(-HUGE_N // GROUP) - TAIL_GROUPS) * GROUP  # first element of the compared groups
-    x = torch.zeros(HUGE_N, dtype=torch.bfloat16, device="cuda")
-    x[start:] = activation_like(HUGE_N - start, torch.bfloat16, GROUP, seed=5, device="cuda")
-    payload, meta = triton_quantize(x, bits, GROUP, False, stochastic, seed, rng_offset)
-    tail_payload, tail_meta = torch_quantize(x[start:], bits, GROUP, False, stochastic, seed, rng_offset + start // 4)
+    n_groups = -(-n // group)
+    needed = 2 * n + n_groups * (group * bits // 8 + 8)  # input or output, codes, (base, step) pairs
+    if torch.cuda.mem_get_info()[0] < needed + 2**30:
+        pytest.skip(f"needs {(needed + 2**30) / 2**30:.0f} GB of free GPU memory")
+    start = (n_groups - TAIL_GROUPS) * group  # first element of the compared groups
+    x = torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+    x[start:] = activation_like(n - start, torch.bfloat16, group, seed=5, device="cuda")
+    payload, meta = triton_quantize(x, bits, group, False, stochastic, seed, rng_offset)
+    tail_payload, tail_meta = torch_quantize(x[start:], bits, group, False, stochastic, seed, rng_offset + start // 4)
     assert torch.equal(payload[start * bits // 8:], tail_payload)
     assert torch.equal(meta[-TAIL_GROUPS:].view(torch.int32), tail_meta.view(torch.int32))
     del x
-    out = torch.empty(HUGE_N, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty(n, dtype=torch.bfloat16, device="cuda")
     out[start:] = float("nan")
-    triton_dequantize(payload, meta, out, bits, GROUP)
-    tail_out = torch.full((HUGE_N - start,), float("nan"), dtype=torch.bfloat16, device="cuda")
-    torch_dequantize(tail_payload, tail_meta, tail_out, bits, GROUP)
+    triton_dequantize(payload, meta, out, bits, group)
+    tail_out = torch.full((n - start,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    torch_dequantize(tail_payload, tail_meta, tail_out, bits, group)
     assert_same_bits(out[start:], tail_out, torch.int16, nan_count=0)
 
 

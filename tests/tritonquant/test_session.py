@@ -939,3 +939,15 @@ def test_a_compressed_step_adds_no_op_that_waits_for_the_gpu(workload, backend, 
         return recorder.calls
 
     assert step(True) == step(False)
+
+
+def test_opening_a_block_resets_the_peak_of_every_cuda_device(monkeypatch):
+    # The report gives the peak of each device the block packed on, which need not be the current one
+    # (a model on cuda:1 while cuda:0 is current): each of them must count from the block's start.
+    resets = []
+    for name, fake in {"is_available": lambda: True, "is_initialized": lambda: True, "device_count": lambda: 3,
+                       "current_device": lambda: 0, "reset_peak_memory_stats": resets.append}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    with tq.compress(bits=4):
+        pass
+    assert resets == [0, 1, 2]
