@@ -147,7 +147,7 @@ def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
     # it is: its variance rounded to bf16 moves the map by a fraction of a percent, and a float32 copy
     # would triple the bytes this moves (written, read again) on top of the two reductions' reads.
     var = torch.var(x.float() if x.dtype == torch.float16 else x, dim=reduce_dims, correction=0).float()
-    scale = torch.where(var > 0, var.sqrt(), torch.where(var.isnan(), var, 1.0))
+    scale = torch.where(var == 0, 1.0, var.sqrt())  # (NaN stays NaN: a NaN compares unequal to 0)
     return torch.stack([torch.amin(x, dim=reduce_dims).float(), scale], dim=1)
 
 
