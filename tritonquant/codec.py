@@ -143,9 +143,9 @@ def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
     """
     reduce_dims = [d for d in range(x.dim()) if d != 1]
     # torch accumulates a variance in float32 and rounds it to the input's dtype. fp16 squares overflow, so
-    # an fp16 tensor is widened first (a transient float32 copy); bf16 has float32's range and is read as
-    # it is: its variance rounded to bf16 moves the map by a fraction of a percent, and a float32 copy
-    # would triple the bytes this moves (written, read again) on top of the two reductions' reads.
+    # an fp16 tensor is widened first (a transient float32 copy). bf16 has float32's range and is read as
+    # it is: rounding its variance to bf16 moves the map by a fraction of a percent, where a float32 copy
+    # would write and read again twice the tensor's bytes.
     var = torch.var(x.float() if x.dtype == torch.float16 else x, dim=reduce_dims, correction=0).float()
     scale = torch.where(var == 0, 1.0, var.sqrt())  # (NaN stays NaN: a NaN compares unequal to 0)
     return torch.stack([torch.amin(x, dim=reduce_dims).float(), scale], dim=1)
