@@ -115,6 +115,11 @@ def measure(model: Checkpointed, batch, bits: int | None, steps: int, device: to
     return {"saved": saved, "peak": peak, "time": statistics.median(times)}
 
 
+def smaller_by(exact: dict | None, result: dict, key: str) -> str:
+    """How many times less ``result`` has of ``key`` than exact training ("n/a" if exact failed)."""
+    return f"{exact[key] / result[key]:.2f}x" if exact else "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=None)
@@ -156,16 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             continue
         exact = results.get("exact")
-
-        def ratio(key: str, larger_is_exact: bool = True) -> str:
-            if exact is None:
-                return "n/a"
-            return f"{exact[key] / r[key]:.2f}x" if larger_is_exact else f"{r[key] / exact[key]:.2f}"
-
-        row = [name, f"{r['saved'] / MB:.2f}", ratio("saved")]
+        row = [name, f"{r['saved'] / MB:.2f}", smaller_by(exact, r, "saved")]
         if big:
-            row += [f"{r['peak'] / MB:.0f}", ratio("peak")]
-        row += [f"{r['time'] * 1e3:.1f}", ratio("time", larger_is_exact=False)]
+            row += [f"{r['peak'] / MB:.0f}", smaller_by(exact, r, "peak")]
+        row += [f"{r['time'] * 1e3:.1f}", f"{r['time'] / exact['time']:.2f}" if exact else "n/a"]
         rows.append(row)
         print(f"{name}: " + ", ".join(f"{h} {v}" for h, v in zip(headers[1:], row[1:])), flush=True)
     print(tabulate(rows, headers=headers, tablefmt="github"))
