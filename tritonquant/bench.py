@@ -334,16 +334,16 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
             del model
             if on_gpu:
                 torch.cuda.empty_cache()
+        _write_results(results, on_gpu, budget_gb, out, verbose=True)
+        if plots:
+            _plots(results, on_gpu, Path(plots))
+        return 0
     except KeyboardInterrupt:  # (the GPU suite stops a stage past its time limit with SIGINT)
         print(f"\ninterrupted: writing the {len(results)} of {total} cells measured", flush=True)
         _write_results(results, on_gpu, budget_gb, out, verbose=True)
         if plots:
             _plots(results, on_gpu, Path(plots))
         return 130
-    _write_results(results, on_gpu, budget_gb, out, verbose=True)
-    if plots:
-        _plots(results, on_gpu, Path(plots))
-    return 0
 
 
 def _measure_cell(measure, model, workload: Workload, method: str, batch_size: int, steps: int, on_gpu: bool) -> dict:
