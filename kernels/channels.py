@@ -80,6 +80,14 @@ def channel_of(idx, stride_divisor, count_divisor, INDEX64: tl.constexpr):
         return (quotient - _divide(quotient, count_divisor) * n_channels).to(tl.int32)
 
 
+def standardizing_pairs(channels: torch.Tensor) -> torch.Tensor:
+    """float32 [C, 2]: (minimum, 1 / scale) of each channel, from ``channels`` (minimum, scale): what the
+    quantize kernel and its reference multiply by (docs/format.md). A division per element costs the
+    kernel a correctly rounded division's dozen instructions; the reciprocal, rounded to float32 once per
+    channel by this one torch op for both, makes it a multiplication."""
+    return torch.stack([channels[:, 0], channels[:, 1].reciprocal()], dim=1)
+
+
 def as_loadable(channels: torch.Tensor) -> torch.Tensor:
     """``channels`` (float32 [C, 2]) as ``channel_statistics`` reads it: contiguous rows at an 8-byte
     aligned address. Statistics the library computed already are; a view is copied."""
@@ -90,8 +98,9 @@ def as_loadable(channels: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def channel_statistics(channels_ptr, channel, mask):
-    """(minimum, scale) of each element's channel from ``channels`` (float32 [C, 2], ``as_loadable``):
-    one 8-byte load per element rather than two 4-byte ones; masked elements get (0.0, 1.0)."""
+    """The pair of each element's channel from ``channels`` (float32 [C, 2], ``as_loadable``): (minimum,
+    scale), or (minimum, 1 / scale) for quantize (``standardizing_pairs``). One 8-byte load per element
+    rather than two 4-byte ones; masked elements get (0.0, 1.0)."""
     pairs = channels_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
     pair = tl.load(pairs + channel, mask=mask, other=0x3F80000000000000)  # (little-endian: scale 1.0 on top)
     minimum = pair.to(tl.uint32).to(tl.float32, bitcast=True)

@@ -18,8 +18,9 @@ How the grid is chosen (docs/format.md has the full story):
     * A group holding NaN or +/-Inf gets step = NaN and all-zero codes, so every element decodes to NaN.
 
 Optional per-channel standardization (``channels``): element i, in channel
-``c = (i // channel_stride) % C``, is first mapped to ``(x - minimum[c]) / scale[c] + 1`` in float32
-(``channels`` is float32 [C, 2] holding (minimum, scale)); the grid is then chosen for those values.
+``c = (i // channel_stride) % C``, is first mapped to ``(x - minimum[c]) * (1 / scale[c]) + 1`` in float32
+(``channels`` is float32 [C, 2] holding (minimum, scale); the reciprocal is rounded to float32 once per
+channel, ``channels.standardizing_pairs``); the grid is then chosen for those values.
 ``dequantize`` applies the inverse before its one rounding to the output dtype.
 
 The torch reference ``torch_quantize`` repeats the kernel's arithmetic operation for operation (fp32,
@@ -34,7 +35,7 @@ import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
-from .channels import channel_launch_args, channel_of, channel_statistics, torch_channel_of
+from .channels import channel_launch_args, channel_of, channel_statistics, standardizing_pairs, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view
 from .philox import DITHER_ROUNDS, torch_dither4
 
@@ -145,11 +146,11 @@ def _quantize_kernel(
     # gathered values are converted (54). Triton 3.9 compiles both orders alike (52).
     if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
         channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
-        minimum, scale = channel_statistics(channels_ptr, channel, valid)
+        minimum, reciprocal = channel_statistics(channels_ptr, channel, valid)  # (minimum, 1 / scale)
     x_loaded = tl.load(x_ptr + idx, mask=valid, other=0.0)
     x = x_loaded.to(tl.float32)
     if STANDARDIZE:
-        x = tl.where(valid, tl.div_rn(x - minimum, scale) + 1.0, 0.0)
+        x = tl.where(valid, (x - minimum) * reciprocal + 1.0, 0.0)
     # fp16 ranges are found on the loaded values: the same minimum and maximum (widening is exact and
     # keeps the order), two per instruction on sm_80 and later (sm_90, Triton 3.6, 4 bits: 18.0 -> 17.3
     # instructions per element). Triton takes a bf16 minimum in float32 and rounds it back, a loss.
@@ -375,6 +376,8 @@ def quantize_launch_arguments(
     """(runtime arguments, constexprs) of one _quantize_kernel launch: what ``triton_quantize`` passes,
     for callers that launch the kernel themselves (benchmarks/profile_host.py)."""
     n = x.numel()
+    if channels is not None:
+        channels = standardizing_pairs(channels)
     statistics, stride_divisor, count_divisor, index64 = channel_launch_args(n, channels, channel_stride, meta)
     args = (x, payload, meta, n, meta.shape[0], seed, rng_offset, statistics, stride_divisor, count_divisor)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
@@ -423,7 +426,8 @@ def torch_quantize(
     x[:n] = flat.float()
     if channels is not None:
         channel = torch_channel_of(n, channel_stride, channels.shape[0], device)
-        x[:n] = (x[:n] - channels[channel, 0]) / channels[channel, 1] + 1.0
+        pairs = standardizing_pairs(channels)[channel]
+        x[:n] = (x[:n] - pairs[:, 0]) * pairs[:, 1] + 1.0
     x[n:] = x[n - 1]
     x = x.view(n_groups, group_size)
 

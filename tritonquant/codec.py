@@ -88,7 +88,7 @@ def quantize(
 def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels: bool = False) -> PackedTensor:
     """``quantize`` with an already validated config (the pack hook's path).
 
-    ``standardize_channels``: quantize ``(x - minimum) / scale + 1`` with per-channel statistics of
+    ``standardize_channels``: quantize ``(x - minimum) * (1 / scale) + 1`` with per-channel statistics of
     dimension 1 (``_channel_statistics``), kept in ``PackedTensor.channels``; the kernels apply the map
     as they load and ``dequantize`` undoes it as it stores. Zero is then not kept exact and signs are
     not kept, so the pack hook uses it only where no backward reads them (``policy.standardize_kind``:
@@ -134,7 +134,7 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
 def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
     """float32 [C, 2]: (minimum, scale) of each index of dim 1, for ``quantize_with(standardize_channels)``.
 
-    The kernels pack ``(x - minimum) / scale + 1``, with ``scale`` the channel's standard deviation:
+    The kernels pack ``(x - minimum) * (1 / scale) + 1``, with ``scale`` the channel's standard deviation:
     every value is at least 1, so each group is one-signed and gets the plain [min, max] grid, with
     none of the levels the sign rule would spend on a zero that is not special here. A channel's
     minimum maps to exactly 1, which decodes exactly in any group holding it, so minimums (and constant
