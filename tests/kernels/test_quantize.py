@@ -58,7 +58,9 @@ def test_triton_matches_torch_bit_for_bit(n, bits, dtype, scheme, stochastic, de
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
 @pytest.mark.parametrize("channel_stride, n_channels", [(1, 7), (25, 6), (100, 3)], ids=["nhwc", "nchw", "wide"])
-def test_standardized_triton_matches_torch_bit_for_bit(channel_stride, n_channels, bits, dtype, stochastic, device):
+@pytest.mark.parametrize("scheme", ["minmax", "sigma"])
+def test_standardized_triton_matches_torch_bit_for_bit(scheme, channel_stride, n_channels, bits, dtype, stochastic,
+                                                       device):
     n = 1000  # not a multiple of the group size or of any channel layout: partial groups and channels
     x = activation_like(n, dtype, GROUP, seed=bits, device=device)
     g = torch.Generator().manual_seed(bits)
@@ -67,7 +69,7 @@ def test_standardized_triton_matches_torch_bit_for_bit(channel_stride, n_channel
     outputs = []
     for backend, dequantize in (("triton", triton_dequantize), ("torch", torch_dequantize)):
         fn = triton_quantize if backend == "triton" else torch_quantize
-        payload, meta = fn(x, bits, GROUP, False, stochastic, 11, 5, channels, channel_stride)
+        payload, meta = fn(x, bits, GROUP, scheme == "sigma", stochastic, 11, 5, channels, channel_stride)
         out = torch.full((n,), float("nan"), dtype=dtype, device=device)
         dequantize(payload, meta, out, bits, GROUP, channels, channel_stride)
         outputs.append((payload, meta, out))
