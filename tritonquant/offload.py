@@ -87,14 +87,7 @@ class Offloader:
         """Start copying ``packed`` to host memory; the returned entry replaces it in the saved graph."""
         device = packed.device
         if device.type == "cuda":
-            if torch.cuda.is_current_stream_capturing():
-                # Pinned host memory is recycled by polling events, which a capture forbids, and a
-                # replay would not run the bookkeeping in fetch(): refuse rather than record half of it.
-                raise RuntimeError(
-                    "offload='cpu' cannot run inside a CUDA graph capture: it moves packed tensors through "
-                    "pinned host memory with host-side bookkeeping that a graph replay does not repeat. "
-                    "Capture the step with offload=None, or run it eagerly to offload."
-                )
+            _refuse_capture()
             d2h, _ = self._streams_for(device)
             with torch.cuda.device(device):
                 # The payload was written by kernels on the compute stream: copy only after them.
@@ -119,6 +112,8 @@ class Offloader:
 
         Queues the copies of up to ``depth`` earlier entries before returning. The host copy is kept.
         """
+        if entry.device.type == "cuda":
+            _refuse_capture()  # (a backward captured alone: its copies would wait on events from outside)
         if entry.prefetched is not None:
             device_packed, ready = entry.prefetched
             entry.prefetched = None
@@ -169,6 +164,17 @@ class Offloader:
 
 
 _COPY_STREAMS: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+
+def _refuse_capture() -> None:
+    # Pinned host memory is recycled by polling events, which a capture forbids, and a replay would not
+    # run the bookkeeping of offload() and fetch(): refuse rather than record half of it.
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "offload='cpu' cannot run inside a CUDA graph capture: it moves packed tensors through "
+            "pinned host memory with host-side bookkeeping that a graph replay does not repeat. "
+            "Capture the step with offload=None, or run it eagerly to offload."
+        )
 
 
 def _tensors(packed: PackedTensor) -> tuple[torch.Tensor, ...]:

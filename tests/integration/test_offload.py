@@ -59,6 +59,22 @@ def test_offload_bookkeeping_moves_every_payload_and_prefetches_in_backward_orde
     assert offloader.fetches_on_demand == 1
 
 
+def test_offload_refuses_to_run_inside_a_cuda_graph_capture(monkeypatch):
+    # Forward captured, or backward captured alone: either way a replay would skip the host bookkeeping.
+    # (The CUDA side is faked: the refusal comes before any CUDA call.)
+    from tritonquant.offload import OffloadedPacked, Offloader
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    offloader = Offloader()
+    packed = tq.quantize(torch.randn(256), bits=4)
+    monkeypatch.setattr(type(packed), "device", property(lambda self: torch.device("cuda", 0)))
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        offloader.offload(packed)
+    entry = OffloadedPacked(packed, torch.device("cuda", 0), None, 0, offloader)
+    with pytest.raises(RuntimeError, match="CUDA graph capture"):
+        offloader.fetch(entry)
+
+
 class ConvBatchNormSoftmax(nn.Module):
     """Saves a BatchNorm input and a softmax output: both packed standardized (at 2 and 8 bits)."""
 
