@@ -255,22 +255,23 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
 # Order: correctness on the GPU first (the GPU-only tests, including a compiled-vs-reference check),
 # then the measurements, then the whole suite, whose many kernel specializations each compile once on
 # a GPU: if the budget runs out, the stage lost is the one a CPU run already covers.
+# Both test stages run the kernel tests, then the API's, before the rest: if a stage's time runs out,
+# what is lost is what depends least on the compiled kernels. (pytest runs separate folders in the
+# order given; every folder under tests/ is in.)
+TEST_DIRS=(tests/kernels tests/tritonquant tests/integration)
+for dir in "$REPO"/tests/*/; do
+    dir="tests/$(basename "$dir")"
+    case " ${TEST_DIRS[*]} " in *" $dir "*) ;; *) [ "$dir" = tests/__pycache__ ] || TEST_DIRS+=("$dir") ;; esac
+done
 run_stage tests-gpu 150 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu --durations=10 -p no:cacheprovider \
-    --junitxml="$RESULTS/pytest-gpu.xml"
+    --junitxml="$RESULTS/pytest-gpu.xml" "${TEST_DIRS[@]}"
 run_stage tune 50 "$PY" -m tritonquant tune --max-seconds @BUDGET@
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
 run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
-# The whole suite leaves out the GPU-only tests (their stage ran them first) and runs the kernel tests,
-# then the API's, before the rest: if its time runs out, what is lost is what depends least on the
-# compiled kernels. (pytest runs separate folders in the order given; every folder under tests/ is in.)
-TEST_DIRS=(tests/kernels tests/tritonquant tests/integration)
-for dir in "$REPO"/tests/*/; do
-    dir="tests/$(basename "$dir")"
-    case " ${TEST_DIRS[*]} " in *" $dir "*) ;; *) [ "$dir" = tests/__pycache__ ] || TEST_DIRS+=("$dir") ;; esac
-done
+# The whole suite leaves out the GPU-only tests (their stage ran them first).
 run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m "not slow and not gpu" --durations=15 \
     -p no:cacheprovider --junitxml="$RESULTS/pytest-all.xml" "${TEST_DIRS[@]}"
 
