@@ -358,11 +358,12 @@ def _measure_cell(measure, model, workload: Workload, method: str, batch_size: i
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
-    if on_gpu:
+    if on_gpu and row["error"] is not None:
         # A capture that failed can leave its side stream current (torch.cuda.graph ends the capture
         # before it restores the stream): later cells must run where the others did.
         torch.cuda.set_stream(stream)
-        # Here, not in the except blocks, whose traceback still holds the failed step's tensors.
+        # Here, not in the except blocks, whose traceback still held the failed step's tensors (through
+        # reference cycles, hence the collection).
         gc.collect()
         torch.cuda.empty_cache()
     return row
