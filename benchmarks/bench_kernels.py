@@ -3,7 +3,7 @@
 
 For each kernel kind (quantize, dequantize), input dtype (bf16, fp32), bits (2, 4, 8) and input size
 (1 MiB to 1 GiB of input bytes; --quick: 1, 16 and 256 MiB), and for standardized packings (per-channel
-statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as log-softmax outputs do; --quick:
+statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as softmax outputs do; --quick:
 256 MiB only), it times, on a CUDA device:
     triton     the Triton kernel with the autotuned launch config (tuned now if not cached)
     heuristic  the same kernel forced to the untuned heuristic config
@@ -55,7 +55,7 @@ CPU_SIZES_KIB = (64, 256, 1024)
 QUICK_CPU_SIZES_KIB = (64,)
 IMPLS = ("triton", "heuristic", "torch", "compiled")
 # Standardized packings timed on a GPU: (dtype, bits) of BatchNorm inputs under bf16 autocast at 2 bits,
-# and of fp32 log-softmax outputs at 4 bits; laid out as a 56x56 map of 256 channels in NCHW (ResNet-50's
+# and of fp32 softmax outputs at 4 bits; laid out as a 56x56 map of 256 channels in NCHW (ResNet-50's
 # first stage): element i is in channel (i // 3136) % 256.
 STANDARDIZED = (("bf16", 2), ("fp32", 4))
 STANDARDIZED_STRIDE, STANDARDIZED_CHANNELS = 56 * 56, 256
