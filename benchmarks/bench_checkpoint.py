@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     big = device.type == "cuda"
     layers = args.layers or (12 if big else 4)
-    batch_size = args.batch or (8 if big else 8)
+    batch_size = args.batch or 8
     seq = args.seq or (1024 if big else 128)
     dim = args.dim or (768 if big else 128)
     vocab = 8192 if big else 512

@@ -15,7 +15,7 @@ Prints:
   0. host microseconds of one quantize launch, through Triton's dispatch and through the direct path
      (benchmarks/profile_host.py's launch_costs, which the GPU suite's host stage runs too);
   1. host microseconds per saved tensor, pack and unpack: a chain of tanh on a 64K-element bf16 tensor
-     under compress(bits=4), minus the same chain without it (benchmarks/profile_host.py's measure),
+     under compress(bits=4), minus the same chain without it (profile_host.py's chain_us_per_tensor),
      with direct launches and with Triton's dispatch;
   2. one ResNet-50 step (bf16 autocast, batch 1, 64 px, so the model's own CPU work stays small) under
      compress(bits=4): the extra forward and backward milliseconds, and the pack hook's time per kind

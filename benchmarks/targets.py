@@ -27,6 +27,7 @@ ACTIVATION_MAX = {"bf16": 1 / 7, "fp32": 1 / 14}
 PEAK_VS_CHECKPOINT_MAX = 0.90
 COPY_FRACTION_MIN = 0.85
 LARGE_INPUT_BYTES = 256 << 20
+BANDWIDTH_LABEL = f"bandwidth: {COPY_FRACTION_MIN:.0%} of copy, {LARGE_INPUT_BYTES >> 20} MiB and up"
 
 
 def load(path: Path) -> dict | None:
@@ -59,8 +60,8 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
         if precision == "bf16":
             # Eager steps, and steps captured in a CUDA graph (each against exact training run the same
             # way): a replay runs no Python, so there the overhead is the GPU's alone.
-            for suffix, label in (("", "step time, 4 bits: under +10%"),
-                                  ("+graph", "step time, 4 bits, CUDA graph: under +10%")):
+            for suffix, label in (("", f"step time, 4 bits: under +{STEP_OVERHEAD_MAX:.0%}"),
+                                  ("+graph", f"step time, 4 bits, CUDA graph: under +{STEP_OVERHEAD_MAX:.0%}")):
                 exact_ms, tq_ms = measured("exact" + suffix, "step_ms"), measured("tq-4bit" + suffix, "step_ms")
                 if exact_ms and tq_ms:
                     overhead = tq_ms / exact_ms - 1
@@ -83,7 +84,7 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
         checkpoint_peak = measured("checkpoint", "peak_mb")
         for method in ("tq-4bit", "tq-2bit"):
             peak = measured(method, "peak_mb")
-            label = f"peak, {method[3:-3]} bits: at most 0.90x checkpointing's"
+            label = f"peak, {method[3:-3]} bits: at most {PEAK_VS_CHECKPOINT_MAX:.2f}x checkpointing's"
             if checkpoint_peak and peak:
                 ratio = peak / checkpoint_peak
                 rows.append([label, name, f"{ratio:.2f}x ({peak:.0f} vs {checkpoint_peak:.0f} MB)",
@@ -96,7 +97,7 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
 def kernel_rows(kernels: dict | None) -> list[list[str]]:
     """Rows for the bandwidth target from ``bench_kernels.json``: every row of 256 MiB or more."""
     if kernels is None or kernels.get("meta", {}).get("device") != "cuda":
-        return [["bandwidth: 85% of copy, 256 MiB and up", "-", "no GPU bench_kernels.json", "-"]]
+        return [[BANDWIDTH_LABEL, "-", "no GPU bench_kernels.json", "-"]]
     rows = []
     for r in kernels["rows"]:
         if r["input_bytes"] < LARGE_INPUT_BYTES:
@@ -104,10 +105,10 @@ def kernel_rows(kernels: dict | None) -> list[list[str]]:
         kind = r["kind"] + (", standardized" if r.get("standardized") else "")
         name = f"{kind} {r['dtype']} {r['bits']}-bit, {r['input_bytes'] >> 20} MiB"
         if "triton_frac" in r:
-            rows.append(["bandwidth: 85% of copy, 256 MiB and up", name,
+            rows.append([BANDWIDTH_LABEL, name,
                          f"{r['triton_frac']:.0%} ({r['triton_gbps']:.0f} GB/s)", verdict(r["triton_frac"] >= COPY_FRACTION_MIN)])
         else:
-            rows.append(["bandwidth: 85% of copy, 256 MiB and up", name, r.get("triton_error") or "not measured", "-"])
+            rows.append([BANDWIDTH_LABEL, name, r.get("triton_error") or "not measured", "-"])
     return rows
 
 

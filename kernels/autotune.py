@@ -14,8 +14,9 @@ are launch-bound (the tile barely matters and timing them measures launch overhe
 heuristic of ``launch.default_group_tile`` and are never timed.
 
 Lookup order on a launch: a config forced with ``use_config`` (this thread) -> the interpreter's single
-config (TRITON_INTERPRET=1, no timing) -> the heuristic when TRITONQUANT_AUTOTUNE=0 or the tensor is
-small -> the in-process dict -> the cache file -> tune now (once per key and process, under a lock) and
+config (TRITON_INTERPRET=1, no timing) -> the heuristic when TRITONQUANT_AUTOTUNE=0, the tensor is
+small or the packing is standardized (its kernels hold more registers than the tuned plain ones) ->
+the in-process dict -> the cache file -> tune now (once per key and process, under a lock) and
 persist. Once a key is in the dict a launch costs one dict lookup on Python values: no host sync.
 
 Cache file: ``$TRITONQUANT_CACHE_DIR/autotune-<FORMAT_VERSION>.json`` if that variable is set, else
@@ -66,8 +67,8 @@ MAX_TUNED_BUCKET = 13  # 4**13 = 67,108,864 elements (256 MiB of fp32); larger t
 
 # (elements per program, num_warps) pairs worth timing: 8 to 64 elements a thread, the range where a
 # memory-bound kernel with per-row reductions neither starves the memory system nor spills registers.
-# At group size 256, _quantize_kernel gives a warp 4 groups (8 threads each, kernels/quantize.py), so
-# its tiles hold at least 4 groups per warp; (1024, 2) and (1024, 4), which give a warp fewer, are
+# At group size 256, _quantize_kernel gives a warp at least 4 groups (8 threads each, or 4 in tiles of
+# 8 rows or more per warp: quantize.threads_per_group), so its tiles hold at least 4 groups per warp; (1024, 2) and (1024, 4), which give a warp fewer, are
 # there for the dequantize kernel (the H200 run chose them for 22 of its 39 dequantize keys).
 CANDIDATE_TILES = ((1024, 1), (1024, 2), (1024, 4), (2048, 2), (4096, 2), (4096, 4), (8192, 4), (8192, 8),
                    (16384, 8))
@@ -512,11 +513,6 @@ def reset() -> None:
         _resolved.clear()
         _identities.clear()
         _warned.clear()
-
-
-def memory_entries() -> dict[TuneKey, CacheEntry]:
-    """A copy of the in-process entries."""
-    return dict(_entries)
 
 
 def _merge_file_into_memory() -> None:

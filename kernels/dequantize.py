@@ -84,8 +84,8 @@ def _dequantize_kernel(
 
 
 _launch_dequantize = KernelLauncher(_dequantize_kernel)
-# Whether the kernel above was compiled or is interpreted was decided when triton.jit ran, from the
-# same TRITON_INTERPRET: read once here rather than on every unpack.
+# Whether the kernel above was compiled or is interpreted was decided when triton.jit ran: compiled
+# kernels round to bf16 with the GPU's conversion, interpreted ones with integer operations (_round_to).
 _HARDWARE_CAST = not is_interpreted()
 
 

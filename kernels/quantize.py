@@ -349,7 +349,7 @@ def triton_quantize(
 
     ``x``: float32/float16/bfloat16 whose n elements fill one gap-free run of memory from
     ``x.data_ptr()`` (``launch.flat_view``): a 1-D contiguous tensor, or any dense layout, read as
-    that run. Element i of the run draws its stochastic-rounding uniform from word i % 4 of
+    that run. Element i of the run draws its stochastic-rounding dither from word i % 4 of
     Philox4x32-7(seed, counter = rng_offset + i // 4): a call uses ceil(n_groups * group_size / 4)
     counters from rng_offset on.
     ``channels``: float32 [C, 2] (minimum, scale) to standardize element i with, for its channel

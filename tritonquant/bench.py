@@ -117,7 +117,8 @@ def checkpointed_blocks(model: nn.Module, use_reentrant: bool = False):
 
 
 def method_context(method: str, model: nn.Module, on_gpu: bool):
-    """(context around the whole step's forward, context that measures nothing but changes the model)."""
+    """(factory of the context around the whole step's forward, context that measures nothing but changes
+    the model)."""
     if method in ("exact", "exact" + GRAPH):
         return contextlib.nullcontext, contextlib.nullcontext()
     if method.startswith("tq-"):
@@ -311,7 +312,6 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
     on_gpu = torch.cuda.is_available() and not quick
     if not torch.cuda.is_available() and not quick:
         print("No CUDA device: running the small CPU version (--quick); memory is the library's byte accounting.")
-        quick = True
     workloads = gpu_workloads() if on_gpu else quick_workloads()
     measure = measure_gpu if on_gpu else measure_cpu
     methods = methods_for(on_gpu)

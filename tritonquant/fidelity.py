@@ -161,7 +161,7 @@ TASKS = {"digits": digits_task, "stdlib-lm": stdlib_lm_task, "stdlib-lm-fused": 
          "stdlib-words": stdlib_words_task}
 
 
-def _loss(model: nn.Module, task: Task, batch) -> torch.Tensor:
+def _loss(model: nn.Module, batch) -> torch.Tensor:
     inputs, targets = batch
     logits = model(inputs)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -185,9 +185,9 @@ def train_run(task: Task, label: str, context: Callable[[], contextlib.AbstractC
         batch = task.train_batch(gen)
         opt.zero_grad(set_to_none=True)
         if every and (step - 1) % every == 0:
-            context.calibrate(model, lambda: _loss(model, task, batch))
+            context.calibrate(model, lambda: _loss(model, batch))
         with (context() if context else contextlib.nullcontext()) as session:
-            loss = _loss(model, task, batch)
+            loss = _loss(model, batch)
         loss.backward()
         opt.step()
         if session is not None and hasattr(session, "stats"):

@@ -1,7 +1,8 @@
 """Built-in workloads for the demo, the benchmarks and the tests.
 
-Both cover what people train: ``SmallCNN`` has convolutions, BatchNorm, ReLU, max-pool and residual
-connections; ``TinyTransformer`` has embeddings, LayerNorm and RMSNorm, attention through
+They cover what people train: the CNNs (``SmallCNN``, ``DigitsCNN``, ``ResNet50Like``) have
+convolutions, BatchNorm, ReLU, max-pool and (but ``DigitsCNN``) residual connections;
+``TinyTransformer`` has embeddings, LayerNorm and RMSNorm, attention through
 ``scaled_dot_product_attention``, GELU and SiLU MLPs, dropout and softmax cross-entropy.
 Sizes are parameters, so the same classes serve a CPU demo and a GPU benchmark.
 """

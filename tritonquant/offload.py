@@ -57,10 +57,6 @@ class OffloadedPacked:
         # (device PackedTensor, event marking the end of its copy) queued ahead of use, or None.
         self.prefetched: tuple[PackedTensor, object] | None = None
 
-    @property
-    def nbytes(self) -> int:
-        return self.host.nbytes
-
 
 class Offloader:
     """Moves packed payloads to host memory and back for one compression scope.
@@ -72,7 +68,6 @@ class Offloader:
     def __init__(self, depth: int = DEFAULT_PREFETCH_DEPTH, *, copy_cpu: bool = False) -> None:
         self.depth = depth
         self.copy_cpu = copy_cpu
-        self.offloaded_bytes = 0
         self.prefetches = 0
         self.fetches_on_demand = 0
         self._order: list[weakref.ref] = []
@@ -102,7 +97,6 @@ class Offloader:
             host, stored = _move(packed, torch.device("cpu"), pin=False), None
         entry = OffloadedPacked(host, device, stored, len(self._order), self)
         self._order.append(weakref.ref(entry))
-        self.offloaded_bytes += packed.nbytes
         return entry
 
     # -- backward ---------------------------------------------------------------------------------
