@@ -218,7 +218,8 @@ def candidate_configs(n_groups: int, group_size: int, interpreted: bool | None =
 def traffic_bytes(kind: str, n_elements: int, bits: int, group_size: int, element_size: int) -> int:
     """Bytes a kernel must move (read plus written) for n elements of ``element_size`` bytes.
 
-    quantize reads the input and writes payload + meta (8 bytes a group); dequantize the reverse.
+    quantize reads the input and writes payload + meta (8 bytes a group); dequantize the reverse, so
+    ``kind`` does not change the count (it names the kernel at call sites).
     """
     n_groups = -(-n_elements // group_size)
     return n_elements * element_size + n_groups * group_size * bits // 8 + n_groups * 8

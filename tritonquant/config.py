@@ -9,7 +9,7 @@ SCHEMES = ("minmax", "sigma")
 BACKENDS = ("auto", "triton", "torch")
 MIN_GROUP_SIZE = 8  # a group must fill whole bytes at 1 bit
 MAX_GROUP_SIZE = 4096  # keeps the sigma statistics' integer sums inside int32/int64
-GROUP_SIZES = tuple(2**k for k in range(3, 13))
+GROUP_SIZES = tuple(2**k for k in range(MIN_GROUP_SIZE.bit_length() - 1, MAX_GROUP_SIZE.bit_length()))
 MAX_SEED = 2**63 - 1
 
 # 256 elements a group: the 8 bytes of fp32 (base, step) cost 0.25 bit an element, so 2-bit codes
