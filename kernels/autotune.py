@@ -62,14 +62,15 @@ KINDS = ("quantize", "dequantize")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
-MIN_TUNED_BUCKET = 8  # 4**8 = 65,536 elements; smaller tensors use the heuristic
+MIN_TUNED_BUCKET = 8  # lower buckets (tensors of at most 4**7 = 16,384 elements) use the heuristic
 MAX_TUNED_BUCKET = 13  # 4**13 = 67,108,864 elements (256 MiB of fp32); larger tensors share this bucket
 
 # (elements per program, num_warps) pairs worth timing: 8 to 64 elements a thread, the range where a
 # memory-bound kernel with per-row reductions neither starves the memory system nor spills registers.
 # At group size 256, _quantize_kernel gives a warp at least 4 groups (8 threads each, or 4 in tiles of
-# 8 rows or more per warp: quantize.threads_per_group), so its tiles hold at least 4 groups per warp; (1024, 2) and (1024, 4), which give a warp fewer, are
-# there for the dequantize kernel (the H200 run chose them for 22 of its 39 dequantize keys).
+# 8 rows or more per warp: quantize.threads_per_group), so its tiles hold at least 4 groups per warp;
+# (1024, 2) and (1024, 4), which give a warp fewer, are there for the dequantize kernel (the H200 run
+# chose them for 22 of its 39 dequantize keys).
 CANDIDATE_TILES = ((1024, 1), (1024, 2), (1024, 4), (2048, 2), (4096, 2), (4096, 4), (8192, 4), (8192, 8),
                    (16384, 8))
 VALID_NUM_WARPS = (1, 2, 4, 8, 16, 32)
