@@ -105,6 +105,7 @@ def test_an_interrupted_sweep_writes_what_it_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "measure_cpu", measure_until_interrupted)
     assert run_bench(quick=True, out=str(tmp_path), steps=1, plots=str(tmp_path)) == 130
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert calls == ["exact", "tq-4bit", "tq-2bit"]  # what the targets read is measured first
     assert [r["method"] for r in rows] == calls[:2]
     plots = ["memory_vs_batch.png", "step_time_vs_bits.png"] if importlib.util.find_spec("matplotlib") else []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md", *plots]  # (no partial file)
