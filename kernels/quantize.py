@@ -67,9 +67,10 @@ def threads_per_group(rows: int, num_warps: int) -> int:
 
     At 8 threads a row, a warp covers 4 rows, so a tile of 8 rows per warp gives each thread two rows,
     with the registers and scalars of both. At 4 it gives each thread one row's share, twice as long,
-    and the row's scalars once for 64 values. sm_90, bf16, 4 bits, 32 rows on 4 warps: 16.2 instructions
-    per element at 124 registers, against 19.3 at 158 with 8 threads a row. The 16-row, 4-warp tile
-    keeps 8: 18.4 at 67. Which of the two tiles is faster is the tuner's question.
+    and the row's scalars once for 64 values. sm_90, bf16, 4 bits, 32 rows on 4 warps, when this was
+    chosen: 16.2 instructions per element at 124 registers, against 19.3 at 158 with 8 threads a row.
+    The 16-row, 4-warp tile keeps 8 (18.4 at 67 then; docs/kernels.md has today's counts). Which of the
+    two tiles is faster is the tuner's question.
     """
     return THREADS_PER_GROUP // 2 if rows >= 8 * num_warps else THREADS_PER_GROUP
 
@@ -211,14 +212,24 @@ def _quantize_kernel(
     # min/max may return either sign of zero: canonical +0.0 keeps decoded zeros identical everywhere.
     base = tl.where(base == 0.0, 0.0, base)
 
-    # Per row: the codes a nonzero value may take. Values on the side of zero that step points to
-    # ("away") take z+1..L, the others 0..z-1, so none decodes to zero or to the other sign; a bad
-    # group takes 0 only. (Offset by _K_MAGIC, as the codes are below.)
-    away_lo = tl.where(bad, 0.0, z + 1.0) + _K_MAGIC
-    away_hi = tl.where(bad, 0.0, LEVELS_M1 * 1.0) + _K_MAGIC
-    toward_hi = tl.where(bad, 0.0, tl.maximum(z - 1.0, 0.0)) + _K_MAGIC
-    zero_code = tl.where(bad, 0.0, z) + _K_MAGIC
-    step_positive = step > 0
+    # Per row: the codes a value may take, by its sign. Values on the side of zero that step points to
+    # ("away") take z+1..L, the others 0..z-1, so no nonzero value decodes to zero or to the other sign; a
+    # bad group takes 0 only. An exact zero (of either sign) is neither positive nor negative: it takes
+    # the negatives' lower bound and the positives' upper bound. Where step points to the positives (or
+    # is 0 in a group without negatives) that is 0..L, which holds z, and the zero's rounding gives it z
+    # (below). Where step points to the negatives, the group has no positives and z is 0 or -1: the
+    # bounds z+1..max(z-1, 0) cross, and the upper one, 0, wins. (Offset by _K_MAGIC, as the codes are.)
+    positives_away = ~negative_side
+    toward_hi = tl.maximum(z - 1.0, 0.0)
+    positive_lo = tl.where(bad, 0.0, tl.where(positives_away, z + 1.0, 0.0)) + _K_MAGIC
+    positive_hi = tl.where(bad, 0.0, tl.where(positives_away, LEVELS_M1 * 1.0, toward_hi)) + _K_MAGIC
+    negative_lo = tl.where(bad, 0.0, tl.where(positives_away, 0.0, z + 1.0)) + _K_MAGIC
+    negative_hi = tl.where(bad, 0.0, tl.where(positives_away, toward_hi, LEVELS_M1 * 1.0)) + _K_MAGIC
+    # A zero's t is (z * step) * inv_step: three roundings from z, less than 2**-14 away for z < 256, so
+    # it rounds to z. Where step has no finite reciprocal, inv_step is 0 and so is every t: the row's
+    # rounding offset adds z (z is at most Z_MIN there, so the clamp gives nonzero values the codes t = 0
+    # gives them). Stochastic rounding would move a zero's t by up to half a code: zeros get no dither.
+    magic = tl.where(invertible, 0.0, z) + _K_MAGIC  # (a bad group's z is 0)
 
     # Codes are computed as _K_MAGIC + code: a float32 in [2**23, 2**24), where floats are the integers,
     # whose low bits are the code. Adding _K_MAGIC to t rounds t to the nearest integer (ties to even),
@@ -227,14 +238,21 @@ def _quantize_kernel(
     # full and half rate. Exact while |t| < 2**22; beyond, t is clamped to the bounds either way.
     t = (x - _per_row(base, SPLIT_FIRST)) * _per_row(inv_step, SPLIT_FIRST)
     if STOCHASTIC:  # rounding t + v to nearest, v uniform in [-0.5, 0.5), rounds t up with probability frac(t)
-        t = t + _dithers(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP, SPLIT_FIRST)
-    r = t + _K_MAGIC
-    away = (x > 0) == _per_row(step_positive, SPLIT_FIRST)
-    lower = tl.where(away, _per_row(away_lo, SPLIT_FIRST), _K_MAGIC)
-    upper = tl.where(away, _per_row(away_hi, SPLIT_FIRST), _per_row(toward_hi, SPLIT_FIRST))
+        t = t + tl.where(x != 0, _dithers(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP, SPLIT_FIRST), 0.0)
+    r = t + _per_row(magic, SPLIT_FIRST)
+    # The sign tests. For 16-bit inputs the compiler tests the loaded values, two per instruction, against
+    # a literal 0. For float32 it computes tests against a literal 0 as soon as x is loaded and keeps them
+    # through the reductions, more than the predicate registers hold: a zero from the row (lo * 0 is
+    # +-0, as lo is finite here) keeps them after (sm_90, Triton 3.6, 4 bits: 20.3 -> 17.5 instructions
+    # per element).
+    if x_ptr.dtype.element_ty == tl.float32:
+        zero = _per_row(lo * 0.0, SPLIT_FIRST)
+    else:
+        zero = 0.0
+    lower = tl.where(x > zero, _per_row(positive_lo, SPLIT_FIRST), _per_row(negative_lo, SPLIT_FIRST))
+    upper = tl.where(x < zero, _per_row(negative_hi, SPLIT_FIRST), _per_row(positive_hi, SPLIT_FIRST))
     # (min/max that ignore NaN: a bad group's NaN t lands on its bounds, code 0.)
     r = tl.minimum(tl.maximum(r, lower), upper)
-    r = tl.where(x != 0, r, _per_row(zero_code, SPLIT_FIRST))
     if not EVEN:
         r = tl.where(valid, r, _K_MAGIC)
     code = (r.to(tl.int32, bitcast=True) & 0xFF).to(tl.uint8)
@@ -477,24 +495,28 @@ def torch_quantize(
     base = torch.where(mixed, -(z * step), near)
     base = torch.where(base == 0.0, 0.0, base)
 
-    away_lo = torch.where(bad, 0.0, z + 1.0)
-    away_hi = torch.where(bad, 0.0, levels_m1)
-    toward_hi = torch.where(bad, 0.0, (z - 1.0).clamp(min=0.0))
-    zero_code = torch.where(bad, 0.0, z)
+    # The codes a value may take, by its sign; an exact zero takes the negatives' lower bound and the
+    # positives' upper bound (the kernel's comments say why that gives it z).
+    positives_away = ~negative_side
+    toward_hi = (z - 1.0).clamp(min=0.0)
+    positive_lo = torch.where(bad, 0.0, torch.where(positives_away, z + 1.0, 0.0))
+    positive_hi = torch.where(bad, 0.0, torch.where(positives_away, levels_m1, toward_hi))
+    negative_lo = torch.where(bad, 0.0, torch.where(positives_away, 0.0, z + 1.0))
+    negative_hi = torch.where(bad, 0.0, torch.where(positives_away, toward_hi, levels_m1))
+    offset = torch.where(invertible, 0.0, z)  # where every t is 0, zeros round to z (a bad group's z is 0)
 
     t = (xs - base[:, None]) * inv_step[:, None]
     if stochastic:
         # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _dithers in the kernel.
         counters = rng_offset + torch.arange(n_groups * group_size // 4, device=device, dtype=torch.int64)
-        t = t + torch_dither4(seed, counters).view(n_groups, group_size)
-    rounded = torch.round(t)  # to nearest, ties to even
+        t = t + torch_dither4(seed, counters).view(n_groups, group_size) * (xs != 0).float()  # zeros: none
+    rounded = torch.round(t + offset[:, None])  # to nearest, ties to even
     # The bounds and the zero code are small whole numbers, so selecting by multiplying with a 0/1 mask is
     # exact (and, on the CPU, several times faster than torch.where on a full tile).
-    away = ((xs > 0) == (step[:, None] > 0)).float()
-    lower = away_lo[:, None] * away
-    upper = toward_hi[:, None] + (away_hi - toward_hi)[:, None] * away
+    positive, negative = (xs > 0).float(), (xs < 0).float()
+    lower = negative_lo[:, None] + (positive_lo - negative_lo)[:, None] * positive
+    upper = positive_hi[:, None] + (negative_hi - positive_hi)[:, None] * negative
     code = torch.minimum(torch.maximum(rounded, lower), upper)
-    code = zero_code[:, None] + (code - zero_code[:, None]) * (xs != 0).float()
     code = code.to(torch.uint8)
     code.view(-1)[n:] = 0  # the padding
 

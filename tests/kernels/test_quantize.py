@@ -194,6 +194,29 @@ def test_zeros_exact_and_signs_kept(bits, stochastic, scheme, device):
     assert (xhg[pos] > 0).all() and (xhg[neg] < 0).all()
 
 
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"{b}bit")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zeros_exact_in_groups_whose_step_has_no_reciprocal(backend, bits, stochastic, device):
+    # Mixed-sign groups of subnormals: step is below 2**-126 (no finite reciprocal, every t is 0); in the
+    # third group it underflows to exactly 0 from 4 bits on (every code then decodes to 0; at 2 bits
+    # 2 * 2**-149 / 3 still rounds up to 2**-149).
+    g = torch.Generator().manual_seed(bits)
+    signs = torch.randint(-1, 2, (3, GROUP), generator=g).float()
+    signs[:, :3] = torch.tensor([-1.0, 0.0, 1.0])  # both signs and a zero in every group
+    x = (signs * torch.tensor([2.0**-128, 2.0**-140, 2.0**-149])[:, None]).reshape(-1).to(device)
+    payload, meta = quantize(x, bits, stochastic=stochastic, seed=3, backend=backend)
+    steps = meta[:, 1].abs()
+    assert (steps < 2.0**-126).all() and (steps[:2] > 0).all() and (steps[2] == 0) == (bits > 2)
+    xh = group_view(decode_fp32(payload, meta, x.numel(), bits))
+    xg = group_view(x)
+    assert (xh[xg == 0] == 0).all() and not xh[xg == 0].signbit().any()
+    kept = steps > 0  # groups where codes can tell the signs apart
+    assert (xh[kept][xg[kept] > 0] > 0).all() and (xh[kept][xg[kept] < 0] < 0).all()
+    reference = quantize(x, bits, stochastic=stochastic, seed=3)
+    assert torch.equal(payload, reference[0]) and torch.equal(meta, reference[1])
+
+
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
 def test_relu_mask_recovered_exactly(bits, device):
     pre = activation_like(4096, torch.float32, GROUP, seed=1, device=device)
