@@ -14,6 +14,11 @@ def _ratio(raw: int, packed: int) -> str:
     return f"{raw / packed:.2f}x" if packed else "-"
 
 
+def _widths(bits: set) -> str:
+    """The code widths used, "2,4"; "-" for none."""
+    return ",".join(str(b) for b in sorted(bits)) or "-"
+
+
 def format_report(stats, config: CompressConfig, peak_memory: dict[int, int]) -> str:
     """One row per module that saved tensors (in the order they ran), then a totals row.
 
@@ -25,17 +30,18 @@ def format_report(stats, config: CompressConfig, peak_memory: dict[int, int]) ->
     for name, row in stats.modules.items():
         rows.append([
             name, row.type_name, row.packed_tensors, row.passed_tensors, row.raw_bytes / MB, row.packed_bytes / MB,
-            row.passed_bytes / MB, _ratio(row.raw_bytes, row.packed_bytes),
-            ",".join(str(b) for b in sorted(row.bits)) or "-",
+            row.passed_bytes / MB, _ratio(row.raw_bytes, row.packed_bytes), _widths(row.bits),
         ])
+    all_bits = set().union(*(row.bits for row in stats.modules.values()))
     rows.append([
         "total", "", stats.packed_tensors, stats.passed_tensors, stats.raw_bytes / MB, stats.packed_bytes / MB,
-        stats.passed_bytes / MB, _ratio(stats.raw_bytes, stats.packed_bytes), config.quant.bits,
+        stats.passed_bytes / MB, _ratio(stats.raw_bytes, stats.packed_bytes), _widths(all_bits),
     ])
     lines = [tabulate(rows, headers=headers, floatfmt=".3f")]
     quant = config.quant
+    bits = f"bits=auto budget={config.auto_budget:g}" if config.auto_budget is not None else f"bits={quant.bits}"
     lines.append(
-        f"scheme={quant.scheme} stochastic={quant.stochastic} group_size={quant.group_size} "
+        f"{bits} scheme={quant.scheme} stochastic={quant.stochastic} group_size={quant.group_size} "
         f"min_bytes={config.min_bytes}; deduplicated saves: {stats.deduplicated}"
     )
     if stats.passed_by_reason:

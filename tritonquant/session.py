@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import threading
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -305,6 +306,10 @@ class Session:
     # -- scope ------------------------------------------------------------------------------------
 
     def __enter__(self) -> "Session":
+        if self._hooks is not None:
+            # A second entry would replace the first one's module hooks, and the first exit would leave
+            # the saved-tensor hooks on for good.
+            raise RuntimeError("this compress() block is already open; nest a new tq.compress(...) instead")
         self._module_hook_handles = [
             nn.modules.module.register_module_forward_pre_hook(self._on_module_enter),
             nn.modules.module.register_module_forward_hook(self._on_module_exit, always_call=True),
@@ -317,6 +322,8 @@ class Session:
         for handle in self._module_hook_handles:
             handle.remove()
         self._module_hook_handles = []
+        if self._stack.names:
+            _warn_unmatched_overrides(self.config.overrides, self._stack.names.values(), stacklevel=3)
 
     def _open(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -579,22 +586,48 @@ class Session:
 _NO_MATCH = object()
 
 
+def _warn_unmatched_overrides(overrides: tuple, names, stacklevel: int) -> None:
+    """Warn about each name pattern of ``overrides`` that matches none of ``names`` (a typo would
+    otherwise leave its modules at the block's settings without a word)."""
+    names = [name for name in names if name]
+    for key, _ in overrides:
+        if isinstance(key, str) and not any(fnmatch.fnmatchcase(name, key) for name in names):
+            examples = ", ".join(repr(name) for name in names[:3])
+            warnings.warn(f"overrides pattern {key!r} matches no module name (names look like {examples}); "
+                          f"it changes nothing", UserWarning, stacklevel=stacklevel)
+
+
 def _compiling() -> bool:
     """True while torch.compile traces (always False at run time, so eager behaviour is unchanged)."""
     return torch.compiler.is_compiling()
 
 
+# Models with an attached handle: a second handle would sit inside the first one's block and take
+# every tensor from it, silently.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class AttachHandle:
-    """Compresses every forward of one model until ``detach()``. ``stats`` covers the latest forward."""
+    """Compresses every forward of one model until ``detach()``.
+
+    ``stats`` and ``report()`` cover the latest forward run with gradients enabled; forwards under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (evaluation) save nothing for backward, so they
+    run without the hooks and leave both as they were. ``forwards`` counts the compressed forwards.
+    """
 
     def __init__(self, model: nn.Module, config: CompressConfig) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if model in _ATTACHED:
+            raise RuntimeError("this model already has a tritonquant handle attached; call its detach() first")
+        _warn_unmatched_overrides(config.overrides, (name for name, _ in model.named_modules()), stacklevel=4)
+        _ATTACHED[model] = self
         self.model = model
         self.config = config
         self.forwards = 0
         self._session = Session(config)
         self._depth = 0
+        self._compressing = False  # whether the current forward is compressed
         self._handles = [
             model.register_forward_pre_hook(self._enter_model),
             model.register_forward_hook(self._exit_model, always_call=True),
@@ -617,21 +650,26 @@ class AttachHandle:
     def _enter_model(self, module: nn.Module, args: object) -> None:
         self._depth += 1
         if self._depth == 1:
-            self.forwards += 1
-            self._session = Session(self.config)
-            self._session._open()
+            self._compressing = torch.is_grad_enabled()
+            if self._compressing:
+                self.forwards += 1
+                self._session = Session(self.config)
+                self._session._open()
 
     @torch.compiler.disable
     def _exit_model(self, module: nn.Module, args: object, output: object) -> None:
         self._depth -= 1
-        if self._depth == 0:
+        if self._depth == 0 and self._compressing:
+            self._compressing = False
             self._session._close()
 
     def _track_enter(self, module: nn.Module, args: object) -> None:
-        self._session._on_module_enter(module, args)
+        if self._compressing:
+            self._session._on_module_enter(module, args)
 
     def _track_exit(self, module: nn.Module, args: object, output: object) -> None:
-        self._session._on_module_exit(module, args, output)
+        if self._compressing:
+            self._session._on_module_exit(module, args, output)
 
     def report(self) -> str:
         return self._session.report()
@@ -642,6 +680,9 @@ class AttachHandle:
             handle.remove()
         self._handles = []
         self._session._close()
+        self._compressing = False
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
 
 
 def compress(**config) -> Session:

@@ -2,6 +2,7 @@
 
 import contextlib
 import gc
+import warnings
 import weakref
 from collections import Counter
 
@@ -408,7 +409,7 @@ def test_overrides_by_name_and_type_and_exclusion():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"bits": 3}, ValueError, "bits must be one of"),
+        ({"bits": 3}, ValueError, r"bits must be one of \(1, 2, 4, 8\) or 'auto'"),
         ({"min_bytes": -1}, ValueError, "min_bytes must be an int >= 0"),
         ({"overrides": {"x": {"bitz": 2}}}, ValueError, "unknown setting 'bitz'"),
         ({"overrides": {3: None}}, TypeError, "overrides keys must be"),
@@ -436,6 +437,74 @@ def test_attach_compresses_every_forward_and_detach_stops():
         cnn_loss(model, batch).backward()
     assert seen  # our hooks no longer intercept
     assert handle.forwards == 2
+
+
+def test_attach_leaves_forwards_without_grad_uncompressed_and_uncounted():
+    torch.manual_seed(0)
+    model, batch = SmallCNN(width=8, blocks=1), cnn_batch(8)
+    handle = tq.attach(model, bits=4, min_bytes=0)
+    cnn_loss(model, batch).backward()
+    trained = (handle.stats.packed_tensors, handle.stats.packed_bytes, handle.report())
+    assert trained[0] > 0
+    for mode in (torch.no_grad, torch.inference_mode):  # evaluation
+        with mode():
+            cnn_loss(model, batch)
+    assert handle.forwards == 1
+    assert (handle.stats.packed_tensors, handle.stats.packed_bytes, handle.report()) == trained
+    cnn_loss(model, batch).backward()
+    assert handle.forwards == 2
+    handle.detach()
+
+
+def test_a_model_takes_one_handle_at_a_time():
+    model = SmallCNN(width=8, blocks=1)
+    handle = tq.attach(model, bits=4)
+    with pytest.raises(RuntimeError, match="already has a tritonquant handle attached; call its detach"):
+        tq.attach(model, bits=2)
+    handle.detach()
+    tq.attach(model, bits=2).detach()  # free again once detached
+
+
+def test_entering_an_open_block_again_raises_and_leaves_no_hook_behind():
+    lin = nn.Linear(64, 64)
+    session = tq.compress(bits=2, min_bytes=0)
+    with session:
+        with pytest.raises(RuntimeError, match="already open; nest a new tq.compress"):
+            session.__enter__()
+        torch.tanh(lin(torch.randn(64, 64))).sum().backward()
+    assert session.stats.packed_tensors == 2
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        torch.tanh(lin(torch.randn(64, 64))).sum().backward()
+    assert seen and session.stats.packed_tensors == 2  # the session's hooks are gone
+    with session:  # and a closed block opens again
+        torch.tanh(lin(torch.randn(64, 64))).sum().backward()
+
+
+def test_an_override_pattern_matching_no_module_warns():
+    model, batch = SmallCNN(width=8, blocks=1), cnn_batch(8)
+    with pytest.warns(UserWarning, match="overrides pattern 'stme.\\*' matches no module name"):
+        with tq.compress(bits=4, overrides={"stme.*": {"bits": 8}, "stem.*": {"bits": 8}}):
+            cnn_loss(model, batch)
+    with pytest.warns(UserWarning, match="overrides pattern 'haed' matches no module name"):
+        tq.attach(model, overrides={"haed": None}).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patterns that match, and classes, are quiet
+        with tq.compress(bits=4, overrides={"stem.*": {"bits": 8}, nn.BatchNorm2d: None}):
+            cnn_loss(model, batch)
+        tq.attach(model, overrides={"head": None}).detach()
+
+
+def test_report_total_lists_the_widths_used_and_the_footer_the_setting():
+    lin, x = nn.Linear(256, 256), torch.randn(256, 256)
+    with tq.compress(bits=2, min_bytes=0) as session:  # the softmax output keeps its 4-bit floor
+        torch.softmax(torch.tanh(lin(x)), dim=-1).sum().backward()
+    total = next(line for line in session.report().splitlines() if line.startswith("total"))
+    assert total.split()[-1] == "2,4"
+    assert "bits=2 scheme=minmax" in session.report()
+    footer = tq.compress(bits="auto", budget=3.0).report().splitlines()[-1]
+    assert footer.startswith("bits=auto budget=3 scheme=minmax")
 
 
 def test_attach_on_submodule_inside_compress_innermost_wins():
