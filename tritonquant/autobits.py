@@ -268,6 +268,8 @@ PLANS = AutoPlans()
 
 def recalibrate(model: nn.Module) -> None:
     """Forget ``model``'s bits="auto" plans: the next step calibrates again (e.g. after a phase change)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     PLANS.reset(model)
 
 
@@ -431,6 +433,8 @@ def calibrate(model: nn.Module, loss_fn: Callable[[], torch.Tensor], budget: flo
     a counter of backward passes to stderr. Returns the plan, {module name: {n: bits}} for the n-th
     tensor each module saves (module docstring).
     """
+    if "bits" in config:
+        raise TypeError("calibrate chooses the widths itself (bits='auto'); remove the bits keyword")
     compress_config = CompressConfig.from_kwargs(bits="auto", budget=budget, **config)
     probed = measure(model, loss_fn, compress_config, progress)
     chosen = allocate({id(p): p.costs for p in probed}, {id(p): p.elements for p in probed},

@@ -314,6 +314,10 @@ def max_batch_in_budget(peaks: dict[int, float], budget_mb: float) -> int | None
 
 def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budget_gb: float = 16.0,
               plots: str | None = None) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not budget_gb > 0:
+        raise ValueError(f"budget_gb must be > 0, got {budget_gb!r}")
     on_gpu = torch.cuda.is_available() and not quick
     if not torch.cuda.is_available() and not quick:
         print("No CUDA device: running the small CPU version (--quick); memory is the library's byte accounting.")

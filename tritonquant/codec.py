@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from . import kernels
-from .config import MAX_SEED, QuantConfig
+from .config import BACKENDS, MAX_SEED, QuantConfig
 from .kernels.launch import is_interpreted
 from .packed import PackedTensor
 
@@ -56,6 +56,8 @@ def manual_seed(seed: int) -> None:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map "auto" to "triton" on CUDA and "torch" elsewhere; check that "triton" can run on ``device``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda" and not is_interpreted():

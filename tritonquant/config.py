@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 BITS_CHOICES = (1, 2, 4, 8)
@@ -24,7 +25,8 @@ class QuantConfig:
 
     bits: code width, one of 1, 2, 4, 8.
     scheme: "minmax" (grid over the group's min..max) or "sigma" (mean +/- 3 std, clipped to min..max).
-    stochastic: unbiased stochastic rounding from Philox(seed, element counter) instead of nearest.
+    stochastic: stochastic rounding from Philox(seed, element counter) instead of nearest (unbiased
+        between grid levels; not where a value is clamped or moved by the sign rule, docs/format.md).
     group_size: elements per group of shared (base, step); a power of two in 8..4096.
     seed: Philox key for stochastic rounding; None draws from the library's own stream
         (``tritonquant.manual_seed``), an int makes every call with it reproducible.
@@ -39,6 +41,10 @@ class QuantConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
+        for name in ("bits", "group_size", "seed"):  # numpy integers and the like, stored as int
+            value = getattr(self, name)
+            if _is_int(value) and type(value) is not int:
+                object.__setattr__(self, name, int(value))
         if not _is_int(self.bits) or self.bits not in BITS_CHOICES:
             raise ValueError(f"bits must be one of {BITS_CHOICES}, got {self.bits!r}")
         if self.scheme not in SCHEMES:
@@ -56,7 +62,8 @@ class QuantConfig:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer other than a bool: int, numpy's integer types and other ``numbers.Integral``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 # Saved tensors whose storage is smaller than this pass through: a kernel launch and a Python hook cost
@@ -112,7 +119,10 @@ class CompressConfig:
                                       "recast_weights")
             raise TypeError(f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
         auto_budget = None
-        if quant_kwargs.get("bits") == "auto":
+        bits = quant_kwargs.get("bits")
+        if bits is not None and bits != "auto" and not (_is_int(bits) and bits in BITS_CHOICES):
+            raise ValueError(f"bits must be one of {BITS_CHOICES} or 'auto' (with budget), got {bits!r}")
+        if bits == "auto":
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget <= 8:
                 raise ValueError(f"bits='auto' needs budget, the average bits per element, in [1, 8]; got {budget!r}")
             auto_budget = float(budget)

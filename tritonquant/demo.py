@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 import time
 
 import torch
@@ -101,14 +102,22 @@ def _train(model, loss_fn, make_batch, steps, session_factory) -> tuple[float, f
     return loss.item(), elapsed
 
 
+def _progress(message: str) -> None:
+    """One line on stderr per finished configuration: the tables come at the end of each workload."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def training_comparison(device: torch.device, steps: int) -> str:
     out = []
     for name, (make_model, loss_fn, make_batch) in _workloads(device).items():
+        short = name.split(" (")[0]
+        started = time.perf_counter()
         torch.manual_seed(0)
         initial = make_model().to(device)
         batch = make_batch(0)
         exact_grad = _gradient(initial, loss_fn, batch, contextlib.nullcontext())
         exact_loss, exact_time = _train(copy.deepcopy(initial), loss_fn, make_batch, steps, contextlib.nullcontext)
+        _progress(f"  {short}: exact done ({time.perf_counter() - started:.0f} s)")
         rows = [["exact", "-", "-", "-", "-", f"{exact_loss:.4f}", f"{exact_time * 1e3:.1f}"]]
         report = ""
         for bits in DEMO_BITS:
@@ -123,6 +132,7 @@ def training_comparison(device: torch.device, steps: int) -> str:
             ])
             if bits == 4:
                 report = session.report()
+            _progress(f"  {short}: {bits}-bit done ({time.perf_counter() - started:.0f} s)")
         headers = ["training", "grad cosine", "rel. grad err", "activations MB", "packed ratio",
                    f"loss after {steps} steps", "ms / step"]
         out.append(f"== {name} ==\n" + tabulate(rows, headers=headers, disable_numparse=True))

@@ -311,11 +311,13 @@ class _NoParams(nn.Module):
         (lambda m: tq.calibrate(m, "loss", budget=2.0), TypeError, "loss_fn must be a callable"),
         (lambda m: tq.calibrate(m, lambda: m(torch.randn(2, 1, 8, 8)), budget=2.0), ValueError, "one-element tensor"),
         (lambda m: tq.calibrate(m, lambda: None, budget=0.5), ValueError, "needs budget"),
-        (lambda m: tq.calibrate(m, lambda: None, budget=2.0, bits=4), TypeError, "bits"),
+        (lambda m: tq.calibrate(m, lambda: None, budget=2.0, bits=4), TypeError,
+         r"calibrate chooses the widths itself \(bits='auto'\); remove the bits keyword"),
+        (lambda m: tq.recalibrate("model"), TypeError, "model must be a torch.nn.Module, got str"),
         (lambda m: tq.calibrate(_NoParams(), lambda: None, budget=2.0), ValueError, "no parameters"),
     ],
     ids=["model-not-module", "loss-not-callable", "loss-not-scalar", "budget-out-of-range", "bits-given",
-         "no-parameters"],
+         "recalibrate-not-module", "no-parameters"],
 )
 def test_calibrate_rejects_bad_arguments(call, error, message):
     model = DigitsCNN(width=4)

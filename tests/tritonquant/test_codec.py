@@ -147,6 +147,22 @@ def test_unsupported_dtypes_are_rejected_with_the_allowed_list(x):
         tq.quantize(x)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "TORCH", None], ids=["cuda", "upper-case", "None"])
+def test_dequantize_names_the_allowed_backends(backend):
+    packed = tq.quantize(torch.randn(10))
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got "):
+        tq.dequantize(packed, backend=backend)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(1000)
+    packed = tq.quantize(x, bits=np.int64(2), group_size=np.int32(64), stochastic=True, seed=np.uint64(7))
+    reference = tq.quantize(x, bits=2, group_size=64, stochastic=True, seed=7)
+    assert type(packed.bits) is int and type(packed.group_size) is int
+    assert torch.equal(packed.payload, reference.payload) and torch.equal(packed.meta, reference.meta)
+
+
 def test_non_tensor_sparse_and_meta_inputs_are_rejected():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         tq.quantize([1.0, 2.0])

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from tritonquant.cli import main
 from tritonquant.demo import codec_table, pick_device, realistic_activation
 
 
@@ -34,3 +35,25 @@ def test_bad_demo_arguments_are_explained():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             pick_device("cuda")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+    (["demo", "--steps", "0"], "argument --steps: expected a whole number >= 1, got 0"),
+    (["bench", "--quick", "--steps", "0"], "argument --steps: expected a whole number >= 1, got 0"),
+    (["bench", "--budget-gb", "-1"], "argument --budget-gb: expected a number > 0, got -1"),
+    (["bench", "--out", __file__], "argument --out: .* is a file, not a folder"),
+    (["bench", "--plots", __file__], "argument --plots: .* is a file, not a folder"),
+], ids=["demo-device", "demo-steps", "bench-steps", "bench-budget", "bench-out-file", "bench-plots-file"])
+def test_bad_command_line_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_demo_on_cuda_without_a_gpu_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--device", "cuda"])
+    assert exit_info.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
