@@ -54,8 +54,8 @@ from .launch import default_group_tile, is_interpreted, next_power_of_2
 # 4: _quantize_kernel's row reductions shuffle once per row, with fewer registers under Triton 3.6, and
 # tiles of 8 rows or more per warp share each row among 4 threads instead of 8. 5: fp16 ranges are
 # found in fp16, with 40-96 registers instead of 68-128. 6: each value's code bounds come from two
-# selects by its sign, and float32 inputs test signs after the reductions: registers move by -24 to
-# +47 under Triton 3.6).
+# selects by its sign, float32 inputs test signs after the reductions, and nearest rounding rounds
+# the product once in an fma: registers move by -24 to +47 under Triton 3.6).
 FORMAT_VERSION = 6
 ENV_AUTOTUNE = "TRITONQUANT_AUTOTUNE"  # "0" (or off/false/no): never tune, use the heuristic
 ENV_CACHE_DIR = "TRITONQUANT_CACHE_DIR"  # folder of the cache file, overrides the user cache dir

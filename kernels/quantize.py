@@ -36,7 +36,7 @@ import triton.language as tl
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
 from .channels import channel_launch_args, channel_of, channel_statistics, standardizing_pairs, torch_channel_of
-from .launch import KernelLauncher, cdiv, flat_view
+from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 from .philox import DITHER_ROUNDS, torch_dither4
 
 SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Moseley use 3)
@@ -110,7 +110,7 @@ def _quantize_kernel(
     channels_ptr, stride_divisor, count_divisor,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, INDEX64: tl.constexpr,
-    EVEN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, EXACT_FMA: tl.constexpr,
 ):
     # The kernel is bound by instructions per element, not bytes: work that can be done once per row
     # (group) is done per row, and each row is shared by as few threads as keep loads coalesced.
@@ -236,10 +236,15 @@ def _quantize_kernel(
     # and taking the low bits replaces float-to-int conversions. Those conversions, a floor and a
     # convert per element, run at 1/8 of the float32 rate on recent GPUs; the add and the mask run at
     # full and half rate. Exact while |t| < 2**22; beyond, t is clamped to the bounds either way.
-    t = (x - _per_row(base, SPLIT_FIRST)) * _per_row(inv_step, SPLIT_FIRST)
+    # Nearest rounding multiplies and adds in one fma: t = (x - base) * inv_step is rounded once, to the
+    # nearest integer, and the instruction that rounded the product to float32 is gone.
+    d = x - _per_row(base, SPLIT_FIRST)
     if STOCHASTIC:  # rounding t + v to nearest, v uniform in [-0.5, 0.5), rounds t up with probability frac(t)
+        t = d * _per_row(inv_step, SPLIT_FIRST)
         t = t + tl.where(x != 0, _dithers(seed, rng_offset, rows, SPLIT, ROWS, CHUNK, GROUP, SPLIT_FIRST), 0.0)
-    r = t + _per_row(magic, SPLIT_FIRST)
+        r = t + _per_row(magic, SPLIT_FIRST)
+    else:
+        r = _round_product(d, _per_row(inv_step, SPLIT_FIRST), _per_row(magic, SPLIT_FIRST), EXACT_FMA)
     # The sign tests. For 16-bit inputs the compiler tests the loaded values, two per instruction, against
     # a literal 0. For float32 it computes tests against a literal 0 as soon as x is loaded and keeps them
     # through the reductions, more than the predicate registers hold: a zero from the row (lo * 0 is
@@ -278,6 +283,39 @@ def _quantize_kernel(
 
 
 _launch_quantize = KernelLauncher(_quantize_kernel)
+
+# 1.5 * 2**52: the float64 counterpart of _K_MAGIC (_round_product's interpreter path).
+_K_MAGIC64 = tl.constexpr(6755399441055744.0)
+
+
+@triton.jit
+def _round_product(d, inv_step, magic, EXACT_FMA: tl.constexpr):
+    """magic + (d * inv_step rounded once to the nearest integer, ties to even), as float32: one fma.
+
+    Where tl.fma rounds twice (Triton's interpreter before it gained an exact fma: 3.6 multiplies and adds
+    in float32), EXACT_FMA is False and the same value comes from float64: the product of two float32 is
+    exact there, adding and taking away 1.5 * 2**52 rounds it to an integer (ties to even), and the
+    integer plus magic is exact in float32 while |d * inv_step| < 2**22 (beyond, the codes clamp alike).
+    """
+    if EXACT_FMA:
+        return tl.fma(d, inv_step, magic)
+    else:
+        product = d.to(tl.float64) * inv_step.to(tl.float64)
+        whole = (product + _K_MAGIC64) - _K_MAGIC64
+        return (whole + magic.to(tl.float64)).to(tl.float32)
+
+
+def fma_rounds_once() -> bool:
+    """_quantize_kernel's EXACT_FMA: whether tl.fma rounds once where the kernels run. Compiled kernels
+    use the GPU's fma; Triton's interpreter has an exact one in 3.9 (3.6 rounds twice)."""
+    if not is_interpreted():
+        return True
+    from triton._C.libtriton import interpreter
+
+    return hasattr(interpreter, "fma_fp32")
+
+
+_EXACT_FMA = fma_rounds_once()
 
 
 @triton.jit
@@ -400,6 +438,7 @@ def quantize_launch_arguments(
     args = (x, payload, meta, n, meta.shape[0], seed, rng_offset, statistics, stride_divisor, count_divisor)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
                       STANDARDIZE=channels is not None, INDEX64=index64, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
+                      EXACT_FMA=_EXACT_FMA,
                       SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)))
     return args, constexprs
 
@@ -505,12 +544,16 @@ def torch_quantize(
     negative_hi = torch.where(bad, 0.0, torch.where(positives_away, toward_hi, levels_m1))
     offset = torch.where(invertible, 0.0, z)  # where every t is 0, zeros round to z (a bad group's z is 0)
 
-    t = (xs - base[:, None]) * inv_step[:, None]
+    d = xs - base[:, None]
     if stochastic:
         # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _dithers in the kernel.
         counters = rng_offset + torch.arange(n_groups * group_size // 4, device=device, dtype=torch.int64)
-        t = t + torch_dither4(seed, counters).view(n_groups, group_size) * (xs != 0).float()  # zeros: none
-    rounded = torch.round(t + offset[:, None])  # to nearest, ties to even
+        t = d * inv_step[:, None] + torch_dither4(seed, counters).view(n_groups, group_size) * (xs != 0).float()
+        rounded = torch.round(t + offset[:, None])  # to nearest, ties to even (zeros were not dithered)
+    else:
+        # The kernel's fma rounds the product once: in float64 the product of two float32 is exact, and
+        # offset is nonzero only where inv_step is 0, so the sum is exact too.
+        rounded = torch.round(d.double() * inv_step[:, None].double() + offset[:, None].double()).float()
     # The bounds and the zero code are small whole numbers, so selecting by multiplying with a 0/1 mask is
     # exact (and, on the CPU, several times faster than torch.where on a full tile).
     positive, negative = (xs > 0).float(), (xs < 0).float()

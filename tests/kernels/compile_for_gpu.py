@@ -66,11 +66,11 @@ def variants(quick: bool):
                      "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
                      "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr",
-                     "SPLIT_FIRST": "constexpr"}
+                     "SPLIT_FIRST": "constexpr", "EXACT_FMA": "constexpr"}
         split = split_for(256, ELEMENT_SIZES[dtype], threads_per_group(rows, NUM_WARPS))
         constants = {"BITS": bits, "GROUP": 256, "ROWS": rows, "SIGMA": sigma, "STOCHASTIC": stochastic,
                      "STANDARDIZE": standardize, "INDEX64": index64, "EVEN": even, "SPLIT": split,
-                     "SPLIT_FIRST": SPLIT_FIRST}
+                     "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True}
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"
                 f"{' index64' if index64 else ''} even={even} rows={rows}")
         yield name, _quantize_kernel, signature, constants

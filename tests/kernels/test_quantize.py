@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.activations import activation_like
+from tritonquant.kernels import quantize as quantize_module
 from tritonquant.kernels import torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 from tritonquant.kernels.quantize import payload_nbytes
 
@@ -255,6 +256,27 @@ def test_nearest_rounding_breaks_ties_to_even(backend, device):
     assert decoded[:6].tolist() == [12.0, 4.0, 8.0, 8.0, 4.0, 12.0]
 
 
+@pytest.mark.parametrize("backend, exact_fma", [("torch", None), ("triton", True), ("triton", False)],
+                         ids=["torch", "triton-fma", "triton-float64"])
+def test_nearest_rounding_rounds_the_product_once(backend, exact_fma, device, monkeypatch):
+    # A group spanning [0, 1] at 4 bits: base 0, step = fl(1/15), inv_step = fl(1/step). For these three
+    # values the exact x * inv_step lies just off a half (5.49999977, 6.50000009, 8.50000029), and
+    # rounding it to float32 first would land on the half and tie to 6, 6 and 8 (docs/format.md, rule 4).
+    # The kernel rounds with one fma, or in float64 where tl.fma would round twice (quantize._round_product).
+    if exact_fma is not None:
+        monkeypatch.setattr(quantize_module, "_EXACT_FMA", exact_fma)
+    values = [0.36666667461395264, 0.4333333671092987, 0.5666667222976685]
+    x = torch.zeros(GROUP, device=device)
+    x[:4] = torch.tensor([1.0, *values])
+    payload, meta = quantize(x, 4, backend=backend)
+    step = meta[0, 1]
+    assert meta[0, 0].item() == 0.0 and step.item() == (torch.tensor(1.0) / torch.tensor(15.0)).item()
+    inv_step = torch.tensor(1.0, device=device) / step
+    assert torch.round(x[1:4] * inv_step).tolist() == [6.0, 6.0, 8.0]  # what two roundings would give
+    codes = decode_fp32(payload, meta, GROUP, 4)[1:4] / step
+    assert codes.tolist() == [5.0, 7.0, 9.0]
+
+
 @pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("partial", [False, True], ids=["whole-groups", "partial-last-group"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -373,7 +395,6 @@ def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, 
     """_quantize_kernel cuts each group into SPLIT chunks (split_for picks 4 for bf16 and 8 for fp32 at
     group size 256), and puts the SPLIT axis first or second in its tile (SPLIT_FIRST, which depends on
     the Triton version): the tiling changes which thread holds what, never the bytes."""
-    from tritonquant.kernels import quantize as quantize_module
 
     monkeypatch.setattr(quantize_module, "split_for", lambda group_size, element_size, threads: split)
     monkeypatch.setattr(quantize_module, "SPLIT_FIRST", split_first)
