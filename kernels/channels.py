@@ -13,6 +13,9 @@ Why the pair is exact: with s = ceil(log2 d) and M = ceil(2**(31 + s) / d), M * 
 with 0 <= e < d <= 2**s. Then i * M / 2**(31 + s) = i / d + i * e / (d * 2**(31 + s)), and the second
 term is below 1 / d for i < 2**31, too little to carry i / d past the next integer. M < 2**32 (and
 2 * i < 2**32), so both factors of the multiply-high are 32-bit.
+
+Where the channel stride is at least the group size, a group lies in at most two channels: the
+kernels then find the channels once per group (``row_channels``) and no index per element.
 """
 
 import torch
@@ -42,21 +45,34 @@ def channel_index_args(n_elements: int, channel_stride: int, n_channels: int) ->
     """The kernels' arguments for ``channel_of``: (stride_divisor, count_divisor, INDEX64).
 
     Runs of fewer than 2**31 elements get the divisors prepared for multiply-high (``divider``), the
-    channel count riding above the count's divider; longer runs get them as they are, for 64-bit division.
+    channel count riding above the count's divider, and the stride above the stride's (when below
+    COUNT_LIMIT; ``row_channels``); longer runs get them as they are, for 64-bit division.
     """
     if n_elements >= INDEX32_LIMIT or n_channels >= COUNT_LIMIT:
         return channel_stride, n_channels, True
-    return divider(channel_stride), divider(n_channels) | n_channels << 40, False
+    stride_above = channel_stride << 40 if channel_stride < COUNT_LIMIT else 0
+    return divider(channel_stride) | stride_above, divider(n_channels) | n_channels << 40, False
 
 
-def channel_launch_args(n_elements: int, channels: torch.Tensor | None, channel_stride: int,
-                        placeholder: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+def uses_row_channels(n_elements: int, channel_stride: int, n_channels: int, group_size: int) -> bool:
+    """The kernels' ROW_CHANNELS: whether every group of ``group_size`` consecutive elements lies in at
+    most two channels, whose statistics are then read once per group (``row_channels``) instead of once
+    per element. True when ``channel_stride >= group_size`` and the divisors are prepared for
+    multiply-high with the stride riding along (``channel_index_args``)."""
+    return (group_size <= channel_stride < COUNT_LIMIT and n_elements < INDEX32_LIMIT
+            and n_channels < COUNT_LIMIT)
+
+
+def channel_launch_args(n_elements: int, channels: torch.Tensor | None, channel_stride: int, group_size: int,
+                        placeholder: torch.Tensor) -> tuple[torch.Tensor, int, int, bool, bool]:
     """What a quantize or dequantize launch passes for its channels: (statistics, stride_divisor,
-    count_divisor, INDEX64). Without standardization (``channels`` None) ``placeholder``, any tensor
-    of the launch, stands in for the statistics pointer, which the kernel then never reads."""
+    count_divisor, INDEX64, ROW_CHANNELS). Without standardization (``channels`` None) ``placeholder``,
+    any tensor of the launch, stands in for the statistics pointer, which the kernel then never reads."""
     if channels is None:
-        return placeholder, 1, 1, False
-    return (as_loadable(channels), *channel_index_args(n_elements, channel_stride, channels.shape[0]))
+        return placeholder, 1, 1, False, False
+    n_channels = channels.shape[0]
+    return (as_loadable(channels), *channel_index_args(n_elements, channel_stride, n_channels),
+            uses_row_channels(n_elements, channel_stride, n_channels, group_size))
 
 
 @triton.jit
@@ -78,6 +94,25 @@ def channel_of(idx, stride_divisor, count_divisor, INDEX64: tl.constexpr):
         quotient = _divide(idx.to(tl.uint32), stride_divisor)
         n_channels = (count_divisor >> 40).to(tl.uint32)
         return (quotient - _divide(quotient, count_divisor) * n_channels).to(tl.int32)
+
+
+@triton.jit
+def row_channels(channels_ptr, rows, row_valid, stride_divisor, count_divisor, GROUP: tl.constexpr):
+    """For groups that lie in at most two channels (``uses_row_channels``): per row ([ROWS], int32 rows
+    below 2**31 // GROUP), the statistics of the channel holding the row's first element, those of the
+    next channel, and the position in the row where the next channel begins (GROUP or more: none does).
+    Each group then selects per element between two pairs, with no index arithmetic or load per element.
+    """
+    start = rows.to(tl.uint32) * GROUP
+    quotient = _divide(start, stride_divisor)
+    n_channels = (count_divisor >> 40).to(tl.uint32)
+    first = (quotient - _divide(quotient, count_divisor) * n_channels).to(tl.int32)
+    second = tl.where(first + 1 == n_channels.to(tl.int32), 0, first + 1)
+    channel_stride = (stride_divisor >> 40).to(tl.int64)
+    boundary = (quotient.to(tl.int64) + 1) * channel_stride - start.to(tl.int64)
+    minimum, scale = channel_statistics(channels_ptr, first, row_valid)
+    next_minimum, next_scale = channel_statistics(channels_ptr, second, row_valid)
+    return minimum, scale, next_minimum, next_scale, boundary.to(tl.int32)
 
 
 def standardizing_pairs(channels: torch.Tensor) -> torch.Tensor:

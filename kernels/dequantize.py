@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
-from .channels import channel_launch_args, channel_of, channel_statistics, torch_channel_of
+from .channels import channel_launch_args, channel_of, channel_statistics, row_channels, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 
 
@@ -52,7 +52,7 @@ def _dequantize_kernel(
     payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
     channels_ptr, stride_divisor, count_divisor,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, STANDARDIZE: tl.constexpr,
-    INDEX64: tl.constexpr, HARDWARE_CAST: tl.constexpr, EVEN: tl.constexpr,
+    INDEX64: tl.constexpr, ROW_CHANNELS: tl.constexpr, HARDWARE_CAST: tl.constexpr, EVEN: tl.constexpr,
 ):
     # EVEN: n_elements is a multiple of GROUP, so the store mask is per row (as in _quantize_kernel).
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
@@ -76,7 +76,14 @@ def _dequantize_kernel(
     value = base[:, None] + code * step[:, None]
     idx = rows.to(tl.int64)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     valid = _element_mask(idx, row_valid, n_elements, GROUP, EVEN)
-    if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
+    if STANDARDIZE and ROW_CHANNELS:  # each group in at most two channels: their statistics per row
+        minimum, scale, next_minimum, next_scale, boundary = row_channels(
+            channels_ptr, rows, row_valid, stride_divisor, count_divisor, GROUP)
+        in_next = tl.arange(0, GROUP)[None, :] >= boundary[:, None]
+        minimum = tl.where(in_next, next_minimum[:, None], minimum[:, None])
+        scale = tl.where(in_next, next_scale[:, None], scale[:, None])
+        value = (value - 1.0) * scale + minimum
+    elif STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
         channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
         minimum, scale = channel_statistics(channels_ptr, channel, valid)
         value = (value - 1.0) * scale + minimum
@@ -101,12 +108,13 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     if n == 0:
         return
     rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size, channels is not None)
-    statistics, stride_divisor, count_divisor, index64 = channel_launch_args(n, channels, channel_stride, meta)
+    statistics, stride_divisor, count_divisor, index64, by_row = channel_launch_args(
+        n, channels, channel_stride, group_size, meta)
     _launch_dequantize(
         cdiv(n_groups, rows),
         (payload, meta, out, n, n_groups, statistics, stride_divisor, count_divisor),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=channels is not None, INDEX64=index64,
-             HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0),
+             ROW_CHANNELS=by_row, HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0),
         num_warps,
     )
 

@@ -35,7 +35,8 @@ import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
-from .channels import channel_launch_args, channel_of, channel_statistics, standardizing_pairs, torch_channel_of
+from .channels import (channel_launch_args, channel_of, channel_statistics, row_channels, standardizing_pairs,
+                       torch_channel_of)
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 from .philox import DITHER_ROUNDS, torch_dither4
 
@@ -110,6 +111,7 @@ def _quantize_kernel(
     channels_ptr, stride_divisor, count_divisor,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, INDEX64: tl.constexpr,
+    ROW_CHANNELS: tl.constexpr,
     EVEN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, EXACT_FMA: tl.constexpr,
 ):
     # The kernel is bound by instructions per element, not bytes: work that can be done once per row
@@ -145,7 +147,14 @@ def _quantize_kernel(
     # layout of one element per thread; loaded after x, that layout took over the whole tile (x converted
     # through shared memory: 78 instructions per element for bf16 at 2 bits), loaded before, only the
     # gathered values are converted (54). Triton 3.9 compiles both orders alike (52).
-    if STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
+    if STANDARDIZE and ROW_CHANNELS:  # each group in at most two channels: their statistics per row
+        minimum, reciprocal, next_minimum, next_reciprocal, boundary = row_channels(
+            channels_ptr, rows, row_valid, stride_divisor, count_divisor, GROUP)
+        position = _per_chunk(tl.arange(0, SPLIT) * CHUNK, SPLIT_FIRST) + tl.arange(0, CHUNK)[None, None, :]
+        in_next = position >= _per_row(boundary, SPLIT_FIRST)
+        minimum = tl.where(in_next, _per_row(next_minimum, SPLIT_FIRST), _per_row(minimum, SPLIT_FIRST))
+        reciprocal = tl.where(in_next, _per_row(next_reciprocal, SPLIT_FIRST), _per_row(reciprocal, SPLIT_FIRST))
+    elif STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
         channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
         minimum, reciprocal = channel_statistics(channels_ptr, channel, valid)  # (minimum, 1 / scale)
     x_loaded = tl.load(x_ptr + idx, mask=valid, other=0.0)
@@ -434,10 +443,11 @@ def quantize_launch_arguments(
     n = x.numel()
     if channels is not None:
         channels = standardizing_pairs(channels)
-    statistics, stride_divisor, count_divisor, index64 = channel_launch_args(n, channels, channel_stride, meta)
+    statistics, stride_divisor, count_divisor, index64, by_row = channel_launch_args(
+        n, channels, channel_stride, group_size, meta)
     args = (x, payload, meta, n, meta.shape[0], seed, rng_offset, statistics, stride_divisor, count_divisor)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
-                      STANDARDIZE=channels is not None, INDEX64=index64, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
+                      STANDARDIZE=channels is not None, INDEX64=index64, ROW_CHANNELS=by_row, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
                       EXACT_FMA=_EXACT_FMA,
                       SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)))
     return args, constexprs

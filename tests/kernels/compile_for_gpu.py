@@ -51,10 +51,13 @@ def variants(quick: bool):
 
     # INDEX64 (channel indices by 64-bit division, for runs of 2**31 elements or more): standardized
     # variants only, at the 16-row tile of whole groups (and in quick mode one of them).
-    for bits, sigma, stochastic, standardize, index64, even, dtype, rows in itertools.product(
-            bits_choices, (False, True), (False, True), (False, True), (False, True), (True, False), FLOATS,
-            QUANTIZE_ROWS):
+    for bits, sigma, stochastic, standardize, index64, row_channels, even, dtype, rows in itertools.product(
+            bits_choices, (False, True), (False, True), (False, True), (False, True), (False, True), (True, False),
+            FLOATS, QUANTIZE_ROWS):
         if index64 and (not standardize or not even or rows != QUANTIZE_ROWS[0]):
+            continue
+        # ROW_CHANNELS (statistics read per group, kernels/channels.py): standardized 32-bit runs only.
+        if row_channels and (not standardize or index64 or (quick and (dtype != "bf16" or sigma or stochastic))):
             continue
         if quick and (dtype != "bf16" or (sigma and stochastic and bits != 4) or (standardize and bits != 2)
                       or (index64 and (sigma or stochastic))
@@ -65,29 +68,33 @@ def variants(quick: bool):
                      "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args(index64),
                      "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
-                     "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr",
+                     "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "ROW_CHANNELS": "constexpr",
+                     "EVEN": "constexpr", "SPLIT": "constexpr",
                      "SPLIT_FIRST": "constexpr", "EXACT_FMA": "constexpr"}
         split = split_for(256, ELEMENT_SIZES[dtype], threads_per_group(rows, NUM_WARPS))
         constants = {"BITS": bits, "GROUP": 256, "ROWS": rows, "SIGMA": sigma, "STOCHASTIC": stochastic,
-                     "STANDARDIZE": standardize, "INDEX64": index64, "EVEN": even, "SPLIT": split,
+                     "STANDARDIZE": standardize, "INDEX64": index64, "ROW_CHANNELS": row_channels, "EVEN": even,
+                     "SPLIT": split,
                      "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True}
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"
-                f"{' index64' if index64 else ''} even={even} rows={rows}")
+                f"{' index64' if index64 else ''}{' row_channels' if row_channels else ''} even={even} rows={rows}")
         yield name, _quantize_kernel, signature, constants
-    for bits, standardize, index64, even, dtype in itertools.product(
-            bits_choices, (False, True), (False, True), (True, False), FLOATS):
-        if index64 and (not standardize or not even):
+    for bits, standardize, index64, row_channels, even, dtype in itertools.product(
+            bits_choices, (False, True), (False, True), (False, True), (True, False), FLOATS):
+        if (index64 or row_channels) and not standardize or index64 and (not even or row_channels):
             continue
         if quick and ((standardize and bits != 2) or (index64 and dtype != "bf16")
+                      or (row_channels and dtype != "bf16")
                       or (not even and (bits != 4 or standardize or dtype != "bf16"))):
             continue
         signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_elements": "i64",
                      "n_groups": "i32", **channel_args(index64), "BITS": "constexpr", "GROUP": "constexpr",
                      "ROWS": "constexpr", "STANDARDIZE": "constexpr", "INDEX64": "constexpr",
-                     "HARDWARE_CAST": "constexpr", "EVEN": "constexpr"}
+                     "ROW_CHANNELS": "constexpr", "HARDWARE_CAST": "constexpr", "EVEN": "constexpr"}
         constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "INDEX64": index64,
-                     "HARDWARE_CAST": True, "EVEN": even}
-        name = f"dequantize {bits}bit {dtype} standardize={standardize}{' index64' if index64 else ''} even={even}"
+                     "ROW_CHANNELS": row_channels, "HARDWARE_CAST": True, "EVEN": even}
+        name = (f"dequantize {bits}bit {dtype} standardize={standardize}{' index64' if index64 else ''}"
+                f"{' row_channels' if row_channels else ''} even={even}")
         yield name, _dequantize_kernel, signature, constants
     for name, kernel in (("pack bool", _pack_bool_kernel), ("unpack bool", _unpack_bool_kernel)):
         signature = {"src_ptr": "*u8", "dst_ptr": "*u8", "n_elements": "i64", "BLOCK_BYTES": "constexpr"}

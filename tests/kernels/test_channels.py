@@ -9,7 +9,7 @@ import triton.language as tl
 
 from tritonquant.kernels import triton_dequantize, triton_quantize
 from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, as_loadable, channel_index_args, channel_of,
-                                          divider, torch_channel_of)
+                                          divider, row_channels, torch_channel_of, uses_row_channels)
 
 # Divisors the layouts give (feature-map areas, channel counts, a vocabulary) and the awkward ones.
 DIVISORS = [1, 2, 3, 7, 49, 64, 196, 255, 256, 257, 784, 3136, 50257, 2**16 + 1, 2**30 - 1, 2**30, 2**30 + 1,
@@ -52,7 +52,7 @@ def test_bad_divisor_is_rejected():
 
 
 def test_runs_of_2_to_31_elements_or_more_and_huge_channel_counts_divide_in_64_bits():
-    assert channel_index_args(INDEX32_LIMIT - 1, 49, 64) == (divider(49), divider(64) | 64 << 40, False)
+    assert channel_index_args(INDEX32_LIMIT - 1, 49, 64) == (divider(49) | 49 << 40, divider(64) | 64 << 40, False)
     assert channel_index_args(INDEX32_LIMIT, 49, 64) == (49, 64, True)
     assert channel_index_args(1000, 1, COUNT_LIMIT) == (1, COUNT_LIMIT, True)
     assert channel_index_args(1000, 1, COUNT_LIMIT - 1)[1] < 2**63, "a signed 64-bit int"
@@ -82,6 +82,48 @@ def test_channel_of_matches_the_reference_at_the_ends_of_the_index_range(channel
     assert index64_args == index64
     _channel_kernel[(1,)](idx, out, idx.numel(), stride_divisor, count_divisor, INDEX64=index64, BLOCK=128)
     torch.testing.assert_close(out, (idx // channel_stride) % n_channels, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_elements, channel_stride, n_channels, group_size, expected", [
+    (1000, 256, 3, 256, True), (1000, 300, 3, 256, True), (1000, 255, 3, 256, False), (1000, 1, 64, 8, False),
+    (INDEX32_LIMIT, 3136, 64, 256, False), (1000, COUNT_LIMIT, 2, 256, False), (1000, 3136, COUNT_LIMIT, 256, False),
+], ids=["group-sized", "wider", "narrower", "nhwc", "64-bit-run", "huge-stride", "huge-count"])
+def test_groups_read_their_statistics_per_group_where_they_span_at_most_two_channels(
+        n_elements, channel_stride, n_channels, group_size, expected):
+    assert uses_row_channels(n_elements, channel_stride, n_channels, group_size) == expected
+
+
+@triton.jit
+def _row_channels_kernel(channels_ptr, out_ptr, first_row, stride_divisor, count_divisor,
+                         ROWS: tl.constexpr, GROUP: tl.constexpr):
+    rows = first_row + tl.arange(0, ROWS)
+    minimum, scale, next_minimum, next_scale, boundary = row_channels(
+        channels_ptr, rows, rows >= 0, stride_divisor, count_divisor, GROUP)
+    columns = tl.arange(0, ROWS)
+    tl.store(out_ptr + columns * 5 + 0, minimum)
+    tl.store(out_ptr + columns * 5 + 1, scale)
+    tl.store(out_ptr + columns * 5 + 2, next_minimum)
+    tl.store(out_ptr + columns * 5 + 3, next_scale)
+    tl.store(out_ptr + columns * 5 + 4, boundary.to(tl.float32))
+
+
+@pytest.mark.parametrize("channel_stride, n_channels", [(256, 3), (300, 5), (3136, 64), (784, 1)],
+                         ids=["group-sized", "wider", "nchw-56x56", "one-channel"])
+@pytest.mark.parametrize("where", ["start", "end"], ids=["first-rows", "last-rows-below-2**31"])
+def test_row_channels_gives_each_group_its_two_channels_and_the_boundary(channel_stride, n_channels, where, device):
+    group, rows = 256, 16
+    first_row = 0 if where == "start" else (INDEX32_LIMIT - 1) // group - rows + 1
+    # Channel c holds (minimum, scale) = (c, c + 0.5): the loaded values name the channel.
+    channels = torch.stack([torch.arange(n_channels), torch.arange(n_channels) + 0.5], 1).float().to(device)
+    out = torch.empty(rows, 5, device=device)
+    stride_divisor, count_divisor, _ = channel_index_args(1000, channel_stride, n_channels)
+    _row_channels_kernel[(1,)](channels, out, first_row, stride_divisor, count_divisor, ROWS=rows, GROUP=group)
+    start = (first_row + torch.arange(rows, dtype=torch.int64)) * group
+    first = (start // channel_stride) % n_channels
+    boundary = (start // channel_stride + 1) * channel_stride - start
+    expected = torch.stack([first, first + 0.5, (first + 1) % n_channels, (first + 1) % n_channels + 0.5,
+                            boundary], 1).float()
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
 
 
 def test_torch_channel_of_follows_the_layout():

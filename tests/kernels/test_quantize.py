@@ -58,7 +58,10 @@ def test_triton_matches_torch_bit_for_bit(n, bits, dtype, scheme, stochastic, de
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
-@pytest.mark.parametrize("channel_stride, n_channels", [(1, 7), (25, 6), (100, 3)], ids=["nhwc", "nchw", "wide"])
+# Channel strides of the group size or more (GROUP is 64) take the kernels' per-group path (ROW_CHANNELS):
+# a group in one channel ("group-sized"), or across two ("wide", "wider"), the last channel wrapping to 0.
+@pytest.mark.parametrize("channel_stride, n_channels", [(1, 7), (25, 6), (64, 5), (100, 3), (130, 4)],
+                         ids=["nhwc", "nchw", "group-sized", "wide", "wider"])
 @pytest.mark.parametrize("scheme", ["minmax", "sigma"])
 def test_standardized_triton_matches_torch_bit_for_bit(scheme, channel_stride, n_channels, bits, dtype, stochastic,
                                                        device):
@@ -388,7 +391,7 @@ def test_sigma_window_is_mean_plus_minus_three_std(device):
 
 @pytest.mark.parametrize("split_first", [True, False], ids=["split-first", "rows-first"])
 @pytest.mark.parametrize("split", [1, 2, 4, 8], ids=lambda s: f"split{s}")
-@pytest.mark.parametrize("variant", ["minmax", "sigma", "stochastic", "standardized"])
+@pytest.mark.parametrize("variant", ["minmax", "sigma", "stochastic", "standardized", "standardized-per-group"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("n", [256 * 5 + 7, 256 * 4], ids=["partial", "whole"])
 def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, split_first, device, monkeypatch):
@@ -401,10 +404,12 @@ def test_every_split_of_a_group_writes_the_same_bytes(n, dtype, variant, split, 
     x = activation_like(n, dtype, 256, seed=split, device=device)
     x[300] = 0.0
     channels = None
-    if variant == "standardized":
+    standardized = variant.startswith("standardized")
+    if standardized:
         channels = torch.tensor([[-1.0, 0.5], [0.25, 2.0], [0.0, 1.0]], device=device)
-    args = (x, 2 if variant == "standardized" else 4, 256, variant == "sigma", variant == "stochastic", 5, 17,
-            channels, 16)
+    channel_stride = 300 if variant == "standardized-per-group" else 16  # (the per-group path from 256 on)
+    args = (x, 2 if standardized else 4, 256, variant == "sigma", variant == "stochastic", 5, 17,
+            channels, channel_stride)
     payload, meta = triton_quantize(*args)
     ref_payload, ref_meta = torch_quantize(*args)
     assert torch.equal(payload, ref_payload)
