@@ -447,9 +447,9 @@ def quantize_launch_arguments(
         n, channels, channel_stride, group_size, meta)
     args = (x, payload, meta, n, meta.shape[0], seed, rng_offset, statistics, stride_divisor, count_divisor)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
-                      STANDARDIZE=channels is not None, INDEX64=index64, ROW_CHANNELS=by_row, EVEN=n % group_size == 0, SPLIT_FIRST=SPLIT_FIRST,
-                      EXACT_FMA=_EXACT_FMA,
-                      SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)))
+                      STANDARDIZE=channels is not None, INDEX64=index64, ROW_CHANNELS=by_row, EVEN=n % group_size == 0,
+                      SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)),
+                      SPLIT_FIRST=SPLIT_FIRST, EXACT_FMA=_EXACT_FMA)
     return args, constexprs
 
 

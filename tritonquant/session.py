@@ -602,8 +602,9 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-# Models with an attached handle: a second handle would sit inside the first one's block and take
-# every tensor from it, silently.
+# Models with an attached handle (held weakly on both sides: the handle holds its model, so a strong
+# value would keep the entry alive for good): a second handle would sit inside the first one's block
+# and take every tensor from it, silently.
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -618,10 +619,11 @@ class AttachHandle:
     def __init__(self, model: nn.Module, config: CompressConfig) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if model in _ATTACHED:
+        attached = _ATTACHED.get(model)
+        if attached is not None and attached() is not None:
             raise RuntimeError("this model already has a tritonquant handle attached; call its detach() first")
         _warn_unmatched_overrides(config.overrides, (name for name, _ in model.named_modules()), stacklevel=4)
-        _ATTACHED[model] = self
+        _ATTACHED[model] = weakref.ref(self)
         self.model = model
         self.config = config
         self.forwards = 0
@@ -681,7 +683,8 @@ class AttachHandle:
         self._handles = []
         self._session._close()
         self._compressing = False
-        if _ATTACHED.get(self.model) is self:
+        attached = _ATTACHED.get(self.model)
+        if attached is not None and attached() is self:
             del _ATTACHED[self.model]
 
 
