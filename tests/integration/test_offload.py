@@ -59,6 +59,36 @@ def test_offload_bookkeeping_moves_every_payload_and_prefetches_in_backward_orde
     assert offloader.fetches_on_demand == 1
 
 
+def test_prefetch_queues_depth_earlier_entries_once_and_keeps_no_copy_after_use():
+    # Module docstring: each fetch queues the next `depth` earlier entries, skipping those already used;
+    # a prefetched copy is dropped once fetched. A second pass (a retained graph) fetches on demand.
+    offloader = Offloader(depth=1, copy_cpu=True)
+    entries = [offloader.offload(tq.quantize(torch.randn(256), bits=4)) for _ in range(5)]
+    offloader.fetch(entries[4])
+    assert [e.prefetched is not None for e in entries] == [False, False, False, True, False]
+    for entry in reversed(entries[:4]):
+        offloader.fetch(entry)
+    assert (offloader.prefetches, offloader.fetches_on_demand) == (4, 1)
+    assert all(e.prefetched is None for e in entries)
+    for entry in reversed(entries):  # the second pass
+        offloader.fetch(entry)
+    assert (offloader.prefetches, offloader.fetches_on_demand) == (4, 6)
+    assert all(e.prefetched is None for e in entries)
+
+
+def test_offloaded_copy_holds_its_own_channel_statistics():
+    # Module docstring: offloading moves payload, metadata and channel statistics to new host tensors
+    # (copy_cpu=True makes that copy for CPU tensors too): none may stay shared with the device copy.
+    from tritonquant.codec import quantize_with
+    from tritonquant.config import QuantConfig
+
+    packed = quantize_with(torch.randn(4, 6, 5, 5), QuantConfig(bits=2, backend="torch"), standardize_channels=True)
+    host = Offloader(copy_cpu=True).offload(packed).host
+    for name in ("payload", "meta", "channels"):
+        original, copy = getattr(packed, name), getattr(host, name)
+        assert copy.data_ptr() != original.data_ptr() and torch.equal(copy, original), name
+
+
 def test_offload_refuses_to_run_inside_a_cuda_graph_capture(monkeypatch):
     # Forward captured, or backward captured alone: either way a replay would skip the host bookkeeping.
     # (The CUDA side is faked: the refusal comes before any CUDA call.)

@@ -71,6 +71,16 @@ def test_dithers_fill_minus_half_to_half_uniformly():
     assert torch.equal(v * 2**23, (v * 2**23).round())
 
 
+def test_dither_stream_golden_values():
+    # Pins the stochastic-rounding stream (docs/format.md: Philox4x32 with 7 rounds, word w -> the float
+    # of bits (w >> 9) | 0x3F800000, minus 1.5). Any change to it (rounds, key, word order, mapping)
+    # changes every stochastic payload. Obtained by running torch_dither4(12345, torch.arange(2)) when
+    # this test was written (its words match tl.randint4x, tested above); written as multiples of 2**-23.
+    dithers = torch_dither4(12345, torch.arange(2, dtype=torch.int64)) * 2**23
+    assert dithers.tolist() == [[-4010545.0, -3949810.0, 3893619.0, -2201860.0],
+                                [1088213.0, 2605551.0, 1108120.0, -2230450.0]]
+
+
 def test_uniforms_lie_in_unit_interval_and_look_uniform():
     u = torch_philox_uniform(7, torch.arange(200_000, dtype=torch.int64))
     assert u.min() >= 0 and u.max() < 1

@@ -111,6 +111,31 @@ def test_output_is_fp32_decode_rounded_to_dtype(dtype, device):
     assert torch.equal(out, decode_fp32(payload, meta, x.numel(), 4).to(dtype))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_output_saturates_at_its_largest_finite_value(backend, device):
+    # docs/format.md, Layout: decoded values round to the dtype, finite values saturating at its largest
+    # finite value. At 2 bits this group's top level lies near 81880, past fp16's 65504.
+    x = torch.zeros(GROUP, dtype=torch.float16, device=device)
+    x[0], x[1] = -57316.0, 65504.0
+    payload, meta = quantize(x, 2, backend=backend)
+    assert (meta[0, 0] + 3 * meta[0, 1]).item() > 65504  # the grid overshoots fp16's range
+    out = torch.empty_like(x)
+    (triton_dequantize if backend == "triton" else torch_dequantize)(payload, meta, out, 2, GROUP)
+    assert torch.isfinite(out).all() and out[1].item() == 65504.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_any_nan_step_decodes_to_nan_in_bf16(backend, device):
+    # docs/format.md, rule 5 and "Bit-exact backends": a NaN step decodes to NaN, whatever its payload
+    # bits. Rounding 0x7FFFFFFF's bits to bf16 as if it were a number would carry into the sign: -0.0.
+    meta = torch.zeros(1, 2, device=device)
+    meta.view(torch.int32)[0, 1] = 0x7FFFFFFF  # a NaN other than the canonical 0x7FC00000
+    payload = torch.arange(GROUP // 2, dtype=torch.uint8, device=device)  # 4-bit codes, zero among them
+    out = torch.zeros(GROUP, dtype=torch.bfloat16, device=device)
+    (triton_dequantize if backend == "triton" else torch_dequantize)(payload, meta, out, 4, GROUP)
+    assert out.isnan().all()
+
+
 def group_view(t, group_size=GROUP):
     n_groups = -(-t.numel() // group_size)
     padded = torch.full((n_groups * group_size,), float("nan"), dtype=torch.float32, device=t.device)
@@ -219,6 +244,18 @@ def test_zeros_exact_in_groups_whose_step_has_no_reciprocal(backend, bits, stoch
     assert (xh[kept][xg[kept] > 0] > 0).all() and (xh[kept][xg[kept] < 0] < 0).all()
     reference = quantize(x, bits, stochastic=stochastic, seed=3)
     assert torch.equal(payload, reference[0]) and torch.equal(meta, reference[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_thin_negative_side_keeps_a_level_of_its_own(backend, device):
+    # docs/format.md, rule 3: from 2 bits on, z is clamped to [1, 2^bits - 2], so each sign keeps a level.
+    # Here -0.01 is under half a step (about 1.0) from zero: unclamped, z would be 0 and -0.01 would decode
+    # to 0, breaking the sign rule.
+    x = torch.linspace(0.1, 3.0, GROUP, device=device)
+    x[0] = -0.01
+    payload, meta = quantize(x, 2, backend=backend)
+    decoded = decode_fp32(payload, meta, GROUP, 2)
+    assert decoded[0] < 0 and (decoded[1:] > 0).all()
 
 
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
@@ -387,6 +424,41 @@ def test_sigma_window_is_mean_plus_minus_three_std(device):
     tolerance = step.abs() / 2 + 1e-3 * std
     assert ((low_end - (mean - 3 * std)).abs() <= tolerance).all()
     assert ((high_end - (mean + 3 * std)).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sigma_window_of_a_partial_last_group_uses_its_own_elements(backend, device):
+    # docs/format.md, rule 1: the sigma window is mean +/- 3 std of the group's values; a partial last
+    # group (100 of 256 here) has only its own elements, not 256 of them, to average over.
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256 + 100, generator=g) + 0.5
+    x[::50] = 25.0  # outliers widen min..max far beyond the 3-sigma window
+    x[1::50] = -25.0
+    payload, meta = quantize(x.to(device), 8, scheme="sigma", group_size=256, backend=backend)
+    base, step = meta[:, 0].double().cpu(), meta[:, 1].double().cpu()
+    low_end = torch.minimum(base, base + 255 * step)
+    high_end = torch.maximum(base, base + 255 * step)
+    groups = x.double().split(256)
+    mean = torch.stack([group.mean() for group in groups])
+    std = torch.stack([group.std(correction=0) for group in groups])
+    tolerance = step.abs() / 2 + 1e-3 * std  # (as in test_sigma_window_is_mean_plus_minus_three_std)
+    assert ((low_end - (mean - 3 * std)).abs() <= tolerance).all()
+    assert ((high_end - (mean + 3 * std)).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("sign", [-1.0, 1.0], ids=["negative", "positive"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sigma_window_of_a_one_signed_group_holding_zero_is_widened_to_zero(sign, backend, device):
+    # docs/format.md, rule 1: a group holding zero (lo <= 0 <= hi) gets a window widened to include zero,
+    # also when zero is its maximum (or minimum) and the sigma window ends short of it (around +/-6 here);
+    # with base 0 (rule 2) the exact zero then decodes to exactly 0.
+    g = torch.Generator().manual_seed(2)
+    x = (sign * (10 + 0.1 * torch.randn(GROUP, generator=g))).to(device)
+    x[5] = 0.0
+    payload, meta = quantize(x, 4, scheme="sigma", backend=backend)
+    decoded = decode_fp32(payload, meta, GROUP, 4)
+    assert decoded[5].item() == 0.0
+    assert (decoded[x != 0] * sign > 0).all()
 
 
 @pytest.mark.parametrize("split_first", [True, False], ids=["split-first", "rows-first"])

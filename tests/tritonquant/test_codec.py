@@ -50,6 +50,27 @@ def test_roundtrip_keeps_shape_dtype_device_and_strides(layout, dtype, backend, 
         assert (y.float() - x.float()).abs().max() <= (x.float().abs().max() + 1) * 2**-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_with_gaps_comes_back_dense_in_its_dimension_order(backend, device):
+    # docs/format.md, Layout: a tensor with gaps is copied densely keeping its dimension order, and comes
+    # back with torch.empty_like's strides (channels_last here, not the contiguous ones).
+    x = torch.randn(2, 3, 8, 5, device=device).to(memory_format=torch.channels_last)[..., ::2]
+    assert torch.empty_like(x).stride() != x.contiguous().stride()
+    y = tq.dequantize(tq.quantize(x, bits=8, group_size=16, backend=backend), backend=backend)
+    assert y.stride() == torch.empty_like(x).stride()
+    assert (y - x).abs().max() <= (x.abs().max() + 1) * 2**-5
+
+
+@pytest.mark.parametrize("make", [lambda t: t[:, ::3], lambda t: t[:1, ::3].expand(6, 14)],
+                         ids=["gaps", "broadcast_with_gaps"])
+def test_packed_tensor_records_the_original_strides(make, device):
+    # PackedTensor.stride (and shape) are the original tensor's; stored_stride is the dense copy's.
+    x = make(torch.randn(6, 40, device=device))
+    packed = tq.quantize(x, bits=4, group_size=16)
+    assert packed.stored_stride != x.stride()
+    assert packed.stride == x.stride() and packed.shape == x.shape
+
+
 @pytest.mark.parametrize("layout", LAYOUTS.keys())
 @pytest.mark.parametrize("bits", [1, 2, 4, 8], ids=lambda b: f"{b}bit")
 def test_backends_agree_bit_for_bit_through_the_codec(layout, bits, device):

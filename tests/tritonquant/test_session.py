@@ -340,6 +340,24 @@ def test_inplace_change_after_packing_does_not_corrupt_gradients():
     assert (x.grad - expected).abs().max() < 0.1
 
 
+def test_a_tensor_changed_in_place_between_two_saves_is_packed_again():
+    # docs/usage.md: a storage saved by several ops is packed once, and a packed tensor holds its own copy;
+    # a save after an in-place change must pack the new values, not reuse the earlier packing.
+    torch.manual_seed(0)
+    x = torch.randn(4096, requires_grad=True)
+    with tq.compress(bits=8, min_bytes=0) as session:
+        y = x * 1
+        a = y * y  # saves y (twice: one packing)
+        y.add_(1)
+        b = torch.sin(y)  # saves y + 1
+    (a + b).sum().backward()
+    # 8-bit error of y: within one step (range / 255) for each use (measured 0.06 here); reusing the
+    # packing of y made before the change would put cos(x) where cos(x + 1) belongs (measured 0.99).
+    step = (x.max() - x.min()).item() / 255
+    assert (x.grad - (2 * x + torch.cos(x + 1)).detach()).abs().max() < 4 * step
+    assert session.stats.packed_tensors == 2
+
+
 def test_pass_through_policy_reasons():
     class WithBuffer(nn.Module):
         def __init__(self):
@@ -463,6 +481,16 @@ def test_a_model_takes_one_handle_at_a_time():
         tq.attach(model, bits=2)
     handle.detach()
     tq.attach(model, bits=2).detach()  # free again once detached
+
+
+def test_a_model_dropped_with_its_handle_attached_is_collected():
+    # The one-handle registry must not keep either alive: users drop models without detaching.
+    model = SmallCNN(width=8, blocks=1)
+    tq.attach(model, bits=4)
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None
 
 
 def test_entering_an_open_block_again_raises_and_leaves_no_hook_behind():
@@ -614,6 +642,38 @@ def test_recast_gradients_equal_kept_casts_bit_for_bit_on_a_cnn():
     assert torch.equal(results[True][0], results[False][0])
 
 
+def test_a_cast_laid_out_unlike_its_parameter_is_kept_not_recast():
+    # policy.weight_cast_source: a cast is made again in backward only when param.to(dtype) remakes it,
+    # strides included. This cast of a transposed parameter is laid out contiguously (autocast's own
+    # casts keep the parameter's strides), and linear saves a transposed view of it: remade with the
+    # parameter's strides, that view would read the wrong elements. Kept, the input gradient is exact.
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 32).t())  # [32, 64] with strides (1, 32)
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight.to(torch.bfloat16, memory_format=torch.contiguous_format))
+
+    layer = Layer()
+    x = torch.randn(16, 64, requires_grad=True)
+
+    def input_grad(ctx) -> torch.Tensor:
+        x.grad = None
+        with ctx:
+            y = layer(x.bfloat16())
+        y.float().sum().backward()
+        return x.grad.clone()
+
+    exact = input_grad(contextlib.nullcontext())
+    session = tq.compress(bits=4, min_bytes=0)
+    assert torch.equal(input_grad(session), exact)
+    assert session.stats.passed_by_reason["parameter"] == 1 and session.stats.passed_by_reason["recast"] == 0
+
+
 class _CastCounter(TorchDispatchMode):
     """Counts casts to bfloat16 of a tensor of ``shape`` (the weight casts a backward makes again)."""
 
@@ -672,6 +732,18 @@ def test_parameter_changed_before_backward_raises_when_recast():
         y.float().sum().backward()
 
 
+def test_parameter_storage_replaced_before_backward_raises_when_recast():
+    # docs/usage.md (recast_weights): a parameter changed before backward raises rather than being cast
+    # again; assigning .data replaces its storage without an in-place change to its version.
+    model = nn.Linear(64, 64)
+    x = torch.randn(32, 64, requires_grad=True)
+    with tq.compress(bits=4, min_bytes=0), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.tanh(x))
+    model.weight.data = torch.randn_like(model.weight)
+    with pytest.raises(RuntimeError, match="recast_weights=False"):
+        y.float().sum().backward()
+
+
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 def test_casts_of_frozen_weights_are_kept_so_input_gradients_are_exact(layer):
     # Fine-tuning with frozen base weights under autocast: the layer casts its frozen weight for the
@@ -707,6 +779,19 @@ def test_activations_are_not_mistaken_for_frozen_weight_casts():
     with tq.compress(bits=4, min_bytes=0) as session:
         y = module(torch.tanh(x)) * x  # x: a bf16 leaf that requires grad, saved by the product
     assert "frozen" not in session.stats.passed_by_reason
+    y.float().sum().backward()
+
+
+def test_an_input_shaped_like_a_trainable_weight_is_not_taken_for_a_frozen_cast():
+    # docs/usage.md: what looks like a cast of a *frozen* (requires_grad=False) parameter of the saving
+    # module is kept. A no-grad input cast by autocast has no autograd node and the weight's shape and
+    # strides, but this weight trains: the input is packed.
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    with tq.compress(bits=4, min_bytes=0) as session, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(64, 64))  # its bf16 cast, saved for the weight gradient
+    assert session.stats.passed_by_reason["frozen"] == 0
+    assert session.stats.packed_tensors == 1
     y.float().sum().backward()
 
 
