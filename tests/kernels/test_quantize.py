@@ -303,6 +303,8 @@ def test_nearest_rounding_rounds_the_product_once(backend, exact_fma, device, mo
     # values the exact x * inv_step lies just off a half (5.49999977, 6.50000009, 8.50000029), and
     # rounding it to float32 first would land on the half and tie to 6, 6 and 8 (docs/format.md, rule 4).
     # The kernel rounds with one fma, or in float64 where tl.fma would round twice (quantize._round_product).
+    if exact_fma and not quantize_module.fma_rounds_once():
+        pytest.skip("this Triton's interpreter rounds tl.fma twice (its kernels take the float64 path)")
     if exact_fma is not None:
         monkeypatch.setattr(quantize_module, "_EXACT_FMA", exact_fma)
     values = [0.36666667461395264, 0.4333333671092987, 0.5666667222976685]
