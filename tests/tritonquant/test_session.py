@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import tritonquant as tq
 from tritonquant.codec import quantize_with
 from tritonquant.config import QuantConfig
-from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive, standardize_kind
+from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive, narrow_index_dtype, standardize_kind
 from tritonquant.models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
 BITS = (1, 2, 4, 8)
@@ -1007,6 +1007,27 @@ def test_only_max_pooling_modules_get_their_indices_narrowed():
     session = tq.compress(bits=4, min_bytes=0)
     input_grad(lambda inputs: F.max_pool2d(inputs, 2), x, session, weight)
     assert session.stats.passed_by_reason["dtype"] == 1, "outside a pooling module the bound is unknown: kept"
+
+
+def test_max_pool_indices_below_min_bytes_are_kept_as_they_are():
+    # Like every saved tensor, indices whose storage is below min_bytes are not worth a launch: kept.
+    x = torch.randn(1, 2, 8, 8)
+    pool = nn.MaxPool2d(2)  # int64 indices of 1 x 2 x 4 x 4: 256 bytes
+    weight = torch.randn_like(pool(x))
+    for min_bytes, narrowed in ((0, 1), (512, 0)):
+        session = tq.compress(bits=4, min_bytes=min_bytes)
+        input_grad(pool, x, session, weight)
+        assert session.stats.passed_by_reason["narrowed"] == narrowed, min_bytes
+        assert session.stats.passed_by_reason["dtype"] == 1 - narrowed, min_bytes
+
+
+@pytest.mark.parametrize("plane, expected", [
+    ((128, 256), torch.int16), ((128, 257), torch.int32), ((2**16, 2**15), torch.int32), ((2**16, 2**15 + 1), None),
+], ids=["2**15-positions", "one-more", "2**31-positions", "past-int32"])
+def test_pool_indices_narrow_to_the_smallest_type_that_holds_every_position_of_a_plane(plane, expected):
+    # An index is a position in its input plane, 0 .. H*W - 1: int16 holds planes of up to 2**15 positions.
+    indices = torch.zeros(1, dtype=torch.int64)
+    assert narrow_index_dtype(indices, nn.AdaptiveMaxPool2d(2), torch.Size((1, 1, *plane))) is expected
 
 
 def test_max_pool_indices_follow_overrides_that_exclude_the_module():
