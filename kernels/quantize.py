@@ -259,12 +259,18 @@ def _quantize_kernel(
     # through the reductions, more than the predicate registers hold: a zero from the row (lo * 0 is
     # +-0, as lo is finite here) keeps them after (sm_90, Triton 3.6, 4 bits: 20.3 -> 17.5 instructions
     # per element).
-    if x_ptr.dtype.element_ty == tl.float32:
-        zero = _per_row(lo * 0.0, SPLIT_FIRST)
+    if STANDARDIZE:
+        # No sign rule: standardized values keep no signs (docs/format.md), only the code range 0..L. (The
+        # library's statistics map every value to 1 or more, where the positives' bounds are 0..L too.)
+        lower = _K_MAGIC
+        upper = _per_row(tl.where(bad, 0.0, LEVELS_M1 * 1.0) + _K_MAGIC, SPLIT_FIRST)
     else:
-        zero = 0.0
-    lower = tl.where(x > zero, _per_row(positive_lo, SPLIT_FIRST), _per_row(negative_lo, SPLIT_FIRST))
-    upper = tl.where(x < zero, _per_row(negative_hi, SPLIT_FIRST), _per_row(positive_hi, SPLIT_FIRST))
+        if x_ptr.dtype.element_ty == tl.float32:
+            zero = _per_row(lo * 0.0, SPLIT_FIRST)
+        else:
+            zero = 0.0
+        lower = tl.where(x > zero, _per_row(positive_lo, SPLIT_FIRST), _per_row(negative_lo, SPLIT_FIRST))
+        upper = tl.where(x < zero, _per_row(negative_hi, SPLIT_FIRST), _per_row(positive_hi, SPLIT_FIRST))
     # (min/max that ignore NaN: a bad group's NaN t lands on its bounds, code 0.)
     r = tl.minimum(tl.maximum(r, lower), upper)
     if not EVEN:
@@ -566,10 +572,13 @@ def torch_quantize(
         rounded = torch.round(d.double() * inv_step[:, None].double() + offset[:, None].double()).float()
     # The bounds and the zero code are small whole numbers, so selecting by multiplying with a 0/1 mask is
     # exact (and, on the CPU, several times faster than torch.where on a full tile).
-    positive, negative = (xs > 0).float(), (xs < 0).float()
-    lower = negative_lo[:, None] + (positive_lo - negative_lo)[:, None] * positive
-    upper = positive_hi[:, None] + (negative_hi - positive_hi)[:, None] * negative
-    code = torch.minimum(torch.maximum(rounded, lower), upper)
+    if channels is not None:  # standardized: no sign rule, codes 0..L (the kernel says why)
+        code = torch.minimum(rounded.clamp(min=0.0), torch.where(bad, 0.0, levels_m1)[:, None])
+    else:
+        positive, negative = (xs > 0).float(), (xs < 0).float()
+        lower = negative_lo[:, None] + (positive_lo - negative_lo)[:, None] * positive
+        upper = positive_hi[:, None] + (negative_hi - positive_hi)[:, None] * negative
+        code = torch.minimum(torch.maximum(rounded, lower), upper)
     code = code.to(torch.uint8)
     code.view(-1)[n:] = 0  # the padding
 
