@@ -322,7 +322,7 @@ class Session:
         for handle in self._module_hook_handles:
             handle.remove()
         self._module_hook_handles = []
-        if self._stack.names:
+        if self.config.overrides and self._stack.names:
             _warn_unmatched_overrides(self.config.overrides, self._stack.names.values(), stacklevel=3)
 
     def _open(self) -> None:
