@@ -69,19 +69,18 @@ def variants(quick: bool):
                      "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
                      "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "ROW_CHANNELS": "constexpr",
-                     "EVEN": "constexpr", "SPLIT": "constexpr",
-                     "SPLIT_FIRST": "constexpr", "EXACT_FMA": "constexpr"}
+                     "EVEN": "constexpr", "SPLIT": "constexpr", "SPLIT_FIRST": "constexpr", "EXACT_FMA": "constexpr"}
         split = split_for(256, ELEMENT_SIZES[dtype], threads_per_group(rows, NUM_WARPS))
         constants = {"BITS": bits, "GROUP": 256, "ROWS": rows, "SIGMA": sigma, "STOCHASTIC": stochastic,
                      "STANDARDIZE": standardize, "INDEX64": index64, "ROW_CHANNELS": row_channels, "EVEN": even,
-                     "SPLIT": split,
-                     "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True}
+                     "SPLIT": split, "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True}
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"
                 f"{' index64' if index64 else ''}{' row_channels' if row_channels else ''} even={even} rows={rows}")
         yield name, _quantize_kernel, signature, constants
     for bits, standardize, index64, row_channels, even, dtype in itertools.product(
             bits_choices, (False, True), (False, True), (False, True), (True, False), FLOATS):
-        if (index64 or row_channels) and not standardize or index64 and (not even or row_channels):
+        # INDEX64 and ROW_CHANNELS: standardized variants only, never together; INDEX64 for whole groups.
+        if ((index64 or row_channels) and not standardize) or (index64 and (row_channels or not even)):
             continue
         if quick and ((standardize and bits != 2) or (index64 and dtype != "bf16")
                       or (row_channels and dtype != "bf16")
