@@ -20,7 +20,7 @@ from tritonquant.kernels import (
     triton_quantize,
     triton_unpack_bool,
 )
-from tritonquant.kernels.channels import COUNT_LIMIT
+from tritonquant.kernels.channels import COUNT_LIMIT, uses_row_channels
 from tritonquant.kernels.launch import BOOL_BLOCK_BYTES
 
 pytestmark = pytest.mark.gpu
@@ -51,13 +51,16 @@ def test_compiled_kernels_match_references(bits, dtype, scheme, stochastic, n):
 # division by prepared divisors, or, from COUNT_LIMIT channels on, from 64-bit division (INDEX64).
 STANDARDIZED_LAYOUTS = {
     "nchw": (25, 6, 1000),  # (channel stride, channels, elements): partial groups and channels
+    "nchw-per-group": (3136, 5, 40000),  # 56 x 56 maps: each group in at most two channels (ROW_CHANNELS)
     "nhwc": (1, 7, 1000),
     "index64": (1, COUNT_LIMIT, COUNT_LIMIT + 300),
 }
-# Every layout, with both input dtypes and both roundings, in six cases (on a GPU, each case compiles).
+# Every layout, with both input dtypes and both roundings, in eight cases (on a GPU, each case compiles).
 STANDARDIZED_CASES = [
     (torch.bfloat16, 2, "nchw", False), (torch.bfloat16, 2, "nhwc", True), (torch.bfloat16, 2, "index64", False),
+    (torch.bfloat16, 2, "nchw-per-group", False),
     (torch.float32, 4, "nchw", True), (torch.float32, 4, "nhwc", False), (torch.float32, 4, "index64", True),
+    (torch.float32, 4, "nchw-per-group", True),
 ]
 
 
@@ -66,6 +69,7 @@ STANDARDIZED_CASES = [
     for dtype, bits, layout, stochastic in STANDARDIZED_CASES])
 def test_compiled_standardized_kernels_match_references(dtype, bits, layout, stochastic):
     channel_stride, n_channels, n = STANDARDIZED_LAYOUTS[layout]
+    assert uses_row_channels(n, channel_stride, n_channels, GROUP) == (layout == "nchw-per-group")
     x = activation_like(n, dtype, GROUP, seed=bits, device="cuda")
     g = torch.Generator().manual_seed(bits)
     channels = torch.stack([torch.randn(n_channels, generator=g), torch.rand(n_channels, generator=g) + 0.1], 1)
