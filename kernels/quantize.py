@@ -552,14 +552,6 @@ def torch_quantize(
     base = torch.where(mixed, -(z * step), near)
     base = torch.where(base == 0.0, 0.0, base)
 
-    # The codes a value may take, by its sign; an exact zero takes the negatives' lower bound and the
-    # positives' upper bound (the kernel's comments say why that gives it z).
-    positives_away = ~negative_side
-    toward_hi = (z - 1.0).clamp(min=0.0)
-    positive_lo = torch.where(bad, 0.0, torch.where(positives_away, z + 1.0, 0.0))
-    positive_hi = torch.where(bad, 0.0, torch.where(positives_away, levels_m1, toward_hi))
-    negative_lo = torch.where(bad, 0.0, torch.where(positives_away, 0.0, z + 1.0))
-    negative_hi = torch.where(bad, 0.0, torch.where(positives_away, toward_hi, levels_m1))
     offset = torch.where(invertible, 0.0, z)  # where every t is 0, zeros round to z (a bad group's z is 0)
 
     d = xs - base[:, None]
@@ -572,11 +564,19 @@ def torch_quantize(
         # The kernel's fma rounds the product once: in float64 the product of two float32 is exact, and
         # offset is nonzero only where inv_step is 0, so the sum is exact too.
         rounded = torch.round(d.double() * inv_step[:, None].double() + offset[:, None].double()).float()
-    # The bounds and the zero code are small whole numbers, so selecting by multiplying with a 0/1 mask is
-    # exact (and, on the CPU, several times faster than torch.where on a full tile).
     if channels is not None:  # standardized: no sign rule, codes 0..L (the kernel says why)
         code = torch.minimum(rounded.clamp(min=0.0), torch.where(bad, 0.0, levels_m1)[:, None])
     else:
+        # The codes a value may take, by its sign; an exact zero takes the negatives' lower bound and the
+        # positives' upper bound (the kernel's comments say why that gives it z). The bounds are small
+        # whole numbers, so selecting by multiplying with a 0/1 mask is exact (and, on the CPU, several
+        # times faster than torch.where on a full tile).
+        positives_away = ~negative_side
+        toward_hi = (z - 1.0).clamp(min=0.0)
+        positive_lo = torch.where(bad, 0.0, torch.where(positives_away, z + 1.0, 0.0))
+        positive_hi = torch.where(bad, 0.0, torch.where(positives_away, levels_m1, toward_hi))
+        negative_lo = torch.where(bad, 0.0, torch.where(positives_away, 0.0, z + 1.0))
+        negative_hi = torch.where(bad, 0.0, torch.where(positives_away, toward_hi, levels_m1))
         positive, negative = (xs > 0).float(), (xs < 0).float()
         lower = negative_lo[:, None] + (positive_lo - negative_lo)[:, None] * positive
         upper = positive_hi[:, None] + (negative_hi - positive_hi)[:, None] * negative
