@@ -143,6 +143,9 @@ def channel_statistics(channels_ptr, channel, mask):
     return minimum, scale
 
 
-def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device) -> torch.Tensor:
-    """int64 [n]: the channel of each element of a flat run (``(i // channel_stride) % n_channels``)."""
-    return torch.div(torch.arange(n, device=device), channel_stride, rounding_mode="floor") % n_channels
+def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device, start: int = 0,
+                     ) -> torch.Tensor:
+    """int64 [n]: the channel of elements ``start .. start + n - 1`` of a flat run
+    (``(i // channel_stride) % n_channels``)."""
+    index = torch.arange(start, start + n, device=device)
+    return torch.div(index, channel_stride, rounding_mode="floor") % n_channels

@@ -14,6 +14,7 @@ from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
 from .channels import channel_launch_args, channel_of, channel_statistics, row_channels, torch_channel_of
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
+from .quantize import torch_chunk_elements
 
 
 @triton.jit
@@ -121,8 +122,27 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
 
 def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
                      channels: torch.Tensor | None = None, channel_stride: int = 1) -> None:
-    """Plain-PyTorch reference for ``triton_dequantize``: same signature, same bits out."""
+    """Plain-PyTorch reference for ``triton_dequantize``: same signature, same bits out.
+
+    On the CPU it decodes a chunk of groups at a time (``quantize.torch_chunk_elements``).
+    """
     out = flat_view(out)
+    n = out.numel()
+    chunk = torch_chunk_elements(group_size, out.device)
+    if chunk is None or n <= chunk:
+        _torch_dequantize_run(payload, meta, out, 0, bits, channels, channel_stride)
+        return
+    group_bytes = group_size * bits // 8
+    for start in range(0, n, chunk):
+        first, end = start // group_size, -(-min(start + chunk, n) // group_size)
+        _torch_dequantize_run(payload[first * group_bytes:end * group_bytes], meta[first:end],
+                              out[start:start + chunk], start, bits, channels, channel_stride)
+
+
+def _torch_dequantize_run(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, start: int, bits: int,
+                          channels: torch.Tensor | None, channel_stride: int) -> None:
+    """``torch_dequantize`` into the 1-D run ``out`` (the groups of ``payload`` and ``meta``), which
+    starts at element ``start`` of the tensor (for its channels)."""
     n = out.numel()
     n_groups = meta.shape[0]
     if n == 0:
@@ -130,7 +150,7 @@ def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tenso
     code = torch_unpack_codes(payload.view(n_groups, -1), bits).float()
     value = (meta[:, 0:1] + code * meta[:, 1:2]).reshape(-1)[:n]
     if channels is not None:
-        channel = torch_channel_of(n, channel_stride, channels.shape[0], out.device)
+        channel = torch_channel_of(n, channel_stride, channels.shape[0], out.device, start)
         value = (value - 1.0) * channels[channel, 1] + channels[channel, 0]
     if out.dtype != torch.float32:
         limit = torch.finfo(out.dtype).max

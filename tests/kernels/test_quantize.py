@@ -105,6 +105,50 @@ def test_standardized_reference_is_the_plain_reference_around_an_affine_map(devi
     assert torch.equal(out, (decode_fp32(plain_payload, plain_meta, n, 4) - 1.0) * scale + minimum)
 
 
+@pytest.mark.parametrize("layout", ["plain", "nchw", "wide"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("scheme", ["minmax", "sigma"])
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_torch_reference_in_chunks_writes_what_it_writes_whole(bits, scheme, stochastic, layout, monkeypatch):
+    """On the CPU the torch references work through a tensor a few groups at a time: chunks of 2 groups
+    here, against one chunk for the whole tensor. Chunk starts fall inside channels (strides 25 and 100
+    elements), the dither counters continue across chunks, and the last chunk holds a partial group."""
+    n, dtype, device = 1000, torch.bfloat16, "cpu"
+    channel_stride, n_channels = {"plain": (1, 0), "nchw": (25, 6), "wide": (100, 3)}[layout]
+    channels = None
+    if n_channels:
+        g = torch.Generator().manual_seed(bits)
+        channels = torch.stack([torch.randn(n_channels, generator=g), torch.rand(n_channels, generator=g) + 0.1], 1)
+        channels = channels.to(device)
+    x = activation_like(n, dtype, GROUP, seed=bits, device=device)
+    results = []
+    for chunk in (1 << 20, 2 * GROUP):
+        monkeypatch.setattr(quantize_module, "TORCH_CHUNK_ELEMENTS", chunk)
+        payload, meta = torch_quantize(x, bits, GROUP, scheme == "sigma", stochastic, 11, 5, channels, channel_stride)
+        out = torch.full((n,), float("nan"), dtype=dtype, device=device)
+        torch_dequantize(payload, meta, out, bits, GROUP, channels, channel_stride)
+        results.append((payload, meta.view(torch.int32), out.view(torch.int16)))
+    (whole_payload, whole_meta, whole_out), (payload, meta, out) = results
+    assert torch.equal(payload, whole_payload)
+    assert torch.equal(meta, whole_meta)
+    assert torch.equal(out, whole_out)
+
+
+def test_torch_reference_never_takes_more_than_a_chunk(monkeypatch):
+    """What bounds the CPU torch backend's temporaries: each step of the reference sees at most a chunk
+    (and on other devices, or under torch.compile, the whole tensor)."""
+    monkeypatch.setattr(quantize_module, "TORCH_CHUNK_ELEMENTS", 4 * GROUP)
+    runs = []
+    run = quantize_module._torch_quantize_run
+    monkeypatch.setattr(quantize_module, "_torch_quantize_run", lambda flat, *args: runs.append(flat.numel()) or
+                        run(flat, *args))
+    torch_quantize(torch.randn(1000), 4, GROUP, False, False, 0, 0)
+    assert runs == [256, 256, 256, 232]
+    assert quantize_module.torch_chunk_elements(GROUP, torch.device("cuda")) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert quantize_module.torch_chunk_elements(GROUP, torch.device("cpu")) is None
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_output_is_fp32_decode_rounded_to_dtype(dtype, device):
     x = activation_like(2000, dtype, GROUP, seed=3, device=device)
