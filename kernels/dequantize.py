@@ -128,7 +128,7 @@ def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tenso
     """
     out = flat_view(out)
     n = out.numel()
-    chunk = torch_chunk_elements(group_size, out.device)
+    chunk = torch_chunk_elements(n, group_size, out.device)
     if chunk is None or n <= chunk:
         _torch_dequantize_run(payload, meta, out, 0, bits, channels, channel_stride)
         return
@@ -147,11 +147,16 @@ def _torch_dequantize_run(payload: torch.Tensor, meta: torch.Tensor, out: torch.
     n_groups = meta.shape[0]
     if n == 0:
         return
-    code = torch_unpack_codes(payload.view(n_groups, -1), bits).float()
-    value = (meta[:, 0:1] + code * meta[:, 1:2]).reshape(-1)[:n]
+    # (In place where the arithmetic allows: on the CPU this is how training restores tensors, and its
+    # temporaries count against the memory compression saves.)
+    value = torch_unpack_codes(payload.view(n_groups, -1), bits).float().mul_(meta[:, 1:2]).add_(meta[:, 0:1])
+    value = value.view(-1)[:n]
     if channels is not None:
         channel = torch_channel_of(n, channel_stride, channels.shape[0], out.device, start)
-        value = (value - 1.0) * channels[channel, 1] + channels[channel, 0]
+        # (index_select takes int32 indices as they are; indexing with [] widens them to int64 first)
+        value = value.sub_(1.0).mul_(channels[:, 1].index_select(0, channel))
+        value = value.add_(channels[:, 0].index_select(0, channel))
+        del channel
     if out.dtype != torch.float32:
         limit = torch.finfo(out.dtype).max
         value = value.clamp(-limit, limit)  # (NaN stays NaN)

@@ -100,12 +100,15 @@ def split_axis_first() -> bool:
 SPLIT_FIRST = split_axis_first()
 
 
-# On the CPU the torch references (torch_quantize, torch_dequantize) take about this many elements at a
-# time (``torch_chunk_elements``). Quantize's temporaries come to some 40 bytes an element (float32
-# copies, float64 products, masks), so about 10 MB a chunk instead of 10x a float32 tensor's own bytes;
-# and chunks of 2**18-2**20 elements ran 4-6x faster than whole 16M-element tensors on a 2-core machine.
-# Groups are independent: chunks change no bit.
+# On the CPU the torch references (torch_quantize, torch_dequantize) take a tensor a chunk of whole
+# groups at a time (``torch_chunk_elements``). Quantize's temporaries come to 24 bytes an element (38
+# with stochastic rounding; dequantize's to 5-12), so a chunk holds at most about 6 MB of them; for a
+# tensor of 2**18 elements or more, at most 3 bytes per element of the tensor: less than the tensor
+# itself in float32. Groups are independent: chunks change no bit. (Figures: docs/kernels.md, "The
+# torch backend on the CPU".)
 TORCH_CHUNK_ELEMENTS = 1 << 18
+TORCH_CHUNK_MIN_ELEMENTS = 1 << 15
+TORCH_CHUNK_PARTS = 8
 
 
 def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
@@ -497,7 +500,7 @@ def torch_quantize(
     """
     flat = flat_view(x)
     n = flat.numel()
-    chunk = torch_chunk_elements(group_size, flat.device)
+    chunk = torch_chunk_elements(n, group_size, flat.device)
     if chunk is None or n <= chunk:
         return _torch_quantize_run(flat, 0, bits, group_size, sigma, stochastic, seed, rng_offset, channels,
                                    channel_stride)
@@ -516,18 +519,20 @@ def torch_quantize(
     return payload, meta
 
 
-def torch_chunk_elements(group_size: int, device: torch.device) -> int | None:
-    """How many elements the torch references take at a time: on the CPU outside torch.compile,
-    ``TORCH_CHUNK_ELEMENTS`` rounded to whole groups; elsewhere None, the whole tensor in one piece.
+def torch_chunk_elements(n: int, group_size: int, device: torch.device) -> int | None:
+    """How many of a tensor's ``n`` elements the torch references take at a time: on the CPU outside
+    torch.compile, an eighth of the tensor, but at least ``TORCH_CHUNK_MIN_ELEMENTS`` and at most
+    ``TORCH_CHUNK_ELEMENTS``, rounded to whole groups; elsewhere None, the whole tensor in one piece.
 
     On the CPU the torch backend is how training packs, so its temporaries count against the memory it
-    is there to save, and chunks that stay in cache run several times faster. On a GPU the reference is
-    what the kernels are measured against, whole. torch.compile fuses it and plans its own buffers, and
-    would unroll a loop over chunks.
+    is there to save, and chunks that stay in cache run faster. On a GPU the reference is what the
+    kernels are measured against, whole. torch.compile fuses it and plans its own buffers, and would
+    unroll a loop over chunks.
     """
     if device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    return max(group_size, TORCH_CHUNK_ELEMENTS // group_size * group_size)
+    chunk = max(TORCH_CHUNK_MIN_ELEMENTS, min(TORCH_CHUNK_ELEMENTS, n // TORCH_CHUNK_PARTS))
+    return max(group_size, chunk // group_size * group_size)
 
 
 def _torch_quantize_run(
@@ -548,12 +553,18 @@ def _torch_quantize_run(
     # [n_groups, group_size] view of the input. A partial last group is padded with its own last value,
     # which changes none of its statistics but the sigma scheme's (that one masks the padding out); the
     # padding's codes are set to 0 at the end.
+    # (On the CPU this is how training packs: temporaries the size of the run are made in place or
+    # dropped once used, to keep the chunks' memory small.)
     x = torch.empty(n_groups * group_size, dtype=torch.float32, device=device)
-    x[:n] = flat.float()
+    x[:n] = flat
     if channels is not None:
+        pairs = standardizing_pairs(channels)
         channel = torch_channel_of(n, channel_stride, channels.shape[0], device, start)
-        pairs = standardizing_pairs(channels)[channel]
-        x[:n] = (x[:n] - pairs[:, 0]) * pairs[:, 1] + 1.0
+        # (index_select takes int32 indices as they are; indexing with [] widens them to int64 first)
+        x[:n] -= pairs[:, 0].index_select(0, channel)
+        x[:n] *= pairs[:, 1].index_select(0, channel)
+        x[:n] += 1.0
+        del channel
     x[n:] = x[n - 1]
     x = x.view(n_groups, group_size)
 
@@ -562,31 +573,9 @@ def _torch_quantize_run(
     bad = ~(lo.isfinite() & hi.isfinite())
     lo = torch.where(bad, 0.0, lo)
     hi = torch.where(bad, 0.0, hi)
-    xs = x.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)  # (a bad group's codes are all 0 whatever it holds)
+    g_lo, g_hi = _torch_sigma_range(x, lo, hi, n) if sigma else (lo, hi)
+    xs = x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a bad group's codes are all 0 whatever it holds)
 
-    if sigma:
-        valid = torch.ones(n_groups * group_size, dtype=torch.bool, device=device)
-        valid[n:] = False
-        ok = valid.view(n_groups, group_size) & x.isfinite()
-        center = lo * 0.5 + hi * 0.5
-        half = hi * 0.5 - lo * 0.5
-        to_fixed = torch.where(half > 0, _exact_div(FIXED_POINT_SCALE, half.clamp(min=_TINY_RANGE)), 0.0)
-        fixed = (torch.where(ok, x - center[:, None], 0.0) * to_fixed[:, None]).to(torch.int32)
-        sum1 = fixed.sum(dim=1, dtype=torch.int64)
-        sum2 = (fixed * fixed).to(torch.int64).sum(dim=1)
-        count = (n - torch.arange(n_groups, device=device) * group_size).clamp(1, group_size).float()
-        mean_fixed = sum1.float() / count
-        var_fixed = (sum2.float() / count - mean_fixed * mean_fixed).clamp(min=0.0)
-        unit = half * (1.0 / FIXED_POINT_SCALE)
-        mean = torch.minimum(torch.maximum(center + mean_fixed * unit, lo), hi)
-        width = SIGMA_WIDTH * (_exact_sqrt(var_fixed) * unit)
-        g_lo = torch.maximum(lo, mean - width)
-        g_hi = torch.minimum(hi, mean + width)
-        collapsed = g_hi <= g_lo
-        g_lo = torch.where(collapsed, lo, g_lo)
-        g_hi = torch.where(collapsed, hi, g_hi)
-    else:
-        g_lo, g_hi = lo, hi
     g_lo = torch.where(lo <= 0, g_lo.clamp(max=0.0), g_lo)
     g_hi = torch.where(hi >= 0, g_hi.clamp(min=0.0), g_hi)
 
@@ -610,11 +599,14 @@ def _torch_quantize_run(
         # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _dithers in the kernel.
         counters = rng_offset + torch.arange(n_groups * group_size // 4, device=device, dtype=torch.int64)
         t = d * inv_step[:, None] + torch_dither4(seed, counters).view(n_groups, group_size) * (xs != 0).float()
-        rounded = torch.round(t + offset[:, None])  # to nearest, ties to even (zeros were not dithered)
+        del counters
+        rounded = torch.round(t.add_(offset[:, None]))  # to nearest, ties to even (zeros were not dithered)
+        del t
     else:
         # The kernel's fma rounds the product once: in float64 the product of two float32 is exact, and
         # offset is nonzero only where inv_step is 0, so the sum is exact too.
-        rounded = torch.round(d.double() * inv_step[:, None].double() + offset[:, None].double()).float()
+        rounded = (d.double() * inv_step[:, None].double()).add_(offset[:, None].double()).round_().float()
+    del d
     if channels is not None:  # standardized: no sign rule, codes 0..L (the kernel says why)
         code = torch.minimum(rounded.clamp(min=0.0), torch.where(bad, 0.0, levels_m1)[:, None])
     else:
@@ -628,13 +620,39 @@ def _torch_quantize_run(
         positive_hi = torch.where(bad, 0.0, torch.where(positives_away, levels_m1, toward_hi))
         negative_lo = torch.where(bad, 0.0, torch.where(positives_away, 0.0, z + 1.0))
         negative_hi = torch.where(bad, 0.0, torch.where(positives_away, toward_hi, levels_m1))
-        positive, negative = (xs > 0).float(), (xs < 0).float()
-        lower = negative_lo[:, None] + (positive_lo - negative_lo)[:, None] * positive
-        upper = positive_hi[:, None] + (negative_hi - positive_hi)[:, None] * negative
-        code = torch.minimum(torch.maximum(rounded, lower), upper)
+        lower = negative_lo[:, None] + (positive_lo - negative_lo)[:, None] * (xs > 0).float()
+        code = torch.maximum(rounded, lower, out=rounded)
+        del lower
+        upper = positive_hi[:, None] + (negative_hi - positive_hi)[:, None] * (xs < 0).float()
+        code = torch.minimum(code, upper, out=code)
     code = code.to(torch.uint8)
     code.view(-1)[n:] = 0  # the padding
 
     payload = torch_pack_codes(code, bits).reshape(-1)
     meta = torch.stack([base, torch.where(bad, float("nan"), step)], dim=1)
     return payload, meta
+
+
+def _torch_sigma_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigma scheme's grid range of each group of ``x`` (float32 [n_groups, group_size], holding the
+    run's ``n`` elements and then padding), given each group's finite [lo, hi]: mean +/- SIGMA_WIDTH
+    standard deviations, inside [lo, hi]; [lo, hi] itself where that window is empty."""
+    n_groups, group_size = x.shape
+    ok = x.isfinite()
+    ok.view(-1)[n:] = False
+    center = lo * 0.5 + hi * 0.5
+    half = hi * 0.5 - lo * 0.5
+    to_fixed = torch.where(half > 0, _exact_div(FIXED_POINT_SCALE, half.clamp(min=_TINY_RANGE)), 0.0)
+    fixed = (torch.where(ok, x - center[:, None], 0.0) * to_fixed[:, None]).to(torch.int32)
+    sum1 = fixed.sum(dim=1, dtype=torch.int64)
+    sum2 = (fixed * fixed).to(torch.int64).sum(dim=1)
+    count = (n - torch.arange(n_groups, device=x.device) * group_size).clamp(1, group_size).float()
+    mean_fixed = sum1.float() / count
+    var_fixed = (sum2.float() / count - mean_fixed * mean_fixed).clamp(min=0.0)
+    unit = half * (1.0 / FIXED_POINT_SCALE)
+    mean = torch.minimum(torch.maximum(center + mean_fixed * unit, lo), hi)
+    width = SIGMA_WIDTH * (_exact_sqrt(var_fixed) * unit)
+    g_lo = torch.maximum(lo, mean - width)
+    g_hi = torch.minimum(hi, mean + width)
+    collapsed = g_hi <= g_lo
+    return torch.where(collapsed, lo, g_lo), torch.where(collapsed, hi, g_hi)

@@ -124,6 +124,7 @@ def test_torch_reference_in_chunks_writes_what_it_writes_whole(bits, scheme, sto
     results = []
     for chunk in (1 << 20, 2 * GROUP):
         monkeypatch.setattr(quantize_module, "TORCH_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(quantize_module, "TORCH_CHUNK_MIN_ELEMENTS", chunk)
         payload, meta = torch_quantize(x, bits, GROUP, scheme == "sigma", stochastic, 11, 5, channels, channel_stride)
         out = torch.full((n,), float("nan"), dtype=dtype, device=device)
         torch_dequantize(payload, meta, out, bits, GROUP, channels, channel_stride)
@@ -135,18 +136,25 @@ def test_torch_reference_in_chunks_writes_what_it_writes_whole(bits, scheme, sto
 
 
 def test_torch_reference_never_takes_more_than_a_chunk(monkeypatch):
-    """What bounds the CPU torch backend's temporaries: each step of the reference sees at most a chunk
-    (and on other devices, or under torch.compile, the whole tensor)."""
-    monkeypatch.setattr(quantize_module, "TORCH_CHUNK_ELEMENTS", 4 * GROUP)
+    """What bounds the CPU torch backend's temporaries: each step of the reference sees at most a chunk:
+    an eighth of the tensor, within the two limits, in whole groups (and on other devices, or under
+    torch.compile, the whole tensor)."""
+    monkeypatch.setattr(quantize_module, "TORCH_CHUNK_ELEMENTS", 8 * GROUP)
+    monkeypatch.setattr(quantize_module, "TORCH_CHUNK_MIN_ELEMENTS", 2 * GROUP)
+    chunk = quantize_module.torch_chunk_elements
+    cpu = torch.device("cpu")
+    assert chunk(100_000, GROUP, cpu) == 8 * GROUP  # an eighth would be more than the most
+    assert chunk(4000, GROUP, cpu) == 7 * GROUP  # an eighth, 500 elements, in whole groups
+    assert chunk(1000, GROUP, cpu) == 2 * GROUP  # an eighth would be less than the least
     runs = []
     run = quantize_module._torch_quantize_run
     monkeypatch.setattr(quantize_module, "_torch_quantize_run", lambda flat, *args: runs.append(flat.numel()) or
                         run(flat, *args))
-    torch_quantize(torch.randn(1000), 4, GROUP, False, False, 0, 0)
-    assert runs == [256, 256, 256, 232]
-    assert quantize_module.torch_chunk_elements(GROUP, torch.device("cuda")) is None
+    torch_quantize(torch.randn(4000), 4, GROUP, False, False, 0, 0)
+    assert runs == [448] * 8 + [416]
+    assert chunk(100_000, GROUP, torch.device("cuda")) is None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert quantize_module.torch_chunk_elements(GROUP, torch.device("cpu")) is None
+    assert chunk(100_000, GROUP, cpu) is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
