@@ -240,7 +240,7 @@ def measure_gpu_graphed(model, workload: Workload, method: str, batch_size: int,
 def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:
     batch = workload.make_batch(batch_size, torch.device("cpu"))
     if method == "save_on_cpu":  # moves nothing on a CPU: not a meaningful comparison
-        return {"saved_mb": None, "step_ms": None}
+        return {"saved_mb": None, "peak_mb": None, "step_ms": None}
     context_factory, model_change = method_context(method, model, on_gpu=False)
     with model_change:
         # Saved-tensor bytes: packed + kept for compress; everything kept (min_bytes beyond any storage)
@@ -251,6 +251,8 @@ def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: 
         stats = session.stats if compresses(method) else counter.stats
         saved = stats.packed_bytes + stats.passed_bytes
         loss.backward()
+        model.zero_grad(set_to_none=True)
+        peak = cpu_peak_bytes(lambda: _forward(model, workload, batch, context_factory)[0].backward())
         times = []
         for _ in range(steps):
             model.zero_grad(set_to_none=True)
@@ -258,7 +260,35 @@ def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: 
             _forward(model, workload, batch, context_factory)[0].backward()
             times.append((time.perf_counter() - start) * 1e3)
     model.zero_grad(set_to_none=True)
-    return {"saved_mb": saved / MB, "step_ms": statistics.median(times)}
+    return {"saved_mb": saved / MB, "peak_mb": None if peak is None else peak / MB,
+            "step_ms": statistics.median(times)}
+
+
+def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
+    """The most CPU memory allocated at once while ``step`` ran, above what was allocated when it began
+    (tensors, as the allocator reports them to torch's profiler); None where this torch's profiler does
+    not report allocations the way they are read here (its event tree is not a stable API)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        from torch._C._profiler import _EventType
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        allocations, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while pending:
+            event = pending.pop()
+            pending.extend(event.children)
+            if event.tag == _EventType.Allocation:
+                allocations.append((event.start_time_ns, event.extra_fields))
+        if not allocations:
+            return None
+        # Each event carries the allocator's running total after it; the first one's, less its own size,
+        # is what was allocated when the step began.
+        first = min(allocations, key=lambda a: a[0])[1]
+        return max(a.total_allocated for _, a in allocations) - (first.total_allocated - first.alloc_size)
+    except Exception:  # noqa: BLE001 - a profiler whose event tree differs: no figure rather than a failed table
+        return None
 
 
 def nvidia_driver() -> str | None:
@@ -436,16 +466,18 @@ def _table(results: list[dict], on_gpu: bool, budget_mb: float):
                 f"{r['step_ms']:.1f}", _ratio(r["step_ms"], ref.get("step_ms")), "-" if fit is None else str(fit),
             ])
     else:
-        headers = ["workload", "batch", "method", "saved MB (accounting)", "x exact", "step ms (CPU)", "x exact"]
+        headers = ["workload", "batch", "method", "saved MB (accounting)", "x exact", "step peak MB (CPU)", "x exact",
+                   "step ms (CPU)", "x exact"]
         for r in results:
             ref = exact[(r["workload"], r["batch"], False)]
             if r["error"]:
-                rows.append([r["workload"], r["batch"], r["method"], r["error"], "", "", ""])
+                rows.append([r["workload"], r["batch"], r["method"], r["error"]] + [""] * (len(headers) - 4))
                 continue
-            saved, ms = r.get("saved_mb"), r.get("step_ms")
+            saved, peak, ms = r.get("saved_mb"), r.get("peak_mb"), r.get("step_ms")
             rows.append([
                 r["workload"], r["batch"], r["method"], "n/a" if saved is None else f"{saved:.2f}",
-                _ratio(saved, ref.get("saved_mb")), "n/a" if ms is None else f"{ms:.1f}", _ratio(ms, ref.get("step_ms")),
+                _ratio(saved, ref.get("saved_mb")), "n/a" if peak is None else f"{peak:.2f}",
+                _ratio(peak, ref.get("peak_mb")), "n/a" if ms is None else f"{ms:.1f}", _ratio(ms, ref.get("step_ms")),
             ])
     return rows, headers
 

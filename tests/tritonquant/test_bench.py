@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from tritonquant.bench import METHODS, checkpointed_blocks, max_batch_in_budget, method_context, run_bench
+from tritonquant.bench import (METHODS, checkpointed_blocks, cpu_peak_bytes, max_batch_in_budget, method_context,
+                               run_bench)
 from tritonquant.models import SmallCNN
 
 
@@ -33,6 +34,31 @@ def test_quick_bench_saved_bytes_fall_with_bits(quick_results):
             assert saved["checkpoint"] < saved["exact"]
             assert saved["checkpoint+tq-4bit"] < saved["checkpoint"], "what checkpointing keeps, compressed"
             assert saved["save_on_cpu"] is None  # nothing to move on a CPU
+
+
+def test_quick_bench_compressed_steps_peak_below_exact(quick_results):
+    """On the CPU the torch backend packs; its temporaries must not cost more than compression saves."""
+    _, data = quick_results
+    for workload in {r["workload"] for r in data["rows"]}:
+        for batch in {r["batch"] for r in data["rows"] if r["workload"] == workload}:
+            peak = {r["method"]: r["peak_mb"] for r in data["rows"] if r["workload"] == workload and r["batch"] == batch}
+            assert peak["tq-4bit"] < 0.8 * peak["exact"], (workload, batch, peak)
+            assert peak["tq-2bit"] < peak["tq-4bit"], (workload, batch, peak)
+
+
+def test_cpu_peak_bytes_counts_what_is_allocated_at_once():
+    def in_turn():
+        first = torch.ones(1 << 20)
+        del first
+        second = torch.ones(1 << 20)
+        del second
+
+    def together():
+        first, second = torch.ones(1 << 20), torch.ones(1 << 20)
+        del first, second
+
+    assert cpu_peak_bytes(in_turn) == 4 << 20
+    assert cpu_peak_bytes(together) == 8 << 20
 
 
 def test_plots_are_written(tmp_path):
