@@ -81,13 +81,20 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
         else:
             rows.append([label, name, "not measured", "-"])
 
+        def peak_phase(method: str) -> str | None:
+            """"forward" or "backward": the pass the method's step peaked in (None: not recorded)."""
+            forward_peak, peak = measured(method, "forward_peak_mb"), measured(method, "peak_mb")
+            return None if forward_peak is None or peak is None else ("forward" if forward_peak >= peak else "backward")
+
         checkpoint_peak = measured("checkpoint", "peak_mb")
         for method in ("tq-4bit", "tq-2bit"):
             peak = measured(method, "peak_mb")
             label = f"peak, {method[3:-3]} bits: at most {PEAK_VS_CHECKPOINT_MAX:.2f}x checkpointing's"
             if checkpoint_peak and peak:
                 ratio = peak / checkpoint_peak
-                rows.append([label, name, f"{ratio:.2f}x ({peak:.0f} vs {checkpoint_peak:.0f} MB)",
+                phases = peak_phase(method), peak_phase("checkpoint")
+                where = "" if None in phases else f"; peaks in {phases[0]} / {phases[1]}"
+                rows.append([label, name, f"{ratio:.2f}x ({peak:.0f} vs {checkpoint_peak:.0f} MB{where})",
                              verdict(ratio <= PEAK_VS_CHECKPOINT_MAX)])
             else:
                 rows.append([label, name, "not measured", "-"])

@@ -169,6 +169,9 @@ def measure_gpu(model, workload: Workload, method: str, batch_size: int, steps: 
         loss, session = _forward(model, workload, batch, context_factory)
         torch.cuda.synchronize()
         activation = torch.cuda.memory_allocated() - before
+        # Where the step peaks (forward: the loss's temporaries on top of what is saved; backward: what
+        # is restored and the gradients) decides which memory a method can lower.
+        forward_peak = torch.cuda.max_memory_allocated()
         # compress's own count of the bytes it holds (packed, plus what it kept beyond parameters): set
         # beside ``activation``, it shows what the allocator adds (block rounding) and what else the step
         # holds after its forward.
@@ -187,7 +190,7 @@ def measure_gpu(model, workload: Workload, method: str, batch_size: int, steps: 
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
     model.zero_grad(set_to_none=True)
-    return {"peak_mb": peak / MB, "activation_mb": activation / MB,
+    return {"peak_mb": peak / MB, "forward_peak_mb": forward_peak / MB, "activation_mb": activation / MB,
             "accounted_mb": None if accounted is None else accounted / MB, "step_ms": statistics.median(times)}
 
 
