@@ -87,7 +87,8 @@ def codec_rows(n: int, repeats: int) -> list[list[str]]:
 def step_rows(repeats: int) -> list[list[str]]:
     workloads = [
         ("small cnn fp32 32px, batch 16", SmallCNN(width=16, blocks=2), cnn_batch(16, size=32), cnn_loss),
-        ("tiny transformer fp32 seq64, batch 8", TinyTransformer(dim=64, layers=2, seq=64), lm_batch(8, seq=64), lm_loss),
+        ("tiny transformer fp32 seq64, batch 8", TinyTransformer(dim=64, layers=2, seq=64), lm_batch(8, seq=64),
+         lm_loss),
     ]
     rows = []
     for name, model, batch, loss_fn in workloads:

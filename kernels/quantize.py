@@ -633,7 +633,8 @@ def _torch_quantize_run(
     return payload, meta
 
 
-def _torch_sigma_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_sigma_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                       n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sigma scheme's grid range of each group of ``x`` (float32 [n_groups, group_size], holding the
     run's ``n`` elements and then padding), given each group's finite [lo, hi]: mean +/- SIGMA_WIDTH
     standard deviations, inside [lo, hi]; [lo, hi] itself where that window is empty."""

@@ -41,7 +41,8 @@ def test_quick_bench_compressed_steps_peak_below_exact(quick_results):
     _, data = quick_results
     for workload in {r["workload"] for r in data["rows"]}:
         for batch in {r["batch"] for r in data["rows"] if r["workload"] == workload}:
-            peak = {r["method"]: r["peak_mb"] for r in data["rows"] if r["workload"] == workload and r["batch"] == batch}
+            peak = {r["method"]: r["peak_mb"] for r in data["rows"]
+                    if r["workload"] == workload and r["batch"] == batch}
             assert peak["tq-4bit"] < 0.8 * peak["exact"], (workload, batch, peak)
             assert peak["tq-2bit"] < peak["tq-4bit"], (workload, batch, peak)
 
