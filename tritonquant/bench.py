@@ -495,7 +495,11 @@ def _plots(results: list[dict], on_gpu: bool, folder: Path) -> None:
         print("matplotlib is not installed (pip install 'tritonquant[plots]'): no plots written")
         return
     folder.mkdir(parents=True, exist_ok=True)
-    memory_key = "peak_mb" if on_gpu else "saved_mb"
+    # Peak memory where it was measured (GPU, and CPU where torch's profiler reports allocations);
+    # otherwise the saved-tensor accounting.
+    memory_key = "peak_mb" if on_gpu or any(r.get("peak_mb") is not None for r in results) else "saved_mb"
+    memory_label = {"peak_mb": "peak memory (MB)" if on_gpu else "step peak memory, CPU (MB)",
+                    "saved_mb": "saved-tensor MB (accounting)"}[memory_key]
     workloads = list(dict.fromkeys(r["workload"] for r in results))
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
     for ax, name in zip(axes[0], workloads):
@@ -504,7 +508,7 @@ def _plots(results: list[dict], on_gpu: bool, folder: Path) -> None:
                       if r["workload"] == name and r["method"] == method and r.get(memory_key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.set(title=name, xlabel="batch size", ylabel="peak memory (MB)" if on_gpu else "saved-tensor MB (accounting)")
+        ax.set(title=name, xlabel="batch size", ylabel=memory_label)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
