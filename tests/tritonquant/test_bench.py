@@ -252,3 +252,37 @@ def test_a_captured_step_is_warmed_up_captured_once_and_timed_over_replays(monke
     assert log == step * 2 + ["capture", *step, "end capture"] + ["replay"] * 4
     assert row == {"peak_mb": 3.0, "activation_mb": None, "accounted_mb": None, "step_ms": 1.0}
     assert all(p.grad is None for p in model.parameters()), "the graph's gradients are not left on the model"
+
+
+def test_an_eager_gpu_cell_reads_memory_after_forward_and_after_backward(monkeypatch):
+    # measure_gpu's CUDA calls, faked on the CPU: which memory figure it reads where.
+    import tritonquant.bench as bench
+
+    allocated = iter([1 * bench.MB, 3 * bench.MB])  # before the forward pass, after it
+    peaks = iter([5 * bench.MB, 7 * bench.MB])  # the peak up to the end of forward, over the whole step
+
+    class FakeEvent:
+        clock = iter(range(100))
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = next(FakeEvent.clock)
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    cuda = bench.torch.cuda
+    for name, value in {"synchronize": lambda *a: None, "empty_cache": lambda: None,
+                        "reset_peak_memory_stats": lambda *a: None, "memory_allocated": lambda *a: next(allocated),
+                        "max_memory_allocated": lambda *a: next(peaks), "Event": FakeEvent}.items():
+        monkeypatch.setattr(cuda, name, value)
+    workload = bench.Workload("w", lambda: SmallCNN(width=16, blocks=1),
+                              lambda b, dev: (torch.randn(b, 3, 32, 32), torch.zeros(b, dtype=torch.long)),
+                              lambda model, batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1]),
+                              (2,), None)
+    row = bench.measure_gpu(workload.make_model(), workload, "tq-4bit", 4, steps=3)
+    accounted = row.pop("accounted_mb")
+    assert row == {"peak_mb": 7.0, "forward_peak_mb": 5.0, "activation_mb": 2.0, "step_ms": 1.0}
+    assert 0 < accounted < 1, "the session's own count of what it holds, in MB"
