@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Where a training step peaks, and what is allocated then: on the CPU, with allocations as on a GPU.
+
+    python benchmarks/peak_breakdown.py                       # GPT-2 small's shape, batch 1
+    python benchmarks/peak_breakdown.py --layers 12 --batch 8  # the GPU bench's batch (about 10 GB of RAM)
+
+Why: the peak of a step decides the batch that fits, and a GPU is rarely at hand. Here the built-in
+transformer (GPT-2 small's shape by default: 50,257-word vocabulary, tied head, bf16 autocast) runs one
+step per method on the CPU. Triton's driver is replaced by the stand-in (benchmarks/stand_in_driver.py),
+so compress() packs through the Triton launchers: each packed tensor allocates exactly what the kernels
+allocate on a GPU (its payload and metadata; a restore, its output) and no kernel runs. The values
+restored are garbage; the allocations are the GPU's. torch's profiler records every allocation
+(``tritonquant.bench.cpu_peak_bytes`` reads the same events).
+
+For each method (exact, checkpoint around every block, compress at 4 and 2 bits) it prints the peak
+above what was allocated when the step began (parameters are not counted), the op that allocated at
+that moment, what was allocated at the end of the forward pass, and what was live at the peak, summed by
+the op that allocated it. What differs from a GPU: CPU attention and autocast's CPU op lists; the
+parameters (about 500 MB for GPT-2 small), which a GPU's figure includes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # no tuning: there is nothing to time kernels on
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stand_in_driver  # noqa: E402
+
+try:
+    stand_in_driver.install()
+except Exception as exc:  # noqa: BLE001 - a Triton whose driver API differs
+    print(f"SKIP: cannot install a stand-in driver: {exc}")
+    sys.exit(2)
+
+import tritonquant as tq  # noqa: E402
+from tritonquant import codec  # noqa: E402
+from tritonquant.bench import checkpointed_blocks  # noqa: E402
+from tritonquant.models import TinyTransformer, lm_batch, lm_loss  # noqa: E402
+
+# backend="triton" accepts CPU tensors only under the interpreter; here the launchers' allocations are
+# what is wanted, on CPU tensors, so the codec is told as much.
+codec.is_interpreted = lambda: True
+
+MB = 2**20
+BACKWARD_MARK = "peak_breakdown: backward"
+METHODS = ("exact", "checkpoint", "tq-4bit", "tq-2bit")
+
+
+def allocations(prof) -> list[tuple[int, object, str]]:
+    """(time, allocation event fields, name of the op that allocated) for every allocation or free."""
+    from torch._C._profiler import _EventType
+
+    found, pending = [], [(event, None) for event in prof.profiler.kineto_results.experimental_event_tree()]
+    while pending:
+        event, parent = pending.pop()
+        pending.extend((child, event) for child in event.children)
+        if event.tag == _EventType.Allocation:
+            found.append((event.start_time_ns, event.extra_fields, parent.name if parent is not None else "?"))
+    return sorted(found, key=lambda item: item[0])
+
+
+def backward_start(prof) -> int:
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        if event.name == BACKWARD_MARK:
+            return event.start_time_ns
+        pending.extend(event.children)
+    raise RuntimeError("the backward pass was not recorded")
+
+
+def breakdown(prof) -> dict:
+    """Peak, the op at the peak, allocated at the end of forward, and what was live at the peak."""
+    events = allocations(prof)
+    first = events[0][1]
+    base = first.total_allocated - first.alloc_size
+    backward_at = backward_start(prof)
+    live, peak, at_peak, after_forward = {}, -1, None, None
+    for when, fields, op in events:
+        if after_forward is None and when >= backward_at:
+            after_forward = fields.total_allocated - fields.alloc_size - base
+        if fields.alloc_size > 0:
+            live[fields.ptr] = (fields.alloc_size, op)
+        else:
+            live.pop(fields.ptr, None)
+        if fields.total_allocated - base > peak:
+            peak, at_peak = fields.total_allocated - base, (op, "forward" if when < backward_at else "backward")
+            live_at_peak = dict(live)
+    by_op: collections.Counter = collections.Counter()
+    counts: collections.Counter = collections.Counter()
+    for size, op in live_at_peak.values():
+        by_op[op] += size
+        counts[op] += 1
+    return {"peak": peak, "op": at_peak[0], "pass": at_peak[1], "after_forward": after_forward,
+            "live": [(op, counts[op], size) for op, size in by_op.most_common()]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--top", type=int, default=5, help="ops listed per method (5)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=args.vocab, dim=768, heads=12, layers=args.layers, seq=args.seq, dropout=0.0,
+                            tied=True)
+    batch = lm_batch(args.batch, seq=args.seq, vocab=args.vocab)
+    print(f"transformer: {args.layers} layers, dim 768, vocabulary {args.vocab}, tied head; batch {args.batch} x "
+          f"{args.seq}; bf16 autocast on the CPU; launches not run. MB above the step's start.\n")
+    summary, details = [], []
+    for method in METHODS:
+        session = (lambda: tq.compress(bits=int(method[3]), backend="triton")) if method.startswith("tq") else \
+            contextlib.nullcontext
+        model_change = checkpointed_blocks(model) if method == "checkpoint" else contextlib.nullcontext()
+        model.zero_grad(set_to_none=True)
+        with model_change, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with session(), torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = lm_loss(model, batch)
+            with record_function(BACKWARD_MARK):
+                loss.backward()
+        del loss
+        found = breakdown(prof)
+        summary.append([method, f"{found['peak'] / MB:.0f}", f"{found['after_forward'] / MB:.0f}",
+                        f"{found['pass']}, {found['op']}"])
+        for op, count, size in found["live"][:args.top]:
+            details.append([method, op, count, f"{size / MB:.1f}"])
+        print(f"[{method} done]", file=sys.stderr, flush=True)
+    print(tabulate(summary, headers=["method", "peak MB", "after forward MB", "peak in"], tablefmt="github",
+                   disable_numparse=True))
+    print("\nLive at the peak, by the op that allocated it:\n")
+    print(tabulate(details, headers=["method", "allocated by", "tensors", "MB"], tablefmt="github",
+                   disable_numparse=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
