@@ -35,6 +35,9 @@ from .policy import (MAX_POOL_SPATIAL_DIMS, is_frozen_weight_cast, is_sensitive,
                      producer, recastable, standardize_kind, standardizes, weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
+# What an override lookup returns when no override pattern matched (None means one matched: keep).
+_NO_MATCH = object()
+_UNCACHED = object()
 
 
 @dataclass
@@ -192,6 +195,15 @@ class _RecastWeight:
         return cast
 
 
+# What the pack hook returns for autograd to hold, and the unpack hook restores.
+Handle = _Packed | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
+
+
+def _standardized(key: tuple) -> tuple:
+    """The deduplication key of a standardized packing of the tensor whose plain key is ``key``."""
+    return key + ("standardized",)
+
+
 # Per backward thread: the _Packed whose decoded tensor is kept for its next saver (_decode).
 _kept_decode = threading.local()
 
@@ -290,7 +302,7 @@ class Session:
         self._stack = _ModuleStack()
         self._module_tensors = _ModuleStorages()
         self._seen_modules: set[int] = set()
-        self._override_cache: dict[int, QuantConfig | None] = {}
+        self._override_cache: dict[int, object] = {}  # module id -> QuantConfig, None (keep) or _NO_MATCH
         self._quant_by_bits: dict[int, QuantConfig] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         # (id(param), version, dtype, view) -> the _RecastWeight of that cast, while a graph holds it.
@@ -369,7 +381,8 @@ class Session:
 
     # -- hooks ------------------------------------------------------------------------------------
 
-    def _pack(self, t: torch.Tensor) -> _Packed | _Kept:
+    def _pack(self, t: torch.Tensor) -> Handle:
+        """The pack hook: what autograd holds instead of ``t`` until backward (``Handle``)."""
         module = self._stack.current()
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
         if reason is None and t.grad_fn is None and is_frozen_weight_cast(t, module):
@@ -378,34 +391,18 @@ class Session:
         if override is None:
             reason = "excluded"
         row = self._module_row(module)
+        # (Integer tensors pass by dtype before any override is looked up; an override excluding the
+        # pooling module keeps its indices whole too.)
         if reason == "dtype" and type(module) in MAX_POOL_SPATIAL_DIMS and self._override_for() is not None:
             narrowed = self._pack_pool_indices(t, module, row)
             if narrowed is not None:
                 return narrowed
         if reason == "parameter" and self.config.recast_weights:
-            param = weight_cast_source(t)  # (None at once for parameters themselves: no grad_fn)
-            if (param is not None and t.untyped_storage().nbytes() >= self.config.min_bytes
-                    and recastable(param, self._stack.frames)):
-                self._count_passed(row, "recast", 0)  # (held by its module anyway)
-                # Saves of the same parameter, version, dtype and view are one cast: one handle.
-                view = _RecastWeight.view_of(t)
-                key = (id(param), param._version, t.dtype, view)
-                handle = self._recasts.get(key)
-                if handle is None:
-                    handle = self._recasts[key] = _RecastWeight(param, t.dtype, view)
-                else:
-                    handle.saves += 1
-                return handle
+            recast = self._recast_weight(t, row)
+            if recast is not None:
+                return recast
         if reason is not None:
-            storage = t.untyped_storage()
-            held = 0
-            if reason != "parameter" and storage.data_ptr() not in self._kept_storages:
-                # Count each kept storage once, however many ops save it. (An address can only be
-                # reused after its tensor died; undercounting such a rare reuse is acceptable here.)
-                self._kept_storages.add(storage.data_ptr())
-                held = storage.nbytes()
-            self._count_passed(row, reason, held)
-            return _Kept(t)
+            return self._keep(t, row, reason)
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
         made_by = producer(t)
@@ -414,23 +411,19 @@ class Session:
         # standardize too; those reuse any packing an earlier saver made.
         hit = self._dedup.get(key)
         if hit is None and kind is not None:
-            hit = self._dedup.get(key + ("standardized",))
+            hit = self._dedup.get(_standardized(key))
         # A live source means the storage cannot have been freed and its address reused.
         if hit is not None and hit.source() is not None:
-            self.stats.deduplicated += 1
-            if isinstance(hit, _Packed):
-                hit.saves += 1
-            calibration = self._auto_state() if hit.calibration_record is not None and module is not None else None
-            if isinstance(calibration, Calibration):  # a second saver: its use of the tensor counts too
-                calibration.add_saver(hit.calibration_record, self._stack.name_of(module))
-            return hit
+            return self._reuse(hit, module)
 
         slot = self._next_slot(module)
         floor = self.config.sensitive_bits if is_sensitive(t, made_by) else 1
         quant, calibration = self._quant_config_for(slot, override, floor)
         if self._probe is not None and slot is not None and t.dtype != torch.bool and override is _NO_MATCH:
             probed = self._probe.add(t, self._stack.frames[0], slot, quant, floor, standardize_kind=kind)
-            self._dedup[key + ("standardized",) if kind is not None else key] = probed
+            # (Filed as standardized when it may be: the probe's width, and so whether it standardizes,
+            # is decided later, one module at a time.)
+            self._dedup[_standardized(key) if kind is not None else key] = probed
             return probed
         standardize = standardizes(kind, quant.bits)
         packed = quantize_with(t, quant, standardize_channels=standardize)
@@ -441,18 +434,51 @@ class Session:
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
-        self._dedup[key + ("standardized",) if standardize else key] = handle
+        self._dedup[_standardized(key) if standardize else key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.device.index)
-        raw_nbytes, packed_nbytes = packed.raw_nbytes, packed.nbytes
-        self.stats.packed_tensors += 1
-        self.stats.raw_bytes += raw_nbytes
-        self.stats.packed_bytes += packed_nbytes
-        row.packed_tensors += 1
-        row.raw_bytes += raw_nbytes
-        row.packed_bytes += packed_nbytes
-        row.bits.add(packed.bits)
+        self._count_packed(row, packed)
         return handle
+
+    def _recast_weight(self, t: torch.Tensor, row: ModuleStats) -> _RecastWeight | None:
+        """A handle that casts the parameter ``t`` was cast from again in backward; None when ``t`` is not
+        such a cast, is small, or its parameter may change before backward (``policy.recastable``)."""
+        param = weight_cast_source(t)  # (None at once for parameters themselves: no grad_fn)
+        if (param is None or t.untyped_storage().nbytes() < self.config.min_bytes
+                or not recastable(param, self._stack.frames)):
+            return None
+        self._count_passed(row, "recast", 0)  # (held by its module anyway)
+        # Saves of the same parameter, version, dtype and view are one cast: one handle.
+        view = _RecastWeight.view_of(t)
+        key = (id(param), param._version, t.dtype, view)
+        handle = self._recasts.get(key)
+        if handle is None:
+            handle = self._recasts[key] = _RecastWeight(param, t.dtype, view)
+        else:
+            handle.saves += 1
+        return handle
+
+    def _keep(self, t: torch.Tensor, row: ModuleStats, reason: str) -> _Kept:
+        """``t`` as it is, counted under ``reason`` (``policy.REASONS``)."""
+        storage = t.untyped_storage()
+        held = 0
+        if reason != "parameter" and storage.data_ptr() not in self._kept_storages:
+            # Count each kept storage once, however many ops save it. (An address can only be reused
+            # after its tensor died; undercounting such a rare reuse is acceptable here.)
+            self._kept_storages.add(storage.data_ptr())
+            held = storage.nbytes()
+        self._count_passed(row, reason, held)
+        return _Kept(t)
+
+    def _reuse(self, hit: _Packed | ProbeTensor, module: nn.Module | None) -> _Packed | ProbeTensor:
+        """An earlier saver's packing of the same tensor, for one more saver."""
+        self.stats.deduplicated += 1
+        if isinstance(hit, _Packed):
+            hit.saves += 1
+        calibration = self._auto_state() if hit.calibration_record is not None and module is not None else None
+        if isinstance(calibration, Calibration):  # a second saver: its use of the tensor counts too
+            calibration.add_saver(hit.calibration_record, self._stack.name_of(module))
+        return hit
 
     def _pack_pool_indices(self, t: torch.Tensor, module: nn.Module,
                            row: ModuleStats) -> _WindowIndices | _NarrowedIndices | None:
@@ -473,6 +499,17 @@ class Session:
         self._count_passed(row, "narrowed", held)
         return handle
 
+    def _count_packed(self, row: ModuleStats, packed: PackedTensor) -> None:
+        """Count one packed tensor: its bytes before and after."""
+        raw_nbytes, packed_nbytes = packed.raw_nbytes, packed.nbytes
+        self.stats.packed_tensors += 1
+        self.stats.raw_bytes += raw_nbytes
+        self.stats.packed_bytes += packed_nbytes
+        row.packed_tensors += 1
+        row.raw_bytes += raw_nbytes
+        row.packed_bytes += packed_nbytes
+        row.bits.add(packed.bits)
+
     def _count_passed(self, row: ModuleStats, reason: str, held_bytes: int) -> None:
         """Count one saved tensor that was not quantized (``policy.REASONS``), and the bytes it holds."""
         self.stats.passed_by_reason[reason] += 1
@@ -482,8 +519,7 @@ class Session:
         row.passed_bytes += held_bytes
 
     @staticmethod
-    def _unpack(handle: _Packed | _Kept | ProbeTensor | _NarrowedIndices | _WindowIndices | _RecastWeight,
-                ) -> torch.Tensor:
+    def _unpack(handle: Handle) -> torch.Tensor:
         if isinstance(handle, (_WindowIndices, _NarrowedIndices, _RecastWeight)):
             return handle.restore()
         if isinstance(handle, (_Kept, ProbeTensor)):
@@ -534,8 +570,8 @@ class Session:
     def _override_for(self):
         """The override deciding for tensors saved now (a QuantConfig, or None: keep), else _NO_MATCH."""
         for frame in reversed(self._stack.frames) if self.config.overrides else ():
-            decision = self._override_cache.get(id(frame), self)
-            if decision is self:
+            decision = self._override_cache.get(id(frame), _UNCACHED)
+            if decision is _UNCACHED:
                 decision = self._match_override(frame)
                 self._override_cache[id(frame)] = decision
             if decision is not _NO_MATCH:
@@ -582,8 +618,6 @@ class Session:
 
         return format_report(self.stats, self.config, self.peak_memory_bytes())
 
-
-_NO_MATCH = object()
 
 
 def _warn_unmatched_overrides(overrides: tuple, names, stacklevel: int) -> None:
