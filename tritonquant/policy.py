@@ -29,8 +29,8 @@ intermediate has requires_grad=False.)
 
 Probabilities (outputs of softmax and log_softmax, also after views and dropout: ``producer``) are
 packed with at least ``sensitive_bits`` bits (default 4) unless an override says otherwise
-(``is_sensitive``), and softmax outputs are packed on the plain [min, max] grid, without the sign
-rule (``standardize_kind``). Most probabilities lie near zero, where the sign rule errs the most:
+(``is_sensitive``), and softmax outputs are standardized per channel first (``standardize_kind``:
+mapped to values of 1 or more, which the [min, max] grid packs with no sign rule). Most probabilities lie near zero, where the sign rule errs the most:
 every positive value below half a step comes back as the first level (the group's maximum / 15 at 4
 bits), so a row of small probabilities comes back inflated, and backward reads them directly
 (softmax's backward, the gradient of V in attention). The plain grid fixes that at every width. The
@@ -74,13 +74,19 @@ REASONS = {
 # Autograd nodes whose output is a probability (softmax, including SDPA's math path) or its log.
 _SOFTMAX_GRAD_FNS = ("SoftmaxBackward0", "SafeSoftmaxBackward0")
 _PROBABILITY_GRAD_FNS = _SOFTMAX_GRAD_FNS + ("LogSoftmaxBackward0",)
-# Nodes that pass a probability on as a probability: views and layout changes, and dropout.
+# Nodes that change only the layout of their input (views, copies).
 _LAYOUT_GRAD_FNS = frozenset({
     "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "TransposeBackward0",
-    "PermuteBackward0", "TBackward0", "CloneBackward0", "NativeDropoutBackward0",
+    "PermuteBackward0", "TBackward0", "CloneBackward0",
 })
-_MAX_HOPS = 6  # SDPA's math path: softmax -> dropout mask -> expand -> view before the matmul saves it
-_PROBABILITY_PRESERVING_GRAD_FNS = _LAYOUT_GRAD_FNS | {"MulBackward0"}  # dropout: a product with a mask
+# Nodes that pass a probability on as a probability: layout changes, and dropout (native, or a product
+# with a mask).
+_PROBABILITY_PRESERVING_GRAD_FNS = _LAYOUT_GRAD_FNS | {"NativeDropoutBackward0", "MulBackward0"}
+# Nodes between a parameter and its dtype cast, or a view of that cast.
+_CAST_GRAD_FNS = _LAYOUT_GRAD_FNS | {"ToCopyBackward0"}
+# The most such nodes _source_node looks back through. SDPA's math path has the longest chain: softmax ->
+# dropout mask -> expand -> view before the matmul saves it.
+_MAX_HOPS = 6
 
 
 def _source_node(t: torch.Tensor, passes: frozenset[str]):
@@ -131,11 +137,7 @@ def standardize_kind(t: torch.Tensor, module: nn.Module | None, made_by: str | N
     views and dropout), else None.
 
     Standardized values are all at least 1, so they get the plain [min, max] grid without the sign
-    rule. Probabilities need that at every width: most lie near zero, where the sign rule lifts every
-    positive value below half a step to the first level, so a row of small probabilities comes back
-    inflated. On the character LM of docs/fidelity.md (3 seeds, held-out nats, exact 2.391 +/- 0.016),
-    4 bits everywhere ends at 2.968 with the sign rule on the probabilities and at 2.392 +/- 0.014 with
-    the plain grid (module docstring).
+    rule. Probabilities need that at every width (the module docstring says why, with the figures).
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if t.is_floating_point() and t.dim() >= 2 and t.shape[1] == module.num_features:
@@ -184,9 +186,6 @@ def narrow_index_dtype(
 def in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread."""
     return torch._C._current_graph_task_id() != -1
-
-
-_CAST_GRAD_FNS = _LAYOUT_GRAD_FNS - {"NativeDropoutBackward0"} | {"ToCopyBackward0"}
 
 
 def _derived_from_module_tensor(t: torch.Tensor, module_tensors: Container[int]) -> bool:
