@@ -5,10 +5,11 @@ Installed as ``tritonquant.kernels``. Only ``tritonquant.codec`` chooses between
 
 from .bitpack import torch_pack_bool, torch_unpack_bool, triton_pack_bool, triton_unpack_bool
 from .dequantize import torch_dequantize, triton_dequantize
-from .quantize import payload_nbytes, torch_quantize, triton_quantize
+from .quantize import payload_nbytes, philox_counters, torch_quantize, triton_quantize
 
 __all__ = [
     "payload_nbytes",
+    "philox_counters",
     "torch_dequantize",
     "torch_pack_bool",
     "torch_quantize",

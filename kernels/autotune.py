@@ -44,7 +44,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import triton
 
-from .launch import default_group_tile, is_interpreted, next_power_of_2
+from .launch import default_group_tile, env_flag, is_interpreted, next_power_of_2
 
 # Bumped whenever a kernel changes in a way that can move its best tile (its tiling, its registers), so
 # that configs timed for the old kernel are not reused
@@ -83,7 +83,6 @@ TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 20
 
 _LOCK_TIMEOUT_S = 5.0
-_OFF_VALUES = ("0", "off", "false", "no")
 _TRITON_VERSION = triton.__version__
 
 
@@ -146,7 +145,7 @@ _warned: set[str] = set()
 
 def autotune_enabled() -> bool:
     """False when TRITONQUANT_AUTOTUNE is 0/off/false/no (read on every call, so tests can flip it)."""
-    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in _OFF_VALUES
+    return env_flag(ENV_AUTOTUNE)
 
 
 def size_bucket(n_elements: int) -> int:
@@ -203,7 +202,8 @@ def interpreter_config(n_groups: int, group_size: int) -> LaunchConfig:
 def candidate_configs(n_groups: int, group_size: int, interpreted: bool | None = None) -> list[LaunchConfig]:
     """Configs worth timing for ``n_groups`` groups, the heuristic first (ties keep it).
 
-    Under the interpreter (``interpreted`` None: read TRITON_INTERPRET) this is the one interpreter config.
+    Under the interpreter (``interpreted``; None: ``launch.is_interpreted()``) this is the one interpreter
+    config.
     """
     if interpreted is None:
         interpreted = is_interpreted()
@@ -268,7 +268,7 @@ def quantize_launch_config(
     the 16-row default, 180-254 against 125 at 32 rows), so the plain kernel's best tile says little
     about it."""
     return _launch_config("quantize", flat.device, flat.dtype, flat.numel(), n_groups, bits, group_size,
-                          sigma, stochastic, not standardize)
+                          sigma, stochastic, standardize)
 
 
 def dequantize_launch_config(out: torch.Tensor, n_groups: int, bits: int, group_size: int,
@@ -276,12 +276,12 @@ def dequantize_launch_config(out: torch.Tensor, n_groups: int, bits: int, group_
     """(rows, num_warps) for decoding into the 1-D tensor ``out`` (float32/float16/bfloat16);
     ``standardize`` as for ``quantize_launch_config``."""
     return _launch_config("dequantize", out.device, out.dtype, out.numel(), n_groups, bits, group_size,
-                          False, False, not standardize)
+                          False, False, standardize)
 
 
 def _launch_config(
     kind: str, device: torch.device, dtype: torch.dtype, n_elements: int, n_groups: int, bits: int,
-    group_size: int, sigma: bool, stochastic: bool, tuned: bool = True,
+    group_size: int, sigma: bool, stochastic: bool, standardize: bool = False,
 ) -> tuple[int, int]:
     # Runs once per packed tensor: the cheap tests first, and plain int arithmetic throughout.
     forced = getattr(_thread_state, "config", None)
@@ -290,7 +290,8 @@ def _launch_config(
     if is_interpreted():
         return default_group_tile(n_groups, group_size, interpreted=True)
     bucket = size_bucket(n_elements)
-    if not tuned or bucket < MIN_TUNED_BUCKET or not autotune_enabled():
+    # (Standardized packings take the untuned tile: quantize_launch_config says why.)
+    if standardize or bucket < MIN_TUNED_BUCKET or not autotune_enabled():
         return default_group_tile(n_groups, group_size, interpreted=False)
     fast_key = (kind, device, dtype, bucket, bits, group_size, sigma, stochastic)
     config = _resolved.get(fast_key)
@@ -313,18 +314,28 @@ def _launch_config(
 def _resolve_miss(key: TuneKey, device: torch.device) -> CacheEntry:
     """First launch of ``key`` in this process: read the cache file, else tune and persist."""
     with _tune_lock:
-        entry = _entries.get(key)
-        if entry is not None:
-            return entry
-        _merge_file_into_memory()
-        entry = _entries.get(key)
+        entry = _known_entry(key)
         if entry is not None:
             return entry
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # Timing would synchronize inside a CUDA graph capture; use the heuristic and tune later.
-            return CacheEntry(heuristic_config(-(-bucket_elements(key.bucket) // key.group_size), key.group_size))
-        result = _tune_and_store(key, device)
-        return result.entry
+            return _heuristic_entry(key)
+        return _tune_and_store(key, device).entry
+
+
+def _known_entry(key: TuneKey) -> CacheEntry | None:
+    """The entry for ``key`` in memory, else in the cache file (merged into memory), else None.
+    (Called holding _tune_lock.)"""
+    entry = _entries.get(key)
+    if entry is None:
+        _merge_file_into_memory()
+        entry = _entries.get(key)
+    return entry
+
+
+def _heuristic_entry(key: TuneKey) -> CacheEntry:
+    """The untuned config for the groups of ``key``'s size bucket."""
+    return CacheEntry(heuristic_config(-(-bucket_elements(key.bucket) // key.group_size), key.group_size))
 
 
 def _tune_and_store(key: TuneKey, device: torch.device) -> TuneResult:
@@ -332,8 +343,7 @@ def _tune_and_store(key: TuneKey, device: torch.device) -> TuneResult:
     try:
         result = tune(key, device)
     except Exception as exc:  # noqa: BLE001 - a failed tuning must never break a training step
-        n_groups = -(-bucket_elements(key.bucket) // key.group_size)
-        entry = CacheEntry(heuristic_config(n_groups, key.group_size))
+        entry = _heuristic_entry(key)
         _entries[key] = entry
         _resolved.clear()
         message = f"{type(exc).__name__}: {exc}"
@@ -433,13 +443,9 @@ def get_or_tune(key: TuneKey, device: torch.device, force: bool = False) -> Tune
     with source "single" and nothing is timed or written.
     """
     with _tune_lock:
-        if not force:
-            entry = _entries.get(key)
-            if entry is None:
-                _merge_file_into_memory()
-                entry = _entries.get(key)
-            if entry is not None:
-                return TuneResult(key, entry, "cached", {})
+        entry = None if force else _known_entry(key)
+        if entry is not None:
+            return TuneResult(key, entry, "cached", {})
         return _tune_and_store(key, device)
 
 

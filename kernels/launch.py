@@ -1,4 +1,6 @@
-"""Launch settings shared by every kernel: numerics options and the untuned tile-size heuristic.
+"""What every launcher shares: numerics options, the untuned tile-size heuristic, integer helpers, the
+flat view of a dense tensor, and ``KernelLauncher``, which launches a kernel without Triton's per-call
+dispatch.
 
 All kernels run with ``enable_fp_fusion=False`` so that ``a * b + c`` is rounded twice, as the torch
 reference computes it; with fusion on, the compiler may emit FMAs and the backends would differ in the
@@ -33,6 +35,11 @@ def is_interpreted() -> bool:
     return _INTERPRETED
 
 
+def env_flag(name: str) -> bool:
+    """False when the environment variable ``name`` is 0/off/false/no (any case), else True (also unset)."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def launch_options() -> dict:
     return {"enable_fp_fusion": False}
 
@@ -59,13 +66,11 @@ def flat_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 1 else x.as_strided((x.numel(),), (1,))
 
 
-def default_group_tile(n_groups: int, group_size: int, interpreted: bool | None = None) -> tuple[int, int]:
+def default_group_tile(n_groups: int, group_size: int, interpreted: bool) -> tuple[int, int]:
     """(groups per program, num_warps) for the quantize/dequantize kernels, before any tuning.
 
-    ``interpreted`` picks the interpreter's large tile or the GPU tile; None reads TRITON_INTERPRET.
+    ``interpreted``: the interpreter's large tile (True) or the GPU tile.
     """
-    if interpreted is None:
-        interpreted = is_interpreted()
     if interpreted:
         # The interpreter pays per element of a tile, masked or not: shrink tiles to small tensors.
         rows = max(1, INTERPRETER_TILE_ELEMENTS // group_size)
@@ -83,7 +88,7 @@ def default_group_tile(n_groups: int, group_size: int, interpreted: bool | None 
 # ---------------------------------------------------------------------------------------------
 
 ENV_DIRECT_LAUNCH = "TRITONQUANT_DIRECT_LAUNCH"  # "0" (or off/false/no): always launch through Triton's dispatch
-DIRECT_LAUNCH = os.environ.get(ENV_DIRECT_LAUNCH, "1").strip().lower() not in ("0", "off", "false", "no")
+DIRECT_LAUNCH = env_flag(ENV_DIRECT_LAUNCH)  # (read once, at import)
 
 
 class KernelLauncher:
@@ -101,7 +106,8 @@ class KernelLauncher:
     by 16, and the value 1). So a direct launch only ever runs a kernel that Triton's dispatch would
     have chosen for the same arguments. (Process-wide Triton settings that also enter its key, such
     as TRITON_DEBUG, are taken as fixed for the life of the process.) The positional arguments passed
-    on are the kernel's parameters in declaration order, runtime ones first (checked on construction).
+    on are the kernel's parameters in declaration order, runtime ones first (checked on construction:
+    a kernel declared otherwise warns once and keeps Triton's dispatch).
 
     Triton's dispatch is used instead under the interpreter, while a launch hook is installed
     (profilers read launch metadata; without one, the direct call passes no metadata and no hooks,

@@ -116,6 +116,12 @@ def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
     return n_groups * group_size * bits // 8
 
 
+def philox_counters(n_elements: int, group_size: int) -> int:
+    """Philox counters one stochastic quantize of ``n_elements`` uses (from its ``rng_offset`` on): one
+    per 4 elements of its whole groups."""
+    return -(-n_elements // group_size) * group_size // 4
+
+
 @triton.jit
 def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,

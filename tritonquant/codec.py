@@ -198,8 +198,7 @@ def _rng_for(config: QuantConfig, n_elements: int, device: torch.device) -> tupl
         return config.seed, 0
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         _warn_stochastic_capture()
-    padded = -(-n_elements // config.group_size) * config.group_size
-    return _stream.reserve(padded // 4)  # one Philox counter serves 4 elements (kernels/quantize.py)
+    return _stream.reserve(kernels.philox_counters(n_elements, config.group_size))
 
 
 def _warn_stochastic_capture() -> None:
