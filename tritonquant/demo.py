@@ -2,8 +2,8 @@
 
 1. What the codec does to one real activation tensor (size, ratio, error, ReLU mask).
 2. For a CNN and a transformer: a few training steps exact and compressed at 8, 4 and 2 bits from the
-   same initial weights, with the gradient agreement with exact training, the bytes saved, and the
-   per-module report of the 4-bit run.
+   same initial weights, with the gradient agreement with exact training, the bytes saved, the step's
+   peak memory, and the per-module report of the 4-bit run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from .bench import cpu_peak_bytes
 from .codec import dequantize, quantize
 from .models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 from .session import compress
@@ -87,6 +88,27 @@ def _gradient(model, loss_fn, batch, context) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+def _step_peak(step, device: torch.device) -> tuple[torch.Tensor, int | None]:
+    """(what ``step()`` returns, the most memory allocated at once while it ran beyond what was allocated
+    before it; None where that cannot be read)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = step()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - before
+    results = []
+    peak = cpu_peak_bytes(lambda: results.append(step()))
+    return results[0], peak
+
+
+def _peak_cells(peak: int | None, exact_peak: int | None) -> list[str]:
+    if peak is None:
+        return ["n/a", "-"]
+    return [f"{peak / MB:.2f}", f"{peak / exact_peak:.2f}" if exact_peak else "-"]
+
+
 def _train(model, loss_fn, make_batch, steps, session_factory) -> tuple[float, float]:
     """Train ``steps`` SGD steps; returns (last loss, seconds per step)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -115,26 +137,29 @@ def training_comparison(device: torch.device, steps: int) -> str:
         torch.manual_seed(0)
         initial = make_model().to(device)
         batch = make_batch(0)
-        exact_grad = _gradient(initial, loss_fn, batch, contextlib.nullcontext())
+        _gradient(initial, loss_fn, batch, compress(bits=4))  # warm-up: the first step's allocations
+        exact_grad, exact_peak = _step_peak(lambda: _gradient(initial, loss_fn, batch, contextlib.nullcontext()),
+                                            device)
         exact_loss, exact_time = _train(copy.deepcopy(initial), loss_fn, make_batch, steps, contextlib.nullcontext)
         _progress(f"  {short}: exact done ({time.perf_counter() - started:.0f} s)")
-        rows = [["exact", "-", "-", "-", "-", f"{exact_loss:.4f}", f"{exact_time * 1e3:.1f}"]]
+        rows = [["exact", "-", "-", "-", "-", *_peak_cells(exact_peak, exact_peak), f"{exact_loss:.4f}",
+                 f"{exact_time * 1e3:.1f}"]]
         report = ""
         for bits in DEMO_BITS:
             session = compress(bits=bits)
-            grad = _gradient(initial, loss_fn, batch, session)
+            grad, peak = _step_peak(lambda: _gradient(initial, loss_fn, batch, session), device)
             cosine = F.cosine_similarity(exact_grad, grad, dim=0).item()
             rel_err = ((grad - exact_grad).norm() / exact_grad.norm()).item()
             loss, seconds = _train(copy.deepcopy(initial), loss_fn, make_batch, steps, lambda: compress(bits=bits))
             rows.append([
                 f"{bits}-bit", f"{cosine:.4f}", f"{rel_err:.4f}", f"{session.stats.raw_bytes / MB:.2f}",
-                f"{session.stats.ratio:.2f}x", f"{loss:.4f}", f"{seconds * 1e3:.1f}",
+                f"{session.stats.ratio:.2f}x", *_peak_cells(peak, exact_peak), f"{loss:.4f}", f"{seconds * 1e3:.1f}",
             ])
             if bits == 4:
                 report = session.report()
             _progress(f"  {short}: {bits}-bit done ({time.perf_counter() - started:.0f} s)")
-        headers = ["training", "grad cosine", "rel. grad err", "activations MB", "packed ratio",
-                   f"loss after {steps} steps", "ms / step"]
+        headers = ["training", "grad cosine", "rel. grad err", "activations MB", "packed ratio", "step peak MB",
+                   "x exact", f"loss after {steps} steps", "ms / step"]
         out.append(f"== {name} ==\n" + tabulate(rows, headers=headers, disable_numparse=True))
         out.append(f"Saved tensors of one 4-bit step, per module:\n{report}\n")
     return "\n\n".join(out)

@@ -19,6 +19,11 @@ def test_demo_command_runs_and_prints_both_workloads():
     for bits in (8, 4, 2):
         assert re.search(rf"^{bits}-bit\s+\d\.\d{{4}}", out, re.MULTILINE), f"no {bits}-bit gradient row"
     assert out.count("total") == 2  # one per-module report per workload
+    # The step's peak memory, as a ratio to exact training's: compression must lower it (on the CPU, too).
+    for bits in (4, 2):
+        rows = re.findall(rf"^{bits}-bit\s+(.*)$", out, re.MULTILINE)
+        assert len(rows) == 2
+        assert all(float(row.split()[5]) < 0.8 for row in rows), rows
 
 
 def test_codec_table_shows_exact_relu_masks_and_ratios():
