@@ -268,16 +268,28 @@ def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: 
 
 
 def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
-    """The most CPU memory allocated at once while ``step`` ran, above what was allocated when it began
-    (tensors, as the allocator reports them to torch's profiler); None where this torch's profiler does
-    not report allocations the way they are read here (its event tree is not a stable API)."""
+    """Run ``step()``; return the most CPU memory allocated at once while it ran, above what was allocated
+    when it began (tensors, as the allocator reports them to torch's profiler). None where that cannot be
+    read: under a profiler already running (which a second one would disturb), or with a torch whose
+    event tree differs (it is not a stable API). An exception from ``step`` propagates."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
         from torch._C._profiler import _EventType
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
+        # A second profiler inside a running one would stop the outer one on its way out (torch 2.11).
+        if torch._C._autograd._profiler_enabled():
+            raise RuntimeError("a profiler is running")
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        prof.__enter__()
+    except Exception:  # noqa: BLE001 - no profiler to read: the step still runs
+        step()
+        return None
+    try:
+        step()
+    finally:
+        prof.__exit__(None, None, None)
+    try:
         allocations, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
         while pending:
             event = pending.pop()
@@ -290,7 +302,7 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
         # is what was allocated when the step began.
         first = min(allocations, key=lambda a: a[0])[1]
         return max(a.total_allocated for _, a in allocations) - (first.total_allocated - first.alloc_size)
-    except Exception:  # noqa: BLE001 - a profiler whose event tree differs: no figure rather than a failed table
+    except Exception:  # noqa: BLE001 - an event tree read differently: no figure rather than a failed table
         return None
 
 

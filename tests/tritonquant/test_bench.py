@@ -62,6 +62,20 @@ def test_cpu_peak_bytes_counts_what_is_allocated_at_once():
     assert cpu_peak_bytes(together) == 8 << 20
 
 
+def test_cpu_peak_bytes_runs_the_step_under_another_profiler_and_lets_its_errors_through():
+    ran = []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as outer:
+        assert cpu_peak_bytes(lambda: ran.append(torch.ones(4))) is None
+    assert len(ran) == 1, "the step runs"
+    assert any(event.name == "aten::ones" for event in outer.events()), "the outer profiler is undisturbed"
+
+    def failing():
+        raise ValueError("the step failed")
+
+    with pytest.raises(ValueError, match="the step failed"):
+        cpu_peak_bytes(failing)
+
+
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     run_bench(quick=True, steps=1, plots=str(tmp_path))
