@@ -145,7 +145,8 @@ def channel_statistics(channels_ptr, channel, mask):
 
 def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device, start: int = 0,
                      ) -> torch.Tensor:
-    """int32 (int64 past 2**31 elements) [n]: the channel of elements ``start .. start + n - 1`` of a
-    flat run (``(i // channel_stride) % n_channels``)."""
-    index = torch.arange(start, start + n, device=device, dtype=torch.int32 if start + n <= 2**31 else torch.int64)
+    """int32 (int64 from 2**31 elements, or for a channel stride as large) [n]: the channel of elements
+    ``start .. start + n - 1`` of a flat run (``(i // channel_stride) % n_channels``)."""
+    small = start + n <= 2**31 and channel_stride < 2**31
+    index = torch.arange(start, start + n, device=device, dtype=torch.int32 if small else torch.int64)
     return index.div_(channel_stride, rounding_mode="floor").remainder_(n_channels)

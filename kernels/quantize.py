@@ -102,9 +102,9 @@ SPLIT_FIRST = split_axis_first()
 
 # On the CPU the torch references (torch_quantize, torch_dequantize) take a tensor a chunk of whole
 # groups at a time (``torch_chunk_elements``). Quantize's temporaries come to 24 bytes an element (38
-# with stochastic rounding; dequantize's to 5-12), so a chunk holds at most about 6 MB of them; for a
-# tensor of 2**18 elements or more, at most 3 bytes per element of the tensor: less than the tensor
-# itself in float32. Groups are independent: chunks change no bit. (Figures: docs/kernels.md, "The
+# with stochastic rounding; dequantize's to 5-12), so a chunk holds at most about 6 MB of them (10 MB
+# stochastic); for a tensor of 2**18 elements or more, about 3 bytes per element of the tensor (5
+# stochastic). Groups are independent: chunks change no bit. (Figures: docs/kernels.md, "The
 # torch backend on the CPU".)
 TORCH_CHUNK_ELEMENTS = 1 << 18
 TORCH_CHUNK_MIN_ELEMENTS = 1 << 15

@@ -271,7 +271,11 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
     """Run ``step()``; return the most CPU memory allocated at once while it ran, above what was allocated
     when it began (tensors, as the allocator reports them to torch's profiler). None where that cannot be
     read: under a profiler already running (which a second one would disturb), or with a torch whose
-    event tree differs (it is not a stable API). An exception from ``step`` propagates."""
+    event tree differs (it is not a stable API). An exception from ``step`` propagates.
+
+    The start is read from the first allocation the profiler records: memory allocated before the step
+    and freed by it before that first allocation does not lower the figure (the profiler does not
+    record frees of blocks it did not see allocated)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:

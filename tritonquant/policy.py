@@ -30,9 +30,9 @@ intermediate has requires_grad=False.)
 Probabilities (outputs of softmax and log_softmax, also after views and dropout: ``producer``) are
 packed with at least ``sensitive_bits`` bits (default 4) unless an override says otherwise
 (``is_sensitive``), and softmax outputs are standardized per channel first (``standardize_kind``:
-mapped to values of 1 or more, which the [min, max] grid packs with no sign rule). Most probabilities lie near zero, where the sign rule errs the most:
-every positive value below half a step comes back as the first level (the group's maximum / 15 at 4
-bits), so a row of small probabilities comes back inflated, and backward reads them directly
+mapped to values of 1 or more, which the [min, max] grid packs with no sign rule). Most probabilities
+lie near zero, where the sign rule errs the most: every positive value below half a step comes back as
+the first level (the group's maximum / 15 at 4 bits), so a row of small probabilities comes back inflated, and backward reads them directly
 (softmax's backward, the gradient of V in attention). The plain grid fixes that at every width. The
 floor is for widths below 4: log-probabilities span tens of nats in a group while the loss's
 backward, exp(log p), needs the values near zero to a few hundredths, and probabilities at 2 bits
