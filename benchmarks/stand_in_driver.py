@@ -59,3 +59,23 @@ def install(on_launch: Callable | None = None, stream: int = 0) -> StandInDriver
     stand_in = StandInDriver(on_launch, stream)
     driver.set_active(stand_in)
     return stand_in
+
+
+def install_for_cpu_tensors() -> StandInDriver:
+    """``install()`` for a script that packs CPU tensors through the Triton launchers, whose launches then
+    return at once; exits with status 2 (and a SKIP line) where this Triton's driver API differs.
+
+    backend="triton" accepts CPU tensors only under the interpreter, so tritonquant's codec is told it
+    runs under one. (Import this module after TRITON_INTERPRET is unset: Triton reads it once.)
+    """
+    import sys
+
+    try:
+        stand_in = install()
+    except Exception as exc:  # noqa: BLE001 - a Triton whose driver API differs
+        print(f"SKIP: cannot install a stand-in driver: {exc}")
+        sys.exit(2)
+    from tritonquant import codec
+
+    codec.is_interpreted = lambda: True
+    return stand_in
