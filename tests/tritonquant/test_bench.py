@@ -203,6 +203,23 @@ def test_captured_methods_are_gpu_only_and_compress_at_their_width():
     assert session.config.quant.bits == 4 and session.stats.packed_tensors > 0
 
 
+def fake_events():
+    """A stand-in for torch.cuda.Event: each record() reads a clock that advances by 1 ms."""
+    clock = iter(range(100))
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = next(clock)
+
+        def elapsed_time(self, end):
+            return float(end.at - self.at)
+
+    return FakeEvent
+
+
 def test_a_captured_step_is_warmed_up_captured_once_and_timed_over_replays(monkeypatch):
     # The CUDA calls of measure_gpu_graphed, faked on the CPU: what it runs eagerly, what it captures and
     # how many replays it times. (On a GPU, tests/integration/test_cuda_graphs.py checks what replays compute.)
@@ -213,18 +230,6 @@ def test_a_captured_step_is_warmed_up_captured_once_and_timed_over_replays(monke
     class FakeGraph:
         def replay(self):
             log.append("replay")
-
-    class FakeEvent:
-        clock = iter(range(100))
-
-        def __init__(self, enable_timing):
-            assert enable_timing
-
-        def record(self):
-            self.at = next(FakeEvent.clock)
-
-        def elapsed_time(self, end):
-            return float(end.at - self.at)
 
     @contextlib.contextmanager
     def capture(graph):
@@ -243,7 +248,7 @@ def test_a_captured_step_is_warmed_up_captured_once_and_timed_over_replays(monke
     for name, value in {"Stream": FakeStream, "stream": lambda s: contextlib.nullcontext(),
                         "current_stream": FakeStream, "synchronize": lambda *a: None, "empty_cache": lambda: None,
                         "reset_peak_memory_stats": lambda *a: None, "max_memory_allocated": lambda *a: 3 * bench.MB,
-                        "CUDAGraph": FakeGraph, "graph": capture, "Event": FakeEvent}.items():
+                        "CUDAGraph": FakeGraph, "graph": capture, "Event": fake_events()}.items():
         monkeypatch.setattr(cuda, name, value)
 
     compress = bench.compress
@@ -275,22 +280,10 @@ def test_an_eager_gpu_cell_reads_memory_after_forward_and_after_backward(monkeyp
     allocated = iter([1 * bench.MB, 3 * bench.MB])  # before the forward pass, after it
     peaks = iter([5 * bench.MB, 7 * bench.MB])  # the peak up to the end of forward, over the whole step
 
-    class FakeEvent:
-        clock = iter(range(100))
-
-        def __init__(self, enable_timing):
-            assert enable_timing
-
-        def record(self):
-            self.at = next(FakeEvent.clock)
-
-        def elapsed_time(self, end):
-            return float(end.at - self.at)
-
     cuda = bench.torch.cuda
     for name, value in {"synchronize": lambda *a: None, "empty_cache": lambda: None,
                         "reset_peak_memory_stats": lambda *a: None, "memory_allocated": lambda *a: next(allocated),
-                        "max_memory_allocated": lambda *a: next(peaks), "Event": FakeEvent}.items():
+                        "max_memory_allocated": lambda *a: next(peaks), "Event": fake_events()}.items():
         monkeypatch.setattr(cuda, name, value)
     workload = bench.Workload("w", lambda: SmallCNN(width=16, blocks=1),
                               lambda b, dev: (torch.randn(b, 3, 32, 32), torch.zeros(b, dtype=torch.long)),
