@@ -196,7 +196,7 @@ class _RecastWeight:
 
 
 # What the pack hook returns for autograd to hold, and the unpack hook restores.
-Handle = _Packed | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
+_Handle = _Packed | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
 
 
 def _standardized(key: tuple) -> tuple:
@@ -381,8 +381,8 @@ class Session:
 
     # -- hooks ------------------------------------------------------------------------------------
 
-    def _pack(self, t: torch.Tensor) -> Handle:
-        """The pack hook: what autograd holds instead of ``t`` until backward (``Handle``)."""
+    def _pack(self, t: torch.Tensor) -> _Handle:
+        """The pack hook: what autograd holds instead of ``t`` until backward (``_Handle``)."""
         module = self._stack.current()
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
         if reason is None and t.grad_fn is None and is_frozen_weight_cast(t, module):
@@ -519,7 +519,7 @@ class Session:
         row.passed_bytes += held_bytes
 
     @staticmethod
-    def _unpack(handle: Handle) -> torch.Tensor:
+    def _unpack(handle: _Handle) -> torch.Tensor:
         if isinstance(handle, (_WindowIndices, _NarrowedIndices, _RecastWeight)):
             return handle.restore()
         if isinstance(handle, (_Kept, ProbeTensor)):
