@@ -12,7 +12,8 @@ allocate on a GPU (its payload and metadata; a restore, its output) and no kerne
 restored are garbage; the allocations are the GPU's. torch's profiler records every allocation
 (``tritonquant.bench.cpu_peak_bytes`` reads the same events).
 
-For each method (exact, checkpoint around every block, compress at 4 and 2 bits) it prints the peak
+For each method (exact, checkpoint around every block, compress at 4 and 2 bits, and both: every block
+checkpointed, what is still saved compressed at 4 bits) it prints the peak
 above what was allocated when the step began (parameters are not counted), the op that allocated at
 that moment, what was allocated at the end of the forward pass, and what was live at the peak, summed by
 the op that allocated it. What differs from a GPU: CPU attention and autocast's CPU op lists; the
@@ -45,7 +46,7 @@ from tritonquant.models import TinyTransformer, lm_batch, lm_loss  # noqa: E402
 
 MB = 2**20
 BACKWARD_MARK = "peak_breakdown: backward"
-METHODS = ("exact", "checkpoint", "tq-4bit", "tq-2bit")
+METHODS = ("exact", "checkpoint", "tq-4bit", "tq-2bit", "checkpoint+tq-4bit")
 
 
 def allocations(prof) -> list[tuple[int, object, str]]:
@@ -113,9 +114,9 @@ def main() -> int:
           f"{args.seq}; bf16 autocast on the CPU; launches not run. MB above the step's start.\n")
     summary, details = [], []
     for method in METHODS:
-        session = (lambda: tq.compress(bits=int(method[3]), backend="triton")) if method.startswith("tq") else \
-            contextlib.nullcontext
-        model_change = checkpointed_blocks(model) if method == "checkpoint" else contextlib.nullcontext()
+        bits = int(method.split("tq-")[1][0]) if "tq-" in method else None
+        session = (lambda: tq.compress(bits=bits, backend="triton")) if bits else contextlib.nullcontext
+        model_change = checkpointed_blocks(model) if method.startswith("checkpoint") else contextlib.nullcontext()
         model.zero_grad(set_to_none=True)
         with model_change, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with session(), torch.autocast("cpu", dtype=torch.bfloat16):
