@@ -10,7 +10,7 @@ step per method on the CPU. Triton's driver is replaced by the stand-in (benchma
 so compress() packs through the Triton launchers: each packed tensor allocates exactly what the kernels
 allocate on a GPU (its payload and metadata; a restore, its output) and no kernel runs. The values
 restored are garbage; the allocations are the GPU's. torch's profiler records every allocation
-(``tritonquant.bench.cpu_peak_bytes`` reads the same events).
+(``tritonquant.bench.allocation_events``, which ``cpu_peak_bytes`` reads too).
 
 For each method (exact, checkpoint around every block, compress at 4 and 2 bits, and both: every block
 checkpointed, what is still saved compressed at 4 bits) it prints the peak
@@ -41,25 +41,12 @@ import stand_in_driver  # noqa: E402
 stand_in_driver.install_for_cpu_tensors()  # the launchers allocate as on a GPU; no kernel runs
 
 import tritonquant as tq  # noqa: E402
-from tritonquant.bench import checkpointed_blocks  # noqa: E402
+from tritonquant.bench import allocation_events, checkpointed_blocks  # noqa: E402
 from tritonquant.models import TinyTransformer, lm_batch, lm_loss  # noqa: E402
 
 MB = 2**20
 BACKWARD_MARK = "peak_breakdown: backward"
 METHODS = ("exact", "checkpoint", "tq-4bit", "tq-2bit", "checkpoint+tq-4bit")
-
-
-def allocations(prof) -> list[tuple[int, object, str]]:
-    """(time, allocation event fields, name of the op that allocated) for every allocation or free."""
-    from torch._C._profiler import _EventType
-
-    found, pending = [], [(event, None) for event in prof.profiler.kineto_results.experimental_event_tree()]
-    while pending:
-        event, parent = pending.pop()
-        pending.extend((child, event) for child in event.children)
-        if event.tag == _EventType.Allocation:
-            found.append((event.start_time_ns, event.extra_fields, parent.name if parent is not None else "?"))
-    return sorted(found, key=lambda item: item[0])
 
 
 def backward_start(prof) -> int:
@@ -74,7 +61,7 @@ def backward_start(prof) -> int:
 
 def breakdown(prof) -> dict:
     """Peak, the op at the peak, allocated at the end of forward, and what was live at the peak."""
-    events = allocations(prof)
+    events = allocation_events(prof)
     first = events[0][1]
     base = first.total_allocated - first.alloc_size
     backward_at = backward_start(prof)

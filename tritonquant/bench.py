@@ -279,8 +279,6 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        from torch._C._profiler import _EventType
-
         # A second profiler inside a running one would stop the outer one on its way out (torch 2.11).
         if torch._C._autograd._profiler_enabled():
             raise RuntimeError("a profiler is running")
@@ -294,20 +292,31 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
     finally:
         prof.__exit__(None, None, None)
     try:
-        allocations, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-        while pending:
-            event = pending.pop()
-            pending.extend(event.children)
-            if event.tag == _EventType.Allocation:
-                allocations.append((event.start_time_ns, event.extra_fields))
-        if not allocations:
+        events = allocation_events(prof)
+        if not events:
             return None
         # Each event carries the allocator's running total after it; the first one's, less its own size,
         # is what was allocated when the step began.
-        first = min(allocations, key=lambda a: a[0])[1]
-        return max(a.total_allocated for _, a in allocations) - (first.total_allocated - first.alloc_size)
+        first = events[0][1]
+        return max(fields.total_allocated for _, fields, _ in events) - (first.total_allocated - first.alloc_size)
     except Exception:  # noqa: BLE001 - an event tree read differently: no figure rather than a failed table
         return None
+
+
+def allocation_events(prof) -> list[tuple[int, object, str]]:
+    """(time in ns, the event's fields: ``alloc_size`` (negative for a free), ``total_allocated``, ``ptr``;
+    the name of the op that allocated) for every allocation and free a finished
+    ``torch.profiler.profile(profile_memory=True)`` recorded, in time order. (torch's event tree is not a
+    stable API: this raises where it differs.)"""
+    from torch._C._profiler import _EventType
+
+    found, pending = [], [(event, None) for event in prof.profiler.kineto_results.experimental_event_tree()]
+    while pending:
+        event, parent = pending.pop()
+        pending.extend((child, event) for child in event.children)
+        if event.tag == _EventType.Allocation:
+            found.append((event.start_time_ns, event.extra_fields, parent.name if parent is not None else "?"))
+    return sorted(found, key=lambda item: item[0])
 
 
 def nvidia_driver() -> str | None:
