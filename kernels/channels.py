@@ -145,8 +145,20 @@ def channel_statistics(channels_ptr, channel, mask):
 
 def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device, start: int = 0,
                      ) -> torch.Tensor:
-    """int32 (int64 from 2**31 elements, or for a channel stride as large) [n]: the channel of elements
-    ``start .. start + n - 1`` of a flat run (``(i // channel_stride) % n_channels``)."""
-    small = start + n <= 2**31 and channel_stride < 2**31
-    index = torch.arange(start, start + n, device=device, dtype=torch.int32 if small else torch.int64)
-    return index.div_(channel_stride, rounding_mode="floor").remainder_(n_channels)
+    """int32 [n]: the channel of elements ``start .. start + n - 1`` of a flat run
+    (``(i // channel_stride) % n_channels``).
+
+    The run is cut into its blocks of ``channel_stride`` consecutive elements (the first and last may be
+    partial); each block's channel is repeated over its elements, with no division per element.
+    """
+    if n == 0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    first, last = start // channel_stride, (start + n - 1) // channel_stride
+    block = torch.arange(first, last + 1, device=device, dtype=torch.int32 if last < 2**31 else torch.int64)
+    channel = block.remainder_(n_channels).to(torch.int32)
+    if channel_stride == 1:
+        return channel
+    counts = torch.full((last - first + 1,), channel_stride, dtype=torch.int64, device=device)
+    counts[0] -= start - first * channel_stride
+    counts[-1] -= (last + 1) * channel_stride - (start + n)
+    return channel.repeat_interleave(counts, output_size=n)

@@ -29,6 +29,8 @@ bit-identical across backends. The sigma statistics sum integers (16-bit fixed p
 values) because integer sums do not depend on the reduction order.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -103,11 +105,11 @@ SPLIT_FIRST = split_axis_first()
 # On the CPU the torch references (torch_quantize, torch_dequantize) take a tensor a chunk of whole
 # groups at a time (``torch_chunk_elements``). Quantize's temporaries come to 24 bytes an element (38
 # with stochastic rounding; dequantize's to 5-12), so a chunk holds at most about 6 MB of them (10 MB
-# stochastic); for a tensor of 2**18 elements or more, about 3 bytes per element of the tensor (5
+# stochastic); for a tensor of 2**19 elements or more, about 3 bytes per element of the tensor (5
 # stochastic). Groups are independent: chunks change no bit. (Figures: docs/kernels.md, "The
 # torch backend on the CPU".)
 TORCH_CHUNK_ELEMENTS = 1 << 18
-TORCH_CHUNK_MIN_ELEMENTS = 1 << 15
+TORCH_CHUNK_MIN_ELEMENTS = 1 << 16
 TORCH_CHUNK_PARTS = 8
 
 
@@ -502,27 +504,55 @@ def torch_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference for ``triton_quantize``: same signature, same bits out.
 
-    On the CPU it works through the input a chunk of groups at a time (``torch_chunk_elements``).
+    Two passes over the groups: their ranges (and the sigma scheme's windows), then their codes. In
+    between, each group's grid is worked out once for the whole tensor. On the CPU each pass takes the
+    tensor a chunk of groups at a time (``torch_chunk_elements``); elsewhere in one piece.
     """
     flat = flat_view(x)
     n = flat.numel()
-    chunk = torch_chunk_elements(n, group_size, flat.device)
-    if chunk is None or n <= chunk:
-        return _torch_quantize_run(flat, 0, bits, group_size, sigma, stochastic, seed, rng_offset, channels,
-                                   channel_stride)
+    device = flat.device
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8, device=device), torch.empty((0, 2), dtype=torch.float32,
+                                                                             device=device)
     n_groups = -(-n // group_size)
-    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=flat.device)
-    meta = torch.empty((n_groups, 2), dtype=torch.float32, device=flat.device)
+    chunk = torch_chunk_elements(n, group_size, device) or n
+    starts = range(0, n, chunk)
+    pairs = None if channels is None else standardizing_pairs(channels)
+
+    def values(start: int) -> torch.Tensor:
+        return _torch_group_values(flat[start:start + chunk], start, group_size, pairs, channel_stride)
+
+    def rows(start: int) -> slice:
+        return slice(start // group_size, -(-min(start + chunk, n) // group_size))
+
+    # Pass 1: each group's range, and the sigma scheme's window inside it.
+    lo = torch.empty(n_groups, dtype=torch.float32, device=device)
+    hi = torch.empty_like(lo)
+    window = (torch.empty_like(lo), torch.empty_like(lo)) if sigma else None
+    whole = None  # the values of a tensor taken in one piece, kept for pass 2
+    for start in starts:
+        r, v = rows(start), values(start)
+        lo[r], hi[r] = v.amin(dim=1), v.amax(dim=1)
+        if sigma:
+            window[0][r], window[1][r] = _torch_sigma_window(v, lo[r], hi[r], min(chunk, n - start))
+        if chunk >= n:
+            whole = v
+
+    grid = _torch_grid(lo, hi, window, bits, standardized=channels is not None)
+    del lo, hi, window
+
+    # Pass 2: the codes.
+    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=device)
     group_bytes = group_size * bits // 8
-    for start in range(0, n, chunk):
-        first, end = start // group_size, -(-min(start + chunk, n) // group_size)
+    for start in starts:
+        r = rows(start)
+        v = whole if whole is not None else values(start)
         # (start is a whole number of groups, so a multiple of 4: the dither counters stay aligned)
-        chunk_payload, chunk_meta = _torch_quantize_run(
-            flat[start:start + chunk], start, bits, group_size, sigma, stochastic, seed, rng_offset + start // 4,
-            channels, channel_stride)
-        payload[first * group_bytes:end * group_bytes] = chunk_payload
-        meta[first:end] = chunk_meta
-    return payload, meta
+        codes = _torch_codes(v, grid.rows(r), min(chunk, n - start), bits, stochastic, seed,
+                             rng_offset + start // 4)
+        payload[r.start * group_bytes:r.stop * group_bytes] = torch_pack_codes(codes, bits).view(-1)
+        del v, codes
+    return payload, grid.meta
 
 
 def torch_chunk_elements(n: int, group_size: int, device: torch.device) -> int | None:
@@ -541,46 +571,57 @@ def torch_chunk_elements(n: int, group_size: int, device: torch.device) -> int |
     return max(group_size, chunk // group_size * group_size)
 
 
-def _torch_quantize_run(
-    flat: torch.Tensor, start: int, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int,
-    rng_offset: int, channels: torch.Tensor | None, channel_stride: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch_quantize`` of the run of elements ``flat`` (1-D, whole groups but for a partial last one),
-    which start at element ``start`` of the tensor (for their channels). Returns (payload, meta)."""
+def _torch_group_values(flat: torch.Tensor, start: int, group_size: int, pairs: torch.Tensor | None,
+                       channel_stride: int) -> torch.Tensor:
+    """float32 [groups, group_size]: a new copy of the run ``flat`` (1-D, whole groups but for a partial
+    last one, starting at element ``start`` of the tensor), standardized by ``pairs``
+    (``standardizing_pairs``, or None) for its channels. A partial last group is padded with its own
+    last value, which changes none of its statistics but the sigma scheme's (that one masks the padding
+    out); the padding's codes are set to 0."""
     n = flat.numel()
     n_groups = -(-n // group_size)
-    device = flat.device
-    levels_m1 = float((1 << bits) - 1)
-    z_min, z_max = (1.0, levels_m1 - 1.0) if bits > 1 else (0.0, levels_m1)
-    if n == 0:
-        empty = torch.empty(0, dtype=torch.uint8, device=device)
-        return empty, torch.empty((0, 2), dtype=torch.float32, device=device)
-
-    # [n_groups, group_size] view of the input. A partial last group is padded with its own last value,
-    # which changes none of its statistics but the sigma scheme's (that one masks the padding out); the
-    # padding's codes are set to 0 at the end.
-    # (On the CPU this is how training packs: temporaries the size of the run are made in place or
-    # dropped once used, to keep the chunks' memory small.)
-    x = torch.empty(n_groups * group_size, dtype=torch.float32, device=device)
+    x = torch.empty(n_groups * group_size, dtype=torch.float32, device=flat.device)
     x[:n] = flat
-    if channels is not None:
-        pairs = standardizing_pairs(channels)
-        channel = torch_channel_of(n, channel_stride, channels.shape[0], device, start)
+    if pairs is not None:
+        channel = torch_channel_of(n, channel_stride, pairs.shape[0], flat.device, start)
         # (index_select takes int32 indices as they are; indexing with [] widens them to int64 first)
         x[:n] -= pairs[:, 0].index_select(0, channel)
         x[:n] *= pairs[:, 1].index_select(0, channel)
         x[:n] += 1.0
         del channel
     x[n:] = x[n - 1]
-    x = x.view(n_groups, group_size)
+    return x.view(n_groups, group_size)
 
-    # min and max propagate NaN, so one pair of reductions finds the range and any non-finite value.
-    lo, hi = x.amin(dim=1), x.amax(dim=1)
+
+class _TorchGrid(NamedTuple):
+    """Each group's grid, as ``_torch_codes`` applies it: float32 [groups, 1] columns, and the meta."""
+
+    base: torch.Tensor
+    inv_step: torch.Tensor
+    offset: torch.Tensor  # added to a group's products: z where inv_step is 0 (every product is 0 there)
+    # The codes a value may take, by its sign: [lower, upper] for x < 0 and for x == 0 (an exact zero
+    # takes the negatives' lower bound and the positives' upper bound; the kernel's comments say why that
+    # gives it z), [lower + lower_rise, upper] for x > 0, and [lower, upper + upper_rise] for x < 0.
+    lower: torch.Tensor
+    lower_rise: torch.Tensor
+    upper: torch.Tensor
+    upper_rise: torch.Tensor
+    meta: torch.Tensor  # float32 [groups, 2]: (base, step), step NaN for a group holding NaN or Inf
+
+    def rows(self, r: slice) -> "_TorchGrid":
+        return _TorchGrid(*(column[r] for column in self))
+
+
+def _torch_grid(lo: torch.Tensor, hi: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor] | None, bits: int,
+                standardized: bool) -> _TorchGrid:
+    """Each group's grid from its range ``lo``, ``hi`` (float32 [groups], NaN or Inf for a group holding
+    one: min and max propagate NaN) and, for the sigma scheme, the ``window`` inside it."""
+    levels_m1 = float((1 << bits) - 1)
+    z_min, z_max = (1.0, levels_m1 - 1.0) if bits > 1 else (0.0, levels_m1)
     bad = ~(lo.isfinite() & hi.isfinite())
     lo = torch.where(bad, 0.0, lo)
     hi = torch.where(bad, 0.0, hi)
-    g_lo, g_hi = _torch_sigma_range(x, lo, hi, n) if sigma else (lo, hi)
-    xs = x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a bad group's codes are all 0 whatever it holds)
+    g_lo, g_hi = (torch.where(bad, 0.0, window[0]), torch.where(bad, 0.0, window[1])) if window else (lo, hi)
 
     g_lo = torch.where(lo <= 0, g_lo.clamp(max=0.0), g_lo)
     g_hi = torch.where(hi >= 0, g_hi.clamp(min=0.0), g_hi)
@@ -597,54 +638,70 @@ def _torch_quantize_run(
     z = torch.where(mixed, z_mixed, torch.where((lo <= 0) & (hi >= 0), 0.0, -1.0))
     base = torch.where(mixed, -(z * step), near)
     base = torch.where(base == 0.0, 0.0, base)
+    offset = torch.where(invertible, 0.0, z)  # where every product is 0, zeros round to z (a bad group's z is 0)
 
-    offset = torch.where(invertible, 0.0, z)  # where every t is 0, zeros round to z (a bad group's z is 0)
-
-    d = xs - base[:, None]
-    if stochastic:
-        # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _dithers in the kernel.
-        counters = rng_offset + torch.arange(n_groups * group_size // 4, device=device, dtype=torch.int64)
-        t = d * inv_step[:, None] + torch_dither4(seed, counters).view(n_groups, group_size) * (xs != 0).float()
-        del counters
-        rounded = torch.round(t.add_(offset[:, None]))  # to nearest, ties to even (zeros were not dithered)
-        del t
+    # A bad group's codes are all 0.
+    if standardized:  # no sign rule, codes 0..L (the kernel says why)
+        zero = torch.zeros_like(lo)
+        lower, lower_rise = zero, zero
+        upper, upper_rise = torch.where(bad, 0.0, levels_m1), zero
     else:
-        # The kernel's fma rounds the product once: in float64 the product of two float32 is exact, and
-        # offset is nonzero only where inv_step is 0, so the sum is exact too.
-        rounded = (d.double() * inv_step[:, None].double()).add_(offset[:, None].double()).round_().float()
-    del d
-    if channels is not None:  # standardized: no sign rule, codes 0..L (the kernel says why)
-        code = torch.minimum(rounded.clamp(min=0.0), torch.where(bad, 0.0, levels_m1)[:, None])
-    else:
-        # The codes a value may take, by its sign; an exact zero takes the negatives' lower bound and the
-        # positives' upper bound (the kernel's comments say why that gives it z). The bounds are small
-        # whole numbers, so selecting by multiplying with a 0/1 mask is exact (and, on the CPU, several
-        # times faster than torch.where on a full tile).
         positives_away = ~negative_side
         toward_hi = (z - 1.0).clamp(min=0.0)
         positive_lo = torch.where(bad, 0.0, torch.where(positives_away, z + 1.0, 0.0))
         positive_hi = torch.where(bad, 0.0, torch.where(positives_away, levels_m1, toward_hi))
         negative_lo = torch.where(bad, 0.0, torch.where(positives_away, 0.0, z + 1.0))
         negative_hi = torch.where(bad, 0.0, torch.where(positives_away, toward_hi, levels_m1))
-        lower = negative_lo[:, None] + (positive_lo - negative_lo)[:, None] * (xs > 0).float()
-        code = torch.maximum(rounded, lower, out=rounded)
-        del lower
-        upper = positive_hi[:, None] + (negative_hi - positive_hi)[:, None] * (xs < 0).float()
-        code = torch.minimum(code, upper, out=code)
+        lower, lower_rise = negative_lo, positive_lo - negative_lo
+        upper, upper_rise = positive_hi, negative_hi - positive_hi
+    meta = torch.stack([base, torch.where(bad, float("nan"), step)], dim=1)
+    return _TorchGrid(*(column[:, None] for column in (base, inv_step, offset, lower, lower_rise, upper,
+                                                       upper_rise)), meta)
+
+
+def _torch_codes(x: torch.Tensor, grid: _TorchGrid, n: int, bits: int, stochastic: bool, seed: int,
+                 rng_offset: int) -> torch.Tensor:
+    """uint8 [groups, group_size] codes of the values ``x`` (``_torch_group_values``, overwritten), on
+    their groups' ``grid``; the first ``n`` are the run's elements, the rest padding (code 0).
+
+    (On the CPU this is how training packs: temporaries the size of the run are made in place or
+    dropped once used, to keep the chunks' memory small.)"""
+    xs = x.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # (a bad group's codes are all 0 whatever it holds)
+    d = xs - grid.base
+    if stochastic:
+        # Element i takes word i % 4 of Philox(seed, rng_offset + i // 4), as _dithers in the kernel.
+        counters = rng_offset + torch.arange(xs.numel() // 4, device=xs.device, dtype=torch.int64)
+        t = d * grid.inv_step + torch_dither4(seed, counters).view(xs.shape) * (xs != 0).float()
+        del counters
+        rounded = torch.round(t.add_(grid.offset))  # to nearest, ties to even (zeros were not dithered)
+        del t
+    else:
+        # The kernel's fma rounds the product once: in float64 the product of two float32 is exact, and
+        # offset is nonzero only where inv_step is 0, so the sum is exact too.
+        rounded = (d.double() * grid.inv_step.double()).add_(grid.offset.double()).round_().float()
+    del d
+    # The bounds are small whole numbers, so selecting by multiplying with a 0/1 mask is exact (and, on
+    # the CPU, several times faster than torch.where on a full tile).
+    lower = grid.lower + grid.lower_rise * (xs > 0).float()
+    code = torch.maximum(rounded, lower, out=rounded)
+    del lower
+    upper = grid.upper + grid.upper_rise * (xs < 0).float()
+    code = torch.minimum(code, upper, out=code)
     code = code.to(torch.uint8)
     code.view(-1)[n:] = 0  # the padding
-
-    payload = torch_pack_codes(code, bits).reshape(-1)
-    meta = torch.stack([base, torch.where(bad, float("nan"), step)], dim=1)
-    return payload, meta
+    return code
 
 
-def _torch_sigma_range(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                       n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sigma scheme's grid range of each group of ``x`` (float32 [n_groups, group_size], holding the
-    run's ``n`` elements and then padding), given each group's finite [lo, hi]: mean +/- SIGMA_WIDTH
-    standard deviations, inside [lo, hi]; [lo, hi] itself where that window is empty."""
+def _torch_sigma_window(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigma scheme's grid window of each group of ``x`` (float32 [n_groups, group_size], holding the
+    run's ``n`` elements and then padding), given each group's [lo, hi] (NaN or Inf where the group
+    holds one; its window is then not used): mean +/- SIGMA_WIDTH standard deviations, inside [lo, hi];
+    [lo, hi] itself where that window is empty."""
     n_groups, group_size = x.shape
+    finite = lo.isfinite() & hi.isfinite()
+    lo = torch.where(finite, lo, 0.0)
+    hi = torch.where(finite, hi, 0.0)
     ok = x.isfinite()
     ok.view(-1)[n:] = False
     center = lo * 0.5 + hi * 0.5

@@ -131,12 +131,17 @@ def test_torch_channel_of_follows_the_layout():
     assert torch_channel_of(24, 4, 3, torch.device("cpu")).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4 + [2] * 4
 
 
-@pytest.mark.parametrize("start, stride", [(10, 4), (2**31 - 4, 4), (0, 3_000_000_000), (2**32 + 2, 2**31)],
-                         ids=["small", "past-int32", "wide-stride", "both"])
-def test_torch_channel_of_a_run_from_its_start(start, stride):
-    # The CPU references index a chunk from its start; indices and strides past int32 must not wrap.
-    got = torch_channel_of(8, stride, 3, torch.device("cpu"), start)
-    assert got.tolist() == [(i // stride) % 3 for i in range(start, start + 8)]
+@pytest.mark.parametrize("start, n, stride", [
+    (10, 8, 4), (0, 1000, 7), (5, 3, 16), (16, 16, 16), (3, 100, 1), (2**31 - 4, 8, 4), (0, 8, 3_000_000_000),
+    (2**32 + 2, 8, 2**31), (2**31 - 50, 100, 1),
+], ids=["small", "many-blocks", "inside-one-block", "one-whole-block", "stride-1", "past-int32", "wide-stride",
+        "both", "stride-1-past-int32"])
+def test_torch_channel_of_a_run_from_its_start(start, n, stride):
+    # The CPU references index a chunk from its start, which may fall anywhere in a block of a channel;
+    # indices and strides past int32 must not wrap.
+    got = torch_channel_of(n, stride, 3, torch.device("cpu"), start)
+    assert got.dtype == torch.int32
+    assert got.tolist() == [(i // stride) % 3 for i in range(start, start + n)]
 
 
 def test_statistics_at_a_misaligned_address_are_copied_and_give_the_same_bytes(device):

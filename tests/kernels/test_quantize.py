@@ -147,11 +147,14 @@ def test_torch_reference_never_takes_more_than_a_chunk(monkeypatch):
     assert chunk(4000, GROUP, cpu) == 7 * GROUP  # an eighth, 500 elements, in whole groups
     assert chunk(1000, GROUP, cpu) == 2 * GROUP  # an eighth would be less than the least
     runs = []
-    run = quantize_module._torch_quantize_run
-    monkeypatch.setattr(quantize_module, "_torch_quantize_run", lambda flat, *args: runs.append(flat.numel()) or
-                        run(flat, *args))
+    values = quantize_module._torch_group_values
+    monkeypatch.setattr(quantize_module, "_torch_group_values", lambda flat, *args: runs.append(flat.numel()) or
+                        values(flat, *args))
     torch_quantize(torch.randn(4000), 4, GROUP, False, False, 0, 0)
-    assert runs == [448] * 8 + [416]
+    assert runs == ([448] * 8 + [416]) * 2  # two passes: the groups' ranges, then their codes
+    runs.clear()
+    torch_quantize(torch.randn(100), 4, GROUP, False, False, 0, 0)
+    assert runs == [100]  # one chunk: its values are kept from the first pass for the second
     assert chunk(100_000, GROUP, torch.device("cuda")) is None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert chunk(100_000, GROUP, cpu) is None
