@@ -18,6 +18,8 @@ Where the channel stride is at least the group size, a group lies in at most two
 kernels then find the channels once per group (``row_channels``) and no index per element.
 """
 
+from collections.abc import Iterator
+
 import torch
 import triton
 import triton.language as tl
@@ -143,22 +145,46 @@ def channel_statistics(channels_ptr, channel, mask):
     return minimum, scale
 
 
-def torch_channel_of(n: int, channel_stride: int, n_channels: int, device: torch.device, start: int = 0,
-                     ) -> torch.Tensor:
-    """int32 [n]: the channel of elements ``start .. start + n - 1`` of a flat run
-    (``(i // channel_stride) % n_channels``).
+# torch_channel_pieces takes the layout in blocks of one channel from this stride on, and in periods of
+# every channel below it: a channel index per block of fewer elements would cost about what one per
+# element did (docs/kernels.md, "The torch backend on the CPU").
+TORCH_BLOCKS_FROM_STRIDE = 32
 
-    The run is cut into its blocks of ``channel_stride`` consecutive elements (the first and last may be
-    partial); each block's channel is repeated over its elements, with no division per element.
+
+def torch_channel_pieces(run: torch.Tensor, start: int, channel_stride: int, n_channels: int,
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Cover the 1-D ``run``, elements ``start ..`` of a flat tensor, with views, each with the channel
+    of its elements (``(i // channel_stride) % n_channels``) as int64 indices that broadcast against
+    it; the torch references apply per-channel statistics this way, with no index per element.
+
+    The layout repeats in units: blocks of ``channel_stride`` elements of one channel (for strides of
+    ``TORCH_BLOCKS_FROM_STRIDE`` or more), or else periods of ``channel_stride * n_channels`` elements
+    that run through every channel. The whole units are one 2-D view, with a channel per block, or the
+    same channels along each period; a partial unit at either end is a view of its own.
     """
-    if n == 0:
-        return torch.empty(0, dtype=torch.int32, device=device)
-    first, last = start // channel_stride, (start + n - 1) // channel_stride
-    block = torch.arange(first, last + 1, device=device, dtype=torch.int32 if last < 2**31 else torch.int64)
-    channel = block.remainder_(n_channels).to(torch.int32)
-    if channel_stride == 1:
-        return channel
-    counts = torch.full((last - first + 1,), channel_stride, dtype=torch.int64, device=device)
-    counts[0] -= start - first * channel_stride
-    counts[-1] -= (last + 1) * channel_stride - (start + n)
-    return channel.repeat_interleave(counts, output_size=n)
+    n = run.numel()
+    device = run.device
+    blocks = channel_stride >= TORCH_BLOCKS_FROM_STRIDE
+    unit = channel_stride if blocks else channel_stride * n_channels
+    head = min(n, -start % unit)
+    units = (n - head) // unit
+    tail = n - head - units * unit
+
+    def end_piece(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        piece = run[first - start:first - start + count]
+        if blocks:  # inside one block
+            return piece, torch.tensor((first // channel_stride) % n_channels, device=device)
+        position = torch.arange(first, first + count, device=device)
+        return piece, position.div_(channel_stride, rounding_mode="floor").remainder_(n_channels)
+
+    if head:
+        yield end_piece(start, head)
+    if units:
+        body = run[head:head + units * unit].view(units, unit)
+        if blocks:
+            first_block = (start + head) // channel_stride
+            yield body, torch.arange(first_block, first_block + units, device=device).remainder_(n_channels)[:, None]
+        else:  # each period starts in channel 0
+            yield body, torch.arange(unit, device=device).div_(channel_stride, rounding_mode="floor")
+    if tail:
+        yield end_piece(start + n - tail, tail)

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
 from .autotune import dequantize_launch_config
-from .channels import channel_launch_args, channel_of, channel_statistics, row_channels, torch_channel_of
+from .channels import channel_launch_args, channel_of, channel_statistics, row_channels, torch_channel_pieces
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 from .quantize import torch_chunk_elements
 
@@ -152,11 +152,8 @@ def _torch_dequantize_run(payload: torch.Tensor, meta: torch.Tensor, out: torch.
     value = torch_unpack_codes(payload.view(n_groups, -1), bits).float().mul_(meta[:, 1:2]).add_(meta[:, 0:1])
     value = value.view(-1)[:n]
     if channels is not None:
-        channel = torch_channel_of(n, channel_stride, channels.shape[0], out.device, start)
-        # (index_select takes int32 indices as they are; indexing with [] widens them to int64 first)
-        value = value.sub_(1.0).mul_(channels[:, 1].index_select(0, channel))
-        value = value.add_(channels[:, 0].index_select(0, channel))
-        del channel
+        for piece, channel in torch_channel_pieces(value, start, channel_stride, channels.shape[0]):
+            piece.sub_(1.0).mul_(channels[channel, 1]).add_(channels[channel, 0])
     if out.dtype != torch.float32:
         limit = torch.finfo(out.dtype).max
         value = value.clamp(-limit, limit)  # (NaN stays NaN)

@@ -38,7 +38,7 @@ import triton.language as tl
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
 from .channels import (channel_launch_args, channel_of, channel_statistics, row_channels, standardizing_pairs,
-                       torch_channel_of)
+                       torch_channel_pieces)
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 from .philox import DITHER_ROUNDS, torch_dither4
 
@@ -104,13 +104,17 @@ SPLIT_FIRST = split_axis_first()
 
 # On the CPU the torch references (torch_quantize, torch_dequantize) take a tensor a chunk of whole
 # groups at a time (``torch_chunk_elements``). Quantize's temporaries come to 24 bytes an element (38
-# with stochastic rounding; dequantize's to 5-12), so a chunk holds at most about 6 MB of them (10 MB
+# with stochastic rounding; dequantize's to 5-8), so a chunk holds about 6 MB of them at most (10 MB
 # stochastic); for a tensor of 2**19 elements or more, about 3 bytes per element of the tensor (5
 # stochastic). Groups are independent: chunks change no bit. (Figures: docs/kernels.md, "The
 # torch backend on the CPU".)
 TORCH_CHUNK_ELEMENTS = 1 << 18
 TORCH_CHUNK_MIN_ELEMENTS = 1 << 16
 TORCH_CHUNK_PARTS = 8
+# torch_quantize works out the grids of a span of at most this many groups (or one chunk's) at a time.
+# Its per-group temporaries, about 100 bytes a group, then stay under 2 MB at groups of 16 or more, and
+# under 4 MB at groups of 8, whose chunk of 2**18 elements holds 32K of them.
+TORCH_GRID_GROUPS = 1 << 14
 
 
 def payload_nbytes(n_elements: int, bits: int, group_size: int) -> int:
@@ -504,55 +508,76 @@ def torch_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference for ``triton_quantize``: same signature, same bits out.
 
-    Two passes over the groups: their ranges (and the sigma scheme's windows), then their codes. In
-    between, each group's grid is worked out once for the whole tensor. On the CPU each pass takes the
-    tensor a chunk of groups at a time (``torch_chunk_elements``); elsewhere in one piece.
+    On the CPU it takes the tensor a span of at most ``TORCH_GRID_GROUPS`` groups at a time, and a span
+    a chunk at a time (``torch_chunk_elements``); elsewhere both are the whole tensor. See
+    ``_torch_quantize_span``.
     """
     flat = flat_view(x)
     n = flat.numel()
     device = flat.device
+    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=device)
+    meta = torch.empty((-(-n // group_size), 2), dtype=torch.float32, device=device)
     if n == 0:
-        return torch.empty(0, dtype=torch.uint8, device=device), torch.empty((0, 2), dtype=torch.float32,
-                                                                             device=device)
-    n_groups = -(-n // group_size)
+        return payload, meta
     chunk = torch_chunk_elements(n, group_size, device) or n
-    starts = range(0, n, chunk)
+    span = chunk if chunk >= n else chunk * max(1, TORCH_GRID_GROUPS * group_size // chunk)
     pairs = None if channels is None else standardizing_pairs(channels)
+    for start in range(0, n, span):
+        _torch_quantize_span(flat[start:start + span], start, chunk, bits, group_size, sigma, stochastic, seed,
+                             rng_offset, pairs, channel_stride, payload, meta)
+    return payload, meta
 
-    def values(start: int) -> torch.Tensor:
-        return _torch_group_values(flat[start:start + chunk], start, group_size, pairs, channel_stride)
 
-    def rows(start: int) -> slice:
-        return slice(start // group_size, -(-min(start + chunk, n) // group_size))
+def _torch_quantize_span(
+    span: torch.Tensor, start: int, chunk: int, bits: int, group_size: int, sigma: bool, stochastic: bool,
+    seed: int, rng_offset: int, pairs: torch.Tensor | None, channel_stride: int, payload: torch.Tensor,
+    meta: torch.Tensor,
+) -> None:
+    """Quantize the run ``span`` (1-D, whole groups but for a partial last one), which starts at element
+    ``start`` of the tensor, into its groups' bytes of ``payload`` and rows of ``meta``.
+
+    Two passes over its chunks: the groups' ranges (and the sigma scheme's windows), then their codes.
+    In between, the span's grids are worked out together, from vectors of one value per group: some 60
+    torch ops, whose cost is mostly their dispatch, paid once per span rather than once per chunk.
+    """
+    n = span.numel()
+    n_groups = -(-n // group_size)
+    first_group = start // group_size
+
+    def values(offset: int) -> torch.Tensor:
+        return _torch_group_values(span[offset:offset + chunk], start + offset, group_size, pairs, channel_stride)
+
+    def rows(offset: int) -> slice:  # the chunk's groups, counted from the span's first
+        return slice(offset // group_size, -(-min(offset + chunk, n) // group_size))
 
     # Pass 1: each group's range, and the sigma scheme's window inside it.
-    lo = torch.empty(n_groups, dtype=torch.float32, device=device)
+    lo = torch.empty(n_groups, dtype=torch.float32, device=span.device)
     hi = torch.empty_like(lo)
     window = (torch.empty_like(lo), torch.empty_like(lo)) if sigma else None
-    whole = None  # the values of a tensor taken in one piece, kept for pass 2
-    for start in starts:
-        r, v = rows(start), values(start)
+    kept = None  # the values of a span taken in one chunk, kept for pass 2
+    for offset in range(0, n, chunk):
+        r, v = rows(offset), values(offset)
         lo[r], hi[r] = v.amin(dim=1), v.amax(dim=1)
         if sigma:
-            window[0][r], window[1][r] = _torch_sigma_window(v, lo[r], hi[r], min(chunk, n - start))
+            window[0][r], window[1][r] = _torch_sigma_window(v, lo[r], hi[r], min(chunk, n - offset))
         if chunk >= n:
-            whole = v
+            kept = v
 
-    grid = _torch_grid(lo, hi, window, bits, standardized=channels is not None)
+    grid = _torch_grid(lo, hi, window, bits, standardized=pairs is not None)
     del lo, hi, window
+    meta[first_group:first_group + n_groups] = grid.meta
 
     # Pass 2: the codes.
-    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=device)
     group_bytes = group_size * bits // 8
-    for start in starts:
-        r = rows(start)
-        v = whole if whole is not None else values(start)
-        # (start is a whole number of groups, so a multiple of 4: the dither counters stay aligned)
-        codes = _torch_codes(v, grid.rows(r), min(chunk, n - start), bits, stochastic, seed,
-                             rng_offset + start // 4)
-        payload[r.start * group_bytes:r.stop * group_bytes] = torch_pack_codes(codes, bits).view(-1)
+    for offset in range(0, n, chunk):
+        r = rows(offset)
+        v = kept if kept is not None else values(offset)
+        # (chunks start on whole groups, so on multiples of 4: the dither counters stay aligned)
+        codes = _torch_codes(v, grid.rows(r), min(chunk, n - offset), bits, stochastic, seed,
+                             rng_offset + (start + offset) // 4)
+        first_byte = (first_group + r.start) * group_bytes
+        payload[first_byte:first_byte + (r.stop - r.start) * group_bytes] = torch_pack_codes(codes, bits).view(-1)
         del v, codes
-    return payload, grid.meta
 
 
 def torch_chunk_elements(n: int, group_size: int, device: torch.device) -> int | None:
@@ -583,12 +608,10 @@ def _torch_group_values(flat: torch.Tensor, start: int, group_size: int, pairs: 
     x = torch.empty(n_groups * group_size, dtype=torch.float32, device=flat.device)
     x[:n] = flat
     if pairs is not None:
-        channel = torch_channel_of(n, channel_stride, pairs.shape[0], flat.device, start)
-        # (index_select takes int32 indices as they are; indexing with [] widens them to int64 first)
-        x[:n] -= pairs[:, 0].index_select(0, channel)
-        x[:n] *= pairs[:, 1].index_select(0, channel)
-        x[:n] += 1.0
-        del channel
+        for piece, channel in torch_channel_pieces(x[:n], start, channel_stride, pairs.shape[0]):
+            piece -= pairs[channel, 0]
+            piece *= pairs[channel, 1]
+            piece += 1.0
     x[n:] = x[n - 1]
     return x.view(n_groups, group_size)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import os
 import re
 import shlex
 import subprocess
@@ -103,11 +104,15 @@ def test_an_integration_program_runs(code, tmp_path):
     launch = TORCHRUN.search(code)
     script = tmp_path / (launch["file"] if launch else "example.py")
     script.write_text(code)
+    env = dict(os.environ)
     if launch:
         command = [sys.executable, "-m", "torch.distributed.run", *shlex.split(launch["args"])]
+        processes = int(re.search(r"--nproc_per_node[= ](\d+)", launch["args"])[1])
+        if torch.cuda.device_count() < processes:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a GPU per process, or the programs' CPU (gloo) path
     else:
         command = [sys.executable, script.name]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.strip(), "the program printed nothing"
 

@@ -9,7 +9,8 @@ import triton.language as tl
 
 from tritonquant.kernels import triton_dequantize, triton_quantize
 from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, as_loadable, channel_index_args, channel_of,
-                                          divider, row_channels, torch_channel_of, uses_row_channels)
+                                          divider, row_channels, torch_channel_pieces,
+                                          uses_row_channels)
 
 # Divisors the layouts give (feature-map areas, channel counts, a vocabulary) and the awkward ones.
 DIVISORS = [1, 2, 3, 7, 49, 64, 196, 255, 256, 257, 784, 3136, 50257, 2**16 + 1, 2**30 - 1, 2**30, 2**30 + 1,
@@ -126,22 +127,41 @@ def test_row_channels_gives_each_group_its_two_channels_and_the_boundary(channel
     torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
 
 
-def test_torch_channel_of_follows_the_layout():
+def channels_by_pieces(n: int, start: int, stride: int, n_channels: int) -> list[int]:
+    """Each element's channel as ``torch_channel_pieces`` gives it, checking that its pieces are views
+    of the run that cover it once."""
+    run = torch.arange(n, dtype=torch.float64)  # each element holds its position
+    channel_of = torch.full((n,), -1, dtype=torch.int64)
+    covered = torch.zeros(n, dtype=torch.int64)
+    for piece, channel in torch_channel_pieces(run, start, stride, n_channels):
+        assert piece.untyped_storage().data_ptr() == run.untyped_storage().data_ptr()
+        position = piece.long().flatten()
+        channel_of[position] = channel.expand_as(piece).flatten()
+        covered[position] += 1
+    assert covered.eq(1).all()
+    return channel_of.tolist()
+
+
+def test_torch_channel_pieces_follow_the_layout():
     # NCHW [2, 3, 2, 2]: dimension 1's stride is 4, so the flat run holds 4 of channel 0, 4 of 1, 4 of 2, ...
-    assert torch_channel_of(24, 4, 3, torch.device("cpu")).tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4 + [2] * 4
+    assert channels_by_pieces(24, 0, 4, 3) == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4 + [2] * 4
+    # NHWC [2, 2, 2, 3]: a stride of 1, the channels cycle along the run
+    assert channels_by_pieces(12, 0, 1, 3) == [0, 1, 2] * 4
 
 
-@pytest.mark.parametrize("start, n, stride", [
-    (10, 8, 4), (0, 1000, 7), (5, 3, 16), (16, 16, 16), (3, 100, 1), (2**31 - 4, 8, 4), (0, 8, 3_000_000_000),
-    (2**32 + 2, 8, 2**31), (2**31 - 50, 100, 1),
-], ids=["small", "many-blocks", "inside-one-block", "one-whole-block", "stride-1", "past-int32", "wide-stride",
-        "both", "stride-1-past-int32"])
-def test_torch_channel_of_a_run_from_its_start(start, n, stride):
-    # The CPU references index a chunk from its start, which may fall anywhere in a block of a channel;
+@pytest.mark.parametrize("start, n, stride, n_channels", [
+    (10, 8, 4, 3), (0, 1000, 7, 3), (5, 3, 16, 3), (16, 16, 16, 3), (3, 100, 1, 3), (3, 100, 1, 7), (0, 50, 1, 1),
+    (5, 2, 1, 64), (2**31 - 4, 8, 4, 3), (0, 8, 3_000_000_000, 3), (2**32 + 2, 8, 2**31, 3), (2**31 - 50, 100, 1, 3),
+    (2**40 + 7, 300, 3, 5), (37, 2000, 64, 5), (64, 640, 64, 5), (100, 10, 64, 5), (2**40 + 7, 3000, 33, 5),
+], ids=["small", "many-periods", "inside-one-block", "one-whole-period", "stride-1", "stride-1-7-channels",
+        "one-channel", "stride-1-inside-a-row", "past-int32", "wide-stride", "both", "stride-1-past-int32",
+        "past-2**40", "many-blocks", "whole-blocks", "inside-a-block", "blocks-past-2**40"])
+def test_torch_channel_pieces_of_a_run_from_its_start(start, n, stride, n_channels):
+    # The CPU references take a chunk from its start, which may fall anywhere in a block of a channel
+    # (strides from TORCH_BLOCKS_FROM_STRIDE = 32) or in a period of all of them (shorter strides);
     # indices and strides past int32 must not wrap.
-    got = torch_channel_of(n, stride, 3, torch.device("cpu"), start)
-    assert got.dtype == torch.int32
-    assert got.tolist() == [(i // stride) % 3 for i in range(start, start + n)]
+    expected = [(i // stride) % n_channels for i in range(start, start + n)]
+    assert channels_by_pieces(n, start, stride, n_channels) == expected
 
 
 def test_statistics_at_a_misaligned_address_are_copied_and_give_the_same_bytes(device):

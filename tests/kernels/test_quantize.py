@@ -111,8 +111,9 @@ def test_standardized_reference_is_the_plain_reference_around_an_affine_map(devi
 @pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
 def test_torch_reference_in_chunks_writes_what_it_writes_whole(bits, scheme, stochastic, layout, monkeypatch):
     """On the CPU the torch references work through a tensor a few groups at a time: chunks of 2 groups
-    here, against one chunk for the whole tensor. Chunk starts fall inside channels (strides 25 and 100
-    elements), the dither counters continue across chunks, and the last chunk holds a partial group."""
+    and grids worked out 4 groups at a time here, against one chunk for the whole tensor. Chunk starts
+    fall inside channels (strides 25 and 100 elements), the dither counters continue across chunks, and
+    the last chunk holds a partial group."""
     n, dtype, device = 1000, torch.bfloat16, "cpu"
     channel_stride, n_channels = {"plain": (1, 0), "nchw": (25, 6), "wide": (100, 3)}[layout]
     channels = None
@@ -125,6 +126,7 @@ def test_torch_reference_in_chunks_writes_what_it_writes_whole(bits, scheme, sto
     for chunk in (1 << 20, 2 * GROUP):
         monkeypatch.setattr(quantize_module, "TORCH_CHUNK_ELEMENTS", chunk)
         monkeypatch.setattr(quantize_module, "TORCH_CHUNK_MIN_ELEMENTS", chunk)
+        monkeypatch.setattr(quantize_module, "TORCH_GRID_GROUPS", 5)  # spans of 2 chunks
         payload, meta = torch_quantize(x, bits, GROUP, scheme == "sigma", stochastic, 11, 5, channels, channel_stride)
         out = torch.full((n,), float("nan"), dtype=dtype, device=device)
         torch_dequantize(payload, meta, out, bits, GROUP, channels, channel_stride)
@@ -146,12 +148,18 @@ def test_torch_reference_never_takes_more_than_a_chunk(monkeypatch):
     assert chunk(100_000, GROUP, cpu) == 8 * GROUP  # an eighth would be more than the most
     assert chunk(4000, GROUP, cpu) == 7 * GROUP  # an eighth, 500 elements, in whole groups
     assert chunk(1000, GROUP, cpu) == 2 * GROUP  # an eighth would be less than the least
-    runs = []
-    values = quantize_module._torch_group_values
+    monkeypatch.setattr(quantize_module, "TORCH_GRID_GROUPS", 30)
+    runs, grids = [], []
+    values, grid = quantize_module._torch_group_values, quantize_module._torch_grid
     monkeypatch.setattr(quantize_module, "_torch_group_values", lambda flat, *args: runs.append(flat.numel()) or
                         values(flat, *args))
+    monkeypatch.setattr(quantize_module, "_torch_grid", lambda lo, *args, **kwargs: grids.append(lo.numel()) or
+                        grid(lo, *args, **kwargs))
     torch_quantize(torch.randn(4000), 4, GROUP, False, False, 0, 0)
-    assert runs == ([448] * 8 + [416]) * 2  # two passes: the groups' ranges, then their codes
+    # Spans of 4 chunks (28 groups, at most 30), each in two passes: the groups' ranges, then their codes;
+    # the last span is one chunk, whose values are kept from its first pass for its second.
+    assert runs == [448] * 8 + [448] * 8 + [416]
+    assert grids == [28, 28, 7]
     runs.clear()
     torch_quantize(torch.randn(100), 4, GROUP, False, False, 0, 0)
     assert runs == [100]  # one chunk: its values are kept from the first pass for the second

@@ -1053,6 +1053,7 @@ class _SyncRecorder(TorchDispatchMode):
         torch.ops.aten.equal.default,
         torch.ops.aten.nonzero.default,
         torch.ops.aten.masked_select.default,
+        torch.ops.aten.repeat_interleave.Tensor,
         torch.ops.aten._unique2.default,
         torch.ops.aten.unique_consecutive.default,
         torch.ops.aten.unique_dim.default,
@@ -1066,9 +1067,7 @@ class _SyncRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.SYNCHRONIZING or (func in self.MASK_INDEXING and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)) or (
-                # (told its output's size, repeat_interleave need not read the repeats' sum back)
-                func == torch.ops.aten.repeat_interleave.Tensor and (kwargs or {}).get("output_size") is None):
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
             self.calls[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
