@@ -622,9 +622,9 @@ class _TorchGrid(NamedTuple):
     base: torch.Tensor
     inv_step: torch.Tensor
     offset: torch.Tensor  # added to a group's products: z where inv_step is 0 (every product is 0 there)
-    # The codes a value may take, by its sign: [lower, upper] for x < 0 and for x == 0 (an exact zero
-    # takes the negatives' lower bound and the positives' upper bound; the kernel's comments say why that
-    # gives it z), [lower + lower_rise, upper] for x > 0, and [lower, upper + upper_rise] for x < 0.
+    # The codes a value may take, by its sign: [lower + lower_rise, upper] for x > 0, [lower, upper +
+    # upper_rise] for x < 0, and [lower, upper] for x == 0 (an exact zero takes the negatives' lower bound
+    # and the positives' upper bound; the kernel's comments say why that gives it z).
     lower: torch.Tensor
     lower_rise: torch.Tensor
     upper: torch.Tensor
