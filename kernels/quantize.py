@@ -624,15 +624,16 @@ class _TorchGrid(NamedTuple):
     offset: torch.Tensor  # added to a group's products: z where inv_step is 0 (every product is 0 there)
     # The codes a value may take, by its sign: [lower + lower_rise, upper] for x > 0, [lower, upper +
     # upper_rise] for x < 0, and [lower, upper] for x == 0 (an exact zero takes the negatives' lower bound
-    # and the positives' upper bound; the kernel's comments say why that gives it z).
+    # and the positives' upper bound; the kernel's comments say why that gives it z). A standardized
+    # grid has no sign rule: rises None, [lower, upper] for every value.
     lower: torch.Tensor
-    lower_rise: torch.Tensor
+    lower_rise: torch.Tensor | None
     upper: torch.Tensor
-    upper_rise: torch.Tensor
+    upper_rise: torch.Tensor | None
     meta: torch.Tensor  # float32 [groups, 2]: (base, step), step NaN for a group holding NaN or Inf
 
     def rows(self, r: slice) -> "_TorchGrid":
-        return _TorchGrid(*(column[r] for column in self))
+        return _TorchGrid(*(None if column is None else column[r] for column in self))
 
 
 def _torch_grid(lo: torch.Tensor, hi: torch.Tensor, window: tuple[torch.Tensor, torch.Tensor] | None, bits: int,
@@ -665,9 +666,8 @@ def _torch_grid(lo: torch.Tensor, hi: torch.Tensor, window: tuple[torch.Tensor, 
 
     # A bad group's codes are all 0.
     if standardized:  # no sign rule, codes 0..L (the kernel says why)
-        zero = torch.zeros_like(lo)
-        lower, lower_rise = zero, zero
-        upper, upper_rise = torch.where(bad, 0.0, levels_m1), zero
+        lower, lower_rise = torch.zeros_like(lo), None
+        upper, upper_rise = torch.where(bad, 0.0, levels_m1), None
     else:
         positives_away = ~negative_side
         toward_hi = (z - 1.0).clamp(min=0.0)
@@ -678,8 +678,8 @@ def _torch_grid(lo: torch.Tensor, hi: torch.Tensor, window: tuple[torch.Tensor, 
         lower, lower_rise = negative_lo, positive_lo - negative_lo
         upper, upper_rise = positive_hi, negative_hi - positive_hi
     meta = torch.stack([base, torch.where(bad, float("nan"), step)], dim=1)
-    return _TorchGrid(*(column[:, None] for column in (base, inv_step, offset, lower, lower_rise, upper,
-                                                       upper_rise)), meta)
+    return _TorchGrid(*(None if column is None else column[:, None]
+                        for column in (base, inv_step, offset, lower, lower_rise, upper, upper_rise)), meta)
 
 
 def _torch_codes(x: torch.Tensor, grid: _TorchGrid, n: int, bits: int, stochastic: bool, seed: int,
@@ -705,10 +705,11 @@ def _torch_codes(x: torch.Tensor, grid: _TorchGrid, n: int, bits: int, stochasti
     del d
     # The bounds are small whole numbers, so selecting by multiplying with a 0/1 mask is exact (and, on
     # the CPU, several times faster than torch.where on a full tile).
-    lower = grid.lower + grid.lower_rise * (xs > 0).float()
+    signed = grid.lower_rise is not None
+    lower = grid.lower + grid.lower_rise * (xs > 0).float() if signed else grid.lower
     code = torch.maximum(rounded, lower, out=rounded)
     del lower
-    upper = grid.upper + grid.upper_rise * (xs < 0).float()
+    upper = grid.upper + grid.upper_rise * (xs < 0).float() if signed else grid.upper
     code = torch.minimum(code, upper, out=code)
     code = code.to(torch.uint8)
     code.view(-1)[n:] = 0  # the padding
