@@ -103,8 +103,9 @@ class KernelLauncher:
     The key is what Triton's own key is made of: the current device, ``num_warps``, the constexpr
     values, and Triton's specialization of every runtime argument (``native_specialize_impl``, the
     function Triton's binder calls: dtype and 16-byte alignment of pointers, int width, divisibility
-    by 16, and the value 1). So a direct launch only ever runs a kernel that Triton's dispatch would
-    have chosen for the same arguments. (Process-wide Triton settings that also enter its key, such
+    by 16, and the value 1; the last two not for a parameter declared ``do_not_specialize``). So a
+    direct launch only ever runs a kernel that Triton's dispatch would have chosen for the same
+    arguments. (Process-wide Triton settings that also enter its key, such
     as TRITON_DEBUG, are taken as fixed for the life of the process.) The positional arguments passed
     on are the kernel's parameters in declaration order, runtime ones first (checked on construction:
     a kernel declared otherwise warns once and keeps Triton's dispatch).
@@ -126,9 +127,14 @@ class KernelLauncher:
             if isinstance(kernel, JITFunction):
                 params = kernel.params
                 self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
-                runtime_names = [p.name for p in params if not p.is_constexpr]
-                if [p.name for p in params] != [*runtime_names, *self.constexpr_names]:
+                runtime = [p for p in params if not p.is_constexpr]
+                if [p.name for p in params] != [*(p.name for p in runtime), *self.constexpr_names]:
                     raise TypeError(f"{kernel.__name__}: runtime parameters must come before the constexprs")
+                # What Triton's binder specializes each runtime argument on: its value, its alignment
+                # (``do_not_specialize`` and ``do_not_specialize_on_alignment`` turn them off).
+                self._specialize_flags = tuple(
+                    (not getattr(p, "do_not_specialize", False), not getattr(p, "do_not_specialize_on_alignment", False))
+                    for p in runtime)
                 self._direct = True
         except Exception as exc:  # noqa: BLE001 - an unfamiliar Triton: keep its own dispatch
             _warn_no_direct_launch(exc)
@@ -164,9 +170,12 @@ class KernelLauncher:
                 self._give_up(exc)
                 return None
         get_device, _, specialize, backend = self._device_state
+        if len(args) != len(self._specialize_flags):  # (the dispatch reports it)
+            return None
         try:
             values = tuple(constexprs[name] for name in self.constexpr_names)
-            specialization = tuple(specialize(backend, arg, False, True, True) for arg in args)
+            specialization = tuple(specialize(backend, arg, False, value, align)
+                                   for arg, (value, align) in zip(args, self._specialize_flags))
         except (KeyError, TypeError):  # arguments the dispatch will report properly
             return None
         return get_device(), num_warps, values, specialization

@@ -128,7 +128,11 @@ def philox_counters(n_elements: int, group_size: int) -> int:
     return -(-n_elements // group_size) * group_size // 4
 
 
-@triton.jit
+# seed and rng_offset are not specialized on their values: an unseeded stochastic call takes the next
+# offset of the library's stream, which is a multiple of 16 or not, or 1, from call to call, and each
+# would be another compiled kernel: compiled mid-training, or inside a CUDA graph capture, where
+# loading a new kernel is an error. (Only their int width still selects a kernel.)
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
     channels_ptr, stride_divisor, count_divisor,

@@ -128,7 +128,17 @@ def main() -> None:
         seen_hashes[direct[0]] = name
         print(f"{name}: ok (dispatch once, then direct with identical launcher arguments)")
 
+    # seed and rng_offset are declared do_not_specialize: values Triton would otherwise specialize on
+    # (1, a multiple of 16 or not) launch the base set's kernel directly, with no dispatch and no compile.
     name, args, constexprs, num_warps = next(argument_sets())
+    base_hash = next(h for h, n in seen_hashes.items() if n == name)
+    for index, value in ((5, 1), (5, 17), (6, 1), (6, 16), (6, 2**31 - 1)):
+        dispatches = len(DISPATCHES)
+        launcher(3, args[:index] + (value,) + args[index + 1:], constexprs, num_warps)
+        if len(DISPATCHES) != dispatches or LAUNCHES[-1][0] != base_hash:
+            fail(f"argument {index} = {value}: must launch the base set's kernel directly (do_not_specialize)")
+    print("seed and rng_offset values: ok (the base set's kernel, launched directly)")
+
     try:  # an argument error is the dispatch's to report...
         launcher(3, args, {k: v for k, v in constexprs.items() if k != "BITS"}, num_warps)
     except TypeError:
