@@ -31,6 +31,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _current_stream_restored():
+    """On a GPU, each test ends on the stream it started on: a CUDA graph capture that fails leaves its
+    side stream current (torch.cuda.graph ends the capture before it restores the stream), and every
+    later test would run there."""
+    stream = torch.cuda.current_stream() if HAS_CUDA else None
+    yield
+    if stream is not None and torch.cuda.current_stream() != stream:
+        torch.cuda.set_stream(stream)
+
+
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
