@@ -178,8 +178,10 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
             record(row, impl, copy_gbps, lambda: gpu_ms(fns[impl]))
         x = payload = meta_ = out = channels = fns = None  # freed before the next row's buffers
         torch.cuda.empty_cache()
+        # After every row: a row that tunes a new setting can run past the stage's time limit, and the
+        # SIGINT that stops it must not take the rows already measured with it.
+        save(rows)
 
-    save(rows)
     print("pass 1 (triton, heuristic, torch) done; compiling the torch reference", flush=True)
     for row in rows:
         if row["standardized"]:
