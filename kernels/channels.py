@@ -172,8 +172,9 @@ def torch_channel_pieces(run: torch.Tensor, start: int, channel_stride: int, n_c
 
     def end_piece(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         piece = run[first - start:first - start + count]
-        if blocks:  # inside one block (a 1-element index, not 0-d: 0-d values take no part in type promotion)
-            return piece, torch.tensor([(first // channel_stride) % n_channels], device=device)
+        if blocks:  # inside one block (a 1-element index, not 0-d: 0-d values take no part in type promotion;
+            # filled on the device: torch.tensor would copy from the host, a synchronizing copy on CUDA)
+            return piece, torch.full((1,), (first // channel_stride) % n_channels, dtype=torch.int64, device=device)
         position = torch.arange(first, first + count, device=device)
         return piece, position.div_(channel_stride, rounding_mode="floor").remainder_(n_channels)
 

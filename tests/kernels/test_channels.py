@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritonquant.kernels import triton_dequantize, triton_quantize
 from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, as_loadable, channel_index_args, channel_of,
@@ -127,13 +128,29 @@ def test_row_channels_gives_each_group_its_two_channels_and_the_boundary(channel
     torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
 
 
+class _HostDataRecorder(TorchDispatchMode):
+    """Counts tensors made from host data (``torch.tensor(...)``): on CUDA each is a copy from the host,
+    which makes the host wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
 def channels_by_pieces(n: int, start: int, stride: int, n_channels: int) -> list[int]:
     """Each element's channel as ``torch_channel_pieces`` gives it, checking that its pieces are views
-    of the run that cover it once."""
+    of the run that cover it once, with indices made on the run's device (no data from the host)."""
     run = torch.arange(n, dtype=torch.float64)  # each element holds its position
     channel_of = torch.full((n,), -1, dtype=torch.int64)
     covered = torch.zeros(n, dtype=torch.int64)
-    for piece, channel in torch_channel_pieces(run, start, stride, n_channels):
+    with _HostDataRecorder() as recorder:
+        pieces = list(torch_channel_pieces(run, start, stride, n_channels))
+    assert recorder.count == 0, "a channel index made from host data: a synchronizing copy on CUDA"
+    for piece, channel in pieces:
         assert piece.untyped_storage().data_ptr() == run.untyped_storage().data_ptr()
         position = piece.long().flatten()
         channel_of[position] = channel.expand_as(piece).flatten()
