@@ -105,10 +105,10 @@ class KernelLauncher:
     function Triton's binder calls: dtype and 16-byte alignment of pointers, int width, divisibility
     by 16, and the value 1; the last two not for a parameter declared ``do_not_specialize``). So a
     direct launch only ever runs a kernel that Triton's dispatch would have chosen for the same
-    arguments. (Process-wide Triton settings that also enter its key, such
-    as TRITON_DEBUG, are taken as fixed for the life of the process.) The positional arguments passed
-    on are the kernel's parameters in declaration order, runtime ones first (checked on construction:
-    a kernel declared otherwise warns once and keeps Triton's dispatch).
+    arguments. (Process-wide Triton settings that also enter its key, such as TRITON_DEBUG, are taken
+    as fixed for the life of the process.) The positional arguments passed on are the kernel's
+    parameters in declaration order, runtime ones first (checked on construction: a kernel declared
+    otherwise warns once and keeps Triton's dispatch).
 
     Triton's dispatch is used instead under the interpreter, while a launch hook is installed
     (profilers read launch metadata; without one, the direct call passes no metadata and no hooks,
