@@ -15,7 +15,8 @@ How the grid is chosen (docs/format.md has the full story):
       base = -(z * step), so code z decodes to exactly 0.0.
     * Codes are round-to-nearest (or stochastic) on that grid, then nudged so that exact zeros map to
       zero and nonzero values never decode to zero or to the other sign.
-    * A group holding NaN or +/-Inf gets step = NaN and all-zero codes, so every element decodes to NaN.
+    * A group holding NaN or +/-Inf, or whose range hi - lo overflows float32, gets step = NaN and
+      all-zero codes, so every element decodes to NaN.
 
 Optional per-channel standardization (``channels``): element i, in channel
 ``c = (i // channel_stride) % C``, is first mapped to ``(x - minimum[c]) * (1 / scale[c]) + 1`` in float32
@@ -203,8 +204,9 @@ def _quantize_kernel(
     else:
         lo_raw = _row_min(tl.where(valid, x_range, float("inf")), SPLIT_FIRST).to(tl.float32)
         hi_raw = _row_max(tl.where(valid, x_range, -float("inf")), SPLIT_FIRST).to(tl.float32)
-    # False for NaN too. A bad group stores step = NaN and all-zero codes; its grid is computed from 0.
-    bad = ~((lo_raw > -float("inf")) & (hi_raw < float("inf")) & row_valid)
+    # A bad group holds NaN or +/-Inf, or its range overflows float32 (the comparison is false for a NaN
+    # or infinite difference). It stores step = NaN and all-zero codes; its grid is computed from 0.
+    bad = ~((hi_raw - lo_raw < float("inf")) & row_valid)
     lo = tl.where(bad, 0.0, lo_raw)
     hi = tl.where(bad, 0.0, hi_raw)
 
@@ -646,7 +648,7 @@ def _torch_grid(lo: torch.Tensor, hi: torch.Tensor, window: tuple[torch.Tensor, 
     one: min and max propagate NaN) and, for the sigma scheme, the ``window`` inside it."""
     levels_m1 = float((1 << bits) - 1)
     z_min, z_max = (1.0, levels_m1 - 1.0) if bits > 1 else (0.0, levels_m1)
-    bad = ~(lo.isfinite() & hi.isfinite())
+    bad = ~(hi - lo < float("inf"))  # NaN or +/-Inf in the group, or a range that overflows float32
     lo = torch.where(bad, 0.0, lo)
     hi = torch.where(bad, 0.0, hi)
     g_lo, g_hi = (torch.where(bad, 0.0, window[0]), torch.where(bad, 0.0, window[1])) if window else (lo, hi)
