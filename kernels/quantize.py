@@ -636,7 +636,7 @@ class _TorchGrid(NamedTuple):
     lower_rise: torch.Tensor | None
     upper: torch.Tensor
     upper_rise: torch.Tensor | None
-    meta: torch.Tensor  # float32 [groups, 2]: (base, step), step NaN for a group holding NaN or Inf
+    meta: torch.Tensor  # float32 [groups, 2]: (base, step), step NaN for a bad group (``_torch_grid``)
 
     def rows(self, r: slice) -> "_TorchGrid":
         return _TorchGrid(*(None if column is None else column[r] for column in self))
