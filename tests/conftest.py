@@ -17,8 +17,11 @@ if not HAS_CUDA:
 
 import pytest  # noqa: E402
 
-# Backends that can run here: Triton runs interpreted on CPU.
+# Backends that can run here on the `device` fixture's tensors: Triton runs interpreted on CPU.
 BACKENDS = ("torch", "triton")
+# Backends that can pack CPU tensors here: Triton only through the interpreter, so only without a GPU.
+# (Tests of CPU models compare the backends there; on a GPU, tests/kernels/test_gpu_exact.py does.)
+CPU_BACKENDS = ("torch",) if HAS_CUDA else ("torch", "triton")
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
