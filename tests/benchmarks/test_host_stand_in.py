@@ -16,6 +16,7 @@ import pytest
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "host_stand_in.py"
 
 
+@pytest.mark.cpu_only
 def test_stand_in_host_profile_runs_and_counts_what_resnet50_saves():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(SCRIPT), "--repeats", "1"], capture_output=True, text=True,

@@ -15,6 +15,7 @@ import pytest
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "peak_breakdown.py"
 
 
+@pytest.mark.cpu_only
 def test_peak_breakdown_finds_each_methods_peak_and_what_it_holds():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(SCRIPT), "--layers", "1", "--vocab", "4000", "--seq", "256",

@@ -42,6 +42,7 @@ def test_flat_view_is_the_run_of_memory(layout):
     assert torch.equal(flat, base), "the elements in memory order, no copy"
 
 
+@pytest.mark.cpu_only
 def test_direct_launches_pass_what_the_dispatch_passes():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600,

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("isolated_cache")  # tests/conftest.py
 
 
+@pytest.mark.cpu_only
 def test_tune_on_cpu_says_it_needs_a_gpu_and_exits_0(isolated_cache):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **{autotune.ENV_CACHE_DIR: str(isolated_cache)})
     proc = subprocess.run([sys.executable, "-m", "tritonquant", "tune"], env=env, capture_output=True, text=True,
@@ -152,6 +153,7 @@ def clean_env(**extra):
     return env
 
 
+@pytest.mark.cpu_only
 def test_bench_kernels_cpu_run_writes_markdown_and_json(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_kernels.py"), "--quick", "--device", "cpu"],
@@ -195,6 +197,7 @@ def make_python_without_tritonquant(root: Path) -> Path:
     return python
 
 
+@pytest.mark.cpu_only
 def test_gpu_suite_shim_stages_and_summary(tmp_path):
     python = make_python_without_tritonquant(tmp_path)
     env = clean_env(PYTHON=str(python), CUDA_VISIBLE_DEVICES="")
