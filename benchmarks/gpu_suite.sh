@@ -253,16 +253,15 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
 # The whole-suite stage does not stop at its first failure: device time is scarce, and one run should
 # show every test that fails with compiled kernels.
 # Order: correctness on the GPU first (the GPU-only tests, including a compiled-vs-reference check),
-# then the main job, then the measurements, then the whole suite, whose many kernel specializations each compile once on
-# a GPU: if the budget runs out, the stage lost is the one a CPU run already covers. Among the
-# measurements, the host profile (short, and what the step-time target needs explained) comes before
-# the training benchmark, which writes its table after every batch and so loses least to a late stop.
-# Both test stages run the integration tests first (CUDA graphs and offload have only ever run on a
-# GPU here), then the API's, then the rest, and the kernels' last: a CPU run checks those in the
-# interpreter, and the whole suite's kernel tests compile some 800 kernel variants, more than its
-# budget, so that if a stage's time runs out, what is lost is what the CPU covers best. (pytest runs
-# separate folders in the order given; every folder under tests/ is in.) The whole suite leaves out
-# the GPU-only tests (their stage ran them first) and the CPU-only ones (stand-in drivers, CPU figures).
+# then the main job, then the measurements, then the whole suite: on a GPU each kernel specialization
+# it uses compiles once, so if the budget runs out, the stage lost is the one a CPU run covers. Among
+# the measurements the host profile (short, and what the step-time target needs explained) comes
+# before the training benchmark, which writes its table after every batch and loses least to a late
+# stop. Both test stages run the integration tests first (CUDA graphs and offload only ever run on a
+# GPU), then the API's, then the other folders, and the kernels' last: a CPU run checks those in the
+# interpreter, and the whole suite's kernel tests alone compile some 800 variants, more than its
+# budget. (pytest runs separate folders in the order given; every folder under tests/ is in.) The
+# whole suite leaves out the GPU-only tests (their stage ran them) and the cpu_only ones.
 TEST_DIRS=(tests/integration tests/tritonquant)
 for dir in "$REPO"/tests/*/; do
     dir="tests/$(basename "$dir")"
