@@ -3,15 +3,17 @@
 #
 #   bash benchmarks/gpu_suite.sh                  # results under $OUT, else benchmarks/results/<UTC date>/
 #
-# Stages (each time-bounded; a failing stage is recorded and the suite goes on):
+# Stages, in the order they run (each time-bounded; a failing stage is recorded and the suite goes on):
 #   tests-gpu  python -m pytest -q -m gpu          the GPU-only tests (compiled kernels vs references first)
+#   demo       python -m tritonquant demo          the main job, as a user runs it first
 #   tune       python -m tritonquant tune          autotune the common launch configs (bounded time)
 #   kernels    benchmarks/bench_kernels.py --quick kernel GB/s vs the device copy bandwidth
-#   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
 #   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
+#   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
-#   tests      python -m pytest -q -m "not slow and not gpu"  the rest of the suite, real kernels, kernel tests first
+#   tests      python -m pytest -q -m "not slow and not gpu and not cpu_only"  the rest of the suite, real
+#              kernels, kernel tests last
 # Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
 # summary.md/summary.json (pass/fail/timeout per stage; summary.md also the results against the
 # benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML,
@@ -40,7 +42,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H%M%SZ)"
 RESULTS="${OUT:-$REPO/benchmarks/results/$STAMP}"
 BUDGET_S="${SUITE_BUDGET_S:-465}"
-STAGES="${SUITE_STAGES:-tests-gpu,tune,kernels,bench,host,offload,checkpoint,tests}"
+STAGES="${SUITE_STAGES:-tests-gpu,demo,tune,kernels,host,bench,offload,checkpoint,tests}"
 SETUP_ONLY=0
 [ "${1:-}" = "--setup-only" ] && SETUP_ONLY=1
 START_S=$(date +%s)

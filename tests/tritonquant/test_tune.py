@@ -7,6 +7,7 @@ tests/kernels/test_autotune.py); a ``gpu`` test runs a real, tiny tuning.
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,20 @@ def test_bench_kernels_cpu_run_writes_markdown_and_json(tmp_path):
 def test_gpu_suite_is_valid_bash():
     proc = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_suite.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_suite_runs_every_stage_by_default_in_order():
+    # A stage added to the script but not to the default list would never run in a plain
+    # `bash benchmarks/gpu_suite.sh`, with nothing in its summary to show it was left out.
+    script = (REPO / "benchmarks" / "gpu_suite.sh").read_text()
+    defined = re.findall(r"^run_stage ([a-z-]+) ", script, flags=re.MULTILINE)
+    default = re.search(r'^STAGES="\$\{SUITE_STAGES:-([a-z,-]+)\}"', script, flags=re.MULTILINE).group(1).split(",")
+    assert len(defined) >= 9 and len(set(defined)) == len(defined)
+    assert default == defined
+    # The header's stage table lists the same stages in the same order.
+    header = script.split("\n# Stages", 1)[1].split("\n# Written to", 1)[0]
+    listed = re.findall(r"^#   ([a-z-]+) +\S", header, flags=re.MULTILINE)
+    assert listed == defined
 
 
 def make_python_without_tritonquant(root: Path) -> Path:
