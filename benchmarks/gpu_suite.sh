@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh                  # results under $OUT, else benchmarks/results/<UTC date>/
 #
 # Stages, in the order they run (each time-bounded; a failing stage is recorded and the suite goes on):
-#   tests-gpu  python -m pytest -q -m gpu          the GPU-only tests (compiled kernels vs references first)
+#   tests-gpu  pytest -q -m gpu (pytest_shards.py) the GPU-only tests (compiled kernels vs references first)
 #   demo       python -m tritonquant demo          the main job, as a user runs it first
 #   tune       python -m tritonquant tune          autotune the common launch configs (bounded time)
 #   kernels    benchmarks/bench_kernels.py --quick kernel GB/s vs the device copy bandwidth
@@ -12,11 +12,12 @@
 #   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
-#   tests      python -m pytest -q -m "not slow and not gpu and not cpu_only"  the rest of the suite, real
-#              kernels, kernel tests last
+#   tests      pytest -q -m "not slow and not gpu and not cpu_only" (pytest_shards.py)  the rest of the
+#              suite, real kernels, kernel tests last
 # Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
 # summary.md/summary.json (pass/fail/timeout per stage; summary.md also the results against the
-# benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML,
+# benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML (merged; each shard's
+# log and report in pytest-gpu-shards/ and pytest-all-shards/),
 # bench_kernels.md/json, bench.md/json, memory_vs_batch.png, step_time_vs_bits.png,
 # profile_host.md, cprofile.txt,
 # autotune-cache/ (the tuned configs).
@@ -32,7 +33,8 @@
 #
 # Environment knobs: PYTHON (interpreter), OUT (results folder), SUITE_BUDGET_S (whole suite, default
 # 465), SUITE_STAGES (comma-separated subset, default all), SUITE_TIMEOUT_<STAGE> (seconds for one stage,
-# e.g. SUITE_TIMEOUT_TESTS=300), SUITE_FORCE_SHIM=1 (skip the install checks, use the shim).
+# e.g. SUITE_TIMEOUT_TESTS=300), SUITE_SHARDS (pytest processes per test stage; default half the cores,
+# at most 8), SUITE_FORCE_SHIM=1 (skip the install checks, use the shim).
 # `--setup-only` stops after making the package importable and prints how (used by the tests).
 # Exit status: 0 when every selected stage passed, 1 otherwise.
 
@@ -261,8 +263,8 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
 # before the training benchmark, which writes its table after every batch and loses least to a late
 # stop. Both test stages run the integration tests first (CUDA graphs and offload only ever run on a
 # GPU), then the API's, then the other folders, and the kernels' last: a CPU run checks those in the
-# interpreter, and the whole suite's kernel tests alone compile some 800 variants, more than its
-# budget. (pytest runs separate folders in the order given; every folder under tests/ is in.) The
+# interpreter, and the whole suite's kernel tests alone compile some 800 variants, perhaps more than
+# its budget even in shards. (pytest runs separate folders in the order given; every folder under tests/ is in.) The
 # whole suite leaves out the GPU-only tests (their stage ran them) and the cpu_only ones.
 TEST_DIRS=(tests/integration tests/tritonquant)
 for dir in "$REPO"/tests/*/; do
@@ -270,8 +272,11 @@ for dir in "$REPO"/tests/*/; do
     case " ${TEST_DIRS[*]} tests/kernels tests/__pycache__ " in *" $dir "*) ;; *) TEST_DIRS+=("$dir") ;; esac
 done
 TEST_DIRS+=(tests/kernels)
-run_stage tests-gpu 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m gpu --durations=10 -p no:cacheprovider \
-    --junitxml="$RESULTS/pytest-gpu.xml" "${TEST_DIRS[@]}"
+# Both test stages run as several pytest processes at once (benchmarks/pytest_shards.py): a test run on
+# a GPU is mostly Triton compiling, one core per compile.
+SHARDS=(${SUITE_SHARDS:+--shards "$SUITE_SHARDS"})
+run_stage tests-gpu 180 env TRITONQUANT_AUTOTUNE=0 "$PY" benchmarks/pytest_shards.py "${SHARDS[@]}" \
+    --junitxml "$RESULTS/pytest-gpu.xml" -- -q -m gpu -p no:cacheprovider "${TEST_DIRS[@]}"
 # The main job, as a user on a GPU machine runs it first.
 run_stage demo 60 "$PY" -m tritonquant demo
 run_stage tune 50 "$PY" -m tritonquant tune --max-seconds @BUDGET@
@@ -280,8 +285,9 @@ run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
-run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" -m pytest -q -m "not slow and not gpu and not cpu_only" --durations=15 \
-    -p no:cacheprovider --junitxml="$RESULTS/pytest-all.xml" "${TEST_DIRS[@]}"
+run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" benchmarks/pytest_shards.py "${SHARDS[@]}" \
+    --junitxml "$RESULTS/pytest-all.xml" -- -q -m "not slow and not gpu and not cpu_only" -p no:cacheprovider \
+    "${TEST_DIRS[@]}"
 
 # ------------------------------------------------------------------------------------------------
 # Summary
