@@ -10,7 +10,7 @@
     handle = tq.attach(model, bits=4)        # or: compress every forward of `model`
 
     p = tq.quantize(x, bits=4)               # -> tq.PackedTensor
-    x_hat = tq.dequantize(p)                 # same shape, dtype, device and strides as x
+    x_hat = tq.dequantize(p)                 # same shape, dtype and device as x (strides: docs/format.md)
 """
 
 from .autobits import calibrate, recalibrate

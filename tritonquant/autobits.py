@@ -35,6 +35,7 @@ changes (attention becomes sensitive only once it sharpens). It costs one backwa
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import warnings
 import weakref
@@ -46,7 +47,7 @@ from torch import nn
 
 from .codec import dequantize, quantize_with
 from .config import BITS_CHOICES, CompressConfig, QuantConfig
-from .policy import standardizes
+from .policy import standardization
 
 NORMALIZATION_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 # Modules whose saved tensors feed only weight gradients (or, for ReLU, an exact mask).
@@ -106,7 +107,7 @@ class Calibration:
         errors = {}
         for bits in BITS_CHOICES:
             trial = QuantConfig(bits, quant.scheme, False, quant.group_size, None, quant.backend)
-            packed = quantize_with(t, trial, standardize_channels=standardizes(standardize_kind, bits))
+            packed = quantize_with(t, trial, standardize=standardization(standardize_kind, bits))
             diff = dequantize(packed, backend=quant.backend).float() - reference
             errors[bits] = diff.square().sum().item() / max(energy, 1e-30)
         name, n = slot
@@ -164,6 +165,17 @@ class Calibration:
         self._hooks.clear()
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by this module's caller point at the user's line:
+    the first frame outside tritonquant and torch (the budget is checked deep inside the pack hook,
+    ``calibrate`` or a session, at depths that differ)."""
+    skipped = tuple(os.path.dirname(module_file) + os.sep for module_file in (__file__, torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def allocate(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, int],
              budget: float) -> dict[Hashable, int]:
     """Bits per unit (a slot, or any hashable key) minimizing the summed cost with
@@ -199,7 +211,7 @@ def allocate(costs: dict[Hashable, dict[int, float]], elements: dict[Hashable, i
             f"bits='auto': a budget of {budget} bits is below what these tensors allow (probabilities keep "
             f"sensitive_bits; an estimated plan uses 1 bit only where it is lossless); using the narrowest "
             f"allowed widths, {used(bits) / sum(elements.values()):.2f} bits on average",
-            stacklevel=2,
+            stacklevel=_user_stacklevel(),
         )
     allowance = allowed - used(bits)
     while True:  # spend what is left, best cost reduction per added bit first
@@ -304,7 +316,7 @@ class ProbeTensor:
         cached = self.probe.restored.get(id(self))
         if cached is None or cached[0] != bits:
             quant = dataclasses.replace(self.quant, bits=bits)
-            packed = quantize_with(self.tensor, quant, standardize_channels=standardizes(self.standardize_kind, bits))
+            packed = quantize_with(self.tensor, quant, standardize=standardization(self.standardize_kind, bits))
             cached = (bits, dequantize(packed, backend=quant.backend))
             self.probe.restored[id(self)] = cached
         return cached[1]

@@ -28,8 +28,10 @@ _PACK_BOOL = {"triton": kernels.triton_pack_bool, "torch": kernels.torch_pack_bo
 _UNPACK_BOOL = {"triton": kernels.triton_unpack_bool, "torch": kernels.torch_unpack_bool}
 
 
-class _RandomStream:
-    """The library's own Philox stream: a seed and a counter that every unseeded call advances."""
+class RandomStream:
+    """A Philox stream: a seed and a counter that each call it serves advances past the counters it
+    uses. The library's own stream serves every unseeded call; a compression block with a fixed seed
+    keeps one of that seed for its packed tensors (``quantize_with``'s ``stream``)."""
 
     def __init__(self, seed: int = 0) -> None:
         self._lock = threading.Lock()
@@ -43,7 +45,7 @@ class _RandomStream:
             return self.seed, offset
 
 
-_stream = _RandomStream()
+_stream = RandomStream()
 
 
 def manual_seed(seed: int) -> None:
@@ -51,7 +53,7 @@ def manual_seed(seed: int) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an int in [0, 2**63 - 1], got {seed!r}")
     global _stream
-    _stream = _RandomStream(seed)
+    _stream = RandomStream(seed)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -87,31 +89,44 @@ def quantize(
     return quantize_with(x, config)
 
 
-def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels: bool = False) -> PackedTensor:
+STANDARDIZATIONS = (None, "channels", "tensor")
+
+
+def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize: str | None = None,
+                  stream: RandomStream | None = None) -> PackedTensor:
     """``quantize`` with an already validated config (the pack hook's path).
 
-    ``standardize_channels``: quantize ``(x - minimum) * (1 / scale) + 1`` with per-channel statistics of
-    dimension 1 (``_channel_statistics``), kept in ``PackedTensor.channels``; the kernels apply the map
-    as they load and ``dequantize`` undoes it as it stores. Zero is then not kept exact and signs are
-    not kept, so the pack hook uses it only where no backward reads them (``policy.standardize_kind``:
-    BatchNorm inputs at 1-2 bits, probabilities). Ignored for bool tensors and tensors of fewer than
-    two dimensions.
+    ``standardize``: quantize ``(x - minimum) * (1 / scale) + 1`` instead of ``x``, with the statistics
+    kept in ``PackedTensor.channels``; the kernels apply the map as they load and ``dequantize`` undoes
+    it as it stores. "channels": per index of dimension 1 (``_channel_statistics``; ignored for tensors
+    of fewer than two dimensions). "tensor": one pair for the whole tensor, its minimum and scale 1
+    (``_tensor_statistics``). Zero is then not kept exact and signs are not kept, so the pack hook uses
+    it only where no backward reads them (``policy.standardization``: BatchNorm inputs at 1-2 bits,
+    probabilities, log-probabilities). Ignored for bool tensors.
+
+    ``stream``: for stochastic rounding with a seed, the stream of that seed to draw counters from, so
+    that the tensors of one block do not share their random numbers; None: a seeded call starts at
+    counter 0, and the same input gives the same packing every time.
     """
+    if standardize not in STANDARDIZATIONS:
+        raise ValueError(f"standardize must be one of {STANDARDIZATIONS}, got {standardize!r}")
     _check_input(x)
     backend = resolve_backend(config.backend, x.device)
     # Detached: the torch backend's arithmetic must not be recorded by autograd (nor saved again).
     x = x.detach()
     stored = _dense_layout(x)
     channels, channel_stride = None, 1
-    if standardize_channels and x.dtype != torch.bool and stored.dim() >= 2:
+    if x.dtype != torch.bool and standardize == "channels" and stored.dim() >= 2:
         channels, channel_stride = _channel_statistics(stored), _channel_stride(stored)
+    elif x.dtype != torch.bool and standardize == "tensor" and stored.numel() > 0:
+        channels = _tensor_statistics(stored)
     # The launchers read ``stored`` as its run of memory (kernels.launch.flat_view); no flat view needed.
     with _on_device(x.device):
         if x.dtype == torch.bool:
             payload, meta = _PACK_BOOL[backend](stored), None
             bits, scheme, stochastic = 1, "bool", False
         else:
-            seed, offset = _rng_for(config, stored.numel(), x.device)
+            seed, offset = _rng_for(config, stored.numel(), x.device, stream)
             payload, meta = _QUANTIZE[backend](
                 stored, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset,
                 channels, channel_stride,
@@ -134,7 +149,7 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize_channels:
 
 
 def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
-    """float32 [C, 2]: (minimum, scale) of each index of dim 1, for ``quantize_with(standardize_channels)``.
+    """float32 [C, 2]: (minimum, scale) of each index of dim 1, for ``quantize_with(standardize="channels")``.
 
     The kernels pack ``(x - minimum) * (1 / scale) + 1``, with ``scale`` the channel's standard deviation:
     every value is at least 1, so each group is one-signed and gets the plain [min, max] grid, with
@@ -153,6 +168,19 @@ def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.amin(x, dim=reduce_dims).float(), scale], dim=1)
 
 
+def _tensor_statistics(x: torch.Tensor) -> torch.Tensor:
+    """float32 [1, 2]: (minimum, 1) of the whole tensor, for ``quantize_with(standardize="tensor")``.
+
+    One shift maps every value to at least 1 (every group one-signed, so the plain [min, max] grid)
+    and keeps the order of all values, so each group's largest value is still its top level and
+    restores to within float32 rounding. (Per-channel statistics would reorder values across channels.)
+    The scale is 1: any positive scale gives the same grid, and the shift alone needs one reduction.
+    A tensor holding NaN or -Inf has a non-finite minimum: all of it restores as NaN.
+    """
+    minimum = torch.amin(x).float().reshape(1)
+    return torch.stack([minimum, torch.ones_like(minimum)], dim=1)
+
+
 def _channel_stride(x: torch.Tensor) -> int:
     """Elements between consecutive channels in the flat run of dense ``x``: element i of the run is
     in channel ``(i // stride) % C``."""
@@ -167,7 +195,9 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     backend = resolve_backend(backend, packed.device)
     device = packed.device
     out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=device)
-    channel_stride = _channel_stride(out) if packed.channels is not None else 1
+    # (One pair of statistics, "tensor" or a dimension 1 of size 1, is every element's: stride 1.)
+    channels = packed.channels
+    channel_stride = _channel_stride(out) if channels is not None and channels.shape[0] > 1 else 1
     with _on_device(device):  # (``out`` is dense: the launchers write it as its run of memory)
         if packed.meta is None:
             _UNPACK_BOOL[backend](packed.payload, out)
@@ -191,11 +221,17 @@ def _check_input(x: object) -> None:
         raise ValueError("x is on the meta device and holds no data to quantize")
 
 
-def _rng_for(config: QuantConfig, n_elements: int, device: torch.device) -> tuple[int, int]:
+def _rng_for(config: QuantConfig, n_elements: int, device: torch.device,
+             stream: RandomStream | None = None) -> tuple[int, int]:
+    """(seed, first counter) for one quantize call of ``n_elements``."""
     if not config.stochastic:
         return 0, 0
     if config.seed is not None:
-        return config.seed, 0
+        if stream is None:
+            return config.seed, 0
+        if stream.seed != config.seed:
+            raise ValueError(f"stream has seed {stream.seed}, the config {config.seed}")
+        return stream.reserve(kernels.philox_counters(n_elements, config.group_size))
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         _warn_stochastic_capture()
     return _stream.reserve(kernels.philox_counters(n_elements, config.group_size))

@@ -29,7 +29,11 @@ class QuantConfig:
         between grid levels; not where a value is clamped or moved by the sign rule, docs/format.md).
     group_size: elements per group of shared (base, step); a power of two in 8..4096.
     seed: Philox key for stochastic rounding; None draws from the library's own stream
-        (``tritonquant.manual_seed``), an int makes every call with it reproducible.
+        (``tritonquant.manual_seed``), an int makes every call with it reproducible: ``quantize``
+        packs the same input the same way each time, and a compression block draws each packed
+        tensor's numbers from its own stream of that seed, the same numbers every time the block
+        runs (for new numbers each step that are still reproducible, ``tritonquant.manual_seed``
+        once and no seed).
     backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
 
@@ -120,7 +124,7 @@ class CompressConfig:
             raise TypeError(f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
         auto_budget = None
         bits = quant_kwargs.get("bits")
-        if bits is not None and bits != "auto" and not (_is_int(bits) and bits in BITS_CHOICES):
+        if "bits" in quant_kwargs and bits != "auto" and not (_is_int(bits) and bits in BITS_CHOICES):
             raise ValueError(f"bits must be one of {BITS_CHOICES} or 'auto' (with budget), got {bits!r}")
         if bits == "auto":
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget <= 8:

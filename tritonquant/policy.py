@@ -29,8 +29,9 @@ intermediate has requires_grad=False.)
 
 Probabilities (outputs of softmax and log_softmax, also after views and dropout: ``producer``) are
 packed with at least ``sensitive_bits`` bits (default 4) unless an override says otherwise
-(``is_sensitive``), and softmax outputs are standardized per channel first (``standardize_kind``:
-mapped to values of 1 or more, which the [min, max] grid packs with no sign rule). Most probabilities
+(``is_sensitive``), and they are standardized first (``standardize_kind``: mapped to values of 1 or
+more, which the [min, max] grid packs with no sign rule): softmax outputs per channel, log_softmax
+outputs by one shift for the whole tensor. Most probabilities
 lie near zero, where the sign rule errs the most: every positive value below half a step comes back as
 the first level (the group's maximum / 15 at 4 bits), so a row of small probabilities comes back inflated, and backward reads them directly
 (softmax's backward, the gradient of V in attention). The plain grid fixes that at every width. The
@@ -41,6 +42,17 @@ docs/fidelity.md (3 seeds, held-out nats; exact 2.391 +/- 0.016), 4 bits everywh
 with the sign rule on the probabilities, 2.403 +/- 0.014 with the probabilities on the plain grid but
 their dropped copy (attention dropout) on the sign rule, and 2.392 +/- 0.014 with both on the plain
 grid (7.5x); an 8-bit floor ends at 2.388 +/- 0.015 (6.0x).
+Log-probabilities need the plain grid too, though all of them are negative or zero. A confident
+prediction's log-probability is exactly 0 (p rounds to 1), and a group holding that exact zero counts
+away from it: a log-probability just below zero (p = 0.9999) would be moved one step down, to p = 0.26
+at 4 bits for a group spanning 20 nats, and backward's exp(log p) - 1 would then give every confident
+example the gradient of a wrong one (cross-entropy over 50 classes at margins of 12 to 30 nats:
+gradient error per example up to 0.91 at 4 bits and 0.13 at 8 in the rows with p between 0.999 and 1,
+against 0.001 on the plain grid). One shift for the whole tensor
+keeps each group's largest value its top level; per-channel statistics would not (dimension 1 of a
+[N, classes] tensor is the class): at 4 bits, 64 rows of 4096 classes with every other row confident,
+their largest per-example gradient error was 1.08, the shift's 0.04 (the sign rule's too: no group
+there held an exact 0).
 What attention saves in its fused (flash) form, q, k, v, the output and the log-sum-exp, needs neither:
 with attention dropout off, CPU SDPA takes that path and uniform 4 bits ends at 2.394 +/- 0.020
 against exact 2.389 +/- 0.021 (7.5x).
@@ -79,9 +91,9 @@ _LAYOUT_GRAD_FNS = frozenset({
     "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "TransposeBackward0",
     "PermuteBackward0", "TBackward0", "CloneBackward0",
 })
-# Nodes that pass a probability on as a probability: layout changes, and dropout (native, or a product
-# with a mask).
-_PROBABILITY_PRESERVING_GRAD_FNS = _LAYOUT_GRAD_FNS | {"NativeDropoutBackward0", "MulBackward0"}
+# Nodes that pass a probability on as a probability: layout changes, dtype casts (autocast runs softmax
+# in float32, and the matmul after it saves its bf16 copy), and dropout (native, or a product with a mask).
+_PROBABILITY_PRESERVING_GRAD_FNS = _LAYOUT_GRAD_FNS | {"ToCopyBackward0", "NativeDropoutBackward0", "MulBackward0"}
 # Nodes between a parameter and its dtype cast, or a view of that cast.
 _CAST_GRAD_FNS = _LAYOUT_GRAD_FNS | {"ToCopyBackward0"}
 # The most such nodes _source_node looks back through. SDPA's math path has the longest chain: softmax ->
@@ -104,8 +116,8 @@ def _source_node(t: torch.Tensor, passes: frozenset[str]):
 
 
 def producer(t: torch.Tensor) -> str | None:
-    """Name of the autograd node that computed ``t``'s values, looking through views, layout changes
-    and dropout; None for a tensor without one (a leaf, or a tensor saved inside a compiled region).
+    """Name of the autograd node that computed ``t``'s values, looking through views, layout changes,
+    dtype casts and dropout; None for a tensor without one (a leaf, or a tensor saved inside a compiled region).
 
     Dropout is ``NativeDropoutBackward0``, or a ``MulBackward0`` with one operand that does not require
     grad (SDPA's math path multiplies the probabilities by a 0 or 1/(1-p) mask): the dropped
@@ -123,7 +135,7 @@ def is_sensitive(t: torch.Tensor, made_by: str | None = None) -> bool:
 
 
 # BatchNorm inputs packed at this width or below are standardized per channel first
-# (``codec.quantize_with(standardize_channels=True)``). Measured on docs/fidelity.md's digits CNN
+# (``codec.quantize_with(standardize="channels")``). Measured on docs/fidelity.md's digits CNN
 # (3 seeds, BatchNorm inputs and conv inputs at 2 bits, mask-only ReLU outputs at 1 bit, a 1.67-bit
 # average): held-out accuracy 0.980 +/- 0.016 standardized, 0.298 +/- 0.038 without, exact 0.990.
 # Above 2 bits the grid has levels enough for channels that share a group, and the extra pass over
@@ -133,23 +145,33 @@ STANDARDIZE_MAX_BITS = 2
 
 def standardize_kind(t: torch.Tensor, module: nn.Module | None, made_by: str | None = None) -> str | None:
     """Why ``t`` may be standardized before packing: "batchnorm" for an [N, C, ...] float tensor saved
-    inside a BatchNorm module (its input), "probability" for a softmax output (``producer``: also after
-    views and dropout), else None.
+    inside a BatchNorm module (its input), "probability" for a softmax output, "log-probability" for a
+    log_softmax output (``producer``: also after views and dropout), else None.
 
     Standardized values are all at least 1, so they get the plain [min, max] grid without the sign
-    rule. Probabilities need that at every width (the module docstring says why, with the figures).
+    rule. Probabilities and log-probabilities need that at every width (the module docstring says why,
+    with the figures).
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if t.is_floating_point() and t.dim() >= 2 and t.shape[1] == module.num_features:
             return "batchnorm"
-    if (made_by or producer(t)) in _SOFTMAX_GRAD_FNS:
+    made_by = made_by or producer(t)
+    if made_by in _SOFTMAX_GRAD_FNS:
         return "probability"
+    if made_by == "LogSoftmaxBackward0":
+        return "log-probability"
     return None
 
 
-def standardizes(kind: str | None, bits: int) -> bool:
-    """Whether a tensor of ``standardize_kind`` ``kind`` is standardized before packing at ``bits``."""
-    return kind == "probability" or (kind == "batchnorm" and bits <= STANDARDIZE_MAX_BITS)
+def standardization(kind: str | None, bits: int) -> str | None:
+    """How a tensor of ``standardize_kind`` ``kind`` is standardized before packing at ``bits``
+    (``codec.quantize_with``'s ``standardize``): "channels" (per index of dimension 1), "tensor" (one
+    shift for the whole tensor), or None (not standardized)."""
+    if kind == "probability" or (kind == "batchnorm" and bits <= STANDARDIZE_MAX_BITS):
+        return "channels"
+    if kind == "log-probability":
+        return "tensor"
+    return None
 
 
 # Max-pooling modules whose int64 indices can be stored narrower without loss: each index is a flat

@@ -45,7 +45,8 @@ def format_report(stats, config: CompressConfig, peak_memory: dict[int, int]) ->
         f"min_bytes={config.min_bytes}; deduplicated saves: {stats.deduplicated}"
     )
     if stats.passed_by_reason:
-        kept = ", ".join(f"{count} {REASONS[reason]}" for reason, count in stats.passed_by_reason.most_common())
+        # (Semicolons: some reasons hold commas.)
+        kept = "; ".join(f"{count} {REASONS[reason]}" for reason, count in stats.passed_by_reason.most_common())
         lines.append(f"kept as is: {kept}")
     for device, peak in peak_memory.items():
         lines.append(f"peak CUDA memory allocated on cuda:{device} since the block opened: {peak / MB:.1f} MB")

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
-from .codec import dequantize, is_dense, quantize_with
+from .codec import RandomStream, dequantize, is_dense, quantize_with
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
 from .pool_indices import PoolWindows, decode, encode, pool_windows
 from .policy import (MAX_POOL_SPATIAL_DIMS, is_frozen_weight_cast, is_sensitive, narrow_index_dtype, pass_reason,
-                     producer, recastable, standardize_kind, standardizes, weight_cast_source)
+                     producer, recastable, standardize_kind, standardization, weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 # What an override lookup returns when no override pattern matched (None means one matched: keep).
@@ -199,9 +199,10 @@ class _RecastWeight:
 _Handle = _Packed | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
 
 
-def _standardized(key: tuple) -> tuple:
-    """The deduplication key of a standardized packing of the tensor whose plain key is ``key``."""
-    return key + ("standardized",)
+def _standardized(key: tuple, kind: str) -> tuple:
+    """The deduplication key of a packing of the tensor whose plain key is ``key``, standardized as
+    its ``policy.standardize_kind`` ``kind`` may be."""
+    return key + ("standardized", kind)
 
 
 # Per backward thread: the _Packed whose decoded tensor is kept for its next saver (_decode).
@@ -245,13 +246,28 @@ class _ModuleStack:
     def __init__(self) -> None:
         self.frames: list[nn.Module] = []
         self.names: dict[int, str] = {}
+        self._root_prefixes: set[str] = set()
 
     def push(self, module: nn.Module) -> None:
         if not self.frames and id(module) not in self.names:
-            # A root module: name its whole tree once ("layer1.0.conv1"); the root itself is "".
+            # A root module: name its whole tree once ("layer1.0.conv1"); the first root itself is "".
+            # A later root of another tree (a block that runs model.encoder, then model.decoder; or G,
+            # then D) is named by its class ("Sequential", then "Sequential_2"), and its tree under that
+            # prefix ("Sequential_2.0"): its rows and override names must not merge with the first's.
+            prefix = self._new_root_prefix(module) if self.names else ""
+            if not prefix:  # (the first root is shown by its class name too: name_of)
+                self._root_prefixes.add(type(module).__name__)
             for name, sub in module.named_modules():
-                self.names.setdefault(id(sub), name)
+                self.names.setdefault(id(sub), f"{prefix}.{name}" if prefix and name else prefix or name)
         self.frames.append(module)
+
+    def _new_root_prefix(self, module: nn.Module) -> str:
+        prefix, n = type(module).__name__, 1
+        while prefix in self._root_prefixes:
+            n += 1
+            prefix = f"{type(module).__name__}_{n}"
+        self._root_prefixes.add(prefix)
+        return prefix
 
     def pop(self, module: nn.Module) -> None:
         # Search from the top: a forward that raised may have left frames above it.
@@ -304,6 +320,9 @@ class Session:
         self._seen_modules: set[int] = set()
         self._override_cache: dict[int, object] = {}  # module id -> QuantConfig, None (keep) or _NO_MATCH
         self._quant_by_bits: dict[int, QuantConfig] = {}
+        # Stochastic rounding with a fixed seed: one stream per seed for this block, so each packed
+        # tensor draws its own random numbers (the block run again draws the same ones).
+        self._seeded_streams: dict[int, RandomStream] = {}
         self._dedup: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         # (id(param), version, dtype, view) -> the _RecastWeight of that cast, while a graph holds it.
         self._recasts: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -411,7 +430,7 @@ class Session:
         # standardize too; those reuse any packing an earlier saver made.
         hit = self._dedup.get(key)
         if hit is None and kind is not None:
-            hit = self._dedup.get(_standardized(key))
+            hit = self._dedup.get(_standardized(key, kind))
         # A live source means the storage cannot have been freed and its address reused.
         if hit is not None and hit.source() is not None:
             return self._reuse(hit, module)
@@ -423,10 +442,10 @@ class Session:
             probed = self._probe.add(t, self._stack.frames[0], slot, quant, floor, standardize_kind=kind)
             # (Filed as standardized when it may be: the probe's width, and so whether it standardizes,
             # is decided later, one module at a time.)
-            self._dedup[_standardized(key) if kind is not None else key] = probed
+            self._dedup[_standardized(key, kind) if kind is not None else key] = probed
             return probed
-        standardize = standardizes(kind, quant.bits)
-        packed = quantize_with(t, quant, standardize_channels=standardize)
+        standardize = standardization(kind, quant.bits)
+        packed = quantize_with(t, quant, standardize=standardize, stream=self._seeded_stream(quant))
         handle = _Packed(packed, quant.backend, t)
         if calibration is not None:
             handle.calibration_record = calibration.record_tensor(
@@ -434,7 +453,7 @@ class Session:
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
-        self._dedup[_standardized(key) if standardize else key] = handle
+        self._dedup[_standardized(key, kind) if standardize else key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.device.index)
         self._count_packed(row, packed)
@@ -581,6 +600,15 @@ class Session:
     def _auto_state(self) -> Calibration | Plan | None:
         """bits="auto": the plan (or calibration) of the outermost module running, None outside modules."""
         return PLANS.state(self._stack.frames[0], self.config.auto_budget) if self._stack.frames else None
+
+    def _seeded_stream(self, quant: QuantConfig) -> RandomStream | None:
+        """This block's stream for ``quant``'s seed; None without stochastic rounding or a seed."""
+        if not quant.stochastic or quant.seed is None:
+            return None
+        stream = self._seeded_streams.get(quant.seed)
+        if stream is None:
+            stream = self._seeded_streams[quant.seed] = RandomStream(quant.seed)
+        return stream
 
     def _quant_with_bits(self, bits: int) -> QuantConfig:
         quant = self._quant_by_bits.get(bits)

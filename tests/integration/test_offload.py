@@ -82,7 +82,7 @@ def test_offloaded_copy_holds_its_own_channel_statistics():
     from tritonquant.codec import quantize_with
     from tritonquant.config import QuantConfig
 
-    packed = quantize_with(torch.randn(4, 6, 5, 5), QuantConfig(bits=2, backend="torch"), standardize_channels=True)
+    packed = quantize_with(torch.randn(4, 6, 5, 5), QuantConfig(bits=2, backend="torch"), standardize="channels")
     host = Offloader(copy_cpu=True).offload(packed).host
     for name in ("payload", "meta", "channels"):
         original, copy = getattr(packed, name), getattr(host, name)

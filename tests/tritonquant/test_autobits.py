@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import tritonquant as tq
 from tritonquant.autobits import PLANS, Calibration, allocate, fallback_bits
@@ -42,6 +43,23 @@ def test_allocate_respects_the_budget(budget):
         assert used <= budget + 1e-9 and not caught
     else:  # infeasible: the narrowest allowed widths, and a warning saying so
         assert used == pytest.approx(narrowest) and "below what these tensors allow" in str(caught[0].message)
+        assert caught[0].filename == __file__, "the warning points at the caller's line"
+
+
+def test_budget_warning_points_at_the_users_line_through_compress():
+    # The budget is checked deep inside the pack hook; the warning must name the line that ran the block.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Softmax(dim=-1))  # probabilities keep 4 bits: 1 is infeasible
+    x = torch.randn(256, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # calibrates on the first step, plans on the second
+            with tq.compress(bits="auto", budget=1.0, min_bytes=0, backend="torch"):
+                loss = model(x).square().sum()
+            loss.backward()
+    budget_warnings = [w for w in caught if "below what these tensors allow" in str(w.message)]
+    assert budget_warnings and {w.filename for w in budget_warnings} == {__file__}, [
+        (w.filename, w.lineno) for w in budget_warnings]
 
 
 def test_fallback_bits():
@@ -137,7 +155,6 @@ def test_auto_plans_keep_the_probability_floor_without_widening_the_rest_of_the_
 
 # -- tq.calibrate: the measured plan ------------------------------------------------------------------
 
-from torch import nn  # noqa: E402
 
 from tritonquant.autobits import Probe, gradient_error, measure  # noqa: E402
 from tritonquant.config import CompressConfig  # noqa: E402
@@ -353,7 +370,7 @@ def test_probe_and_estimate_pack_batchnorm_inputs_as_the_pack_hook_does(bits):
     with Session(config, probe=probe):
         out = model(x)
     expected = dequantize(quantize_with(model.h, dataclasses.replace(config.quant, bits=bits),
-                                        standardize_channels=bits <= STANDARDIZE_MAX_BITS))
+                                        standardize="channels" if bits <= STANDARDIZE_MAX_BITS else None))
     probe.select(next(k for k, p in probe.slots.items() if p.slot == ("bn", 0)), bits)
     assert torch.equal(out.grad_fn._saved_input, expected)
 

@@ -5,6 +5,8 @@ import torch
 
 import tritonquant as tq
 from tritonquant import codec
+from tritonquant.codec import RandomStream, quantize_with
+from tritonquant.config import QuantConfig
 from tests.activations import activation_like
 from tests.conftest import BACKENDS
 
@@ -134,6 +136,22 @@ def test_unseeded_stochastic_calls_advance_the_library_stream(device):
     assert torch.equal(tq.quantize(x, bits=2, stochastic=True).payload, first.payload)
 
 
+def test_a_seeded_stream_gives_each_call_its_own_numbers_and_checks_its_seed(device):
+    x = torch.randn(4096, device=device)
+    config = QuantConfig(bits=2, stochastic=True, seed=11, backend="torch")
+    alone = quantize_with(x, config)
+    assert torch.equal(alone.payload, quantize_with(x, config).payload), "a seeded call repeats itself"
+    stream = RandomStream(11)
+    first, second = quantize_with(x, config, stream=stream), quantize_with(x, config, stream=stream)
+    assert torch.equal(first.payload, alone.payload)  # the stream's first counters are the call's own
+    assert not torch.equal(second.payload, first.payload)
+    again = RandomStream(11)
+    assert [quantize_with(x, config, stream=again).payload.tolist() for _ in range(2)] == [
+        first.payload.tolist(), second.payload.tolist()]
+    with pytest.raises(ValueError, match="stream has seed 12, the config 11"):
+        quantize_with(x, config, stream=RandomStream(12))
+
+
 BAD_ARGUMENTS = [
     ({"bits": 3}, ValueError, r"bits must be one of \(1, 2, 4, 8\), got 3"),
     ({"bits": True}, ValueError, r"bits must be one of"),
@@ -209,9 +227,6 @@ def test_manual_seed_validates():
 
 # -- per-channel standardization (the pack hook's path for BatchNorm inputs at 1-2 bits) ----------
 
-from tritonquant.codec import quantize_with  # noqa: E402
-from tritonquant.config import QuantConfig  # noqa: E402
-
 
 def channels_apart(dtype=torch.float32, device="cpu", memory_format=torch.contiguous_format) -> torch.Tensor:
     """[4, 6, 5, 5]: channels with offsets and spreads four orders of magnitude apart (as conv outputs
@@ -231,7 +246,7 @@ def per_channel_relative_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 def test_standardized_channels_match_the_reference_bit_for_bit(device):
     x = channels_apart(device=device)
     config = QuantConfig(bits=2, group_size=64, backend="torch")
-    packed = quantize_with(x, config, standardize_channels=True)
+    packed = quantize_with(x, config, standardize="channels")
     # Reference: the statistics, the standardization and the restore written out with plain torch.
     var = x.var(dim=(0, 2, 3), correction=0)
     scale = torch.where(var > 0, var.sqrt(), 1.0)
@@ -250,7 +265,7 @@ def test_standardizing_gives_every_channel_its_own_resolution(bits, device):
     x = channels_apart(device=device)
     config = QuantConfig(bits=bits, group_size=64, backend="torch")
     plain = per_channel_relative_error(x, tq.dequantize(quantize_with(x, config)))[:5]
-    standardized = per_channel_relative_error(x, tq.dequantize(quantize_with(x, config, standardize_channels=True)))[:5]
+    standardized = per_channel_relative_error(x, tq.dequantize(quantize_with(x, config, standardize="channels")))[:5]
     # Every channel ends with an error a fixed fraction of its own variance (measured 0.25-0.29 at
     # 2 bits, 0.010-0.011 at 4); sharing groups, the narrow channels get errors many times theirs.
     assert standardized.max() < {2: 0.35, 4: 0.015}[bits]
@@ -259,12 +274,12 @@ def test_standardizing_gives_every_channel_its_own_resolution(bits, device):
 
 def test_standardized_minimums_and_constant_channel_are_exact_and_nonfinite_propagates(device):
     x = channels_apart(device=device)
-    y = tq.dequantize(quantize_with(x, QuantConfig(bits=2, backend="torch"), standardize_channels=True))
+    y = tq.dequantize(quantize_with(x, QuantConfig(bits=2, backend="torch"), standardize="channels"))
     assert torch.equal(y[:, 5], x[:, 5])
     assert torch.equal(y.amin(dim=(0, 2, 3)), x.amin(dim=(0, 2, 3)))
     x[0, 2, 1, 1] = float("inf")
     x[3, 4, 0, 0] = float("nan")
-    y = tq.dequantize(quantize_with(x, QuantConfig(bits=2, backend="torch"), standardize_channels=True))
+    y = tq.dequantize(quantize_with(x, QuantConfig(bits=2, backend="torch"), standardize="channels"))
     assert not y[:, 2].isfinite().all() and not y[:, 4].isfinite().all()
 
 
@@ -272,7 +287,7 @@ def test_standardized_minimums_and_constant_channel_are_exact_and_nonfinite_prop
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_standardized_roundtrip_keeps_layout_dtype_and_counts_its_statistics(memory_format, dtype, device):
     x = channels_apart(dtype, device, memory_format)
-    packed = quantize_with(x, QuantConfig(bits=2, group_size=64, backend="torch"), standardize_channels=True)
+    packed = quantize_with(x, QuantConfig(bits=2, group_size=64, backend="torch"), standardize="channels")
     y = tq.dequantize(packed)
     assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == x.stride()
     assert packed.channels.shape == (6, 2) and packed.channels.dtype == torch.float32
@@ -283,13 +298,81 @@ def test_standardized_roundtrip_keeps_layout_dtype_and_counts_its_statistics(mem
 
 def test_standardized_backends_agree_bit_for_bit(device):
     x = channels_apart(torch.bfloat16, device, torch.channels_last)
-    a = quantize_with(x, QuantConfig(bits=2, group_size=64, backend="triton"), standardize_channels=True)
-    b = quantize_with(x, QuantConfig(bits=2, group_size=64, backend="torch"), standardize_channels=True)
+    a = quantize_with(x, QuantConfig(bits=2, group_size=64, backend="triton"), standardize="channels")
+    b = quantize_with(x, QuantConfig(bits=2, group_size=64, backend="torch"), standardize="channels")
     assert torch.equal(a.payload, b.payload) and torch.equal(a.meta, b.meta) and torch.equal(a.channels, b.channels)
     assert torch.equal(tq.dequantize(a, backend="triton"), tq.dequantize(b, backend="torch"))
 
 
 @pytest.mark.parametrize("x", [torch.randn(40), torch.rand(4, 6, 3) > 0.5], ids=["one_dim", "bool"])
 def test_standardize_is_ignored_without_channels(x):
-    packed = quantize_with(x, QuantConfig(bits=2, backend="torch"), standardize_channels=True)
+    packed = quantize_with(x, QuantConfig(bits=2, backend="torch"), standardize="channels")
     assert packed.channels is None
+
+
+# ---------------------------------------------------------------------------------------------
+# standardize="tensor": one shift for the whole tensor (log-probabilities)
+# ---------------------------------------------------------------------------------------------
+
+
+def confident_log_probs(dtype: torch.dtype = torch.float32, device="cpu", classes: int = 50) -> torch.Tensor:
+    """log_softmax of 48 rows whose class 0 wins by 12 to 30 nats: p rounds to 1 (log p exactly 0) in
+    some rows and lies just below 1 in others, as for a classifier that fits its data."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(48, classes, generator=g) * 3
+    logits[:, 0] += torch.linspace(12, 30, 48)
+    return torch.log_softmax(logits, dim=1).to(dtype).to(device)
+
+
+def test_tensor_standardization_matches_the_reference_bit_for_bit(device):
+    x = confident_log_probs(device=device)
+    packed = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="torch"), standardize="tensor")
+    # Reference: the shift and the restore written out with plain torch.
+    minimum = x.amin()
+    inner = tq.quantize(x - minimum + 1, bits=4, group_size=64, backend="torch")
+    assert torch.equal(packed.channels, torch.stack([minimum, torch.tensor(1.0, device=device)]).view(1, 2))
+    assert torch.equal(packed.payload, inner.payload) and torch.equal(packed.meta, inner.meta)
+    assert torch.equal(tq.dequantize(packed), (tq.dequantize(inner) - 1) + minimum)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "one-dim"])
+def test_tensor_standardization_backends_agree_bit_for_bit(layout, dtype, device):
+    x = confident_log_probs(dtype, device)
+    x = {"contiguous": x, "transposed": x.t(), "one-dim": x.reshape(-1)}[layout]
+    a = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="triton"), standardize="tensor")
+    b = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="torch"), standardize="tensor")
+    assert a.channels.shape == (1, 2)
+    assert torch.equal(a.payload, b.payload) and torch.equal(a.meta, b.meta) and torch.equal(a.channels, b.channels)
+    ya, yb = tq.dequantize(a, backend="triton"), tq.dequantize(b, backend="torch")
+    assert torch.equal(ya, yb) and ya.stride() == x.stride()
+
+
+@pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"{b}bit")
+def test_tensor_standardization_keeps_near_certain_log_probs_near_zero(bits):
+    # Plainly packed, a group holding an exact 0 counts away from it, and the sign rule moves every
+    # log-probability just below 0 one step down: exp of it is far from 1. Shifted, each group's largest
+    # value is its top level, and values near it stay near it.
+    x = confident_log_probs()
+    config = QuantConfig(bits=bits, backend="torch")
+    near_certain = x[:, 0] > -1e-3  # p above 0.999
+    winners = x[near_certain, 0]
+    assert (winners == 0).any() and (winners < 0).any()
+    shifted = tq.dequantize(quantize_with(x, config, standardize="tensor"))[near_certain, 0]
+    plain = tq.dequantize(quantize_with(x, config))[near_certain, 0]
+    # Measured: p off by at most 0.001 shifted; by 0.91 (4 bits) and 0.13 (8 bits) plainly packed.
+    assert (shifted.exp() - winners.exp()).abs().max() < 2e-3
+    assert (plain.exp() - winners.exp()).abs().max() > 0.1
+
+
+def test_tensor_standardization_of_non_finite_and_empty_tensors(device):
+    x = confident_log_probs(device=device)
+    x[3, 7] = float("-inf")  # a masked class: every value now restores as NaN, so backward cannot miss it
+    assert tq.dequantize(quantize_with(x, QuantConfig(bits=4, backend="torch"), standardize="tensor")).isnan().all()
+    empty = quantize_with(torch.empty(0, 5, device=device), QuantConfig(bits=4, backend="torch"), standardize="tensor")
+    assert empty.channels is None and tq.dequantize(empty).shape == (0, 5)
+
+
+def test_unknown_standardization_is_refused():
+    with pytest.raises(ValueError, match=r"standardize must be one of \(None, 'channels', 'tensor'\), got 'rows'"):
+        quantize_with(torch.randn(8), QuantConfig(bits=4, backend="torch"), standardize="rows")
