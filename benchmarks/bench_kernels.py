@@ -23,6 +23,9 @@ meaningfully, and torch.compile is skipped).
 
 Writes bench_kernels.md and bench_kernels.json (GPU name, driver, torch/triton/python versions,
 date) to --out, else $OUT, else benchmarks/results/.
+
+Exit status: 0; 1 on a GPU when not one Triton kernel row was measured (a row's failure is otherwise
+written into its cell, and the sweep goes on); 2 for --device cuda without a CUDA device.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ IMPLS = ("triton", "heuristic", "torch", "compiled")
 STANDARDIZED = (("bf16", 2), ("fp32", 4))
 STANDARDIZED_STRIDE, STANDARDIZED_CHANNELS = 56 * 56, 256
 GPU_WARMUP_MS, GPU_REP_MS = 10, 50
-COMPILE_RESERVE_S = 30  # with --max-seconds, no torch.compile starts with less time than this left
+# With --max-seconds, no torch.compile starts with less time than this left: a compile of the reference
+# takes tens of seconds, and one still running at the stage's timeout is lost along with its time.
+COMPILE_RESERVE_S = 50
 CPU_NOTE = ("CPU figures (no CUDA device): torch reference only, timed with time.perf_counter. The Triton "
             "interpreter is far too slow to time meaningfully and torch.compile is not run. These are not GPU "
             "figures and say nothing about the Triton kernels' speed.")
@@ -88,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure_gpu(args, meta, save) if use_gpu else measure_cpu(args, meta)
     print(save(rows, final=True))
     print(f"\nwrote {out_dir / 'bench_kernels.md'} and {out_dir / 'bench_kernels.json'}")
+    # Every cell catches its own error (one must not stop the sweep), so a broken kernel would still exit
+    # 0: on a GPU, a run without a single Triton figure is a failure (the GPU suite's stage then says so).
+    if use_gpu and not any("triton_gbps" in row for row in rows):
+        print("\nexit status 1: no Triton kernel row was measured (each row's triton cell says why)", flush=True)
+        return 1
     return 0
 
 
@@ -196,7 +206,7 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
                     for row in group_rows:
                         mark_skipped(row, ("compiled",), "not run (--quick: 4-bit only)")
                     continue
-                if deadline is not None and deadline - time.monotonic() < COMPILE_RESERVE_S:
+                if not compile_fits(deadline):
                     for row in group_rows:  # a compile takes tens of seconds: do not start one late
                         mark_skipped(row, ("compiled",), "skipped (time budget)")
                     continue
@@ -259,7 +269,7 @@ def compile_rows(rows: list[dict], kind: str, bits: int, inputs, copy_gbps: floa
     largest = rows[-1]
     for row in rows[i:-1]:
         mark_skipped(row, ("compiled",), f"{failure} (dynamic shapes; static shapes tried at the largest size only)")
-    if over(deadline):
+    if not compile_fits(deadline):  # a second compile, as long as the first
         mark_skipped(largest, ("compiled",), "skipped (time budget)")
         return
     static_failure = compile_and_time(largest, make(False), "static")
@@ -353,6 +363,12 @@ def over(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() > deadline
 
 
+def compile_fits(deadline: float | None) -> bool:
+    """Whether a torch.compile started now should finish before ``deadline`` (time.monotonic seconds;
+    None: no deadline): COMPILE_RESERVE_S or more is left."""
+    return deadline is None or deadline - time.monotonic() >= COMPILE_RESERVE_S
+
+
 def short_error(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first[:120]}"
@@ -426,9 +442,17 @@ def render(meta: dict, rows: list[dict]) -> str:
 def write_outputs(out_dir: Path, meta: dict, rows: list[dict], text: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     title = "# Kernel roofline (CPU figures)" if meta["device"] == "cpu" else "# Kernel roofline"
-    (out_dir / "bench_kernels.md").write_text(f"{title}\n\n{text}\n", encoding="utf-8")
-    (out_dir / "bench_kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n",
-                                                encoding="utf-8")
+    write_atomically(out_dir / "bench_kernels.md", f"{title}\n\n{text}\n")
+    write_atomically(out_dir / "bench_kernels.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (the GPU suite's targets) see the old file or the new one, never half of one: the results
+    are rewritten after every row, and the stage's timeout may stop the run in the middle of a write.
+    The temporary file is in the same folder, so os.replace is a rename within one file system."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ The targets (docs/benchmarks.md):
     bandwidth      the Triton kernels at 85% or more of the copy bandwidth for inputs of 256 MiB and up
 
 Every figure is a ratio of two measurements of the same run. A row whose measurement is missing (a stage
-that failed or ran out of time, an out-of-memory cell) says so instead of a verdict. The suite appends
-this table to its summary.md.
+that failed or ran out of time, an out-of-memory cell, a batch bench.json lists as planned but never
+reached) says so instead of a verdict. The suite appends this table to its summary.md.
 """
 
 from __future__ import annotations
@@ -42,14 +42,20 @@ def verdict(met: bool) -> str:
 
 
 def bench_rows(bench: dict | None) -> list[list[str]]:
-    """Rows for the step-time, activation and peak targets from ``bench.json``'s rows."""
+    """Rows for the step-time, activation and peak targets from ``bench.json``'s rows, for each of its
+    planned cells (where it lists them) and each cell it measured."""
     if bench is None:
         return [["step time, activations, peak", "-", "bench.json missing or unreadable", "-"]]
     if not bench.get("gpu", True):
         return [["step time, activations, peak", "-", "bench.json is from a CPU run: no GPU figures", "-"]]
     cells = {(r["workload"], r["batch"], r["method"]): r for r in bench["rows"]}
+    # The cells the run set out to measure ("planned", written by bench since it measures every workload's
+    # smallest batch first), so that one it never reached reads "not measured" instead of being left out;
+    # then any measured cell it does not list (older files have no "planned": their measured cells only).
+    planned = bench.get("planned")
+    measured_cells = [(r["workload"], r["batch"]) for r in bench["rows"]]
     rows = []
-    for workload, batch in dict.fromkeys((r["workload"], r["batch"]) for r in bench["rows"]):
+    for workload, batch in dict.fromkeys([*(tuple(cell) for cell in planned or ()), *measured_cells]):
         precision = "fp32" if "fp32" in workload else "bf16"
         name = f"{workload}, batch {batch}"
 
@@ -67,7 +73,8 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
                     overhead = tq_ms / exact_ms - 1
                     rows.append([label, name, f"{overhead:+.0%} ({tq_ms:.1f} vs {exact_ms:.1f} ms)",
                                  verdict(overhead < STEP_OVERHEAD_MAX)])
-                elif suffix == "" or (workload, batch, "exact" + suffix) in cells:
+                # (A file without "planned" may be from before the bench captured steps: no such row then.)
+                elif suffix == "" or planned is not None or (workload, batch, "exact" + suffix) in cells:
                     rows.append([label, name, "not measured", "-"])
 
         exact_act, tq_act = measured("exact", "activation_mb"), measured("tq-2bit", "activation_mb")

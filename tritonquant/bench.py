@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from .models import ResNet50Like, SmallCNN, TinyTransformer, cnn_batch, cnn_loss
 from .session import compress
 
 MB = 2**20
+OUT_OF_MEMORY = "out of memory"  # a cell's error when its step did not fit: a result, not a failure
 # "checkpoint+tq-4bit": every block checkpointed, and what the step still saves (the block inputs, the
 # head) compressed at 4 bits: where the two combine, the lowest peak of the table.
 METHODS = ("exact", "tq-8bit", "tq-4bit", "tq-2bit", "checkpoint", "checkpoint+tq-4bit", "save_on_cpu")
@@ -85,7 +88,7 @@ def gpu_workloads() -> list[Workload]:
                  lambda: TinyTransformer(vocab=50257, dim=768, heads=12, layers=12, seq=1024, dropout=0.1, tied=True),
                  lambda b, dev: lm_batch(b, seq=1024, vocab=50257, device=dev), lm_loss, (8, 32), torch.bfloat16),
         # fp32: the activation-memory target at 2 bits is 1/14 of exact there (1/7 in bf16). Last, so that
-        # a run stopped by its time limit has measured the bf16 targets.
+        # at each batch round (run_bench: every workload's smallest batch first) the bf16 targets come first.
         Workload("resnet50 fp32 224px", lambda: ResNet50Like(),
                  lambda b, dev: cnn_batch(b, size=224, classes=1000, device=dev), cnn_loss, (32, 64), None),
     ]
@@ -283,14 +286,16 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
         if torch._C._autograd._profiler_enabled():
             raise RuntimeError("a profiler is running")
         prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        prof.__enter__()
+        with native_stderr_silenced():
+            prof.__enter__()
     except Exception:  # noqa: BLE001 - no profiler to read: the step still runs
         step()
         return None
     try:
         step()
     finally:
-        prof.__exit__(None, None, None)
+        with native_stderr_silenced():
+            prof.__exit__(None, None, None)
     try:
         events = allocation_events(prof)
         if not events:
@@ -301,6 +306,23 @@ def cpu_peak_bytes(step: Callable[[], object]) -> int | None:
         return max(fields.total_allocated for _, fields, _ in events) - (first.total_allocated - first.alloc_size)
     except Exception:  # noqa: BLE001 - an event tree read differently: no figure rather than a failed table
         return None
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null while the block runs: torch's profiler prints a line from
+    C++ as it starts and as it stops (torch 2.13 on the CPU), which would land between the tables of the
+    demo and the bench. Only around the profiler's start and stop, never around a step: a warning there
+    must be seen."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def allocation_events(prof) -> list[tuple[int, object, str]]:
@@ -319,8 +341,10 @@ def allocation_events(prof) -> list[tuple[int, object, str]]:
     return sorted(found, key=lambda item: item[0])
 
 
+@functools.lru_cache(maxsize=None)
 def nvidia_driver() -> str | None:
-    """The NVIDIA driver version from nvidia-smi, or None where there is none."""
+    """The NVIDIA driver version from nvidia-smi, or None where there is none. Looked up once per process:
+    the results, with their environment, are rewritten after every batch, and the driver does not change."""
     import subprocess
 
     try:
@@ -372,6 +396,10 @@ def max_batch_in_budget(peaks: dict[int, float], budget_mb: float) -> int | None
 
 def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budget_gb: float = 16.0,
               plots: str | None = None) -> int:
+    """Measure every (workload, batch, method) cell; print the table, write it to ``out`` after every batch
+    and the plots to ``plots`` at the end. Returns the exit status: 0; 1 when a cell failed with an error
+    other than out of memory (the table still has every cell); 130 when interrupted (what was measured
+    is written)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not budget_gb > 0:
@@ -382,35 +410,60 @@ def run_bench(quick: bool = False, out: str | None = None, steps: int = 5, budge
     workloads = gpu_workloads() if on_gpu else quick_workloads()
     measure = measure_gpu if on_gpu else measure_cpu
     methods = methods_for(on_gpu)
+    planned = planned_cells(workloads)
     results = []
-    total = sum(len(w.batch_sizes) for w in workloads) * len(methods)
+    total = len(planned) * len(methods)
     done, started = 0, time.perf_counter()
     try:
-        for workload in workloads:
+        for workload, batch_size in measurement_order(workloads):
+            # A fresh model per batch, from the same seed: the batches of one workload are no longer measured
+            # one after the other, and another workload's model left on the GPU would count in the peaks.
             torch.manual_seed(0)
             model = workload.make_model().to("cuda" if on_gpu else "cpu")
-            for batch_size in workload.batch_sizes:
-                for method in sorted(methods, key=MEASURE_ORDER.index):
-                    done += 1
-                    print(f"[{done}/{total} {time.perf_counter() - started:5.0f}s] {workload.name} batch {batch_size}: "
-                          f"{method}", flush=True)
-                    row = _measure_cell(measure, model, workload, method, batch_size, steps, on_gpu)
-                    results.append({"workload": workload.name, "batch": batch_size, "method": method, **row})
-                # Written after every batch, so a run stopped by a time limit keeps what it measured.
-                _write_results(results, on_gpu, budget_gb, out, verbose=False)
+            for method in sorted(methods, key=MEASURE_ORDER.index):
+                done += 1
+                print(f"[{done}/{total} {time.perf_counter() - started:5.0f}s] {workload.name} batch {batch_size}: "
+                      f"{method}", flush=True)
+                row = _measure_cell(measure, model, workload, method, batch_size, steps, on_gpu)
+                results.append({"workload": workload.name, "batch": batch_size, "method": method, **row})
+            # Written after every batch, so a run stopped by a time limit keeps what it measured.
+            _write_results(results, planned, on_gpu, budget_gb, out, verbose=False)
             del model
             if on_gpu:
                 torch.cuda.empty_cache()
-        _write_results(results, on_gpu, budget_gb, out, verbose=True)
+        _write_results(results, planned, on_gpu, budget_gb, out, verbose=True)
         if plots:
             _plots(results, on_gpu, Path(plots))
-        return 0
     except KeyboardInterrupt:  # (the GPU suite stops a stage past its time limit with SIGINT)
         print(f"\ninterrupted: writing the {len(results)} of {total} cells measured", flush=True)
-        _write_results(results, on_gpu, budget_gb, out, verbose=True)
+        _write_results(results, planned, on_gpu, budget_gb, out, verbose=True)
         if plots:
             _plots(results, on_gpu, Path(plots))
         return 130
+    # An error other than running out of memory (an expected result at a large batch) is a broken
+    # measurement: the exit status says so, for the GPU suite's summary, after everything is written.
+    broken = [r for r in results if r["error"] not in (None, OUT_OF_MEMORY)]
+    if broken:
+        print(f"\nexit status 1: {len(broken)} of {len(results)} cells failed with an error other than out of "
+              f"memory (first: {broken[0]['workload']} batch {broken[0]['batch']} {broken[0]['method']}: "
+              f"{broken[0]['error']})", flush=True)
+        return 1
+    return 0
+
+
+def measurement_order(workloads: list[Workload]) -> list[tuple[Workload, int]]:
+    """(workload, batch size) in the order they are measured: every workload's smallest batch first, then
+    every workload's next one, and so on, so that a run stopped by its time limit has measured each
+    workload (each of the benchmark's targets) at one batch at least before any at its larger ones."""
+    most = max(len(w.batch_sizes) for w in workloads)
+    return [(w, sorted(w.batch_sizes)[i]) for i in range(most) for w in workloads if i < len(w.batch_sizes)]
+
+
+def planned_cells(workloads: list[Workload]) -> list[tuple[str, int]]:
+    """(workload name, batch size) of every cell the run sets out to measure, in table order (workloads as
+    listed, batches as each lists them). Written to bench.json as "planned", so that a reader can tell a
+    cell that was never measured (a run stopped by its time limit) from one that was never asked for."""
+    return [(w.name, b) for w in workloads for b in w.batch_sizes]
 
 
 def _measure_cell(measure, model, workload: Workload, method: str, batch_size: int, steps: int, on_gpu: bool) -> dict:
@@ -421,7 +474,7 @@ def _measure_cell(measure, model, workload: Workload, method: str, batch_size: i
         row = measure(model, workload, method, batch_size, steps)
         row["error"] = None
     except torch.OutOfMemoryError:
-        row = {"error": "out of memory"}
+        row = {"error": OUT_OF_MEMORY}
     except Exception as exc:  # noqa: BLE001
         traceback.print_exc()
         row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}
@@ -436,11 +489,13 @@ def _measure_cell(measure, model, workload: Workload, method: str, batch_size: i
     return row
 
 
-def _write_results(results: list[dict], on_gpu: bool, budget_gb: float, out: str | None, verbose: bool) -> None:
-    # Rows in the order of the workloads and batches as measured, and of METHODS within each.
-    cells = list(dict.fromkeys((r["workload"], r["batch"]) for r in results))
+def _write_results(results: list[dict], planned: list[tuple[str, int]], on_gpu: bool, budget_gb: float,
+                   out: str | None, verbose: bool) -> None:
+    """Print (``verbose``) and write to ``out`` the table of ``results`` so far; bench.json also holds
+    ``planned``, the (workload, batch) cells the run set out to measure, as [name, batch] pairs."""
+    # Rows in table order (workloads, then batches, as planned; not as measured), and METHODS' within each.
     display = methods_for(on_gpu)
-    results = sorted(results, key=lambda r: (cells.index((r["workload"], r["batch"])), display.index(r["method"])))
+    results = sorted(results, key=lambda r: (planned.index((r["workload"], r["batch"])), display.index(r["method"])))
     table, headers = _table(results, on_gpu, budget_gb * 1024)
     env = environment()
     title = ("GPU step benchmark" if on_gpu else
@@ -450,7 +505,8 @@ def _write_results(results: list[dict], on_gpu: bool, budget_gb: float, out: str
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(folder / "bench.json", json.dumps({"env": env, "gpu": on_gpu, "rows": results}, indent=2))
+        _write_atomically(folder / "bench.json", json.dumps(
+            {"env": env, "gpu": on_gpu, "planned": [list(cell) for cell in planned], "rows": results}, indent=2))
         _write_atomically(folder / "bench.md",
             f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
             + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"

@@ -90,3 +90,59 @@ def test_standardized_rows_are_labelled_as_such(bench_kernels):
     assert plain["traffic_bytes"] == standardized["traffic_bytes"] and not plain["standardized"]
     lines = bench_kernels.table([plain, standardized], ("torch",)).splitlines()[2:]
     assert [line.split("|")[1].strip() for line in lines] == ["quantize", "quantize, standardized"]
+
+
+def test_no_compile_starts_with_less_than_the_reserve_left(bench_kernels, monkeypatch):
+    # A compile takes tens of seconds: one started 40 s before the deadline would be lost at the stage's
+    # timeout, with its time. The retry with static shapes is a second compile and waits on the same check.
+    assert bench_kernels.COMPILE_RESERVE_S >= 50
+    clock = bench_kernels.time.monotonic
+    assert not bench_kernels.compile_fits(clock() + 40)
+    assert bench_kernels.compile_fits(clock() + 60) and bench_kernels.compile_fits(None)
+    calls = compile_failing_for(monkeypatch, {"dynamic"})
+    rows, inputs = quantize_rows(bench_kernels)
+    bench_kernels.compile_rows(rows, "quantize", 4, inputs, copy_gbps=100.0, deadline=clock() + 40)
+    assert calls == [True], "no static-shapes compile with 40 s left"
+    assert rows[1]["compiled_error"] == "skipped (time budget)"
+
+
+def fake_gpu_run(bench_kernels, monkeypatch, rows):
+    """main() on a pretended GPU whose sweep returns ``rows``."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_kernels, "environment", lambda use_gpu: {
+        "device": "cuda", "gpu": "stand-in", "capability": "9.0", "driver": None, "cuda_runtime": "12.8",
+        "torch": torch.__version__, "triton": "3", "date": "today", "copy_buffer_mib": 256, "copy_gbps": 100.0})
+
+    def measure_gpu(args, meta, save):
+        save(rows)
+        return rows
+
+    monkeypatch.setattr(bench_kernels, "measure_gpu", measure_gpu)
+
+
+def test_a_gpu_run_without_one_triton_row_exits_1(bench_kernels, monkeypatch, tmp_path, capsys):
+    row = bench_kernels.new_row("quantize", "bf16", 4, 4096)
+    bench_kernels.mark_skipped(row, ("triton", "heuristic", "torch", "compiled"), "RuntimeError: no kernel image")
+    fake_gpu_run(bench_kernels, monkeypatch, [row])
+    assert bench_kernels.main(["--out", str(tmp_path)]) == 1
+    assert "exit status 1: no Triton kernel row was measured" in capsys.readouterr().out
+    assert "RuntimeError: no kernel image" in (tmp_path / "bench_kernels.md").read_text(), "written all the same"
+
+
+def test_a_gpu_run_with_a_triton_row_exits_0_and_writes_its_files_whole(bench_kernels, monkeypatch, tmp_path):
+    row = bench_kernels.new_row("quantize", "bf16", 4, 4096)
+    bench_kernels.record(row, "triton", 100.0, lambda: 2.0)
+    fake_gpu_run(bench_kernels, monkeypatch, [row])
+    replaced = []
+    replace = bench_kernels.os.replace
+
+    def logged_replace(source, target):
+        replaced.append((Path(source), Path(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(bench_kernels.os, "replace", logged_replace)
+    assert bench_kernels.main(["--out", str(tmp_path)]) == 0
+    # Each file is written whole under another name in the same folder, then renamed over the old one.
+    assert {target.name for _, target in replaced} == {"bench_kernels.md", "bench_kernels.json"}
+    assert all(source.parent == target.parent == tmp_path and source != target for source, target in replaced)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_kernels.json", "bench_kernels.md"]

@@ -109,3 +109,23 @@ def test_a_cpu_bench_is_said_to_hold_no_gpu_figures(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"gpu": False, "rows": BENCH["rows"]}))
     table = targets.targets_table(tmp_path)
     assert "bench.json is from a CPU run: no GPU figures" in table and "step time, 4 bits: under" not in table
+
+
+def test_a_planned_cell_that_was_never_measured_says_so(tmp_path):
+    # A bench stopped by its time limit before the fp32 workload: its rows must read "not measured",
+    # not be left out of the table.
+    measured = [r for r in BENCH["rows"] if r["workload"] != FP32]
+    planned = [[BF16, 64], [BF16, 256], [GPT, 8], [GPT, 32], [FP32, 32], [FP32, 64]]
+    (tmp_path / "bench.json").write_text(json.dumps({"gpu": True, "planned": planned, "rows": measured}))
+    table = targets.targets_table(tmp_path)
+    rows = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in table.splitlines()[4:]}
+    for workload, batch in ((GPT, 32), (FP32, 32), (FP32, 64)):
+        where = [key[0] for key in rows if key[1] == f"{workload}, batch {batch}"]
+        assert where, f"{workload} batch {batch} is missing from the table"
+        assert all(rows[(label, f"{workload}, batch {batch}")] == ["not measured", "- |"] for label in where)
+    assert ("| activations, 2 bits: below 1/14 of exact", f"{FP32}, batch 32") in rows
+    # A run that lists its plan captures steps: a missing captured pair is reported too.
+    assert rows[("| step time, 4 bits, CUDA graph: under +10%", f"{GPT}, batch 32")] == ["not measured", "- |"]
+    # Rows follow the plan's order.
+    order = list(dict.fromkeys(key[1] for key in rows if not key[0].startswith("| bandwidth")))
+    assert order == [f"{w}, batch {b}" for w, b in planned]

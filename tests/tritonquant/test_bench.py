@@ -1,6 +1,8 @@
 import contextlib
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -23,6 +25,7 @@ def test_quick_bench_writes_markdown_and_json_with_environment(quick_results):
     assert {"date", "torch", "triton", "python", "device"} <= set(data["env"])
     assert "saved MB (accounting)" in (out / "bench.md").read_text()
     assert len(data["rows"]) == 2 * 2 * len(METHODS)  # two workloads, two batch sizes each
+    assert len(data["planned"]) == 2 * 2
 
 
 def test_quick_bench_saved_bytes_fall_with_bits(quick_results):
@@ -60,6 +63,22 @@ def test_cpu_peak_bytes_counts_what_is_allocated_at_once():
 
     assert cpu_peak_bytes(in_turn) == 4 << 20
     assert cpu_peak_bytes(together) == 8 << 20
+
+
+def test_cpu_peak_bytes_keeps_the_profilers_native_lines_out_of_stderr_but_not_the_steps_own():
+    # torch 2.13's profiler prints "profiler_start" and "profiler_stop" from C++ on stderr; the demo's and
+    # the bench's tables must not be interleaved with them. What the step writes must still get through.
+    script = ("import sys, torch\n"
+              "from tritonquant.bench import cpu_peak_bytes\n"
+              "def step():\n"
+              "    print('from the step', file=sys.stderr, flush=True)\n"
+              "    return torch.ones(1 << 16).sum()\n"
+              "assert cpu_peak_bytes(step) > 0\n"
+              "print('after', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "profiler_start" not in proc.stderr and "profiler_stop" not in proc.stderr, proc.stderr
+    assert "from the step" in proc.stderr and "after" in proc.stderr
 
 
 def test_cpu_peak_bytes_runs_the_step_under_another_profiler_and_lets_its_errors_through():
@@ -111,7 +130,7 @@ def test_unknown_method_is_rejected():
         method_context("zip", SmallCNN(), on_gpu=False)
 
 
-def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
     import tritonquant.bench as bench
 
     measured = bench.measure_cpu
@@ -122,12 +141,84 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch)
         return measured(model, workload, method, batch_size, steps)
 
     monkeypatch.setattr(bench, "measure_cpu", measure_failing_for_2_bits)
-    assert run_bench(quick=True, out=str(tmp_path), steps=1) == 0
+    # Every cell is written, and the exit status says the run is broken (the GPU suite's stage then fails).
+    assert run_bench(quick=True, out=str(tmp_path), steps=1) == 1
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert len(rows) == 2 * 2 * len(METHODS)
     assert {r["error"] for r in rows if r["method"] == "tq-2bit"} == {"RuntimeError: kernel broke"}
     assert all(r["error"] is None and r["saved_mb"] > 0 for r in rows if r["method"] in ("exact", "tq-4bit"))
     assert "RuntimeError: kernel broke" in (tmp_path / "bench.md").read_text()
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith(
+        f"exit status 1: 4 of {4 * len(METHODS)} cells failed with an error other than out of memory")
+
+
+def test_cells_out_of_memory_are_results_not_failures(tmp_path, monkeypatch, capsys):
+    import tritonquant.bench as bench
+
+    def measure_out_of_memory_at_2_bits(model, workload, method, batch_size, steps):
+        if method == "tq-2bit":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"saved_mb": 1.0, "peak_mb": 1.0, "step_ms": 1.0}
+
+    monkeypatch.setattr(bench, "measure_cpu", measure_out_of_memory_at_2_bits)
+    assert run_bench(quick=True, out=str(tmp_path), steps=1) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {r["error"] for r in rows if r["method"] == "tq-2bit"} == {"out of memory"}
+    assert "exit status" not in capsys.readouterr().out
+
+
+def test_every_workloads_smallest_batch_is_measured_first_and_the_plan_is_written(tmp_path, monkeypatch):
+    # A run stopped by its time limit must have measured every workload (every target) at one batch.
+    import tritonquant.bench as bench
+
+    measured, written = [], []
+
+    def measure(model, workload, method, batch_size, steps):
+        if (workload.name, batch_size) not in measured:
+            measured.append((workload.name, batch_size))
+        return {"saved_mb": 1.0, "peak_mb": 1.0, "step_ms": 1.0}
+
+    write_results = bench._write_results
+
+    def logged_write_results(results, *args, **kwargs):
+        written.append(len(results))
+        return write_results(results, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_cpu", measure)
+    monkeypatch.setattr(bench, "_write_results", logged_write_results)
+    assert run_bench(quick=True, out=str(tmp_path), steps=1) == 0
+    (cnn, small_cnn, large_cnn), (lm, small_lm, large_lm) = [(w.name, *w.batch_sizes) for w in bench.quick_workloads()]
+    assert measured == [(cnn, small_cnn), (lm, small_lm), (cnn, large_cnn), (lm, large_lm)]
+    per_batch = len(METHODS)
+    assert written == [per_batch, 2 * per_batch, 3 * per_batch, 4 * per_batch, 4 * per_batch]  # after every batch
+    data = json.loads((tmp_path / "bench.json").read_text())
+    plan = [[cnn, small_cnn], [cnn, large_cnn], [lm, small_lm], [lm, large_lm]]
+    assert data["planned"] == plan
+    # The table keeps the order of workloads, then batches.
+    assert list(dict.fromkeys((r["workload"], r["batch"]) for r in data["rows"])) == [tuple(c) for c in plan]
+
+
+def test_the_driver_is_looked_up_once_per_process(monkeypatch):
+    # environment() is written with the results after every batch: nvidia-smi must not run each time.
+    import subprocess
+
+    import tritonquant.bench as bench
+
+    calls = []
+
+    def fake_run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, stdout="550.54.15\n", stderr="")
+
+    clear = getattr(bench.nvidia_driver, "cache_clear", lambda: None)
+    clear()
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    try:
+        assert [bench.nvidia_driver() for _ in range(3)] == ["550.54.15"] * 3
+        assert len(calls) == 1
+    finally:
+        clear()  # (the stand-in's answer must not outlive this test)
 
 
 def test_an_interrupted_sweep_writes_what_it_measured(tmp_path, monkeypatch):

@@ -62,3 +62,29 @@ def test_demo_on_cuda_without_a_gpu_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--device", "cuda"])
     assert exit_info.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_every_width_is_warmed_up_before_any_step_peak_is_read(monkeypatch):
+    # On a GPU a width's first step tunes its launch configs (the candidates' buffers count in that step's
+    # peak): each width the demo measures must have run once before the first measured step.
+    import tritonquant.demo as demo
+    from tritonquant.models import SmallCNN, cnn_batch, cnn_loss
+
+    log = []
+    compress, step_peak = demo.compress, demo._step_peak
+
+    def logged_compress(bits):
+        log.append(bits)
+        return compress(bits=bits)
+
+    def logged_step_peak(step, device):
+        log.append("measure")
+        return step_peak(step, device)
+
+    monkeypatch.setattr(demo, "compress", logged_compress)
+    monkeypatch.setattr(demo, "_step_peak", logged_step_peak)
+    monkeypatch.setattr(demo, "_workloads", lambda device: {
+        "cnn (small)": (lambda: SmallCNN(width=8, blocks=1), cnn_loss, lambda step: cnn_batch(4, seed=step))})
+    demo.training_comparison(torch.device("cpu"), steps=1)
+    warm_up = log[:log.index("measure")]
+    assert sorted(warm_up) == sorted(demo.DEMO_BITS), log

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,25 @@ def test_gpu_suite_runs_every_stage_by_default_in_order():
     assert listed == defined
 
 
+def suite_stage_argv(stage: str) -> list[str]:
+    """The command gpu_suite.sh runs for ``stage``, as an argument list (its first line only)."""
+    script = (REPO / "benchmarks" / "gpu_suite.sh").read_text()
+    line = re.search(rf"^run_stage {stage} \d+ (.*)$", script, flags=re.MULTILINE).group(1)
+    return shlex.split(line.rstrip("\\"))
+
+
+def test_gpu_suite_demo_stage_does_not_autotune():
+    # On a GPU the demo's codec table would tune 12 keys (some 56 s of compiles): past its 60 s timeout.
+    assert suite_stage_argv("demo")[:4] == ["env", "TRITONQUANT_AUTOTUNE=0", "$PY", "-m"]
+
+
+def test_gpu_suite_tune_stage_tunes_what_the_measurements_use_in_their_order():
+    argv = suite_stage_argv("tune")
+    assert argv[:4] == ["$PY", "-m", "tritonquant", "tune"]
+    args = cli.build_parser().parse_args([a.replace("@BUDGET@", "30") for a in argv[3:]])
+    assert args.dtypes == ("bf16", "fp32") and args.bits == (4, 2, 8) and args.max_seconds == 30
+
+
 def make_python_without_tritonquant(root: Path) -> Path:
     """A venv that sees this interpreter's packages (torch, triton, tabulate) as plain paths, so no
     installed tritonquant (an editable install's .pth finder) comes along: as on the GPU machine."""
@@ -235,7 +255,7 @@ def test_gpu_suite_shim_stages_and_summary(tmp_path):
     assert "Autotuning needs a CUDA GPU" in (results / "logs" / "tune.log").read_text()
     summary_md = (results / "summary.md").read_text()
     assert "| tune | PASS |" in summary_md
-    assert "--max-seconds @BUDGET@" not in summary_md and "tune --max-seconds " in summary_md
+    assert "--max-seconds @BUDGET@" not in summary_md and re.search(r"tune [^`]*--max-seconds \d", summary_md)
     # The targets table reads what the stages wrote; here no bench or kernels stage ran.
     assert "## Against the targets" in summary_md and "bench.json missing or unreadable" in summary_md
     environment = json.loads((results / "env.json").read_text())
