@@ -89,7 +89,9 @@ def quantize(
     return quantize_with(x, config)
 
 
-STANDARDIZATIONS = (None, "channels", "tensor")
+STANDARDIZATIONS = (None, "channels", "shift")
+# standardize="shift": one (minimum, scale) pair for the whole tensor, mapping x to (x - 2) * 1 + 1 = x - 1.
+SHIFT_STATISTICS = (2.0, 1.0)
 
 
 def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize: str | None = None,
@@ -99,10 +101,12 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize: str | No
     ``standardize``: quantize ``(x - minimum) * (1 / scale) + 1`` instead of ``x``, with the statistics
     kept in ``PackedTensor.channels``; the kernels apply the map as they load and ``dequantize`` undoes
     it as it stores. "channels": per index of dimension 1 (``_channel_statistics``; ignored for tensors
-    of fewer than two dimensions). "tensor": one pair for the whole tensor, its minimum and scale 1
-    (``_tensor_statistics``). Zero is then not kept exact and signs are not kept, so the pack hook uses
-    it only where no backward reads them (``policy.standardization``: BatchNorm inputs at 1-2 bits,
-    probabilities, log-probabilities). Ignored for bool tensors.
+    of fewer than two dimensions). "shift": one fixed pair for the whole tensor, ``SHIFT_STATISTICS``,
+    for values at or below zero (log-probabilities): x - 1, at most -1, so every group is one-signed
+    without touching zero, and its grid counts down from its largest value, which decodes exactly. No
+    reduction, and each group's grid stays its own. Zero is then not kept exact and signs are not kept,
+    so the pack hook uses it only where no backward reads them (``policy.standardization``: BatchNorm
+    inputs at 1-2 bits, probabilities, log-probabilities). Ignored for bool tensors.
 
     ``stream``: for stochastic rounding with a seed, the stream of that seed to draw counters from, so
     that the tensors of one block do not share their random numbers; None: a seeded call starts at
@@ -118,8 +122,10 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize: str | No
     channels, channel_stride = None, 1
     if x.dtype != torch.bool and standardize == "channels" and stored.dim() >= 2:
         channels, channel_stride = _channel_statistics(stored), _channel_stride(stored)
-    elif x.dtype != torch.bool and standardize == "tensor" and stored.numel() > 0:
-        channels = _tensor_statistics(stored)
+    elif x.dtype != torch.bool and standardize == "shift":
+        # (Filled on the device: a tensor made from host data would be a synchronizing copy on CUDA.)
+        channels = torch.full((1, 2), SHIFT_STATISTICS[1], dtype=torch.float32, device=x.device)
+        channels[0, 0] = SHIFT_STATISTICS[0]
     # The launchers read ``stored`` as its run of memory (kernels.launch.flat_view); no flat view needed.
     with _on_device(x.device):
         if x.dtype == torch.bool:
@@ -168,19 +174,6 @@ def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.amin(x, dim=reduce_dims).float(), scale], dim=1)
 
 
-def _tensor_statistics(x: torch.Tensor) -> torch.Tensor:
-    """float32 [1, 2]: (minimum, 1) of the whole tensor, for ``quantize_with(standardize="tensor")``.
-
-    One shift maps every value to at least 1 (every group one-signed, so the plain [min, max] grid)
-    and keeps the order of all values, so each group's largest value is still its top level and
-    restores to within float32 rounding. (Per-channel statistics would reorder values across channels.)
-    The scale is 1: any positive scale gives the same grid, and the shift alone needs one reduction.
-    A tensor holding NaN or -Inf has a non-finite minimum: all of it restores as NaN.
-    """
-    minimum = torch.amin(x).float().reshape(1)
-    return torch.stack([minimum, torch.ones_like(minimum)], dim=1)
-
-
 def _channel_stride(x: torch.Tensor) -> int:
     """Elements between consecutive channels in the flat run of dense ``x``: element i of the run is
     in channel ``(i // stride) % C``."""
@@ -195,7 +188,7 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     backend = resolve_backend(backend, packed.device)
     device = packed.device
     out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=device)
-    # (One pair of statistics, "tensor" or a dimension 1 of size 1, is every element's: stride 1.)
+    # (One pair of statistics, "shift" or a dimension 1 of size 1, is every element's: stride 1.)
     channels = packed.channels
     channel_stride = _channel_stride(out) if channels is not None and channels.shape[0] > 1 else 1
     with _on_device(device):  # (``out`` is dense: the launchers write it as its run of memory)

@@ -23,7 +23,7 @@ class PackedTensor:
         bits, group_size, scheme, stochastic: the settings used (bool inputs: bits 1, scheme "bool").
         channels: float32 [C, 2] holding (minimum, scale) per index of dimension 1 when the tensor was
             standardized per channel before quantization (BatchNorm inputs at 1-2 bits and probabilities),
-            or [1, 2] holding (minimum, 1) for the whole tensor (log-probabilities; docs/format.md);
+            or [1, 2] holding (2, 1) for every element: log-probabilities, shifted to x - 1 (docs/format.md);
             restoring computes (decoded - 1) * scale + minimum. None otherwise.
     """
 

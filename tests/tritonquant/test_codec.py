@@ -311,7 +311,7 @@ def test_standardize_is_ignored_without_channels(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# standardize="tensor": one shift for the whole tensor (log-probabilities)
+# standardize="shift": one fixed shift for the whole tensor, x - 1 (log-probabilities)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -324,24 +324,25 @@ def confident_log_probs(dtype: torch.dtype = torch.float32, device="cpu", classe
     return torch.log_softmax(logits, dim=1).to(dtype).to(device)
 
 
-def test_tensor_standardization_matches_the_reference_bit_for_bit(device):
+def test_shift_matches_the_reference_bit_for_bit(device):
     x = confident_log_probs(device=device)
-    packed = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="torch"), standardize="tensor")
-    # Reference: the shift and the restore written out with plain torch.
-    minimum = x.amin()
-    inner = tq.quantize(x - minimum + 1, bits=4, group_size=64, backend="torch")
-    assert torch.equal(packed.channels, torch.stack([minimum, torch.tensor(1.0, device=device)]).view(1, 2))
+    packed = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="torch"), standardize="shift")
+    # Reference: the map and the restore written out with plain torch (each operation rounded to fp32).
+    inner = tq.quantize((x - 2.0) * 1.0 + 1.0, bits=4, group_size=64, backend="torch")
+    assert packed.channels.tolist() == [[2.0, 1.0]] and packed.channels.device == x.device
     assert torch.equal(packed.payload, inner.payload) and torch.equal(packed.meta, inner.meta)
-    assert torch.equal(tq.dequantize(packed), (tq.dequantize(inner) - 1) + minimum)
+    assert torch.equal(tq.dequantize(packed), (tq.dequantize(inner) - 1.0) * 1.0 + 2.0)
+    # Every group is at most -1: its base is its largest value, and its step counts down.
+    assert (packed.meta[:, 0] <= -1).all() and (packed.meta[:, 1] <= 0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "one-dim"])
-def test_tensor_standardization_backends_agree_bit_for_bit(layout, dtype, device):
+def test_shift_backends_agree_bit_for_bit(layout, dtype, device):
     x = confident_log_probs(dtype, device)
     x = {"contiguous": x, "transposed": x.t(), "one-dim": x.reshape(-1)}[layout]
-    a = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="triton"), standardize="tensor")
-    b = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="torch"), standardize="tensor")
+    a = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="triton"), standardize="shift")
+    b = quantize_with(x, QuantConfig(bits=4, group_size=64, backend="torch"), standardize="shift")
     assert a.channels.shape == (1, 2)
     assert torch.equal(a.payload, b.payload) and torch.equal(a.meta, b.meta) and torch.equal(a.channels, b.channels)
     ya, yb = tq.dequantize(a, backend="triton"), tq.dequantize(b, backend="torch")
@@ -349,30 +350,31 @@ def test_tensor_standardization_backends_agree_bit_for_bit(layout, dtype, device
 
 
 @pytest.mark.parametrize("bits", [4, 8], ids=lambda b: f"{b}bit")
-def test_tensor_standardization_keeps_near_certain_log_probs_near_zero(bits):
+def test_shift_keeps_near_certain_log_probs_near_zero(bits):
     # Plainly packed, a group holding an exact 0 counts away from it, and the sign rule moves every
-    # log-probability just below 0 one step down: exp of it is far from 1. Shifted, each group's largest
-    # value is its top level, and values near it stay near it.
+    # log-probability just below 0 one step down: exp of it is far from 1. Shifted, each group counts
+    # down from its largest value, and values near it stay near it.
     x = confident_log_probs()
     config = QuantConfig(bits=bits, backend="torch")
     near_certain = x[:, 0] > -1e-3  # p above 0.999
     winners = x[near_certain, 0]
     assert (winners == 0).any() and (winners < 0).any()
-    shifted = tq.dequantize(quantize_with(x, config, standardize="tensor"))[near_certain, 0]
+    shifted = tq.dequantize(quantize_with(x, config, standardize="shift"))[near_certain, 0]
     plain = tq.dequantize(quantize_with(x, config))[near_certain, 0]
     # Measured: p off by at most 0.001 shifted; by 0.91 (4 bits) and 0.13 (8 bits) plainly packed.
     assert (shifted.exp() - winners.exp()).abs().max() < 2e-3
     assert (plain.exp() - winners.exp()).abs().max() > 0.1
 
 
-def test_tensor_standardization_of_non_finite_and_empty_tensors(device):
-    x = confident_log_probs(device=device)
-    x[3, 7] = float("-inf")  # a masked class: every value now restores as NaN, so backward cannot miss it
-    assert tq.dequantize(quantize_with(x, QuantConfig(bits=4, backend="torch"), standardize="tensor")).isnan().all()
-    empty = quantize_with(torch.empty(0, 5, device=device), QuantConfig(bits=4, backend="torch"), standardize="tensor")
-    assert empty.channels is None and tq.dequantize(empty).shape == (0, 5)
+def test_shift_keeps_non_finite_values_to_their_groups_and_packs_empty_tensors(device):
+    x = confident_log_probs(device=device).reshape(-1)
+    x[7] = float("-inf")  # a masked class: its group restores as NaN, as plainly packed, and no other
+    y = tq.dequantize(quantize_with(x, QuantConfig(bits=4, group_size=64, backend="torch"), standardize="shift"))
+    assert y[:64].isnan().all() and y[64:].isfinite().all()
+    empty = quantize_with(torch.empty(0, 5, device=device), QuantConfig(bits=4, backend="torch"), standardize="shift")
+    assert tq.dequantize(empty).shape == (0, 5)
 
 
 def test_unknown_standardization_is_refused():
-    with pytest.raises(ValueError, match=r"standardize must be one of \(None, 'channels', 'tensor'\), got 'rows'"):
+    with pytest.raises(ValueError, match=r"standardize must be one of \(None, 'channels', 'shift'\), got 'rows'"):
         quantize_with(torch.randn(8), QuantConfig(bits=4, backend="torch"), standardize="rows")
