@@ -29,11 +29,11 @@ intermediate has requires_grad=False.)
 
 Probabilities (outputs of softmax and log_softmax, also after views and dropout: ``producer``) are
 packed with at least ``sensitive_bits`` bits (default 4) unless an override says otherwise
-(``is_sensitive``), and they are standardized first (``standardize_kind``: mapped to values of 1 or
-more, which the [min, max] grid packs with no sign rule): softmax outputs per channel; log_softmax
-outputs, all at or below 0, are shifted to -1 or less instead (one-signed groups that never touch zero). Most probabilities
-lie near zero, where the sign rule errs the most: every positive value below half a step comes back as
-the first level (the group's maximum / 15 at 4 bits), so a row of small probabilities comes back inflated, and backward reads them directly
+(``is_sensitive``), and they get the plain [min, max] grid, with no sign rule (``standardize_kind``):
+softmax outputs are standardized per channel to values of 1 or more, log_softmax outputs (all at or
+below 0) are shifted to -1 or less. Most probabilities lie near zero, where the sign rule errs the
+most: every positive value below half a step comes back as the first level (the group's maximum / 15
+at 4 bits), so a row of small probabilities comes back inflated, and backward reads them directly
 (softmax's backward, the gradient of V in attention). The plain grid fixes that at every width. The
 floor is for widths below 4: log-probabilities span tens of nats in a group while the loss's
 backward, exp(log p), needs the values near zero to a few hundredths, and probabilities at 2 bits
@@ -48,10 +48,10 @@ away from it: a log-probability just below zero (p = 0.9999) would be moved one 
 at 4 bits for a group spanning 20 nats, and backward's exp(log p) - 1 would then give every confident
 example the gradient of a wrong one (cross-entropy over 50 classes at margins of 12 to 30 nats:
 gradient error per example up to 0.91 at 4 bits and 0.13 at 8 in the rows with p between 0.999 and 1,
-against 0.001 shifted). Shifted by 1, x - 1, every group is at most -1:
-its grid counts down from its largest value, which decodes exactly, with no sign rule, and each group
-keeps its own grid. Per-channel statistics would not do: dimension 1 of a [N, classes] tensor is the
-class, and per-class maps reorder a row (at 4 bits, 64 rows of 4096 classes, class 0 ahead by 12 nats
+against 0.001 shifted). Shifted to x - 1, every group is at most -1: its grid counts down from its
+largest value, which decodes exactly, with no sign rule, and each group keeps its own grid.
+Per-channel statistics would not do: dimension 1 of a [N, classes] tensor is the class, and
+per-class maps reorder a row (at 4 bits, 64 rows of 4096 classes, class 0 ahead by 12 nats
 in every other row: largest per-example gradient error 1.5 with them, 0.04 shifted).
 What attention saves in its fused (flash) form, q, k, v, the output and the log-sum-exp, needs neither:
 with attention dropout off, CPU SDPA takes that path and uniform 4 bits ends at 2.394 +/- 0.020
@@ -148,8 +148,9 @@ def standardize_kind(t: torch.Tensor, module: nn.Module | None, made_by: str | N
     inside a BatchNorm module (its input), "probability" for a softmax output, "log-probability" for a
     log_softmax output (``producer``: also after views and dropout), else None.
 
-    Standardized values are all at least 1, so they get the plain [min, max] grid without the sign
-    rule. Probabilities and log-probabilities need that at every width (the module docstring says why,
+    Standardized values have one sign (at least 1; log-probabilities, shifted, at most -1), so they get
+    the plain [min, max] grid without the sign rule. Probabilities and log-probabilities need that at
+    every width (the module docstring says why,
     with the figures).
     """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
