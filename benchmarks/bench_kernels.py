@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-from tritonquant.bench import environment as shared_environment
+from tritonquant.bench import environment as shared_environment, write_atomically
 from tritonquant.kernels import autotune, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 
 GROUP = 256
@@ -444,15 +444,6 @@ def write_outputs(out_dir: Path, meta: dict, rows: list[dict], text: str) -> Non
     title = "# Kernel roofline (CPU figures)" if meta["device"] == "cpu" else "# Kernel roofline"
     write_atomically(out_dir / "bench_kernels.md", f"{title}\n\n{text}\n")
     write_atomically(out_dir / "bench_kernels.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Readers (the GPU suite's targets) see the old file or the new one, never half of one: the results
-    are rewritten after every row, and the stage's timeout may stop the run in the middle of a write.
-    The temporary file is in the same folder, so os.replace is a rename within one file system."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 if __name__ == "__main__":

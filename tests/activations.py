@@ -27,3 +27,13 @@ def activation_like(n: int, dtype: torch.dtype = torch.float32, group_size: int 
         start, stop = k * group_size, min((k + 1) * group_size, n)
         x[start:stop] = planted[(k // 2) % len(planted)](x[start:stop])
     return x.to(dtype).to(device)
+
+
+def confident_logits(rows: int = 48, classes: int = 50) -> torch.Tensor:
+    """[rows, classes] float32 logits whose class 0 wins every row by 12 to 30 nats: log_softmax of them
+    is exactly 0 (p rounds to 1) in some rows and just below 0 in others, as for a classifier that fits
+    its data."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, classes, generator=g) * 3
+    logits[:, 0] += torch.linspace(12, 30, rows)
+    return logits

@@ -505,9 +505,9 @@ def _write_results(results: list[dict], planned: list[tuple[str, int]], on_gpu: 
     if out:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(folder / "bench.json", json.dumps(
+        write_atomically(folder / "bench.json", json.dumps(
             {"env": env, "gpu": on_gpu, "planned": [list(cell) for cell in planned], "rows": results}, indent=2))
-        _write_atomically(folder / "bench.md",
+        write_atomically(folder / "bench.md",
             f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
             + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
         )
@@ -515,11 +515,12 @@ def _write_results(results: list[dict], planned: list[tuple[str, int]], on_gpu: 
             print(f"\nwrote {folder / 'bench.md'} and {folder / 'bench.json'}")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers (the GPU suite's targets) see the old file or the new one, never half of one: the results
-    are rewritten after every batch, and a time limit may stop the run in the middle of a write."""
+def write_atomically(path: Path, text: str) -> None:
+    """Readers (the GPU suite's targets) see the old file or the new one, never half of one: results are
+    rewritten after every batch or row, and a time limit may stop the run in the middle of a write. The
+    temporary file is in the same folder, so os.replace is a rename within one file system."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
+    partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
 
 

@@ -7,7 +7,7 @@ import tritonquant as tq
 from tritonquant import codec
 from tritonquant.codec import RandomStream, quantize_with
 from tritonquant.config import QuantConfig
-from tests.activations import activation_like
+from tests.activations import activation_like, confident_logits
 from tests.conftest import BACKENDS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -315,13 +315,9 @@ def test_standardize_is_ignored_without_channels(x):
 # ---------------------------------------------------------------------------------------------
 
 
-def confident_log_probs(dtype: torch.dtype = torch.float32, device="cpu", classes: int = 50) -> torch.Tensor:
-    """log_softmax of 48 rows whose class 0 wins by 12 to 30 nats: p rounds to 1 (log p exactly 0) in
-    some rows and lies just below 1 in others, as for a classifier that fits its data."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(48, classes, generator=g) * 3
-    logits[:, 0] += torch.linspace(12, 30, 48)
-    return torch.log_softmax(logits, dim=1).to(dtype).to(device)
+def confident_log_probs(dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    """log_softmax of ``confident_logits``: log p exactly 0 in some rows, just below 0 in others."""
+    return torch.log_softmax(confident_logits(), dim=1).to(dtype).to(device)
 
 
 def test_shift_matches_the_reference_bit_for_bit(device):

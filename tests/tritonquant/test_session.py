@@ -18,6 +18,7 @@ from tritonquant.config import QuantConfig
 from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive, narrow_index_dtype, standardize_kind
 from tritonquant.models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
+from tests.activations import confident_logits
 from tests.conftest import CPU_BACKENDS, HAS_CUDA
 
 BITS = (1, 2, 4, 8)
@@ -981,9 +982,7 @@ def test_confident_classifier_gradient_stays_close_inside_compress():
     group holding an exact 0 (p rounded to 1) moved it one step down, and every such well-fit example
     got the gradient of a wrong one (measured: per-example gradient error up to 0.91 at 4 bits and 0.13
     at 8, in exactly those rows)."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(48, 50, generator=g) * 3
-    logits[:, 0] += torch.linspace(12, 30, 48)  # class 0 wins every row, by 12 to 30 nats
+    logits = confident_logits()  # class 0 wins every row, by 12 to 30 nats
     target = torch.zeros(48, dtype=torch.long)
     exact = logits.clone().requires_grad_()
     F.cross_entropy(exact, target, reduction="sum").backward()
