@@ -718,7 +718,7 @@ def _torch_codes(x: torch.Tensor, grid: _TorchGrid, n: int, bits: int, stochasti
     upper = grid.upper + grid.upper_rise * (xs < 0).float() if signed else grid.upper
     code = torch.minimum(code, upper, out=code)
     code = code.to(torch.uint8)
-    code.view(-1)[n:] = 0  # the padding
+    code.view(-1)[n:].zero_()  # the padding (zero_, not `= 0`: that makes a tensor of host data)
     return code
 
 
@@ -733,7 +733,7 @@ def _torch_sigma_window(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     lo = torch.where(finite, lo, 0.0)
     hi = torch.where(finite, hi, 0.0)
     ok = x.isfinite()
-    ok.view(-1)[n:] = False
+    ok.view(-1)[n:].fill_(False)
     center = lo * 0.5 + hi * 0.5
     half = hi * 0.5 - lo * 0.5
     to_fixed = torch.where(half > 0, _exact_div(FIXED_POINT_SCALE, half.clamp(min=_TINY_RANGE)), 0.0)

@@ -123,9 +123,12 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize: str | No
     if x.dtype != torch.bool and standardize == "channels" and stored.dim() >= 2:
         channels, channel_stride = _channel_statistics(stored), _channel_stride(stored)
     elif x.dtype != torch.bool and standardize == "shift":
-        # (Filled on the device: a tensor made from host data would be a synchronizing copy on CUDA.)
-        channels = torch.full((1, 2), SHIFT_STATISTICS[1], dtype=torch.float32, device=x.device)
-        channels[0, 0] = SHIFT_STATISTICS[0]
+        # Filled on the device by fill_, whose value travels as a kernel argument. A tensor made from host
+        # data (torch.tensor, or ``channels[0, 0] = 2.0``) would be a copy from pageable host memory:
+        # a synchronization on CUDA, and an error inside CUDA graph capture.
+        channels = torch.empty((1, 2), dtype=torch.float32, device=x.device)
+        for column, value in enumerate(SHIFT_STATISTICS):
+            channels[:, column].fill_(value)
     # The launchers read ``stored`` as its run of memory (kernels.launch.flat_view); no flat view needed.
     with _on_device(x.device):
         if x.dtype == torch.bool:

@@ -1132,7 +1132,9 @@ class _SyncRecorder(TorchDispatchMode):
     """Counts the ops that make the host wait for a CUDA device (their result decides a host value or
     an output size), so a CPU run can check the pack and unpack paths for them. A copy from the device
     to the host synchronizes too; on the CPU it cannot be told from any other copy, so the GPU test
-    (test_session_gpu.py) remains the check for those."""
+    (test_session_gpu.py) remains the check for those. A tensor made from host data (``torch.tensor``,
+    or ``t[i] = 2.0``, which makes a tensor of the scalar) is counted too: on CUDA it is a copy from
+    pageable host memory, and one that a CUDA graph cannot capture."""
 
     SYNCHRONIZING = {
         torch.ops.aten._local_scalar_dense.default,  # .item(), bool(t), int(t), float(t)
@@ -1144,6 +1146,7 @@ class _SyncRecorder(TorchDispatchMode):
         torch.ops.aten._unique2.default,
         torch.ops.aten.unique_consecutive.default,
         torch.ops.aten.unique_dim.default,
+        torch.ops.aten.lift_fresh.default,  # a tensor of host data, to be copied to the device
     }
     # Indexing with a bool mask finds the mask's nonzeros (inside the op, where this mode does not see).
     MASK_INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default}
@@ -1172,7 +1175,8 @@ def test_the_sync_recorder_sees_host_reads_and_mask_indexing():
         bool(x.max() > 0)
         x[x > 0]
         torch.nonzero(x)
-    assert recorder.calls["aten._local_scalar_dense.default"] == 2
+        x[0] = 2.0
+    assert recorder.calls["aten._local_scalar_dense.default"] == 2 and recorder.calls["aten.lift_fresh.default"] == 1
     assert recorder.calls["aten.index.Tensor"] == 1 and recorder.calls["aten.nonzero.default"] == 1
 
 
