@@ -1,18 +1,20 @@
 """Max-pooling indices stored exactly as positions inside their pooling window.
 
 ``nn.MaxPool1d/2d/3d`` saves, for each output element, the int64 flat position of its maximum in the
-(n, c) plane of the input. That position always lies inside the output element's window (PyTorch's CPU
-and CUDA kernels start from the window's first in-bounds position and only move to larger values inside
-it), so it is fully described by its place in the window: one of ``prod(kernel_size)`` values, 9 for a
-3x3 pool. Stored in the fewest of 1, 2, 4 or 8 bits that hold that many values and packed several to a
-byte, ResNet-50's stem pool keeps its indices in 4 bits each instead of 64 (6.4 MB instead of 103 MB at
-batch 64). The encoding uses only the module's settings and the input's shape, never the
+(n, c) plane of the input. That position lies inside the output element's window, with one exception:
+CUDA's kernel for channels-last inputs starts each window at position 0 of the plane with the value
+-inf, and keeps that index where no value beats -inf (a window of -inf only). So an index is fully
+described by its place in the window, one of ``prod(kernel_size)`` values (9 for a 3x3 pool), or by one
+more code, ``prod(kernel_size)``, for "position 0 of the plane, outside the window". Stored in the
+fewest of 1, 2, 4 or 8 bits that hold that many codes and packed several to a byte, ResNet-50's stem
+pool keeps its indices in 4 bits each instead of 64 (6.4 MB instead of 103 MB at batch 64). The encoding uses only the module's settings and the input's shape, never the
 values, so it needs no host synchronization; decoding reverses it exactly.
 
 Layout of the packed codes: the window positions, in the logical (row-major) order of the index
 tensor, ``8 // bits`` to a byte, the first in the lowest bits; the last byte padded with zeros. A
 window position is ``sum_d k_d * prod(kernel[d+1:])``, where ``k_d`` is the position's step along
-spatial dimension d, counted in dilations from the window's start ``o_d * stride_d - padding_d``.
+spatial dimension d, counted in dilations from the window's start ``o_d * stride_d - padding_d``; an
+index outside its window (only ever 0, see above) is stored as ``OUTSIDE`` = ``prod(kernel_size)``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch import nn
 
 from .kernels.bitpack import torch_pack_codes, torch_unpack_codes
 
-# Window sizes up to 256 positions fit a byte; larger windows keep the int16/int32 narrowing.
+# Windows of up to 255 positions (and the code for "outside") fit a byte; larger windows keep the
+# int16/int32 narrowing.
 CODE_BITS = (1, 2, 4, 8)
 _MAX_POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 
@@ -44,16 +47,20 @@ class PoolWindows:
     dilation: tuple[int, ...]
 
     @property
+    def outside(self) -> int:
+        """The code of an index outside its window (position 0 of the plane): one past the last position."""
+        return math.prod(self.kernel_size)
+
+    @property
     def bits(self) -> int:
-        """Bits per stored window position: the fewest of CODE_BITS holding prod(kernel_size) values."""
-        positions = math.prod(self.kernel_size)
-        return next(b for b in CODE_BITS if positions <= 1 << b)
+        """Bits per stored code: the fewest of CODE_BITS holding the window's positions and ``outside``."""
+        return next(b for b in CODE_BITS if self.outside < 1 << b)
 
 
 def pool_windows(module: nn.Module, input_shape: torch.Size | None) -> PoolWindows | None:
     """The windows of an exact ``nn.MaxPool1d/2d/3d`` applied to an input of ``input_shape``; None for
     any other module (adaptive pools have windows of varying size), an unknown shape, or a window of
-    more than 256 positions."""
+    more than 255 positions."""
     dims = _MAX_POOL_DIMS.get(type(module))
     if dims is None or input_shape is None or len(input_shape) < dims + 1:
         return None
@@ -65,7 +72,7 @@ def pool_windows(module: nn.Module, input_shape: torch.Size | None) -> PoolWindo
     windows = PoolWindows(tuple(input_shape[-dims:]), per_dim(module.kernel_size), per_dim(stride),
                           per_dim(module.padding), per_dim(module.dilation))
     # (encode computes in int32: planes of more than 2**31 positions keep the int64 indices' narrowing)
-    if math.prod(windows.kernel_size) > 1 << CODE_BITS[-1] or math.prod(windows.input_sizes) > 2**31:
+    if windows.outside >= 1 << CODE_BITS[-1] or math.prod(windows.input_sizes) > 2**31:
         return None
     return windows
 
@@ -86,15 +93,19 @@ def encode(indices: torch.Tensor, windows: PoolWindows) -> torch.Tensor:
     out_sizes = tuple(indices.shape[-dims:])
     position = indices.to(torch.int32)  # (a plane of more than 2**31 positions is not pooled in practice)
     local = torch.zeros_like(position)
+    inside = torch.ones_like(position, dtype=torch.bool)
     # Innermost dimension first: peel each coordinate off the flat position.
     starts = _window_starts(windows, out_sizes, indices.device)
     for d in reversed(range(dims)):
         coordinate = position % windows.input_sizes[d]
         position = position // windows.input_sizes[d]
-        step = coordinate - starts[d]
+        offset = coordinate - starts[d]
+        step = offset // windows.dilation[d] if windows.dilation[d] != 1 else offset
+        inside &= (offset >= 0) & (step < windows.kernel_size[d])
         if windows.dilation[d] != 1:
-            step = step // windows.dilation[d]
+            inside &= offset % windows.dilation[d] == 0
         local += step * math.prod(windows.kernel_size[d + 1:])
+    local = torch.where(inside, local, windows.outside)
     return _pack_codes(local.to(torch.uint8).reshape(-1), windows.bits)
 
 
@@ -108,6 +119,7 @@ def decode(codes: torch.Tensor, windows: PoolWindows, shape: torch.Size, stride:
         inner = math.prod(windows.kernel_size[d + 1:])
         step = (local // inner) % windows.kernel_size[d]
         position = position * windows.input_sizes[d] + (starts[d] + step * windows.dilation[d])
+    position = torch.where(local == windows.outside, 0, position)
     if position.stride() != tuple(stride):
         position = torch.empty_strided(shape, stride, dtype=torch.int64, device=codes.device).copy_(position)
     return position

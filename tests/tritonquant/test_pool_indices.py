@@ -17,7 +17,7 @@ POOLS = {
     "2d-unbatched": (nn.MaxPool2d(3, 2, 1), (4, 13, 13)),
     "3d-k2": (nn.MaxPool3d(2), (1, 2, 6, 8, 8)),
     "3d-k3-s2-p1": (nn.MaxPool3d(3, 2, 1), (1, 2, 7, 9, 8)),
-    "2d-k16": (nn.MaxPool2d(16), (1, 1, 32, 32)),  # 256 positions: the most 8 bits hold
+    "2d-k15x17": (nn.MaxPool2d((15, 17)), (1, 1, 30, 34)),  # 255 positions and "outside": the most 8 bits hold
 }
 
 
@@ -47,6 +47,18 @@ def test_window_positions_restore_the_indices_exactly(name, values):
     assert restored.dtype == torch.int64 and torch.equal(restored, indices)
 
 
+@pytest.mark.parametrize("name", POOLS)
+def test_index_zero_outside_its_window_restores_exactly(name):
+    # CUDA's channels-last kernel starts every window at position 0 of the plane with the value -inf, so
+    # a window of -inf only keeps index 0, outside most windows (seen on an H200, torch 2.11). No CPU
+    # kernel does this: the indices are made here as that kernel makes them for an input of -inf.
+    pool, shape = POOLS[name]
+    indices = torch.zeros_like(indices_of(pool, torch.randn(shape)))
+    windows = pool_windows(pool, torch.Size(shape))
+    restored = decode(encode(indices, windows), windows, indices.shape, indices.stride())
+    assert torch.equal(restored, indices)
+
+
 def test_channels_last_indices_keep_their_strides():
     pool = nn.MaxPool2d(3, 2, 1)
     x = torch.randn(2, 8, 15, 15).to(memory_format=torch.channels_last)
@@ -57,16 +69,17 @@ def test_channels_last_indices_keep_their_strides():
     assert restored.stride() == indices.stride() and torch.equal(restored, indices)
 
 
-@pytest.mark.parametrize("kernel, bits", [(2, 1), ((2, 2), 2), (3, 4), ((4, 4), 4), ((4, 5), 8), (16, 8)],
-                         ids=["2", "2x2", "3x3", "4x4", "4x5", "16x16"])
-def test_bits_are_the_fewest_that_hold_every_window_position(kernel, bits):
+@pytest.mark.parametrize("kernel, bits", [(2, 2), ((1, 3), 2), ((2, 2), 4), (3, 4), ((3, 5), 4), ((4, 4), 8),
+                                          ((15, 17), 8)],
+                         ids=["2", "1x3", "2x2", "3x3", "3x5", "4x4", "15x17"])
+def test_bits_are_the_fewest_that_hold_every_window_position_and_outside(kernel, bits):
     pool = nn.MaxPool1d(kernel) if isinstance(kernel, int) and kernel == 2 else nn.MaxPool2d(kernel)
     shape = (1, 1, 64) if isinstance(pool, nn.MaxPool1d) else (1, 1, 64, 64)
     assert pool_windows(pool, torch.Size(shape)).bits == bits
 
 
 def test_other_modules_and_large_windows_are_not_encoded():
-    assert pool_windows(nn.MaxPool2d(17), torch.Size((1, 1, 64, 64))) is None  # 289 positions
+    assert pool_windows(nn.MaxPool2d(16), torch.Size((1, 1, 64, 64))) is None  # 256 positions and "outside"
     assert pool_windows(nn.AdaptiveMaxPool2d(3), torch.Size((1, 1, 64, 64))) is None
     assert pool_windows(nn.MaxPool2d(2), None) is None
     assert pool_windows(nn.Linear(2, 2), torch.Size((1, 1, 64, 64))) is None
@@ -92,3 +105,13 @@ def test_window_position_layout_golden():
     # (0, 1) starts at (-1, 1): index 2 = (0, 2) is position (1, 1) = 4; (1, 0) starts at (1, -1):
     # index 8 = (2, 0) is position (1, 1) = 4.
     assert encode(indices, windows).tolist() == [0x44, 0x74]
+
+
+def test_outside_code_layout_golden():
+    # A 2x2 window, stride 2, on a 4x4 plane: index 0 lies in output (0, 0)'s window (position 0) and
+    # outside the other three, whose code is then 4 (the window's 4 positions, then "outside").
+    windows = PoolWindows((4, 4), (2, 2), (2, 2), (0, 0), (1, 1))
+    indices = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
+    codes = encode(indices, windows)
+    assert windows.bits == 4 and codes.tolist() == [0x40, 0x44]
+    assert torch.equal(decode(codes, windows, indices.shape, indices.stride()), indices)

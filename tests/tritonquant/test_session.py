@@ -1059,9 +1059,9 @@ class _MaxPoolSubclass(nn.MaxPool2d):
 
 
 @pytest.mark.parametrize("pool, shape, bits", [
-    (nn.MaxPool2d(3, 2, 1, return_indices=False), (4, 8, 32, 32), 4),  # 9 window positions: 4 bits
-    (nn.MaxPool2d(2), (2, 3, 200, 200), 2),
-    (nn.MaxPool1d(4), (4, 8, 1024), 2),
+    (nn.MaxPool2d(3, 2, 1, return_indices=False), (4, 8, 32, 32), 4),  # 9 window positions, "outside": 4 bits
+    (nn.MaxPool2d(2), (2, 3, 200, 200), 4),
+    (nn.MaxPool1d(4), (4, 8, 1024), 4),
     (nn.MaxPool3d(2), (2, 4, 8, 16, 16), 4),
     (nn.MaxPool2d(17, 16), (2, 4, 64, 64), 16),  # 289 window positions: int16
     (nn.AdaptiveMaxPool2d((5, 7)), (4, 8, 30, 28), 16),  # windows of varying size: int16

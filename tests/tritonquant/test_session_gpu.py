@@ -132,8 +132,8 @@ def test_autocast_weight_casts_are_not_held_between_forward_and_backward():
 ], ids=["resnet-stem", "dilated-ceil", "2x2"])
 def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kernel, stride, padding, dilation,
                                                                      ceil_mode, channels_last):
-    # pool_indices relies on each index lying inside its window, which CUDA's kernel must honour too
-    # (ties, -inf windows and NaN included).
+    # pool_indices relies on each index lying inside its window, or being 0: CUDA's channels-last kernel
+    # keeps index 0 for a window of -inf only, outside most windows (ties and NaN included).
     from torch import nn
 
     from tritonquant.pool_indices import decode, encode, pool_windows
