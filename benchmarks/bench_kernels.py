@@ -13,7 +13,10 @@ statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as softmax ou
 GB/s counts the bytes a kernel must move: quantize reads the input and writes codes plus 8 bytes of
 (base, step) per group of 256; dequantize reads those and writes the output. "%copy" divides by the
 bandwidth of ``dst.copy_(src)`` on a large buffer (read + write) measured in the same run, so it is
-the fraction of the achievable memory roofline. GPU times are medians of triton.testing.do_bench.
+the fraction of the achievable memory roofline. Below the largest sizes a copy does not reach that
+bandwidth either, so each row also times a copy that moves the row's own bytes, and "triton %copy,
+same bytes" divides the tuned kernel's rate by that copy's. GPU times are medians of
+triton.testing.do_bench.
 With --quick, torch.compile runs for 4-bit rows only (each compile costs tens of seconds); it is not
 run for standardized rows.
 
@@ -135,6 +138,7 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
     meta["copy_buffer_mib"] = copy_bytes // MIB
     meta["copy_gbps"] = 2 * copy_bytes / (copy_ms * 1e6)
     copy_gbps = meta["copy_gbps"]
+    same_size_copies: dict[int, float] = {}  # traffic bytes -> GB/s of a copy moving that many
 
     def inputs(row: dict):
         """(x, payload, meta, out, channel statistics or None) for one row."""
@@ -187,6 +191,7 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
         for impl in ("triton", "heuristic", "torch"):
             record(row, impl, copy_gbps, lambda: gpu_ms(fns[impl]))
         x = payload = meta_ = out = channels = fns = None  # freed before the next row's buffers
+        record_same_size_copy(row, device, same_size_copies)  # (after: it allocates as much again)
         torch.cuda.empty_cache()
         # After every row: a row that tunes a new setting can run past the stage's time limit, and the
         # SIGINT that stops it must not take the rows already measured with it.
@@ -354,6 +359,25 @@ def record(row: dict, impl: str, copy_gbps: float, time_ms: Callable[[], float])
     row[f"{impl}_frac"] = gbps / copy_gbps
 
 
+def record_same_size_copy(row: dict, device: torch.device, cache: dict[int, float]) -> None:
+    """Time ``dst.copy_(src)`` moving the row's traffic bytes (half read, half written; once per
+    distinct size, kept in ``cache``) and, when the Triton row was measured, its rate as a fraction of
+    that copy's: the roofline at this size rather than at the largest."""
+    n_bytes = row["traffic_bytes"]
+    if n_bytes not in cache:
+        elements = max(1, n_bytes // 8)  # float32: 4 bytes read and 4 written per element
+        try:
+            src = torch.ones(elements, dtype=torch.float32, device=device)  # touched pages, not a zero page
+            dst = torch.empty_like(src)
+            cache[n_bytes] = 8 * elements / (gpu_ms(lambda: dst.copy_(src)) * 1e6)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the row keeps its other figures
+            mark_skipped(row, ("size_copy",), short_error(exc))
+            return
+    row["size_copy_gbps"] = cache[n_bytes]
+    if "triton_gbps" in row:
+        row["triton_frac_of_size_copy"] = row["triton_gbps"] / cache[n_bytes]
+
+
 def mark_skipped(row: dict, impls, reason: str) -> None:
     for impl in impls:
         row.setdefault(f"{impl}_error", reason)
@@ -392,6 +416,8 @@ def table(rows: list[dict], ran: tuple[str, ...]) -> str:
         headers.append("config")
     for impl in ran:
         headers += [f"{impl} GB/s", f"{impl} %copy"]
+        if impl == "triton":
+            headers.append("triton %copy, same bytes")
     lines = []
     for row in rows:
         line = [row["kind"] + (", standardized" if row.get("standardized") else ""), row["dtype"], str(row["bits"]),
@@ -405,6 +431,9 @@ def table(rows: list[dict], ran: tuple[str, ...]) -> str:
                 line += [number(row[f"{impl}_gbps"]) + static, f"{100 * row[f'{impl}_frac']:.1f}%"]
             else:
                 line += [row.get(f"{impl}_error", ""), ""]
+            if impl == "triton":
+                same = row.get("triton_frac_of_size_copy")
+                line.append(f"{100 * same:.1f}%" if same is not None else row.get("size_copy_error", ""))
         lines.append(line)
     return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
 

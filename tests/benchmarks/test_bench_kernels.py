@@ -146,3 +146,37 @@ def test_a_gpu_run_with_a_triton_row_exits_0_and_writes_its_files_whole(bench_ke
     assert {target.name for _, target in replaced} == {"bench_kernels.md", "bench_kernels.json"}
     assert all(source.parent == target.parent == tmp_path and source != target for source, target in replaced)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_kernels.json", "bench_kernels.md"]
+
+
+def test_each_row_is_also_measured_against_a_copy_of_its_own_bytes(bench_kernels, monkeypatch):
+    timed = []
+    monkeypatch.setattr(bench_kernels, "gpu_ms", lambda fn: (fn(), timed.append(fn), 0.5)[2])
+    quantize = bench_kernels.new_row("quantize", "bf16", 4, 1 << 20)
+    dequantize = bench_kernels.new_row("dequantize", "bf16", 4, 1 << 20)  # the same bytes moved
+    assert quantize["traffic_bytes"] == dequantize["traffic_bytes"]
+    bench_kernels.record(quantize, "triton", 1000.0, lambda: 2.0)
+    cache = {}
+    for row in (quantize, dequantize):
+        bench_kernels.record_same_size_copy(row, torch.device("cpu"), cache)
+    assert len(timed) == 1, "one copy per distinct size"
+    copy_gbps = 8 * (quantize["traffic_bytes"] // 8) / 0.5e6
+    assert dequantize["size_copy_gbps"] == quantize["size_copy_gbps"] == pytest.approx(copy_gbps)
+    assert quantize["triton_frac_of_size_copy"] == pytest.approx(quantize["triton_gbps"] / copy_gbps)
+    assert "triton_frac_of_size_copy" not in dequantize, "no Triton figure to compare"
+    lines = bench_kernels.table([quantize, dequantize], bench_kernels.IMPLS).splitlines()
+    column = [cell.strip() for cell in lines[0].split("|")].index("triton %copy, same bytes")
+    assert lines[2].split("|")[column].strip() == f"{100 * quantize['triton_frac_of_size_copy']:.1f}%"
+    assert lines[3].split("|")[column].strip() == ""
+
+
+def test_a_copy_that_fails_leaves_the_row_its_other_figures(bench_kernels, monkeypatch):
+    def out_of_memory(fn):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench_kernels, "gpu_ms", out_of_memory)
+    row = bench_kernels.new_row("quantize", "fp32", 8, 1 << 20)
+    bench_kernels.record(row, "triton", 1000.0, lambda: 2.0)
+    bench_kernels.record_same_size_copy(row, torch.device("cpu"), {})
+    assert "triton_gbps" in row and "size_copy_gbps" not in row
+    assert row["size_copy_error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert "OutOfMemoryError" in bench_kernels.table([row], bench_kernels.IMPLS)
