@@ -23,7 +23,8 @@ by piece, so each change to the pack path can be judged by a number.
 2. One training step of ResNet-50 (bf16 autocast, batch 32, 224 px) under compress(bits=4), after two
    warm-up steps, beside exact training, compress() with nothing to pack (its hooks and bookkeeping
    alone) and compress(bits=4) with every launch through Triton's dispatch: host time to issue
-   forward + backward against the GPU time of the step (CUDA events), the calls in one step that make
+   forward + backward against the GPU time of the step (CUDA events; medians of STEP_ROUNDS steps each,
+   the contexts taken in turn), the calls in one step that make
    the host wait for the GPU (synchronizations, cudaMalloc, cudaFree), the CUDA time of tritonquant's
    kernels against all kernels (torch.profiler), and a cProfile of three steps (the 25 functions with
    the most own time).
@@ -60,6 +61,7 @@ from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss
 SMALL_ELEMENTS = 1 << 16
 CHAIN_LENGTH = 200
 ROUNDS, CALLS = 5, 200
+STEP_ROUNDS = 5  # timed steps per context, medians reported
 OUR_KERNELS = ("_quantize_kernel", "_dequantize_kernel", "_pack_bool_kernel", "_unpack_bool_kernel")
 
 
@@ -248,13 +250,15 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
                 loss = cnn_loss(model, batch)
             loss.backward()
 
-    rows = []
-    for name in contexts:
+    for name in contexts:  # warm-up: compiles, the allocator's pools
         for _ in range(2):
             step(name)
-        synchronize(device)
-        hosts, gpus = [], []
-        for _ in range(3):
+    synchronize(device)
+    hosts, gpus = {name: [] for name in contexts}, {name: [] for name in contexts}
+    # Round-robin over the contexts: the GPU machine's host speed drifted by up to 40% between two runs,
+    # and taking every context's steps in turn spreads any drift within a run over all of them.
+    for _ in range(STEP_ROUNDS):
+        for name in contexts:
             if on_gpu:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -264,10 +268,12 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
             if on_gpu:
                 end.record()
             synchronize(device)
-            hosts.append(host_ms)
-            gpus.append(start.elapsed_time(end) if on_gpu else float("nan"))
-        rows.append([f"ResNet-50 step, {name}: host ms to issue", f"{statistics.median(hosts):.1f}"])
-        rows.append([f"ResNet-50 step, {name}: step ms (events)", f"{statistics.median(gpus):.1f}"])
+            hosts[name].append(host_ms)
+            gpus[name].append(start.elapsed_time(end) if on_gpu else float("nan"))
+    rows = []
+    for name in contexts:
+        rows.append([f"ResNet-50 step, {name}: host ms to issue", f"{statistics.median(hosts[name]):.1f}"])
+        rows.append([f"ResNet-50 step, {name}: step ms (events)", f"{statistics.median(gpus[name]):.1f}"])
         if on_gpu:
             syncs, mallocs, frees = gpu_waits(lambda: step(name))
             rows.append([f"ResNet-50 step, {name}: synchronizing calls / cudaMalloc / cudaFree",
