@@ -54,7 +54,9 @@ def test_a_compressed_step_never_waits_for_the_gpu(bits, monkeypatch):
     # issue time in series with the GPU's, a cost that grows with the number of saved tensors, not
     # with their size. torch's sync debug mode raises at any synchronizing call (copies to the host,
     # .item(), stream and device synchronizations), so the step fails at the first one.
-    # (Tuning at first use times kernels, which synchronizes by design: off here.)
+    # (Tuning at first use times kernels, which synchronizes by design: off here.) min_bytes=0: small
+    # saves take the packing paths too; at this size the loss's log-softmax output (2 x 10 values, packed
+    # with a fixed shift) would otherwise be kept, and its packing once copied a scalar from the host.
     monkeypatch.setenv("TRITONQUANT_AUTOTUNE", "0")
     torch.manual_seed(0)
     model = ResNet50Like(classes=10).cuda()  # packed, reused, recast, kept and max-pool index saves
@@ -62,7 +64,7 @@ def test_a_compressed_step_never_waits_for_the_gpu(bits, monkeypatch):
 
     def step(compressed: bool) -> None:
         model.zero_grad(set_to_none=True)
-        with tq.compress(bits=bits) if compressed else contextlib.nullcontext():
+        with tq.compress(bits=bits, min_bytes=0) if compressed else contextlib.nullcontext():
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = cnn_loss(model, batch)
         loss.backward()
