@@ -13,7 +13,7 @@ statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as softmax ou
 GB/s counts the bytes a kernel must move: quantize reads the input and writes codes plus 8 bytes of
 (base, step) per group of 256; dequantize reads those and writes the output. "%copy" divides by the
 bandwidth of ``dst.copy_(src)`` on a large buffer (read + write) measured in the same run, so it is
-the fraction of the achievable memory roofline. Below the largest sizes a copy does not reach that
+the fraction of the achievable memory roofline. Below the largest sizes a copy need not reach that
 bandwidth either, so each row also times a copy that moves the row's own bytes, and "triton %copy,
 same bytes" divides the tuned kernel's rate by that copy's. GPU times are medians of
 triton.testing.do_bench.

@@ -7,14 +7,16 @@ CUDA's kernel for channels-last inputs starts each window at position 0 of the p
 described by its place in the window, one of ``prod(kernel_size)`` values (9 for a 3x3 pool), or by one
 more code, ``prod(kernel_size)``, for "position 0 of the plane, outside the window". Stored in the
 fewest of 1, 2, 4 or 8 bits that hold that many codes and packed several to a byte, ResNet-50's stem
-pool keeps its indices in 4 bits each instead of 64 (6.4 MB instead of 103 MB at batch 64). The encoding uses only the module's settings and the input's shape, never the
-values, so it needs no host synchronization; decoding reverses it exactly.
+pool keeps its indices in 4 bits each instead of 64 (6.4 MB instead of 103 MB at batch 64). The
+encoding uses only the module's settings and the input's shape, never the values, so it needs no host
+synchronization; decoding reverses it exactly.
 
 Layout of the packed codes: the window positions, in the logical (row-major) order of the index
 tensor, ``8 // bits`` to a byte, the first in the lowest bits; the last byte padded with zeros. A
 window position is ``sum_d k_d * prod(kernel[d+1:])``, where ``k_d`` is the position's step along
 spatial dimension d, counted in dilations from the window's start ``o_d * stride_d - padding_d``; an
-index outside its window (only ever 0, see above) is stored as ``OUTSIDE`` = ``prod(kernel_size)``.
+index outside its window (only ever 0, see above) is stored as ``PoolWindows.outside``, which is
+``prod(kernel_size)``.
 """
 
 from __future__ import annotations
