@@ -255,7 +255,7 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
             step(name)
     synchronize(device)
     hosts, gpus = {name: [] for name in contexts}, {name: [] for name in contexts}
-    # Round-robin over the contexts: the GPU machine's host speed drifted by up to 40% between two runs,
+    # Round-robin over the contexts: the GPU machine's host timings moved by up to 1.9x between two runs,
     # and taking every context's steps in turn spreads any drift within a run over all of them.
     for _ in range(STEP_ROUNDS):
         for name in contexts:
