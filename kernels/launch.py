@@ -8,6 +8,8 @@ last bit. The quantize/dequantize launchers get their tile from ``kernels/autotu
 candidates per GPU and falls back to ``default_group_tile`` when tuning is off or not worth it.
 """
 
+import itertools
+import operator
 import os
 
 import torch
@@ -127,6 +129,10 @@ class KernelLauncher:
             if isinstance(kernel, JITFunction):
                 params = kernel.params
                 self.constexpr_names = tuple(p.name for p in params if p.is_constexpr)
+                # The constexpr values in declaration order, read from the dict in one C call.
+                names = self.constexpr_names
+                getter = operator.itemgetter(*names) if names else (lambda constexprs: ())
+                self._constexpr_values = getter if len(names) != 1 else (lambda constexprs: (getter(constexprs),))
                 runtime = [p for p in params if not p.is_constexpr]
                 if [p.name for p in params] != [*(p.name for p in runtime), *self.constexpr_names]:
                     raise TypeError(f"{kernel.__name__}: runtime parameters must come before the constexprs")
@@ -135,6 +141,8 @@ class KernelLauncher:
                 self._specialize_flags = tuple(
                     (not getattr(p, "do_not_specialize", False), not getattr(p, "do_not_specialize_on_alignment", False))
                     for p in runtime)
+                self._value_flags = tuple(value for value, _ in self._specialize_flags)
+                self._align_flags = tuple(align for _, align in self._specialize_flags)
                 self._direct = True
         except Exception as exc:  # noqa: BLE001 - an unfamiliar Triton: keep its own dispatch
             _warn_no_direct_launch(exc)
@@ -173,9 +181,11 @@ class KernelLauncher:
         if len(args) != len(self._specialize_flags):  # (the dispatch reports it)
             return None
         try:
-            values = tuple(constexprs[name] for name in self.constexpr_names)
-            specialization = tuple(specialize(backend, arg, False, value, align)
-                                   for arg, (value, align) in zip(args, self._specialize_flags))
+            values = self._constexpr_values(constexprs)
+            # (map rather than a generator: this runs once per launch, and a generator's frame per
+            # argument costs as much as the C call it wraps.)
+            specialization = tuple(map(specialize, itertools.repeat(backend), args, itertools.repeat(False),
+                                       self._value_flags, self._align_flags))
         except (KeyError, TypeError):  # arguments the dispatch will report properly
             return None
         return get_device(), num_warps, values, specialization

@@ -115,46 +115,46 @@ def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize: str | No
     if standardize not in STANDARDIZATIONS:
         raise ValueError(f"standardize must be one of {STANDARDIZATIONS}, got {standardize!r}")
     _check_input(x)
-    backend = resolve_backend(config.backend, x.device)
-    # Detached: the torch backend's arithmetic must not be recorded by autograd (nor saved again).
-    x = x.detach()
+    return quantize_checked(x, config, standardize=standardize, stream=stream)
+
+
+def quantize_checked(x: torch.Tensor, config: QuantConfig, *, standardize: str | None = None,
+                     stream: RandomStream | None = None) -> PackedTensor:
+    """``quantize_with`` without checking ``x`` and ``standardize``, for callers that already have: the
+    pack hook (``policy.pass_reason`` admits only plain strided float and bool tensors on CPU or CUDA,
+    ``policy.standardization`` names a valid ``standardize``). It runs once per saved tensor."""
+    device, dtype = x.device, x.dtype
+    backend = resolve_backend(config.backend, device)
+    standardize = standardize if dtype != torch.bool else None
+    if backend == "torch" or standardize == "channels":
+        # The torch backend's arithmetic, and the channel statistics, must not be recorded by autograd
+        # (nor saved again). The Triton kernels only read ``x``'s memory.
+        x = x.detach()
     stored = _dense_layout(x)
     channels, channel_stride = None, 1
-    if x.dtype != torch.bool and standardize == "channels" and stored.dim() >= 2:
+    if standardize == "channels" and stored.dim() >= 2:
         channels, channel_stride = _channel_statistics(stored), _channel_stride(stored)
-    elif x.dtype != torch.bool and standardize == "shift":
+    elif standardize == "shift":
         # Filled on the device by fill_, whose value travels as a kernel argument. A tensor made from host
         # data (torch.tensor, or ``channels[0, 0] = 2.0``) would be a copy from pageable host memory:
         # a synchronization on CUDA, and an error inside CUDA graph capture.
-        channels = torch.empty((1, 2), dtype=torch.float32, device=x.device)
+        channels = torch.empty((1, 2), dtype=torch.float32, device=device)
         for column, value in enumerate(SHIFT_STATISTICS):
             channels[:, column].fill_(value)
     # The launchers read ``stored`` as its run of memory (kernels.launch.flat_view); no flat view needed.
-    with _on_device(x.device):
-        if x.dtype == torch.bool:
+    with _on_device(device):
+        if dtype == torch.bool:
             payload, meta = _PACK_BOOL[backend](stored), None
             bits, scheme, stochastic = 1, "bool", False
         else:
-            seed, offset = _rng_for(config, stored.numel(), x.device, stream)
+            seed, offset = _rng_for(config, stored.numel(), device, stream)
             payload, meta = _QUANTIZE[backend](
                 stored, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset,
                 channels, channel_stride,
             )
             bits, scheme, stochastic = config.bits, config.scheme, config.stochastic
-    return PackedTensor(
-        payload=payload,
-        meta=meta,
-        shape=x.shape,
-        stride=x.stride(),
-        stored_shape=stored.shape,
-        stored_stride=stored.stride(),
-        dtype=x.dtype,
-        bits=bits,
-        group_size=config.group_size,
-        scheme=scheme,
-        stochastic=stochastic,
-        channels=channels,
-    )
+    return PackedTensor(payload, meta, x.shape, x.stride(), stored.shape, stored.stride(), dtype, bits,
+                        config.group_size, scheme, stochastic, channels)
 
 
 def _channel_statistics(x: torch.Tensor) -> torch.Tensor:
@@ -188,8 +188,8 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     broadcast inputs, dense strides in the same dimension order for inputs that had gaps."""
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"dequantize expects a tritonquant.PackedTensor, got {type(packed).__name__}")
-    backend = resolve_backend(backend, packed.device)
-    device = packed.device
+    device = packed.payload.device
+    backend = resolve_backend(backend, device)
     out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=device)
     # (One pair of statistics, "shift" or a dimension 1 of size 1, is every element's: stride 1.)
     channels = packed.channels
@@ -249,7 +249,7 @@ def _dense_layout(x: torch.Tensor) -> torch.Tensor:
     keeps the dimension order."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
-    stored = _collapse_broadcast(x)
+    stored = _collapse_broadcast(x.detach())  # (autograd has no business with these views and copies)
     return stored if is_dense(stored) else torch.empty_like(stored).copy_(stored)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, init=False)
 class PackedTensor:
     """A quantized, bit-packed tensor. Produced by ``tritonquant.quantize``, restored by ``dequantize``.
 
@@ -39,6 +39,15 @@ class PackedTensor:
     scheme: str
     stochastic: bool
     channels: torch.Tensor | None = None
+
+    def __init__(self, payload: torch.Tensor, meta: torch.Tensor | None, shape: torch.Size, stride: tuple[int, ...],
+                 stored_shape: torch.Size, stored_stride: tuple[int, ...], dtype: torch.dtype, bits: int,
+                 group_size: int, scheme: str, stochastic: bool, channels: torch.Tensor | None = None) -> None:
+        # The fields in one update of the instance dict: a frozen dataclass's generated __init__ sets them
+        # one object.__setattr__ at a time, five times slower, and the pack hook builds one per tensor.
+        vars(self).update(payload=payload, meta=meta, shape=shape, stride=stride, stored_shape=stored_shape,
+                          stored_stride=stored_stride, dtype=dtype, bits=bits, group_size=group_size, scheme=scheme,
+                          stochastic=stochastic, channels=channels)
 
     @property
     def device(self) -> torch.device:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
-from .codec import RandomStream, dequantize, is_dense, quantize_with
+from .codec import RandomStream, dequantize, is_dense, quantize_checked
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
@@ -435,7 +435,8 @@ class Session:
         if hit is not None and hit.source() is not None:
             return self._reuse(hit, module)
 
-        slot = self._next_slot(module)
+        # (Slots name tensors for bits="auto" plans and calibration only: not counted otherwise.)
+        slot = self._next_slot(module) if self.config.auto_budget is not None or self._probe is not None else None
         floor = self.config.sensitive_bits if is_sensitive(t, made_by) else 1
         quant, calibration = self._quant_config_for(slot, override, floor)
         if self._probe is not None and slot is not None and t.dtype != torch.bool and override is _NO_MATCH:
@@ -445,7 +446,7 @@ class Session:
             self._dedup[_standardized(key, kind) if kind is not None else key] = probed
             return probed
         standardize = standardization(kind, quant.bits)
-        packed = quantize_with(t, quant, standardize=standardize, stream=self._seeded_stream(quant))
+        packed = quantize_checked(t, quant, standardize=standardize, stream=self._seeded_stream(quant))
         handle = _Packed(packed, quant.backend, t)
         if calibration is not None:
             handle.calibration_record = calibration.record_tensor(
@@ -455,7 +456,7 @@ class Session:
             self.stats.offloaded_bytes += packed.nbytes
         self._dedup[_standardized(key, kind) if standardize else key] = handle
         if t.is_cuda:
-            self._cuda_devices.add(t.device.index)
+            self._cuda_devices.add(t.get_device())  # (the index, without building a torch.device)
         self._count_packed(row, packed)
         return handle
 
