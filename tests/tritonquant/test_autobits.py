@@ -233,7 +233,7 @@ def test_calibrate_installs_a_plan_that_compress_follows_within_the_budget():
 
 def test_each_saved_tensor_gets_the_width_its_slot_is_planned(monkeypatch):
     import tritonquant.session as session_module
-    from tritonquant.codec import quantize_with
+    from tritonquant.codec import quantize_checked
 
     torch.manual_seed(0)
     model, batch = TinyTransformer(), lm_batch(4)
@@ -246,9 +246,9 @@ def test_each_saved_tensor_gets_the_width_its_slot_is_planned(monkeypatch):
 
     def recording(t, quant, **kwargs):
         packed.append((session._stack.name_of(session._stack.current()), quant.bits))
-        return quantize_with(t, quant, **kwargs)
+        return quantize_checked(t, quant, **kwargs)
 
-    monkeypatch.setattr(session_module, "quantize_with", recording)
+    monkeypatch.setattr(session_module, "quantize_checked", recording)
     with session:
         loss = lm_loss(model, batch)
     loss.backward()

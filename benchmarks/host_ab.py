@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Host microseconds per saved tensor: this checkout against a git revision, timed in turn in one process.
+
+    python benchmarks/host_ab.py --base HEAD~1 [--rounds 40]   # exits 2 if this Triton's driver API differs
+
+Why: on a shared machine host timings drift by several times between runs (the tanh chain's pack hook
+cost 19.7 us in one session's run of host_stand_in.py and 70 us in another's, the same code), so a
+change to the pack path can only be judged against its base timed alongside it. This script loads the
+revision's package (``git archive``) beside the checkout's, under another name, installs the stand-in
+driver (benchmarks/stand_in_driver.py: kernels compiled for sm_90, launches not run), and times the
+same work with each version in alternation, a fraction of a second apart.
+
+The work: a chain of tanh on a 64K-element bf16 tensor under compress(bits=4, backend="triton"); each
+tanh saves its output, which is packed. Per saved tensor:
+
+  pack hook, unpack hook   wall time inside the hooks (a wrapper times each call);
+  whole chain              forward and backward of the chain, without the wrapper, divided by its length:
+                           includes tanh itself and what the hooks leave behind (freeing handles).
+
+Each round runs both versions (the order alternates); the figures are the median of each version's
+faster half of the rounds, and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # no tuning: there is nothing to time kernels on
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import stand_in_driver  # noqa: E402
+
+stand_in_driver.install_for_cpu_tensors()  # (patches the checkout's codec; the base's is patched on load)
+
+import tritonquant  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIN_LENGTH = 50
+ELEMENTS = 1 << 16
+FIGURES = ("pack hook", "unpack hook", "whole chain")
+
+
+def load_revision(revision: str, into: Path):
+    """The package as of ``revision``, imported as ``tritonquant_base`` (its imports are relative)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "tritonquant", "kernels"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    package = into / "tritonquant"
+    (into / "kernels").rename(package / "kernels")  # where the installed package maps tritonquant.kernels
+    spec = importlib.util.spec_from_file_location("tritonquant_base", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tritonquant_base"] = module
+    spec.loader.exec_module(module)
+    module.codec.is_interpreted = lambda: True  # as install_for_cpu_tensors does for the checkout
+    return module
+
+
+def chain_us(tq, x: torch.Tensor, timed_hooks: bool) -> tuple[float, float, float]:
+    """(pack hook, unpack hook, whole chain) microseconds per saved tensor; the hook figures are 0 unless
+    ``timed_hooks`` (the wrapper that times them would otherwise count in the whole chain)."""
+    session = tq.compress(bits=4, backend="triton")
+    inside = [0.0, 0.0]
+    if timed_hooks:
+        pack, unpack = session._pack, session._unpack
+
+        def timed_pack(t):
+            started = time.perf_counter()
+            handle = pack(t)
+            inside[0] += time.perf_counter() - started
+            return handle
+
+        def timed_unpack(handle):
+            started = time.perf_counter()
+            t = unpack(handle)
+            inside[1] += time.perf_counter() - started
+            return t
+
+        session._pack, session._unpack = timed_pack, timed_unpack  # (read when the block opens)
+    started = time.perf_counter()
+    with session:
+        y = x
+        for _ in range(CHAIN_LENGTH):
+            y = torch.tanh(y)
+    y.float().sum().backward()
+    del y
+    whole = time.perf_counter() - started
+    return inside[0] / CHAIN_LENGTH * 1e6, inside[1] / CHAIN_LENGTH * 1e6, whole / CHAIN_LENGTH * 1e6
+
+
+def faster_half_median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return statistics.median(ordered[:max(1, len(ordered) // 2)])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="git revision to compare against (e.g. HEAD, HEAD~1, main)")
+    parser.add_argument("--rounds", type=int, default=40, help="rounds, each timing both versions (default 40)")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    torch.set_num_threads(1)
+    import triton
+
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            base = load_revision(args.base, Path(folder))
+        except subprocess.CalledProcessError as exc:
+            print(f"cannot read revision {args.base!r}: {exc.stderr.decode(errors='replace').strip()}", file=sys.stderr)
+            return 1
+        versions = {"base": base, "checkout": tritonquant}
+        x = torch.randn(ELEMENTS, dtype=torch.bfloat16, requires_grad=True)
+        for tq in versions.values():  # warm-up: compile, allocate
+            chain_us(tq, x, True)
+            chain_us(tq, x, False)
+        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in versions}
+        for round_index in range(args.rounds):
+            order = list(versions) if round_index % 2 else list(reversed(versions))
+            for name in order:
+                hooks = chain_us(versions[name], x, True)
+                whole = chain_us(versions[name], x, False)
+                samples[name].append((hooks[0], hooks[1], whole[2]))
+
+    print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}; kernels "
+          f"compiled for sm_90, launches not run. base = {args.base}, checkout = {REPO}; {args.rounds} rounds\n")
+    rows = []
+    for i, figure in enumerate(FIGURES):
+        before = faster_half_median([sample[i] for sample in samples["base"]])
+        after = faster_half_median([sample[i] for sample in samples["checkout"]])
+        rows.append([f"{figure}, us per saved tensor", f"{before:.1f}", f"{after:.1f}", f"{after / before:.3f}"])
+    print(tabulate(rows, headers=["", "base", "checkout", "checkout / base"], tablefmt="github",
+                   disable_numparse=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""benchmarks/host_ab.py loads a git revision's package beside the checkout's and times both in turn."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[2]
+SCRIPT = REPO / "benchmarks" / "host_ab.py"
+
+pytestmark = [
+    pytest.mark.cpu_only,
+    pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs a git checkout"),
+]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                            timeout=600)
+    if result.returncode == 2 and result.stdout.startswith("SKIP"):
+        pytest.skip(result.stdout.strip())
+    return result
+
+
+def test_the_checkout_against_a_revision_gives_both_figures_and_their_ratio():
+    result = run("--base", "HEAD", "--rounds", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\| (pack hook|unpack hook|whole chain), us per saved tensor\s+\|\s+([\d.]+)\s+\|"
+                      r"\s+([\d.]+)\s+\|\s+([\d.]+)\s+\|$", result.stdout, re.MULTILINE)
+    assert [row[0] for row in rows] == ["pack hook", "unpack hook", "whole chain"], result.stdout
+    for _, base, checkout, ratio in rows:
+        base, checkout, ratio = float(base), float(checkout), float(ratio)
+        assert base > 0 and checkout > 0, result.stdout  # (every saved tensor went through the hooks)
+        assert ratio == pytest.approx(checkout / base, rel=0.01, abs=0.002), result.stdout
+
+
+def test_an_unknown_revision_is_reported_by_name():
+    result = run("--base", "no-such-revision-xyz", "--rounds", "1")
+    assert result.returncode == 1
+    assert "cannot read revision 'no-such-revision-xyz'" in result.stderr
