@@ -135,6 +135,10 @@ _resolved: dict[tuple, LaunchConfig] = {}
 _tune_lock = threading.Lock()  # one tuning at a time per process; also guards disk merges
 _file_lock = threading.Lock()  # one writer per process (across processes: the advisory lock file)
 _thread_state = threading.local()
+# How many use_config blocks are open, in any thread: while none is, the hot path skips the
+# thread-local lookup (a Python-level getattr, the costliest step of a cached lookup).
+_open_forcings = 0
+_forcing_lock = threading.Lock()
 _warned: set[str] = set()
 
 
@@ -244,12 +248,17 @@ def use_config(config: LaunchConfig | tuple[int, int]) -> Iterator[LaunchConfig]
         raise ValueError(f"rows must be a power of two >= 1, got {config.rows}")
     if config.num_warps not in VALID_NUM_WARPS:
         raise ValueError(f"num_warps must be one of {VALID_NUM_WARPS}, got {config.num_warps}")
+    global _open_forcings
     previous = getattr(_thread_state, "config", None)
     _thread_state.config = config
+    with _forcing_lock:
+        _open_forcings += 1
     try:
         yield config
     finally:
         _thread_state.config = previous
+        with _forcing_lock:
+            _open_forcings -= 1
 
 
 def active_override() -> LaunchConfig | None:
@@ -284,7 +293,7 @@ def _launch_config(
     group_size: int, sigma: bool, stochastic: bool, standardize: bool = False,
 ) -> tuple[int, int]:
     # Runs once per packed tensor: the cheap tests first, and plain int arithmetic throughout.
-    forced = getattr(_thread_state, "config", None)
+    forced = getattr(_thread_state, "config", None) if _open_forcings else None
     if forced is not None:
         return forced
     if is_interpreted():

@@ -459,8 +459,9 @@ def triton_quantize(
     """
     n = x.numel()
     n_groups = -(-n // group_size)
-    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=x.device)
-    meta = torch.empty((n_groups, 2), dtype=torch.float32, device=x.device)
+    device = x.device
+    payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=device)
+    meta = torch.empty((n_groups, 2), dtype=torch.float32, device=device)
     if n == 0:
         return payload, meta
     rows, num_warps = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic, channels is not None)

@@ -153,8 +153,10 @@ def quantize_checked(x: torch.Tensor, config: QuantConfig, *, standardize: str |
                 channels, channel_stride,
             )
             bits, scheme, stochastic = config.bits, config.scheme, config.stochastic
-    return PackedTensor(payload, meta, x.shape, x.stride(), stored.shape, stored.stride(), dtype, bits,
-                        config.group_size, scheme, stochastic, channels)
+    shape, stride = x.shape, x.stride()
+    stored_shape, stored_stride = (shape, stride) if stored is x else (stored.shape, stored.stride())
+    return PackedTensor(payload, meta, shape, stride, stored_shape, stored_stride, dtype, bits, config.group_size,
+                        scheme, stochastic, channels)
 
 
 def _channel_statistics(x: torch.Tensor) -> torch.Tensor:

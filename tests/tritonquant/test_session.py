@@ -116,6 +116,25 @@ def test_packed_activation_is_released_and_graph_frees_everything():
     assert len(session._dedup) == 0
 
 
+def test_the_deduplication_table_forgets_dead_values_and_stays_bounded():
+    # A block left open over many steps files every packed tensor of every step; the table must not
+    # keep them, nor grow without bound with entries for the dead ones.
+    from tritonquant.session import _WeakTable
+
+    class Value:
+        __slots__ = ("__weakref__",)
+
+    table = _WeakTable()
+    live = [Value() for _ in range(10)]
+    for i, value in enumerate(live):
+        table[i] = value
+    for i in range(5 * _WeakTable._MIN_SWEEP):
+        table[("dead", i)] = Value()  # dies as soon as it is filed
+    assert table.get(3) is live[3] and table.get(("dead", 0)) is None and table.get("never filed") is None
+    assert len(table) == 10 and {id(v) for v in table.values()} == {id(v) for v in live}
+    assert len(table._refs) < 2 * _WeakTable._MIN_SWEEP, "dead entries are swept"
+
+
 def test_a_graph_with_kept_outputs_dropped_without_backward_frees_what_it_packed():
     # log_softmax saves its own (small, hence kept) output: holding that output as it is would close a
     # cycle through its grad_fn that the collector cannot break, leaking everything packed upstream.
