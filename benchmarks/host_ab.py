@@ -17,6 +17,11 @@ tanh saves its output, which is packed. Per saved tensor:
   whole chain              forward and backward of the chain, without the wrapper, divided by its length:
                            includes tanh itself and what the hooks leave behind (freeing handles).
 
+With ``--resnet N``, also N rounds of one ResNet-50 step (bf16 autocast, batch 1, 64 px, the min_bytes of
+host_stand_in.py), which saves every kind the policy knows (packed, reused, kept, weight casts, pooling
+indices): milliseconds per step inside the pack and the unpack hook. The step's own CPU work is large
+and not timed.
+
 Each round runs both versions (the order alternates); the figures are the median of each version's
 faster half of the rounds, and their ratio.
 """
@@ -50,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHAIN_LENGTH = 50
 ELEMENTS = 1 << 16
 FIGURES = ("pack hook", "unpack hook", "whole chain")
+RESNET_MIN_BYTES = 12_000  # host_stand_in.py's: what a 224 px batch-64 step packs, at batch 1 and 64 px
 
 
 def load_revision(revision: str, into: Path):
@@ -68,27 +74,33 @@ def load_revision(revision: str, into: Path):
     return module
 
 
+def time_hooks(session) -> list[float]:
+    """Make ``session``'s hooks add their wall time, in seconds, to the returned [pack, unpack] list.
+    (Call before the block opens: it reads the hooks then.)"""
+    inside = [0.0, 0.0]
+    pack, unpack = session._pack, session._unpack
+
+    def timed_pack(t):
+        started = time.perf_counter()
+        handle = pack(t)
+        inside[0] += time.perf_counter() - started
+        return handle
+
+    def timed_unpack(handle):
+        started = time.perf_counter()
+        t = unpack(handle)
+        inside[1] += time.perf_counter() - started
+        return t
+
+    session._pack, session._unpack = timed_pack, timed_unpack
+    return inside
+
+
 def chain_us(tq, x: torch.Tensor, timed_hooks: bool) -> tuple[float, float, float]:
     """(pack hook, unpack hook, whole chain) microseconds per saved tensor; the hook figures are 0 unless
     ``timed_hooks`` (the wrapper that times them would otherwise count in the whole chain)."""
     session = tq.compress(bits=4, backend="triton")
-    inside = [0.0, 0.0]
-    if timed_hooks:
-        pack, unpack = session._pack, session._unpack
-
-        def timed_pack(t):
-            started = time.perf_counter()
-            handle = pack(t)
-            inside[0] += time.perf_counter() - started
-            return handle
-
-        def timed_unpack(handle):
-            started = time.perf_counter()
-            t = unpack(handle)
-            inside[1] += time.perf_counter() - started
-            return t
-
-        session._pack, session._unpack = timed_pack, timed_unpack  # (read when the block opens)
+    inside = time_hooks(session) if timed_hooks else [0.0, 0.0]
     started = time.perf_counter()
     with session:
         y = x
@@ -100,6 +112,19 @@ def chain_us(tq, x: torch.Tensor, timed_hooks: bool) -> tuple[float, float, floa
     return inside[0] / CHAIN_LENGTH * 1e6, inside[1] / CHAIN_LENGTH * 1e6, whole / CHAIN_LENGTH * 1e6
 
 
+def resnet_step_ms(tq, model, batch) -> tuple[float, float]:
+    """(pack hook, unpack hook) milliseconds in one ResNet-50 step under compress(bits=4)."""
+    from tritonquant.models import cnn_loss
+
+    model.zero_grad(set_to_none=True)
+    session = tq.compress(bits=4, backend="triton", min_bytes=RESNET_MIN_BYTES)
+    inside = time_hooks(session)
+    with session, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = cnn_loss(model, batch)
+    loss.backward()
+    return inside[0] * 1e3, inside[1] * 1e3
+
+
 def faster_half_median(values: list[float]) -> float:
     ordered = sorted(values)
     return statistics.median(ordered[:max(1, len(ordered) // 2)])
@@ -109,9 +134,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="git revision to compare against (e.g. HEAD, HEAD~1, main)")
     parser.add_argument("--rounds", type=int, default=40, help="rounds, each timing both versions (default 40)")
+    parser.add_argument("--resnet", type=int, default=0, metavar="N",
+                        help="also N rounds of a ResNet-50 step, each timing both versions (default 0: none)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.resnet < 0:
+        parser.error(f"--resnet must be 0 or more, got {args.resnet}")
     torch.set_num_threads(1)
     import triton
 
@@ -133,6 +162,18 @@ def main() -> int:
                 hooks = chain_us(versions[name], x, True)
                 whole = chain_us(versions[name], x, False)
                 samples[name].append((hooks[0], hooks[1], whole[2]))
+        steps: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
+        if args.resnet:
+            from tritonquant.models import ResNet50Like, cnn_batch
+
+            torch.manual_seed(0)
+            model, batch = ResNet50Like(), cnn_batch(1, size=64, classes=1000)
+            for tq in versions.values():  # warm-up
+                resnet_step_ms(tq, model, batch)
+            for round_index in range(args.resnet):
+                order = list(versions) if round_index % 2 else list(reversed(versions))
+                for name in order:
+                    steps[name].append(resnet_step_ms(versions[name], model, batch))
 
     print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}; kernels "
           f"compiled for sm_90, launches not run. base = {args.base}, checkout = {REPO}; {args.rounds} rounds\n")
@@ -141,6 +182,11 @@ def main() -> int:
         before = faster_half_median([sample[i] for sample in samples["base"]])
         after = faster_half_median([sample[i] for sample in samples["checkout"]])
         rows.append([f"{figure}, us per saved tensor", f"{before:.1f}", f"{after:.1f}", f"{after / before:.3f}"])
+    if args.resnet:
+        for i, figure in enumerate(("pack hook", "unpack hook")):
+            before = faster_half_median([step[i] for step in steps["base"]])
+            after = faster_half_median([step[i] for step in steps["checkout"]])
+            rows.append([f"ResNet-50 step, {figure}, ms", f"{before:.2f}", f"{after:.2f}", f"{after / before:.3f}"])
     print(tabulate(rows, headers=["", "base", "checkout", "checkout / base"], tablefmt="github",
                    disable_numparse=True))
     return 0

@@ -459,16 +459,18 @@ class Session:
             return self._keep(t, row, reason)
 
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
-        made_by = producer(t)
-        kind = standardize_kind(t, module, made_by)
-        # A standardized packing (zero not exact, signs not kept) is reused only by savers that may
-        # standardize too; those reuse any packing an earlier saver made.
+        # A plain packing serves every saver. (A live source means the storage cannot have been freed
+        # and its address reused.)
         hit = self._dedup.get(key)
-        if hit is None and kind is not None:
-            hit = self._dedup.get(_standardized(key, kind))
-        # A live source means the storage cannot have been freed and its address reused.
         if hit is not None and hit.source() is not None:
             return self._reuse(hit, module)
+        made_by = producer(t)
+        kind = standardize_kind(t, module, made_by)
+        # A standardized packing (zero not exact, signs not kept) serves only savers that may standardize too.
+        if kind is not None:
+            hit = self._dedup.get(_standardized(key, kind))
+            if hit is not None and hit.source() is not None:
+                return self._reuse(hit, module)
 
         # (Slots name tensors for bits="auto" plans and calibration only: not counted otherwise.)
         slot = self._next_slot(module) if self.config.auto_budget is not None or self._probe is not None else None
