@@ -96,7 +96,7 @@ SHIFT_STATISTICS = (2.0, 1.0)
 
 def quantize_with(x: torch.Tensor, config: QuantConfig, *, standardize: str | None = None,
                   stream: RandomStream | None = None) -> PackedTensor:
-    """``quantize`` with an already validated config (the pack hook's path).
+    """``quantize`` with an already validated config (the pack hook calls ``quantize_checked``, below).
 
     ``standardize``: quantize ``(x - minimum) * (1 / scale) + 1`` instead of ``x``, with the statistics
     kept in ``PackedTensor.channels``; the kernels apply the map as they load and ``dequantize`` undoes
