@@ -207,12 +207,12 @@ def _standardized(key: tuple, kind: str) -> tuple:
 
 class _WeakTable:
     """A dict from keys to objects it does not keep alive: ``weakref.WeakValueDictionary``'s job, at a
-    third of its cost on the pack hook's path.
+    little over half its cost per entry (filed, looked up, dead).
 
-    No callback runs when a value dies (WeakValueDictionary's removes the entry, a Python call per
-    packed tensor in backward); a dead entry reads as missing, and entries are swept whenever the
-    table has doubled since the last sweep, so a block that saves and frees tensors for many steps
-    holds about as many entries as it has live values.
+    No callback runs when a value dies (WeakValueDictionary's removes the entry: a Python call per
+    packed tensor in backward). A dead entry reads as missing, and the entries are swept whenever the
+    table has doubled since the last sweep, so a block left open while many steps save and free
+    tensors holds about twice as many entries as it has live values.
     """
 
     _MIN_SWEEP = 1024
