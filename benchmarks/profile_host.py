@@ -16,7 +16,8 @@ by piece, so each change to the pack path can be judged by a number.
        device context     torch.cuda.device(...) entered and left
        triton_quantize    the launcher: allocations, launch-config lookup, launch
        triton_dequantize  likewise
-       quantize_with      the codec around the launcher (layout checks, PackedTensor)
+       quantize_with      the codec around the launcher (input checks, layout, PackedTensor)
+       quantize_checked   the same without the input checks: what the pack hook calls
        pack hook          forward of a chain of 200 tanh ops under compress(bits=4), minus the same chain
                           without it, per saved tensor; "unpack hook" is the same for backward
    Each layer from triton_quantize up is measured with both launch paths, side by side.
@@ -53,7 +54,7 @@ import torch
 from tabulate import tabulate
 
 import tritonquant as tq
-from tritonquant.codec import quantize_with
+from tritonquant.codec import quantize_checked, quantize_with
 from tritonquant.config import QuantConfig
 from tritonquant.kernels import launch, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss
@@ -160,6 +161,7 @@ def call_costs(device: torch.device) -> list[list[str]]:
             [f"{quantize.__name__}", host_us_per_call(lambda: quantize(x, 4, 256, False, False, 0, 0), device)],
             [f"{dequantize.__name__}", host_us_per_call(lambda: dequantize(payload, meta, out, 4, 256), device)],
             ["quantize_with", host_us_per_call(lambda: quantize_with(x, config), device)],
+            ["quantize_checked", host_us_per_call(lambda: quantize_checked(x, config), device)],
         ]
         pack, unpack = chain_us_per_tensor(device, backend)
         rows += [["pack hook (per saved tensor)", pack], ["unpack hook (per saved tensor)", unpack]]
@@ -182,6 +184,7 @@ def call_costs(device: torch.device) -> list[list[str]]:
                 [f"{dequantize.__name__} ({label})",
                  host_us_per_call(lambda: dequantize(payload, meta, out, 4, 256), device)],
                 [f"quantize_with ({label})", host_us_per_call(lambda: quantize_with(x, config), device)],
+                [f"quantize_checked ({label})", host_us_per_call(lambda: quantize_checked(x, config), device)],
                 [f"pack hook per saved tensor ({label})", pack],
                 [f"unpack hook per saved tensor ({label})", unpack],
             ]
