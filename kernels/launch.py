@@ -138,11 +138,8 @@ class KernelLauncher:
                     raise TypeError(f"{kernel.__name__}: runtime parameters must come before the constexprs")
                 # What Triton's binder specializes each runtime argument on: its value, its alignment
                 # (``do_not_specialize`` and ``do_not_specialize_on_alignment`` turn them off).
-                self._specialize_flags = tuple(
-                    (not getattr(p, "do_not_specialize", False), not getattr(p, "do_not_specialize_on_alignment", False))
-                    for p in runtime)
-                self._value_flags = tuple(value for value, _ in self._specialize_flags)
-                self._align_flags = tuple(align for _, align in self._specialize_flags)
+                self._value_flags = tuple(not getattr(p, "do_not_specialize", False) for p in runtime)
+                self._align_flags = tuple(not getattr(p, "do_not_specialize_on_alignment", False) for p in runtime)
                 self._direct = True
         except Exception as exc:  # noqa: BLE001 - an unfamiliar Triton: keep its own dispatch
             _warn_no_direct_launch(exc)
@@ -178,7 +175,7 @@ class KernelLauncher:
                 self._give_up(exc)
                 return None
         get_device, _, specialize, backend = self._device_state
-        if len(args) != len(self._specialize_flags):  # (the dispatch reports it)
+        if len(args) != len(self._value_flags):  # (the dispatch reports it)
             return None
         try:
             values = self._constexpr_values(constexprs)
