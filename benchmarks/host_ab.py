@@ -3,12 +3,13 @@
 
     python benchmarks/host_ab.py --base HEAD~1 [--rounds 40]   # exits 2 if this Triton's driver API differs
 
-Why: on a shared machine host timings drift by several times between runs (the tanh chain's pack hook
-cost 19.7 us in one session's run of host_stand_in.py and 70 us in another's, the same code), so a
-change to the pack path can only be judged against its base timed alongside it. This script loads the
-revision's package (``git archive``) beside the checkout's, under another name, installs the stand-in
-driver (benchmarks/stand_in_driver.py: kernels compiled for sm_90, launches not run), and times the
-same work with each version in alternation, a fraction of a second apart.
+Why: on a shared machine host timings drift by several times between runs (host_stand_in.py put the
+tanh chain's pack hook at 19.7 us one day and at 82 us the next, for two commits that differ by 3%
+when timed side by side), so a change to the pack path can only be judged against its base timed
+alongside it. This script loads the revision's package (``git archive``) beside the checkout's, under
+another name, installs the stand-in driver (benchmarks/stand_in_driver.py: kernels compiled for
+sm_90, launches not run), and times the same work with each version in alternation, a fraction of a
+second apart.
 
 The work: a chain of tanh on a 64K-element bf16 tensor under compress(bits=4, backend="triton"); each
 tanh saves its output, which is packed. Per saved tensor:
