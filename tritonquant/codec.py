@@ -190,7 +190,7 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     broadcast inputs, dense strides in the same dimension order for inputs that had gaps."""
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"dequantize expects a tritonquant.PackedTensor, got {type(packed).__name__}")
-    device = packed.payload.device
+    device = packed.device
     backend = resolve_backend(backend, device)
     out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=device)
     # (One pair of statistics, "shift" or a dimension 1 of size 1, is every element's: stride 1.)
