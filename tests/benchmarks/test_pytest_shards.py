@@ -69,6 +69,10 @@ def merged_cases(junit: Path) -> dict[str, str]:
     assert root.tag == "testsuites"
     cases = {}
     for case in root.iter("testcase"):
+        if case.get("name") is None:
+            # A shard interrupted mid-test writes that test as a <testcase> without a name: not a result
+            # (pytest_shards.print_results skips it too). Under load both shards of the SIGINT test can be.
+            continue
         problems = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
         assert case.get("name") not in cases, f"{case.get('name')} reported twice"
         cases[case.get("name")] = problems[0] if problems else "passed"
