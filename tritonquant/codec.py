@@ -16,6 +16,7 @@ import torch
 
 from . import kernels
 from .config import BACKENDS, MAX_SEED, QuantConfig
+from .kernels import pool_indices as pool_kernels
 from .kernels.launch import is_interpreted
 from .packed import PackedTensor
 
@@ -26,6 +27,8 @@ _QUANTIZE = {"triton": kernels.triton_quantize, "torch": kernels.torch_quantize}
 _DEQUANTIZE = {"triton": kernels.triton_dequantize, "torch": kernels.torch_dequantize}
 _PACK_BOOL = {"triton": kernels.triton_pack_bool, "torch": kernels.torch_pack_bool}
 _UNPACK_BOOL = {"triton": kernels.triton_unpack_bool, "torch": kernels.torch_unpack_bool}
+_ENCODE_POOL = {"triton": kernels.triton_encode_pool_indices, "torch": kernels.torch_encode_pool_indices}
+_DECODE_POOL = {"triton": kernels.triton_decode_pool_indices, "torch": kernels.torch_decode_pool_indices}
 
 
 class RandomStream:
@@ -204,6 +207,28 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
                                  packed.channels, channel_stride)
     if out.shape != packed.shape:
         out = out.expand(packed.shape)
+    return out
+
+
+def encode_pool_indices(indices: torch.Tensor, windows: kernels.PoolWindows, backend: str = "auto") -> torch.Tensor:
+    """int64 max-pooling indices (dense, any dimension order) -> uint8 window positions, in memory order
+    (docs/format.md; ``tritonquant.pool_indices.pool_windows`` gives ``windows``). Lossless."""
+    backend = resolve_backend(backend, indices.device)
+    if backend == "triton" and not pool_kernels.fits_kernels(indices):
+        backend = "torch"  # (2**31 indices and more: 16 GB of them, beyond the kernels' 32-bit arithmetic)
+    with _on_device(indices.device):
+        return _ENCODE_POOL[backend](indices, windows)
+
+
+def decode_pool_indices(codes: torch.Tensor, windows: kernels.PoolWindows, shape: torch.Size,
+                        stride: tuple[int, ...], backend: str = "auto") -> torch.Tensor:
+    """Inverse of ``encode_pool_indices``: the int64 indices, of ``shape`` and ``stride`` (dense)."""
+    out = torch.empty_strided(shape, stride, dtype=torch.int64, device=codes.device)
+    backend = resolve_backend(backend, codes.device)
+    if backend == "triton" and not pool_kernels.fits_kernels(out):
+        backend = "torch"
+    with _on_device(codes.device):
+        _DECODE_POOL[backend](codes, windows, out)
     return out
 
 

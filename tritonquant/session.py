@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
-from .codec import RandomStream, dequantize, is_dense, quantize_checked
+from .codec import RandomStream, decode_pool_indices, dequantize, encode_pool_indices, is_dense, quantize_checked
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
-from .pool_indices import PoolWindows, decode, encode, pool_windows
+from .pool_indices import PoolWindows, pool_windows
 from .policy import (MAX_POOL_SPATIAL_DIMS, is_frozen_weight_cast, is_sensitive, narrow_index_dtype, pass_reason,
                      producer, recastable, standardize_kind, standardization, weight_cast_source)
 
@@ -131,15 +131,16 @@ class _NarrowedIndices:
 class _WindowIndices:
     """Max-pooling indices stored exactly as 1-8 bit positions inside their windows (``pool_indices``)."""
 
-    __slots__ = ("codes", "windows", "shape", "stride", "__weakref__")
+    __slots__ = ("codes", "windows", "shape", "stride", "backend", "__weakref__")
 
-    def __init__(self, t: torch.Tensor, windows: PoolWindows) -> None:
-        self.codes = encode(t.detach(), windows)
+    def __init__(self, t: torch.Tensor, windows: PoolWindows, backend: str) -> None:
+        self.codes = encode_pool_indices(t.detach(), windows, backend)
         self.windows = windows
         self.shape, self.stride = t.shape, t.stride()
+        self.backend = backend
 
     def restore(self) -> torch.Tensor:
-        return decode(self.codes, self.windows, self.shape, self.stride)
+        return decode_pool_indices(self.codes, self.windows, self.shape, self.stride, self.backend)
 
 
 class _RecastWeight:
@@ -547,7 +548,7 @@ class Session:
             return None
         windows = pool_windows(module, input_shape)
         if windows is not None:
-            handle = _WindowIndices(t, windows)
+            handle = _WindowIndices(t, windows, self.config.quant.backend)
             held = handle.codes.nbytes
         else:
             handle = _NarrowedIndices(t, narrow_dtype)

@@ -30,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from tritonquant.kernels.bitpack import _pack_bool_kernel, _unpack_bool_kernel  # noqa: E402
 from tritonquant.kernels.dequantize import _dequantize_kernel  # noqa: E402
+from tritonquant.kernels.pool_indices import BLOCK_ELEMENTS, _decode_kernel, _encode_kernel  # noqa: E402
 from tritonquant.kernels.quantize import SPLIT_FIRST, _quantize_kernel, split_for, threads_per_group  # noqa: E402
 
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
@@ -98,8 +99,39 @@ def variants(quick: bool):
     for name, kernel in (("pack bool", _pack_bool_kernel), ("unpack bool", _unpack_bool_kernel)):
         signature = {"src_ptr": "*u8", "dst_ptr": "*u8", "n_elements": "i64", "BLOCK_BYTES": "constexpr"}
         yield name, kernel, signature, {"BLOCK_BYTES": 1024}
+    yield from pool_index_variants(quick)
 
 
+# Max-pooling windows as the pool-index launchers pass them, padded to 3 dimensions with 1-position
+# windows: (kernel, stride, padding, dilation) per dimension, spatial dimensions, bits per code. The
+# first is ResNet's stem pool.
+POOL_WINDOWS = {
+    "2d-k3-s2-p1": ((1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1), 2, 4),
+    "1d-k3-s2-p1-d2": ((1, 1, 3), (1, 1, 2), (0, 0, 1), (1, 1, 2), 1, 2),
+    "3d-k2": ((2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1), 3, 4),
+    "2d-k2": ((1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1), 2, 4),
+    "2d-k1x2-s1": ((1, 1, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 2, 2),
+}
+
+
+def pool_index_variants(quick: bool):
+    """The pool-index encode and decode kernels, per window of POOL_WINDOWS."""
+    plane = {"n_elements": "i32", "in_size1": "i32", "in_size2": "i32"}
+    output = {}
+    for d in range(3):
+        output.update({f"out_stride_divisor{d}": "i64", f"out_size_divisor{d}": "i64", f"out_size{d}": "i32"})
+    for window_name, (kernel_size, stride, padding, dilation, spatial, bits) in POOL_WINDOWS.items():
+        if quick and window_name not in ("2d-k3-s2-p1", "1d-k3-s2-p1-d2"):
+            continue
+        constants = {f"{name}{d}": values[d] for name, values in zip("KSPD", (kernel_size, stride, padding, dilation))
+                     for d in range(3)}
+        constants.update(SPATIAL=spatial, BITS=bits, BLOCK_BYTES=BLOCK_ELEMENTS // (8 // bits))
+        geometry = dict.fromkeys(constants, "constexpr")  # (runtime arguments first, as declared)
+        encode = {"indices_ptr": "*i64", "codes_ptr": "*u8", **plane, "in_divisor1": "i64", "in_divisor2": "i64",
+                  **output, **geometry}
+        decode = {"codes_ptr": "*u8", "out_ptr": "*i64", **plane, **output, **geometry}
+        yield f"encode pool indices {window_name} {bits}bit", _encode_kernel, encode, constants
+        yield f"decode pool indices {window_name} {bits}bit", _decode_kernel, decode, constants
 
 
 def aligned(signature: dict) -> dict:
@@ -172,12 +204,18 @@ def registers(cubin: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def elements_per_program(kernel, constants: dict) -> int:
+    if kernel in (_encode_kernel, _decode_kernel):
+        return constants["BLOCK_BYTES"] * (8 // constants["BITS"])
+    return constants["GROUP"] * constants["ROWS"]
+
+
 def count(kernel, constants: dict, cubin: bytes) -> tuple[str, bool]:
-    """(what to print, whether it is acceptable) for a compiled quantize or dequantize variant."""
+    """(what to print, whether it is acceptable) for a compiled quantize, dequantize or pool-index variant."""
     opcodes = main_path_opcodes(cubin)
     if opcodes is None:
         return "", True
-    per_thread = constants["GROUP"] * constants["ROWS"] / (32 * NUM_WARPS)  # elements each thread handles
+    per_thread = elements_per_program(kernel, constants) / (32 * NUM_WARPS)  # elements each thread handles
     conversions = sum(opcode in CONVERSIONS for opcode in opcodes) / per_thread
     text = (f"; {len(opcodes) / per_thread:.1f} instructions and {conversions:.2f} conversions per element, "
             f"{registers(cubin)} registers")
@@ -196,7 +234,8 @@ def main() -> int:
                 compiled = triton.compile(ASTSource(kernel, signature, constants, aligned(signature)), target=target,
                                           options={"num_warps": NUM_WARPS, "enable_fp_fusion": False})
                 counts, counts_ok = "", True
-                if target_name == "sm90" and kernel in (_quantize_kernel, _dequantize_kernel):
+                if target_name == "sm90" and kernel in (_quantize_kernel, _dequantize_kernel, _encode_kernel,
+                                                        _decode_kernel):
                     counts, counts_ok = count(kernel, constants, compiled.asm["cubin"])
                 status = f"ok ({len(compiled.asm['cubin'])} bytes of cubin{counts})"
                 dtype = signature["x_ptr"][1:] if kernel is _quantize_kernel else None

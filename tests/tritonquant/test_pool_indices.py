@@ -1,11 +1,24 @@
-"""Max-pooling indices as window positions (tritonquant/pool_indices.py): exact round trips and the byte layout."""
+"""Max-pooling indices as window positions (tritonquant/pool_indices.py, codec.encode_pool_indices and
+decode_pool_indices): exact round trips through PyTorch's own indices, on both backends, and the byte
+layout. (tests/kernels/test_pool_index_kernels.py checks the kernels against their references.)"""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tritonquant.pool_indices import PoolWindows, _pack_codes, _unpack_codes, decode, encode, pool_windows
+from tests.conftest import CPU_BACKENDS
+from tritonquant.codec import decode_pool_indices, encode_pool_indices
+from tritonquant.kernels.pool_indices import torch_pack_padded_codes, torch_unpack_padded_codes
+from tritonquant.pool_indices import PoolWindows, pool_windows
+
+
+def round_trip(indices: torch.Tensor, windows: PoolWindows, backend: str) -> torch.Tensor:
+    codes = encode_pool_indices(indices, windows, backend)
+    assert codes.dtype == torch.uint8 and codes.numel() == -(-indices.numel() * windows.bits // 8)
+    restored = decode_pool_indices(codes, windows, indices.shape, indices.stride(), backend)
+    assert restored.dtype == torch.int64 and restored.stride() == indices.stride()
+    return restored
 
 POOLS = {
     "1d-k4": (nn.MaxPool1d(4), (2, 3, 41)),
@@ -28,9 +41,10 @@ def indices_of(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return indices
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", POOLS)
 @pytest.mark.parametrize("values", ["random", "ties", "minus-inf", "nan"])
-def test_window_positions_restore_the_indices_exactly(name, values):
+def test_window_positions_restore_the_indices_exactly(name, values, backend):
     pool, shape = POOLS[name]
     torch.manual_seed(0)
     x = {
@@ -40,33 +54,29 @@ def test_window_positions_restore_the_indices_exactly(name, values):
         "nan": lambda: torch.where(torch.rand(shape) < 0.1, float("nan"), torch.randn(shape)),
     }[values]()
     indices = indices_of(pool, x)
-    windows = pool_windows(pool, x.shape)
-    codes = encode(indices, windows)
-    assert codes.dtype == torch.uint8 and codes.numel() == -(-indices.numel() * windows.bits // 8)
-    restored = decode(codes, windows, indices.shape, indices.stride())
-    assert restored.dtype == torch.int64 and torch.equal(restored, indices)
+    assert torch.equal(round_trip(indices, pool_windows(pool, x.shape), backend), indices)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("name", POOLS)
-def test_index_zero_outside_its_window_restores_exactly(name):
+def test_index_zero_outside_its_window_restores_exactly(name, backend):
     # CUDA's channels-last kernel starts every window at position 0 of the plane with the value -inf, so
     # a window of -inf only keeps index 0, outside most windows (seen on an H200, torch 2.11). No CPU
     # kernel does this: the indices are made here as that kernel makes them for an input of -inf.
     pool, shape = POOLS[name]
     indices = torch.zeros_like(indices_of(pool, torch.randn(shape)))
-    windows = pool_windows(pool, torch.Size(shape))
-    restored = decode(encode(indices, windows), windows, indices.shape, indices.stride())
-    assert torch.equal(restored, indices)
+    assert torch.equal(round_trip(indices, pool_windows(pool, torch.Size(shape)), backend), indices)
 
 
-def test_channels_last_indices_keep_their_strides():
-    pool = nn.MaxPool2d(3, 2, 1)
-    x = torch.randn(2, 8, 15, 15).to(memory_format=torch.channels_last)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d"])
+def test_channels_last_indices_keep_their_strides(layout, backend):
+    pool, shape = (nn.MaxPool2d(3, 2, 1), (2, 8, 15, 15)) if layout == "channels_last" else (
+        nn.MaxPool3d(3, 2, 1), (2, 8, 7, 9, 8))
+    x = torch.randn(shape).to(memory_format=getattr(torch, layout))
     indices = indices_of(pool, x)
-    assert indices.is_contiguous(memory_format=torch.channels_last) and not indices.is_contiguous()
-    windows = pool_windows(pool, x.shape)
-    restored = decode(encode(indices, windows), windows, indices.shape, indices.stride())
-    assert restored.stride() == indices.stride() and torch.equal(restored, indices)
+    assert indices.is_contiguous(memory_format=getattr(torch, layout)) and not indices.is_contiguous()
+    assert torch.equal(round_trip(indices, pool_windows(pool, x.shape), backend), indices)
 
 
 @pytest.mark.parametrize("kernel, bits", [(2, 2), ((1, 3), 2), ((2, 2), 4), (3, 4), ((3, 5), 4), ((4, 4), 8),
@@ -88,15 +98,17 @@ def test_other_modules_and_large_windows_are_not_encoded():
 def test_code_layout_golden_bytes():
     # First value in the lowest bits; the last byte padded with zeros.
     codes = torch.tensor([1, 2, 3, 4, 5], dtype=torch.uint8)
-    assert _pack_codes(codes, 4).tolist() == [0x21, 0x43, 0x05]
-    assert _pack_codes(codes[:4] % 4, 2).tolist() == [0b00111001]
-    assert _pack_codes(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.uint8), 1).tolist() == [0b10001101, 1]
+    assert torch_pack_padded_codes(codes, 4).tolist() == [0x21, 0x43, 0x05]
+    assert torch_pack_padded_codes(codes[:4] % 4, 2).tolist() == [0b00111001]
+    assert torch_pack_padded_codes(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=torch.uint8), 1).tolist() == [
+        0b10001101, 1]
     for bits in (1, 2, 4, 8):
         values = torch.randint(0, 1 << bits, (37,), dtype=torch.uint8)
-        assert torch.equal(_unpack_codes(_pack_codes(values, bits), bits, 37), values)
+        assert torch.equal(torch_unpack_padded_codes(torch_pack_padded_codes(values, bits), bits, 37), values)
 
 
-def test_window_position_layout_golden():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_window_position_layout_golden(backend):
     # A 3x3 window, stride 2, padding 1, on a 4x4 plane: output (0, 0)'s window starts at (-1, -1),
     # so input position (0, 0) (index 0) is window position (1, 1) = 4; output (1, 1)'s window starts
     # at (1, 1), and input (3, 2) (index 14) is window position (2, 1) = 7.
@@ -104,14 +116,30 @@ def test_window_position_layout_golden():
     indices = torch.tensor([[[[0, 2], [8, 14]]]])
     # (0, 1) starts at (-1, 1): index 2 = (0, 2) is position (1, 1) = 4; (1, 0) starts at (1, -1):
     # index 8 = (2, 0) is position (1, 1) = 4.
-    assert encode(indices, windows).tolist() == [0x44, 0x74]
+    assert encode_pool_indices(indices, windows, backend).tolist() == [0x44, 0x74]
 
 
-def test_outside_code_layout_golden():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_codes_follow_the_memory_order_golden(backend):
+    # 2x2 windows, stride 2, on a 2x4 plane; two output positions along the width, two channels. Logical
+    # order (c0 w0, c0 w1, c1 w0, c1 w1) holds window positions 0, 1, 2, 3; channels_last memory holds
+    # them as (c0 w0, c1 w0, c0 w1, c1 w1), so its codes are 0, 2, 1, 3.
+    windows = PoolWindows((2, 4), (2, 2), (2, 2), (0, 0), (1, 1))
+    logical = torch.tensor([[[[0, 3]], [[4, 7]]]])  # (plane row 0 col 0, row 0 col 3, row 1 col 0, row 1 col 3)
+    assert encode_pool_indices(logical, windows, backend).tolist() == [0x10, 0x32]
+    channels_last = logical.to(memory_format=torch.channels_last)
+    assert encode_pool_indices(channels_last, windows, backend).tolist() == [0x20, 0x31]
+    restored = decode_pool_indices(torch.tensor([0x20, 0x31], dtype=torch.uint8), windows, channels_last.shape,
+                                   channels_last.stride(), backend)
+    assert torch.equal(restored, logical) and restored.stride() == channels_last.stride()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_outside_code_layout_golden(backend):
     # A 2x2 window, stride 2, on a 4x4 plane: index 0 lies in output (0, 0)'s window (position 0) and
     # outside the other three, whose code is then 4 (the window's 4 positions, then "outside").
     windows = PoolWindows((4, 4), (2, 2), (2, 2), (0, 0), (1, 1))
     indices = torch.zeros(1, 1, 2, 2, dtype=torch.int64)
-    codes = encode(indices, windows)
+    codes = encode_pool_indices(indices, windows, backend)
     assert windows.bits == 4 and codes.tolist() == [0x40, 0x44]
-    assert torch.equal(decode(codes, windows, indices.shape, indices.stride()), indices)
+    assert torch.equal(decode_pool_indices(codes, windows, indices.shape, indices.stride(), backend), indices)

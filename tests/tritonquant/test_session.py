@@ -2,6 +2,7 @@
 
 import contextlib
 import gc
+import math
 import warnings
 import weakref
 from collections import Counter
@@ -1086,14 +1087,17 @@ class _MaxPoolSubclass(nn.MaxPool2d):
     (nn.AdaptiveMaxPool2d((5, 7)), (4, 8, 30, 28), 16),  # windows of varying size: int16
     (nn.AdaptiveMaxPool2d(2), (2, 3, 200, 200), 32),  # 40,000 positions a plane do not fit int16
 ], ids=["maxpool2d", "maxpool2d-wide", "maxpool1d", "maxpool3d", "maxpool2d-17x17", "adaptive2d", "adaptive2d-wide"])
-def test_max_pool_indices_are_packed_without_loss(pool, shape, bits):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_max_pool_indices_are_packed_without_loss(pool, shape, bits, backend):
     # max-pooling's backward reads only the indices (and the input's shape), so with the indices
     # restored exactly the input gradient is bit-identical to exact training's, whatever the codes.
+    if backend == "triton" and (math.prod(shape) > 100_000 or bits > 8):
+        pytest.skip("interpreted kernels are slow; the window codes' kernels run in the smaller cases")
     torch.manual_seed(0)
     x = torch.randn(shape)
     weight = torch.randn_like(pool(x))
     exact = input_grad(pool, x, contextlib.nullcontext(), weight)
-    session = tq.compress(bits=2, min_bytes=0)
+    session = tq.compress(bits=2, min_bytes=0, backend=backend)
     compressed = input_grad(pool, x, session, weight)
     assert torch.equal(compressed, exact)
     row = session.stats.modules[type(pool).__name__]  # (a root module is named by its type)

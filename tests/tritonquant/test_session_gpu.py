@@ -126,6 +126,7 @@ def test_autocast_weight_casts_are_not_held_between_forward_and_backward():
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape, kernel, stride, padding, dilation, ceil_mode", [
     ((8, 64, 112, 112), 3, 2, 1, 1, False),  # ResNet's stem pool
@@ -133,12 +134,13 @@ def test_autocast_weight_casts_are_not_held_between_forward_and_backward():
     ((4, 16, 32, 32), 2, 2, 0, 1, False),
 ], ids=["resnet-stem", "dilated-ceil", "2x2"])
 def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kernel, stride, padding, dilation,
-                                                                     ceil_mode, channels_last):
+                                                                     ceil_mode, channels_last, backend):
     # pool_indices relies on each index lying inside its window, or being 0: CUDA's channels-last kernel
     # keeps index 0 for a window of -inf only, outside most windows (ties and NaN included).
     from torch import nn
 
-    from tritonquant.pool_indices import decode, encode, pool_windows
+    from tritonquant.codec import decode_pool_indices, encode_pool_indices
+    from tritonquant.pool_indices import pool_windows
 
     torch.manual_seed(0)
     x = torch.randint(0, 3, shape, device="cuda").float()  # many ties
@@ -149,5 +151,6 @@ def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kern
     pool = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
     _, indices = torch.nn.functional.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
     windows = pool_windows(pool, x.shape)
-    restored = decode(encode(indices, windows), windows, indices.shape, indices.stride())
-    assert torch.equal(restored, indices)
+    codes = encode_pool_indices(indices, windows, backend)
+    restored = decode_pool_indices(codes, windows, indices.shape, indices.stride(), backend)
+    assert torch.equal(restored, indices) and restored.stride() == indices.stride()
