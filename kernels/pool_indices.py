@@ -1,22 +1,23 @@
 """Max-pooling indices <-> 1-8 bit window positions, each launcher beside its plain-torch reference.
 
 ``nn.MaxPool1d/2d/3d`` saves, for each output element, the int64 flat position of its maximum in the
-(n, c) plane of its input. ``encode`` stores each as its place inside the output element's window, or as
+(n, c) plane of its input. Encoding stores each as its place inside the output element's window, or as
 the code ``PoolWindows.outside`` for index 0 outside the window (CUDA's channels-last kernel keeps it for
-a window of -inf only); ``decode`` restores the int64 indices exactly. docs/format.md gives the layout:
+a window of -inf only); decoding restores the int64 indices exactly. docs/format.md gives the layout:
 the codes in the memory order of the index tensor, ``8 // bits`` to a byte, the first in the lowest bits.
 
-Why kernels: the torch reference is about 20 elementwise ops over the whole index tensor each way (int64
-and int32 temporaries, masks, broadcast window starts): about 300 bytes moved per index for the encode
-and decode together, against 17 for one pass each way (8 bytes of int64 read and half a byte of codes
-written at 4 bits, and back). ResNet-50's stem pool saves 51 million indices at batch 256.
+Why kernels: the torch reference runs some 30 ops over the whole index tensor each way (int64 and int32
+temporaries, masks, broadcast window starts). For ResNet-50's stem pool, which saves 51 million indices
+at batch 256, they moved about 340 bytes per index, encode and decode together (counted by
+benchmarks/device_ledger.py); one pass each way moves 17 (8 bytes of int64 read and half a byte of codes
+written at 4 bits, and back).
 
 Both kernels find an element's output coordinates from its place ``p`` in memory, ``(p // stride_d) %
 size_d`` for each spatial dimension d, and the window coordinates of an index by peeling the plane's
 sizes off it. Those sizes are runtime values, so every division is a multiply-high by a prepared
 divisor (``channels.divider``), exact below 2**31: the launchers take tensors of fewer than 2**31
-elements (``fits_kernels``), and the library's codec passes larger ones to the reference. The window's own
-sizes (kernel, stride, padding, dilation) are constexprs: they are few per model, and make their
+elements (``fits_kernels``), and the library's codec passes larger ones to the reference. The window's
+own sizes (kernel, stride, padding, dilation) are constexprs: they are few per model, and make their
 divisions and products free.
 """
 
