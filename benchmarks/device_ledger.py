@@ -111,16 +111,20 @@ class Ledger(TorchDispatchMode):
 def kernel_calls_counted(ledger: Ledger):
     """Route the Triton entries of the codec's tables through ``ledger`` (their own ops unrecorded).
 
-    The stand-in launches nothing, so restored tensors hold whatever memory held. Garbage floats are
-    harmless to count, garbage pooling indices are not (backward scatters through them): the pool-index
-    entries run their torch references, counted as the one launch they are on a GPU."""
+    The stand-in launches nothing, so restored tensors would hold whatever memory held: garbage
+    pooling indices, which backward scatters through, and garbage floats, whose denormals and NaNs
+    slow the CPU's backward many times over. So the pool-index entries run their torch references,
+    and the restored floats and bools are zeros; each is counted as the one launch it is on a GPU."""
     originals = {name: table["triton"] for name, table in KERNEL_TABLES.items()}
     run = {**originals, **{name: KERNEL_TABLES[name]["torch"] for name in ("encode pool indices",
                                                                            "decode pool indices")}}
+    restored_argument = {"dequantize": 2, "unpack bool": 1}  # (the ``out`` the launcher writes)
 
     def counted(name, kernel, *args):
         with _disable_current_modes():
             out = kernel(*args)
+            if name in restored_argument:
+                args[restored_argument[name]].zero_()
         ledger.record(("Triton", name), sum({**tensor_bytes(args), **tensor_bytes(out)}.values()))
         return out
 
