@@ -111,13 +111,10 @@ class Ledger(TorchDispatchMode):
 def kernel_calls_counted(ledger: Ledger):
     """Route the Triton entries of the codec's tables through ``ledger`` (their own ops unrecorded).
 
-    The stand-in launches nothing, so restored tensors would hold whatever memory held: garbage
-    pooling indices, which backward scatters through, and garbage floats, whose denormals and NaNs
-    slow the CPU's backward many times over. So the pool-index entries run their torch references,
-    and the restored floats and bools are zeros; each is counted as the one launch it is on a GPU."""
+    The stand-in launches nothing, so restored tensors would hold whatever memory held. Pooling indices
+    are set to 0 (``stand_in_driver.prepare_codec``); restored floats and bools are set to 0 here, as
+    garbage floats (denormals, NaNs) slow the CPU's backward many times over."""
     originals = {name: table["triton"] for name, table in KERNEL_TABLES.items()}
-    run = {**originals, **{name: KERNEL_TABLES[name]["torch"] for name in ("encode pool indices",
-                                                                           "decode pool indices")}}
     restored_argument = {"dequantize": 2, "unpack bool": 1}  # (the ``out`` the launcher writes)
 
     def counted(name, kernel, *args):
@@ -129,7 +126,7 @@ def kernel_calls_counted(ledger: Ledger):
         return out
 
     for name, table in KERNEL_TABLES.items():
-        table["triton"] = functools.partial(counted, name, run[name])
+        table["triton"] = functools.partial(counted, name, originals[name])
     try:
         yield
     finally:

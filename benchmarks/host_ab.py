@@ -71,7 +71,7 @@ def load_revision(revision: str, into: Path):
     module = importlib.util.module_from_spec(spec)
     sys.modules["tritonquant_base"] = module
     spec.loader.exec_module(module)
-    module.codec.is_interpreted = lambda: True  # as install_for_cpu_tensors does for the checkout
+    stand_in_driver.prepare_codec(module.codec)  # as install_for_cpu_tensors does for the checkout's
     return module
 
 

@@ -77,5 +77,25 @@ def install_for_cpu_tensors() -> StandInDriver:
         sys.exit(2)
     from tritonquant import codec
 
-    codec.is_interpreted = lambda: True
+    prepare_codec(codec)
     return stand_in
+
+
+def prepare_codec(codec) -> None:
+    """Make a tritonquant ``codec`` module pack CPU tensors through the launchers under the stand-in.
+
+    Its backend check is told it runs under the interpreter. And since no launch runs, the max-pooling
+    indices it decodes would be whatever memory held, which backward's scatter would write through out
+    of bounds: they are set to 0 after the launch, a position in every plane. (Other restored tensors
+    keep whatever memory held: wrong values, but nothing indexes with them.)
+    """
+    codec.is_interpreted = lambda: True
+    decode_pool = getattr(codec, "_DECODE_POOL", None)  # (a revision before the pool-index kernels has none)
+    if decode_pool is not None:
+        launch = decode_pool["triton"]
+
+        def decode_to_zeros(codes, windows, out, _launch=launch):
+            _launch(codes, windows, out)
+            out.zero_()
+
+        decode_pool["triton"] = decode_to_zeros
