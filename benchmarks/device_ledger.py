@@ -14,10 +14,10 @@ torch work the hooks do besides the kernels: weight casts made again, statistics
 Bytes: a kernel call's tensor arguments and results, each counted once (read or written once); a torch
 op's tensor inputs and outputs, an in-place output counted again (read, then written). Views and
 allocations move nothing and are left out. The step runs at two batch sizes (``--batches``), and each
-row's bytes are fitted as a + b * batch (weight casts do not grow with the batch; activations do), then projected to
-the batch sizes of ``--project``. The last column divides the bytes by a bandwidth (``--bandwidth``,
-default the H200's copy bandwidth measured on 2026-11-29): a floor for the time they take, which
-leaves out every launch's fixed cost.
+row's bytes are fitted as a + b * batch (weight casts do not grow with the batch; activations do), then
+projected to the batch sizes of ``--project``. The last column divides the bytes by a bandwidth
+(``--bandwidth``, default the H200's copy bandwidth measured on 2026-11-29): a floor for the time they
+take, which leaves out every launch's fixed cost.
 """
 
 from __future__ import annotations
@@ -164,10 +164,15 @@ def main() -> int:
     parser.add_argument("--bandwidth", type=float, default=H200_COPY_GB_PER_S,
                         help=f"GB/s for the time floor (default {H200_COPY_GB_PER_S}, the H200's copy bandwidth)")
     args = parser.parse_args()
-    projected = [int(b) for b in args.project.split(",")]
-    counted = [int(b) for b in args.batches.split(",")]
+    try:
+        projected = [int(b) for b in args.project.split(",")]
+        counted = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches and --project take comma-separated ints, got {args.batches!r}, {args.project!r}")
     if len(counted) != 2 or not 0 < counted[0] < counted[1]:
         parser.error(f"--batches must be two increasing positive batch sizes, got {args.batches!r}")
+    if not projected or min(projected) < 1:
+        parser.error(f"--project must be positive batch sizes, got {args.project!r}")
     size = args.size or DEFAULT_SIZES[args.workload]
     small, large = (ledger_of_step(args.workload, b, size, args.bits) for b in counted)
     if small.calls != large.calls:
