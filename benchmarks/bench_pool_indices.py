@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from tritonquant.kernels import autotune
-from tritonquant.kernels.pool_indices import (PoolWindows, codes_nbytes, torch_decode_pool_indices,
-                                              torch_encode_pool_indices, triton_decode_pool_indices,
-                                              triton_encode_pool_indices)
+from tritonquant.kernels.bitpack import packed_codes_nbytes
+from tritonquant.kernels.pool_indices import (PoolWindows, torch_decode_pool_indices, torch_encode_pool_indices,
+                                              triton_decode_pool_indices, triton_encode_pool_indices)
 
 STEM = dict(kernel_size=3, stride=2, padding=1)
 STEM_WINDOWS = PoolWindows((112, 112), (3, 3), (2, 2), (1, 1), (1, 1))
@@ -60,7 +60,7 @@ def rows_for(batch: int, device: torch.device, on_gpu: bool) -> list[list[str]]:
     indices = stem_indices(batch, device)
     codes = torch_encode_pool_indices(indices, STEM_WINDOWS)
     out = torch.empty_like(indices)
-    moved = indices.numel() * 8 + codes_nbytes(indices.numel(), STEM_WINDOWS.bits)
+    moved = indices.numel() * 8 + packed_codes_nbytes(indices.numel(), STEM_WINDOWS.bits)
     timer = gpu_ms if on_gpu else cpu_ms
     impls = {
         "encode": {"torch": lambda: torch_encode_pool_indices(indices, STEM_WINDOWS),

@@ -57,6 +57,24 @@ def torch_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return fields.reshape(*packed.shape[:-1], -1)
 
 
+def packed_codes_nbytes(n_codes: int, bits: int) -> int:
+    """Bytes of ``n_codes`` codes of ``bits`` bits, ``8 // bits`` to a byte."""
+    return cdiv(n_codes, 8 // bits)
+
+
+def torch_pack_padded_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [n] values below 2**bits -> uint8 [packed_codes_nbytes(n, bits)], the last byte padded with zeros."""
+    per_byte = 8 // bits
+    padded = torch.zeros(packed_codes_nbytes(codes.numel(), bits) * per_byte, dtype=torch.uint8, device=codes.device)
+    padded[:codes.numel()] = codes
+    return torch_pack_codes(padded, bits)
+
+
+def torch_unpack_padded_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``torch_pack_padded_codes``: uint8 [n]."""
+    return torch_unpack_codes(packed, bits)[:n]
+
+
 # ---------------------------------------------------------------------------------------------
 # bool <-> 1-bit, lossless
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +110,7 @@ _launch_unpack_bool = KernelLauncher(_unpack_bool_kernel)
 
 
 def packed_bool_nbytes(n_elements: int) -> int:
-    return (n_elements + 7) // 8
+    return packed_codes_nbytes(n_elements, 1)
 
 
 def triton_pack_bool(x: torch.Tensor) -> torch.Tensor:
@@ -108,11 +126,7 @@ def triton_pack_bool(x: torch.Tensor) -> torch.Tensor:
 
 def torch_pack_bool(x: torch.Tensor) -> torch.Tensor:
     """Reference for ``triton_pack_bool``."""
-    flat = flat_view(x)
-    n = flat.numel()
-    padded = torch.zeros(packed_bool_nbytes(n) * 8, dtype=torch.uint8, device=flat.device)
-    padded[:n] = flat.view(torch.uint8)
-    return torch_pack_codes(padded, 1)
+    return torch_pack_padded_codes(flat_view(x).view(torch.uint8), 1)
 
 
 def triton_unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
@@ -126,5 +140,4 @@ def triton_unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
 def torch_unpack_bool(packed: torch.Tensor, out: torch.Tensor) -> None:
     """Reference for ``triton_unpack_bool``."""
     out = flat_view(out)
-    n = out.numel()
-    out.view(torch.uint8).copy_(torch_unpack_codes(packed, 1)[:n])
+    out.view(torch.uint8).copy_(torch_unpack_padded_codes(packed, 1, out.numel()))

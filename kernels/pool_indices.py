@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bitpack import pack_codes, torch_pack_codes, torch_unpack_codes, unpack_codes
+from .bitpack import (pack_codes, packed_codes_nbytes, torch_pack_padded_codes, torch_unpack_padded_codes,
+                      unpack_codes)
 from .channels import INDEX32_LIMIT, _divide, divider
 from .launch import KernelLauncher, cdiv
 
@@ -67,11 +68,6 @@ class PoolWindows:
     def bits(self) -> int:
         """Bits per stored code: the fewest of CODE_BITS holding the window's positions and ``outside``."""
         return next(b for b in CODE_BITS if self.outside < 1 << b)
-
-
-def codes_nbytes(n_indices: int, bits: int) -> int:
-    """Bytes of ``n_indices`` codes of ``bits`` bits, ``8 // bits`` to a byte."""
-    return cdiv(n_indices, 8 // bits)
 
 
 def memory_order(t: torch.Tensor) -> list[int]:
@@ -235,10 +231,10 @@ def _block_bytes(bits: int) -> int:
 
 def triton_encode_pool_indices(indices: torch.Tensor, windows: PoolWindows) -> torch.Tensor:
     """int64 indices [..., *out_sizes], dense in any dimension order (``fits_kernels``)
-    -> uint8 [codes_nbytes(n, windows.bits)]: their window positions in memory order (module docstring)."""
+    -> uint8 [packed_codes_nbytes(n, windows.bits)]: their window positions in memory order (module docstring)."""
     n = indices.numel()
     bits = windows.bits
-    codes = torch.empty(codes_nbytes(n, bits), dtype=torch.uint8, device=indices.device)
+    codes = torch.empty(packed_codes_nbytes(n, bits), dtype=torch.uint8, device=indices.device)
     if n:
         in_size1, in_size2 = _plane_args(windows)
         block = _block_bytes(bits)
@@ -313,17 +309,3 @@ def torch_decode_pool_indices(codes: torch.Tensor, windows: PoolWindows, out: to
         step = (local // inner) % windows.kernel_size[d]
         position = position * windows.input_sizes[d] + (starts[d] + step * windows.dilation[d])
     run.copy_(torch.where(local == windows.outside, 0, position))
-
-
-def torch_pack_padded_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [n] values below 2**bits -> uint8 [codes_nbytes(n, bits)], ``8 // bits`` to a byte, first
-    lowest (the payload's own bit order, ``bitpack``), the last byte padded with zeros."""
-    per_byte = 8 // bits
-    padded = torch.zeros(codes_nbytes(codes.numel(), bits) * per_byte, dtype=torch.uint8, device=codes.device)
-    padded[:codes.numel()] = codes
-    return torch_pack_codes(padded, bits)
-
-
-def torch_unpack_padded_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of ``torch_pack_padded_codes``: uint8 [n]."""
-    return torch_unpack_codes(packed, bits)[:n]

@@ -9,7 +9,7 @@ from torch import nn
 
 from tests.conftest import CPU_BACKENDS
 from tritonquant.codec import decode_pool_indices, encode_pool_indices
-from tritonquant.kernels.pool_indices import torch_pack_padded_codes, torch_unpack_padded_codes
+from tritonquant.kernels.bitpack import torch_pack_padded_codes, torch_unpack_padded_codes
 from tritonquant.pool_indices import PoolWindows, pool_windows
 
 
