@@ -53,7 +53,7 @@ def torch_pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def torch_unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Reference for ``unpack_codes``: uint8 [..., k] -> uint8 codes [..., k * 8 // bits]."""
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)  # code k of a byte at bit k * bits
-    fields = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    fields = (packed[..., None] >> shifts) & (2**bits - 1)  # (2**: see quantize._torch_grid)
     return fields.reshape(*packed.shape[:-1], -1)
 
 

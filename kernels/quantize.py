@@ -647,7 +647,7 @@ def _torch_grid(lo: torch.Tensor, hi: torch.Tensor, window: tuple[torch.Tensor, 
                 standardized: bool) -> _TorchGrid:
     """Each group's grid from its range ``lo``, ``hi`` (float32 [groups], NaN or Inf for a group holding
     one: min and max propagate NaN) and, for the sigma scheme, the ``window`` inside it."""
-    levels_m1 = float((1 << bits) - 1)
+    levels_m1 = float(2**bits - 1)  # (not 1 << bits: torch 2.11's dynamic-shape compile fails on a shift)
     z_min, z_max = (1.0, levels_m1 - 1.0) if bits > 1 else (0.0, levels_m1)
     bad = ~(hi - lo < float("inf"))  # NaN or +/-Inf in the group, or a range that overflows float32
     lo = torch.where(bad, 0.0, lo)

@@ -169,6 +169,31 @@ def test_torch_reference_never_takes_more_than_a_chunk(monkeypatch):
     assert chunk(100_000, GROUP, cpu) is None
 
 
+@pytest.mark.parametrize("bits", (2, 4), ids=lambda b: f"{b}bit")
+def test_references_compile_with_dynamic_shapes_and_give_the_same_bytes(bits):
+    """The roofline benchmark compiles the references as here: dynamic shapes, ``bits`` held in a
+    closure, which Dynamo then traces as a symbolic int. Under torch 2.11 a shift by it (``1 << bits``)
+    failed to trace; the references compute ``2**bits`` instead. (aot_eager: the failure was in Dynamo's
+    tracing, before any backend.)"""
+    torch._dynamo.reset()
+    try:
+        quantize_compiled = torch.compile(lambda t: torch_quantize(t, bits, GROUP, False, False, 0, 0),
+                                          dynamic=True, backend="aot_eager")
+        dequantize_compiled = torch.compile(lambda p, m, o: torch_dequantize(p, m, o, bits, GROUP),
+                                            dynamic=True, backend="aot_eager")
+        for n in (640, 1280):  # a second size: served by the same dynamic graph
+            x = activation_like(n, torch.bfloat16, GROUP, seed=n)
+            payload, meta = torch_quantize(x, bits, GROUP, False, False, 0, 0)
+            got_payload, got_meta = quantize_compiled(x)
+            assert torch.equal(got_payload, payload) and torch.equal(got_meta, meta)
+            out, got_out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+            torch_dequantize(payload, meta, out, bits, GROUP)
+            dequantize_compiled(payload, meta, got_out)
+            assert torch.equal(got_out, out)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_output_is_fp32_decode_rounded_to_dtype(dtype, device):
     x = activation_like(2000, dtype, GROUP, seed=3, device=device)
