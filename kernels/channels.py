@@ -78,7 +78,7 @@ def channel_launch_args(n_elements: int, channels: torch.Tensor | None, channel_
 
 
 @triton.jit
-def _divide(i, prepared):
+def divide(i, prepared):
     """i // d for uint32 ``i`` below 2**31, with ``prepared`` = ``divider(d)`` (bits above 40 ignored)."""
     multiplier = (prepared >> 8).to(tl.uint32)
     shift = (prepared & 0xFF).to(tl.uint32)
@@ -93,9 +93,9 @@ def channel_of(idx, stride_divisor, count_divisor, INDEX64: tl.constexpr):
     if INDEX64:
         return (idx // stride_divisor) % count_divisor
     else:
-        quotient = _divide(idx.to(tl.uint32), stride_divisor)
+        quotient = divide(idx.to(tl.uint32), stride_divisor)
         n_channels = (count_divisor >> 40).to(tl.uint32)
-        return (quotient - _divide(quotient, count_divisor) * n_channels).to(tl.int32)
+        return (quotient - divide(quotient, count_divisor) * n_channels).to(tl.int32)
 
 
 @triton.jit
@@ -106,9 +106,9 @@ def row_channels(channels_ptr, rows, row_valid, stride_divisor, count_divisor, G
     Each group then selects per element between two pairs, with no index arithmetic or load per element.
     """
     start = rows.to(tl.uint32) * GROUP
-    quotient = _divide(start, stride_divisor)
+    quotient = divide(start, stride_divisor)
     n_channels = (count_divisor >> 40).to(tl.uint32)
-    first = (quotient - _divide(quotient, count_divisor) * n_channels).to(tl.int32)
+    first = (quotient - divide(quotient, count_divisor) * n_channels).to(tl.int32)
     second = tl.where(first + 1 == n_channels.to(tl.int32), 0, first + 1)
     channel_stride = (stride_divisor >> 40).to(tl.int64)
     boundary = (quotient.to(tl.int64) + 1) * channel_stride - start.to(tl.int64)

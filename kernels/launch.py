@@ -68,6 +68,39 @@ def flat_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 1 else x.as_strided((x.numel(),), (1,))
 
 
+def strided_runs(x: torch.Tensor) -> tuple[int, int] | None:
+    """(run, run_stride) when the elements of ``x`` are not one run of memory but equal runs of ``run``
+    elements, each starting ``run_stride`` elements after the one before, in memory order (the
+    dimensions ordered by stride); None for any other layout, dense ones included.
+
+    Views like these are what attention saves: q, k and v, split from one projection's output
+    ([batch, seq, 3, heads, head_dim], permuted to [batch, heads, seq, head_dim]), are each runs of
+    heads * head_dim elements, 3 * heads * head_dim apart; so is either half of ``x.chunk(2, -1)``.
+    The quantize kernel reads such runs where they lie (``triton_quantize``'s ``runs``) and packs them
+    as it would a dense copy of ``x`` with the same dimension order (``torch.empty_like(x)``).
+    """
+    dims = sorted((stride, size) for size, stride in zip(x.shape, x.stride()) if size != 1)
+    run, inner = 1, 0
+    while inner < len(dims) and dims[inner][0] == run:
+        run *= dims[inner][1]
+        inner += 1
+    if inner == len(dims) or dims[inner][0] <= run:  # dense, or overlapping (broadcast) elements
+        return None
+    run_stride = next_start = dims[inner][0]
+    for stride, size in dims[inner:]:
+        if stride != next_start:
+            return None
+        next_start *= size
+    return run, run_stride
+
+
+def runs_view(x: torch.Tensor, runs: tuple[int, int]) -> torch.Tensor:
+    """[n // run, run] view of ``x``'s elements laid out as ``runs`` = (run, run_stride)
+    (``strided_runs``), one run per row (no copy)."""
+    run, run_stride = runs
+    return x.as_strided((x.numel() // run, run), (run_stride, 1))
+
+
 def default_group_tile(n_groups: int, group_size: int, interpreted: bool) -> tuple[int, int]:
     """(groups per program, num_warps) for the quantize/dequantize kernels, before any tuning.
 

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .bitpack import (pack_codes, packed_codes_nbytes, torch_pack_padded_codes, torch_unpack_padded_codes,
                       unpack_codes)
-from .channels import INDEX32_LIMIT, _divide, divider
+from .channels import INDEX32_LIMIT, divide, divider
 from .launch import KernelLauncher, cdiv
 
 # Windows of up to 255 positions (and the code for "outside") fit a byte.
@@ -90,8 +90,8 @@ def fits_kernels(indices: torch.Tensor) -> bool:
 @triton.jit
 def _output_coordinate(p, stride_divisor, size_divisor, size):
     """(p // stride) % size for uint32 ``p`` below 2**31, both divisors from ``divider``."""
-    quotient = _divide(p, stride_divisor)
-    return (quotient - _divide(quotient, size_divisor) * size).to(tl.int32)
+    quotient = divide(p, stride_divisor)
+    return (quotient - divide(quotient, size_divisor) * size).to(tl.int32)
 
 
 @triton.jit
@@ -132,12 +132,12 @@ def _encode_kernel(indices_ptr, codes_ptr, n_elements, in_size1, in_size2, in_di
     if SPATIAL == 1:
         c2 = index
     else:
-        rest = _divide(position, in_divisor2)
+        rest = divide(position, in_divisor2)
         c2 = (position - rest * in_size2).to(tl.int32)
         if SPATIAL == 2:
             c1 = rest.to(tl.int32)
         else:
-            c0u = _divide(rest, in_divisor1)
+            c0u = divide(rest, in_divisor1)
             c1 = (rest - c0u * in_size1).to(tl.int32)
             c0 = c0u.to(tl.int32)
     o2 = _output_coordinate(pu, out_stride_divisor2, out_size_divisor2, out_size2)

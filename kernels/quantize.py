@@ -38,9 +38,9 @@ import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
 from .autotune import quantize_launch_config
-from .channels import (channel_launch_args, channel_of, channel_statistics, row_channels, standardizing_pairs,
-                       torch_channel_pieces)
-from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
+from .channels import (COUNT_LIMIT, channel_launch_args, channel_of, channel_statistics, divide, divider, row_channels,
+                       standardizing_pairs, torch_channel_pieces)
+from .launch import KernelLauncher, cdiv, flat_view, is_interpreted, runs_view, strided_runs
 from .philox import DITHER_ROUNDS, torch_dither4
 
 SIGMA_WIDTH = 3.0  # grid half-width in standard deviations (Chakrabarti & Moseley use 3)
@@ -136,10 +136,10 @@ def philox_counters(n_elements: int, group_size: int) -> int:
 @triton.jit(do_not_specialize=["seed", "rng_offset"])
 def _quantize_kernel(
     x_ptr, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
-    channels_ptr, stride_divisor, count_divisor,
+    channels_ptr, stride_divisor, count_divisor, run_divisor, run_stride,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, INDEX64: tl.constexpr,
-    ROW_CHANNELS: tl.constexpr,
+    ROW_CHANNELS: tl.constexpr, RUNS: tl.constexpr,
     EVEN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, EXACT_FMA: tl.constexpr,
 ):
     # The kernel is bound by instructions per element, not bytes: work that can be done once per row
@@ -155,6 +155,12 @@ def _quantize_kernel(
     # the tile.
     # EVEN: n_elements is a multiple of GROUP, so every group is whole and only rows past n_groups are
     # masked (per row, not per element).
+    # RUNS: x is not one run of memory but runs of whole groups, each starting run_stride elements after
+    # the one before (``launch.strided_runs``: q, k and v as views of one projection's output);
+    # run_divisor is the groups per run, prepared for multiply-high with the count riding above (as
+    # channels.channel_index_args prepares a channel count). Only where each group starts changes, once
+    # per row; the groups are numbered, dithered and stored as for a dense copy of x. (The launcher admits RUNS only with EVEN and without STANDARDIZE,
+    # whose channels are found from the element's offset: ``check_runs``.)
     CHUNK: tl.constexpr = GROUP // SPLIT
     LEVELS_M1: tl.constexpr = (1 << BITS) - 1
     # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
@@ -164,7 +170,13 @@ def _quantize_kernel(
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_valid = rows < n_groups
-    idx = (_per_row(rows.to(tl.int64) * GROUP, SPLIT_FIRST) + _per_chunk(tl.arange(0, SPLIT) * CHUNK, SPLIT_FIRST)
+    if RUNS:
+        run = divide(rows.to(tl.uint32), run_divisor)
+        within = rows - (run * (run_divisor >> 40).to(tl.uint32)).to(tl.int32)
+        row_start = run.to(tl.int64) * run_stride + within.to(tl.int64) * GROUP
+    else:
+        row_start = rows.to(tl.int64) * GROUP
+    idx = (_per_row(row_start, SPLIT_FIRST) + _per_chunk(tl.arange(0, SPLIT) * CHUNK, SPLIT_FIRST)
            + tl.arange(0, CHUNK)[None, None, :])
     if EVEN:  # the row mask, broadcast to the tile: no 64-bit compare per element
         valid = (_per_chunk(tl.arange(0, SPLIT) < SPLIT, SPLIT_FIRST) & _per_row(row_valid, SPLIT_FIRST)
@@ -445,7 +457,7 @@ def _max_propagating_nan(a, b):
 
 def triton_quantize(
     x: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
-    channels: torch.Tensor | None = None, channel_stride: int = 1,
+    channels: torch.Tensor | None = None, channel_stride: int = 1, runs: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a dense float tensor in memory order. Returns (payload uint8, meta float32 [n_groups, 2]).
 
@@ -456,6 +468,9 @@ def triton_quantize(
     counters from rng_offset on.
     ``channels``: float32 [C, 2] (minimum, scale) to standardize element i with, for its channel
     ``(i // channel_stride) % C`` (see the module docstring); None: no standardization.
+    ``runs``: (run, run_stride) from ``launch.strided_runs``: ``x``'s elements lie in runs of ``run``
+    elements, ``run_stride`` apart, from ``x.data_ptr()`` on; they are packed in that order, as one dense
+    run would be (``check_runs`` says which runs are accepted). None: ``x`` is dense.
     """
     n = x.numel()
     n_groups = -(-n // group_size)
@@ -466,7 +481,7 @@ def triton_quantize(
         return payload, meta
     rows, num_warps = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic, channels is not None)
     args, constexprs = quantize_launch_arguments(x, payload, meta, bits, group_size, rows, num_warps, sigma, stochastic,
-                                                 seed, rng_offset, channels, channel_stride)
+                                                 seed, rng_offset, channels, channel_stride, runs)
     _launch_quantize(cdiv(n_groups, rows), args, constexprs, num_warps)
     return payload, meta
 
@@ -474,7 +489,7 @@ def triton_quantize(
 def quantize_launch_arguments(
     x: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, bits: int, group_size: int, rows: int, num_warps: int,
     sigma: bool = False, stochastic: bool = False, seed: int = 0, rng_offset: int = 0,
-    channels: torch.Tensor | None = None, channel_stride: int = 1,
+    channels: torch.Tensor | None = None, channel_stride: int = 1, runs: tuple[int, int] | None = None,
 ) -> tuple[tuple, dict]:
     """(runtime arguments, constexprs) of one _quantize_kernel launch: what ``triton_quantize`` passes,
     for callers that launch the kernel themselves (benchmarks/profile_host.py)."""
@@ -483,12 +498,45 @@ def quantize_launch_arguments(
         channels = standardizing_pairs(channels)
     statistics, stride_divisor, count_divisor, index64, by_row = channel_launch_args(
         n, channels, channel_stride, group_size, meta)
-    args = (x, payload, meta, n, meta.shape[0], seed, rng_offset, statistics, stride_divisor, count_divisor)
+    # Without runs the kernel ignores run_divisor and run_stride: 1 each, one specialization for all sizes.
+    run_divisor, run_stride = 1, 1
+    if runs is not None:
+        check_runs(n, runs, group_size, channels)
+        run_groups = runs[0] // group_size
+        run_divisor, run_stride = divider(run_groups) | run_groups << 40, runs[1]
+    args = (x, payload, meta, n, meta.shape[0], seed, rng_offset, statistics, stride_divisor, count_divisor,
+            run_divisor, run_stride)
     constexprs = dict(BITS=bits, GROUP=group_size, ROWS=rows, SIGMA=sigma, STOCHASTIC=stochastic,
-                      STANDARDIZE=channels is not None, INDEX64=index64, ROW_CHANNELS=by_row, EVEN=n % group_size == 0,
+                      STANDARDIZE=channels is not None, INDEX64=index64, ROW_CHANNELS=by_row, RUNS=runs is not None,
+                      EVEN=n % group_size == 0,
                       SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)),
                       SPLIT_FIRST=SPLIT_FIRST, EXACT_FMA=_EXACT_FMA)
     return args, constexprs
+
+
+def readable_runs(x: torch.Tensor, group_size: int) -> tuple[int, int] | None:
+    """``launch.strided_runs(x)`` when the quantize kernels can read those runs where they lie
+    (``check_runs``), else None (then ``x`` is copied densely first)."""
+    runs = strided_runs(x)
+    return runs if runs is not None and _runs_fit(runs, group_size) else None
+
+
+def _runs_fit(runs: tuple[int, int], group_size: int) -> bool:
+    # Whole groups per run, fewer than COUNT_LIMIT of them (the count rides in run_divisor's top bits).
+    return runs[0] > 0 and runs[0] % group_size == 0 and runs[0] // group_size < COUNT_LIMIT and runs[1] > runs[0]
+
+
+def check_runs(n: int, runs: tuple[int, int], group_size: int, channels: torch.Tensor | None) -> None:
+    """Raise ValueError unless the quantize kernel can read ``n`` elements laid out as ``runs`` = (run,
+    run_stride): whole groups per run (fewer than 2**23), whole runs, gaps between them, and no
+    standardization (the kernel finds an element's channel from its offset, which runs change)."""
+    run, run_stride = runs
+    if not _runs_fit(runs, group_size) or n % run:
+        raise ValueError(f"runs must be (run, run_stride) with run a positive multiple of group_size "
+                         f"({group_size}), fewer than 2**23 groups, that divides the {n} elements, and "
+                         f"run_stride > run; got {runs}")
+    if channels is not None:
+        raise ValueError("runs cannot be combined with channels (standardization): pass a dense copy")
 
 
 def _exact_div(numerator: float, t: torch.Tensor) -> torch.Tensor:
@@ -511,15 +559,17 @@ def _exact_sqrt(t: torch.Tensor) -> torch.Tensor:
 
 def torch_quantize(
     x: torch.Tensor, bits: int, group_size: int, sigma: bool, stochastic: bool, seed: int, rng_offset: int,
-    channels: torch.Tensor | None = None, channel_stride: int = 1,
+    channels: torch.Tensor | None = None, channel_stride: int = 1, runs: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch reference for ``triton_quantize``: same signature, same bits out.
 
     On the CPU it takes the tensor a span of at most ``TORCH_GRID_GROUPS`` groups at a time, and a span
     a chunk at a time (``torch_chunk_elements``); elsewhere both are the whole tensor. See
-    ``_torch_quantize_span``.
+    ``_torch_quantize_span``. ``runs`` are copied into one dense run first.
     """
-    flat = flat_view(x)
+    if runs is not None:
+        check_runs(x.numel(), runs, group_size, channels)
+    flat = flat_view(x) if runs is None else runs_view(x, runs).reshape(-1)
     n = flat.numel()
     device = flat.device
     payload = torch.empty(payload_nbytes(n, bits, group_size), dtype=torch.uint8, device=device)

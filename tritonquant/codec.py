@@ -2,8 +2,10 @@
 
 A tensor is packed in physical memory order: its storage is read as one flat run of elements, so
 channels_last and other permuted layouts cost no copy and come back with their strides. Broadcast
-(stride-0) dimensions are collapsed before packing and re-expanded after; a tensor with gaps between
-its elements is first copied densely, keeping its dimension order.
+(stride-0) dimensions are collapsed before packing and re-expanded after. A tensor with gaps between
+its elements is packed as a dense copy that keeps its dimension order would be, and comes back dense
+in that order; the quantize kernels read equal runs at one stride (attention's q, k and v) where they
+lie, and any other such tensor is copied first.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from . import kernels
 from .config import BACKENDS, MAX_SEED, QuantConfig
 from .kernels import pool_indices as pool_kernels
 from .kernels.launch import is_interpreted
+from .kernels.quantize import readable_runs
 from .packed import PackedTensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -133,7 +136,7 @@ def quantize_checked(x: torch.Tensor, config: QuantConfig, *, standardize: str |
         # The torch backend's arithmetic, and the channel statistics, must not be recorded by autograd
         # (nor saved again). The Triton kernels only read ``x``'s memory.
         x = x.detach()
-    stored = _dense_layout(x)
+    stored, runs = _packing_layout(x, config.group_size, read_runs=dtype != torch.bool and standardize is None)
     channels, channel_stride = None, 1
     if standardize == "channels" and stored.dim() >= 2:
         channels, channel_stride = _channel_statistics(stored), _channel_stride(stored)
@@ -153,11 +156,14 @@ def quantize_checked(x: torch.Tensor, config: QuantConfig, *, standardize: str |
             seed, offset = _rng_for(config, stored.numel(), device, stream)
             payload, meta = _QUANTIZE[backend](
                 stored, config.bits, config.group_size, config.scheme == "sigma", config.stochastic, seed, offset,
-                channels, channel_stride,
+                channels, channel_stride, runs,
             )
             bits, scheme, stochastic = config.bits, config.scheme, config.stochastic
     shape, stride = x.shape, x.stride()
-    stored_shape, stored_stride = (shape, stride) if stored is x else (stored.shape, stored.stride())
+    if runs is not None:  # packed as a dense copy would have been: restored into that layout
+        stored_shape, stored_stride = stored.shape, torch.empty_like(stored, device="meta").stride()
+    else:
+        stored_shape, stored_stride = (shape, stride) if stored is x else (stored.shape, stored.stride())
     return PackedTensor(payload, meta, shape, stride, stored_shape, stored_stride, dtype, bits, config.group_size,
                         scheme, stochastic, channels)
 
@@ -270,14 +276,20 @@ def _warn_stochastic_capture() -> None:
     )
 
 
-def _dense_layout(x: torch.Tensor) -> torch.Tensor:
-    """What gets packed: ``x`` itself when it is contiguous or channels_last (the common case, two
-    cheap checks); otherwise broadcast dimensions collapsed and, if gaps remain, a dense copy that
-    keeps the dimension order."""
+def _packing_layout(x: torch.Tensor, group_size: int, read_runs: bool) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """(what gets packed, its runs): ``x`` itself when it is contiguous or channels_last (the common
+    case, two cheap checks); otherwise broadcast dimensions collapsed and, if gaps remain, either the
+    same view with the runs the quantize kernels read where they lie (``read_runs``, and
+    ``launch.strided_runs`` finds runs of whole groups), or a dense copy that keeps the dimension order."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
-        return x
+        return x, None
     stored = _collapse_broadcast(x.detach())  # (autograd has no business with these views and copies)
-    return stored if is_dense(stored) else torch.empty_like(stored).copy_(stored)
+    if is_dense(stored):
+        return stored, None
+    runs = readable_runs(stored, group_size) if read_runs else None
+    if runs is not None:
+        return stored, runs
+    return torch.empty_like(stored).copy_(stored), None
 
 
 def _collapse_broadcast(x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ ELEMENT_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 NUM_WARPS = 4
 # Quantize tiles: 16 rows, whose rows 8 threads share, and 32, whose rows 4 share (threads_per_group).
 QUANTIZE_ROWS = (16, 32)
+RUN_ARGUMENTS = ("run_divisor", "run_stride")
 
 
 def variants(quick: bool):
@@ -52,10 +53,15 @@ def variants(quick: bool):
 
     # INDEX64 (channel indices by 64-bit division, for runs of 2**31 elements or more): standardized
     # variants only, at the 16-row tile of whole groups (and in quick mode one of them).
-    for bits, sigma, stochastic, standardize, index64, row_channels, even, dtype, rows in itertools.product(
-            bits_choices, (False, True), (False, True), (False, True), (False, True), (False, True), (True, False),
-            FLOATS, QUANTIZE_ROWS):
+    for bits, sigma, stochastic, standardize, index64, row_channels, runs, even, dtype, rows in itertools.product(
+            bits_choices, (False, True), (False, True), (False, True), (False, True), (False, True), (False, True),
+            (True, False), FLOATS, QUANTIZE_ROWS):
         if index64 and (not standardize or not even or rows != QUANTIZE_ROWS[0]):
+            continue
+        # RUNS (strided runs read where they lie: attention's q, k, v): whole groups, not standardized,
+        # 16-row tile; in quick mode bf16 at 4 bits, nearest rounding.
+        if runs and (not even or standardize or rows != QUANTIZE_ROWS[0]
+                     or (quick and (bits != 4 or sigma or stochastic))):
             continue
         # ROW_CHANNELS (statistics read per group, kernels/channels.py): standardized 32-bit runs only.
         if row_channels and (not standardize or index64 or (quick and (dtype != "bf16" or sigma or stochastic))):
@@ -65,18 +71,24 @@ def variants(quick: bool):
                       or (not even and (bits != 4 or sigma or stochastic or standardize))
                       or (rows != QUANTIZE_ROWS[0] and (bits != 4 or sigma or stochastic or standardize))):
             continue
+        # Without runs, launches pass run_divisor = run_stride = 1, which Triton specializes as constants.
+        run_args = {"run_divisor": "i64", "run_stride": "i64"} if runs else dict.fromkeys(RUN_ARGUMENTS, "constexpr")
         signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
-                     "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args(index64),
+                     "n_groups": "i32", "seed": "i64", "rng_offset": "i64", **channel_args(index64), **run_args,
                      "BITS": "constexpr",
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
                      "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "ROW_CHANNELS": "constexpr",
-                     "EVEN": "constexpr", "SPLIT": "constexpr", "SPLIT_FIRST": "constexpr", "EXACT_FMA": "constexpr"}
+                     "RUNS": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr", "SPLIT_FIRST": "constexpr",
+                     "EXACT_FMA": "constexpr"}
         split = split_for(256, ELEMENT_SIZES[dtype], threads_per_group(rows, NUM_WARPS))
         constants = {"BITS": bits, "GROUP": 256, "ROWS": rows, "SIGMA": sigma, "STOCHASTIC": stochastic,
-                     "STANDARDIZE": standardize, "INDEX64": index64, "ROW_CHANNELS": row_channels, "EVEN": even,
-                     "SPLIT": split, "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True}
+                     "STANDARDIZE": standardize, "INDEX64": index64, "ROW_CHANNELS": row_channels, "RUNS": runs,
+                     "EVEN": even, "SPLIT": split, "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True}
+        if not runs:
+            constants.update(dict.fromkeys(RUN_ARGUMENTS, 1))
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"
-                f"{' index64' if index64 else ''}{' row_channels' if row_channels else ''} even={even} rows={rows}")
+                f"{' index64' if index64 else ''}{' row_channels' if row_channels else ''}{' runs' if runs else ''}"
+                f" even={even} rows={rows}")
         yield name, _quantize_kernel, signature, constants
     for bits, standardize, index64, row_channels, even, dtype in itertools.product(
             bits_choices, (False, True), (False, True), (False, True), (True, False), FLOATS):
@@ -139,7 +151,7 @@ def aligned(signature: dict) -> dict:
     multiple of 16, as tensors of whole groups have them: the one whose layout is checked below."""
     runtime = [name for name, kind in signature.items() if kind != "constexpr"]
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(runtime)
-            if signature[name].startswith("*") or name == "n_elements"}
+            if signature[name].startswith("*") or name in ("n_elements", "run_stride")}
 
 
 TTGIR_TYPES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}

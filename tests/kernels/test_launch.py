@@ -1,4 +1,4 @@
-"""kernels/launch.py: the integer helpers, flat_view, and KernelLauncher's direct launches.
+"""kernels/launch.py: the integer helpers, flat_view, strided_runs, and KernelLauncher's direct launches.
 
 The direct-launch check needs Triton's real compiler, so it runs ``direct_launch_check.py`` in a
 subprocess without TRITON_INTERPRET, with a recording fake driver (no GPU needed). On a GPU,
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tritonquant.kernels.launch import cdiv, flat_view, next_power_of_2
+from tritonquant.kernels.launch import cdiv, flat_view, next_power_of_2, runs_view, strided_runs
 
 SCRIPT = Path(__file__).with_name("direct_launch_check.py")
 
@@ -40,6 +40,37 @@ def test_flat_view_is_the_run_of_memory(layout):
     flat = flat_view(x)
     assert flat.dim() == 1 and flat.data_ptr() == x.data_ptr()
     assert torch.equal(flat, base), "the elements in memory order, no copy"
+
+
+def _qkv(index: int) -> torch.Tensor:
+    """q, k or v of attention: [batch 2, heads 4, seq 5, head_dim 8] views of one [2, 5, 96] projection."""
+    return torch.arange(2 * 5 * 96.0).view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)[index]
+
+
+STRIDED_RUNS = {  # name: (make, expected (run, run_stride) or None)
+    "q": (lambda: _qkv(0), (32, 96)),
+    "v": (lambda: _qkv(2), (32, 96)),
+    "chunk-half": (lambda: torch.zeros(3, 7, 40).chunk(2, dim=-1)[1], (20, 40)),
+    "column-slice": (lambda: torch.zeros(6, 10)[:, 2:5], (3, 10)),
+    "every-other": (lambda: torch.zeros(12)[::2], (1, 2)),
+    "size-one-dims-ignored": (lambda: torch.zeros(6, 1, 10)[:, :, :4].transpose(0, 1), (4, 10)),
+    "contiguous": (lambda: torch.zeros(4, 6), None),
+    "permuted-dense": (lambda: torch.zeros(4, 6, 5).permute(2, 0, 1), None),
+    "broadcast": (lambda: torch.zeros(4, 1).expand(4, 6), None),
+    "rows-of-runs": (lambda: torch.zeros(6, 10)[::2, :4], (4, 20)),
+    "two-strides": (lambda: torch.zeros(4, 6, 10)[:, :3, :4], None),  # runs 10 apart in threes, 60 apart between
+    "overlapping": (lambda: torch.zeros(20).as_strided((4, 5), (2, 1)), None),
+}
+
+
+@pytest.mark.parametrize("name", STRIDED_RUNS)
+def test_strided_runs_finds_equal_runs_at_one_stride(name):
+    make, expected = STRIDED_RUNS[name]
+    x = make()
+    assert strided_runs(x) == expected
+    if expected is not None:  # the runs, one per row, are the elements in the order of a dense copy
+        dense_copy = torch.empty_like(x).copy_(x)
+        assert torch.equal(runs_view(x, expected).reshape(-1), flat_view(dense_copy))
 
 
 @pytest.mark.cpu_only

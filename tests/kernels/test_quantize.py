@@ -169,6 +169,49 @@ def test_torch_reference_never_takes_more_than_a_chunk(monkeypatch):
     assert chunk(100_000, GROUP, cpu) is None
 
 
+RUN_VARIANTS = {"nearest": ("minmax", False), "stochastic": ("minmax", True), "sigma": ("sigma", False)}
+
+
+@pytest.mark.parametrize("variant", RUN_VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bits", BITS, ids=lambda b: f"{b}bit")
+def test_runs_are_read_where_they_lie_and_packed_as_their_dense_copy(bits, dtype, variant, device):
+    """q, k and v of attention ([batch, heads, seq, head_dim] views of one [batch, seq, 3 * heads *
+    head_dim] projection), read through ``runs``: the same bytes as a dense copy packed by the reference.
+    The runs' neighbours hold NaN, so a read outside them would turn its group's step to NaN. 5 runs of
+    3 groups at batch 2: 30 groups, a partial last tile for the interpreter's and the GPU's tiles."""
+    scheme, stochastic = RUN_VARIANTS[variant]
+    batch, seq, heads, head_dim = 2, 5, 3, GROUP
+    values = activation_like(batch * seq * heads * head_dim * 3, dtype, GROUP, seed=bits, device=device)
+    projection = values.view(batch, seq, 3, heads, head_dim)
+    for index in range(3):
+        only_this = torch.full_like(projection, float("nan"))
+        only_this[:, :, index] = projection[:, :, index]
+        view = only_this.permute(2, 0, 3, 1, 4)[index]  # [batch, heads, seq, head_dim], runs heads * head_dim long
+        runs = (heads * head_dim, 3 * heads * head_dim)
+        dense_copy = torch.empty_like(view).copy_(view)
+        expected = quantize(dense_copy, bits, scheme, stochastic, seed=5, offset=8)
+        for backend in ("torch", "triton"):
+            fn = triton_quantize if backend == "triton" else torch_quantize
+            payload, meta = fn(view, bits, GROUP, scheme == "sigma", stochastic, 5, 8, runs=runs)
+            assert torch.equal(payload, expected[0]), (backend, index)
+            assert torch.equal(meta, expected[1]), (backend, index)
+
+
+@pytest.mark.parametrize("runs, channels, message", [
+    ((96, 192), None, "multiple of group_size"),  # 1.5 groups per run
+    ((192, 256), None, "divides the"),  # 640 elements are not whole runs of 192
+    ((64, 64), None, "run_stride > run"),
+    ((64, 128), torch.ones(1, 2), "channels"),
+], ids=["partial-group", "partial-run", "no-gap", "standardized"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_runs_the_kernel_cannot_read_are_refused(backend, runs, channels, message):
+    fn = triton_quantize if backend == "triton" else torch_quantize
+    x = torch.zeros(640 * 2).as_strided((5, 128), (256, 1))  # 640 elements
+    with pytest.raises(ValueError, match=message):
+        fn(x, 4, GROUP, False, False, 0, 0, channels, 1, runs=runs)
+
+
 @pytest.mark.parametrize("bits", (2, 4), ids=lambda b: f"{b}bit")
 def test_references_compile_with_dynamic_shapes_and_give_the_same_bytes(bits):
     """The roofline benchmark compiles the references as here: dynamic shapes, ``bits`` held in a

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import tritonquant as tq
-from tritonquant import codec
+from tritonquant import codec, kernels
 from tritonquant.codec import RandomStream, quantize_with
 from tritonquant.config import QuantConfig
 from tests.activations import activation_like, confident_logits
@@ -25,6 +26,8 @@ def _layouts():
         "transposed": lambda d, dev: base((24, 9), d, dev).t(),
         "storage_offset": lambda d, dev: base((300,), d, dev)[37:],
         "gaps": lambda d, dev: base((6, 40), d, dev)[:, ::3],
+        # k of attention, [batch, heads, seq, head_dim]: runs of 2 groups, 96 elements apart (no copy on Triton)
+        "attention_runs": lambda d, dev: base((3, 5, 96), d, dev).view(3, 5, 3, 2, 16).permute(2, 0, 3, 1, 4)[1],
         "broadcast": lambda d, dev: base((1, 50), d, dev).expand(7, 50),
         "broadcast_middle": lambda d, dev: base((3, 1, 20), d, dev).expand(3, 4, 20),
         "scalar": lambda d, dev: torch.tensor(-2.5, dtype=d, device=dev),
@@ -44,7 +47,7 @@ def test_roundtrip_keeps_shape_dtype_device_and_strides(layout, dtype, backend, 
     p = tq.quantize(x, bits=8, group_size=16, backend=backend)
     y = tq.dequantize(p, backend=backend)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
-    if layout == "gaps":  # packed densely, same dimension order
+    if layout in ("gaps", "attention_runs"):  # packed densely, same dimension order
         assert y.stride() == torch.empty_like(x).stride()
     else:
         assert y.stride() == x.stride()
@@ -81,6 +84,47 @@ def test_backends_agree_bit_for_bit_through_the_codec(layout, bits, device):
     b = tq.quantize(x, bits=bits, group_size=16, backend="torch")
     assert torch.equal(a.payload, b.payload) and torch.equal(a.meta, b.meta)
     assert torch.equal(tq.dequantize(a, backend="triton"), tq.dequantize(b, backend="torch"))
+
+
+class _OpNames(TorchDispatchMode):
+    """The names of the aten ops run inside it, but for those of the codec's Triton quantize calls
+    (under the interpreter, those copy their arguments), which it records instead: (input, runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+        self.quantized: list[tuple[torch.Tensor, tuple | None]] = []
+
+    def quantize_unseen(self, x, *args):
+        self.quantized.append((x, args[-1]))
+        with _disable_current_modes():
+            return kernels.triton_quantize(x, *args)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_attention_views_are_read_in_place_by_triton_and_restore_like_a_dense_copy(device, monkeypatch):
+    # q, k and v are strided views of one projection's output; the quantize kernel reads their runs where
+    # they lie (kernels/launch.py, strided_runs), where any other tensor with gaps is copied first.
+    ops = _OpNames()
+    monkeypatch.setitem(codec._QUANTIZE, "triton", ops.quantize_unseen)
+    qkv = torch.randn(2, 6, 3 * 4 * 16, device=device, dtype=torch.bfloat16)
+    for view in qkv.view(2, 6, 3, 4, 16).permute(2, 0, 3, 1, 4):
+        with ops:
+            packed = tq.quantize(view, bits=4, group_size=16, backend="triton")
+        assert "copy_" not in ops.names and "clone" not in ops.names, ops.names
+        (read, runs), = ops.quantized
+        assert read.data_ptr() == view.data_ptr() and runs == (64, 192)
+        dense = torch.empty_like(view).copy_(view)
+        restored = tq.dequantize(packed)
+        assert restored.stride() == dense.stride()
+        assert torch.equal(restored, tq.dequantize(tq.quantize(dense, bits=4, group_size=16, backend="torch")))
+        ops.names.clear(), ops.quantized.clear()
+    with ops:  # gaps without one stride between equal runs: copied
+        tq.quantize(qkv[:, :4, :64], bits=4, group_size=16, backend="triton")
+    assert "copy_" in ops.names and ops.quantized[0][1] is None
 
 
 def test_broadcast_is_not_materialized(device):
