@@ -101,6 +101,23 @@ class _Packed:
         self.decoded: torch.Tensor | None = None  # kept for the next saver's unpack (_decode)
 
 
+class _PackedView:
+    """Another view of the memory a ``_Packed`` holds (same start, same elements, other shape or
+    strides), saved by another op: attention saves its output as [batch, heads, seq, head_dim] and the
+    output projection saves the same memory as [batch, seq, dim]. Restored as that view of the decoded
+    tensor, which fills the same run of memory in the same order (dense tensors restore their strides)."""
+
+    __slots__ = ("base", "shape", "stride")
+
+    def __init__(self, base: _Packed, t: torch.Tensor) -> None:
+        self.base = base
+        self.shape, self.stride = t.shape, t.stride()
+
+    def restore(self) -> torch.Tensor:
+        decoded = _decode(self.base)
+        return decoded.as_strided(self.shape, self.stride, decoded.storage_offset())
+
+
 class _Kept:
     """A tensor passed through unchanged, with its version to detect in-place changes before backward."""
 
@@ -197,7 +214,16 @@ class _RecastWeight:
 
 
 # What the pack hook returns for autograd to hold, and the unpack hook restores.
-_Handle = _Packed | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
+_Handle = _Packed | _PackedView | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
+
+
+def _run_key(t: torch.Tensor, key: tuple) -> tuple | None:
+    """The deduplication key of the run of memory that ``t`` (plain key ``key``) fills, whatever its
+    shape and strides, when it fills one (``codec.is_dense``); else None. A plain packing is the run's
+    values in memory order, so it serves every view of the same run (``_PackedView``)."""
+    if not (t.is_contiguous() or is_dense(t)):
+        return None
+    return key[0], key[1], t.numel(), t.dtype, t._version, "run"
 
 
 def _standardized(key: tuple, kind: str) -> tuple:
@@ -465,6 +491,10 @@ class Session:
         hit = self._dedup.get(key)
         if hit is not None and hit.source() is not None:
             return self._reuse(hit, module)
+        run_key = _run_key(t, key)
+        hit = self._dedup.get(run_key) if run_key is not None else None
+        if isinstance(hit, _Packed) and hit.source() is not None:
+            return _PackedView(self._reuse(hit, module), t)
         made_by = producer(t)
         kind = standardize_kind(t, module, made_by)
         # A standardized packing (zero not exact, signs not kept) serves only savers that may standardize too.
@@ -493,6 +523,8 @@ class Session:
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
         self._dedup[_standardized(key, kind) if standardize else key] = handle
+        if run_key is not None and not standardize:
+            self._dedup[run_key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.get_device())  # (the index, without building a torch.device)
         self._count_packed(row, packed)
@@ -578,7 +610,7 @@ class Session:
 
     @staticmethod
     def _unpack(handle: _Handle) -> torch.Tensor:
-        if isinstance(handle, (_WindowIndices, _NarrowedIndices, _RecastWeight)):
+        if isinstance(handle, (_PackedView, _WindowIndices, _NarrowedIndices, _RecastWeight)):
             return handle.restore()
         if isinstance(handle, (_Kept, ProbeTensor)):
             t = handle.tensor

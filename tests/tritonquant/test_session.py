@@ -266,6 +266,40 @@ def test_a_tensor_saved_by_two_ops_in_a_row_is_decoded_once_with_the_same_gradie
     assert torch.equal(shared, every_unpack)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_another_view_of_a_packed_run_of_memory_reuses_its_packing(backend, monkeypatch):
+    """Attention's output, saved as [batch, heads, seq, head_dim] by the attention and as [batch * seq,
+    dim] by the output projection, is one run of memory: packed once, each saver restored to its own
+    view, and the gradients those of packing it twice. Here exp saves its output and sin the same memory
+    transposed; the output projection saves sin's output as [10, 24]."""
+    from tritonquant import session as session_module
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(32, 24, requires_grad=True), torch.randn(2, 5, 4, 6, requires_grad=True)
+
+    def step():
+        with tq.compress(bits=2, min_bytes=0, backend=backend) as session:
+            heads = x.exp().transpose(1, 2)  # [2, 4, 5, 6], dense, not contiguous; exp saves its output
+            y = heads.sin()  # saves heads: the same memory as exp's output, another view
+            out = y.transpose(1, 2).reshape(10, 24) @ weight.t()  # saves y's memory as [10, 24]
+        restored = (y.grad_fn._saved_self, out.grad_fn._saved_self)
+        (out.square().sum() + y.sum()).backward()
+        grads = (x.grad.clone(), weight.grad.clone())
+        x.grad = weight.grad = None
+        return session.stats, restored, grads
+
+    stats, (heads, flat), grads = step()
+    # Packed: exp's output (sin's input is the same run: reused), mm's two inputs (y's run and the weight).
+    assert stats.packed_tensors == 3 and stats.deduplicated == 1
+    assert heads.shape == (2, 4, 5, 6) and heads.stride() == (120, 6, 24, 1)
+    assert flat.shape == (10, 24) and flat.stride() == (24, 1)
+    monkeypatch.setattr(session_module, "_run_key", lambda t, key: None)  # each view packed on its own
+    separate_stats, (separate_heads, separate_flat), separate_grads = step()
+    assert separate_stats.packed_tensors == 4 and separate_stats.deduplicated == 0
+    assert torch.equal(heads, separate_heads) and torch.equal(flat, separate_flat)
+    assert all(torch.equal(a, b) for a, b in zip(grads, separate_grads))
+
+
 def test_a_decode_is_kept_for_the_next_saver_only_until_another_tensor_is_decoded():
     from tritonquant.session import _decode, _Packed
 
