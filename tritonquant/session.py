@@ -259,8 +259,13 @@ class _WeakTable:
             self._sweep_at = max(self._MIN_SWEEP, 2 * len(self._refs))
 
     def values(self) -> list:
-        """The live values."""
-        return [value for value in (ref() for ref in self._refs.values()) if value is not None]
+        """The live values, each once (a packing is filed under two keys: its view's and its run's)."""
+        live = {}
+        for ref in self._refs.values():
+            value = ref()
+            if value is not None:
+                live[id(value)] = value
+        return list(live.values())
 
     def __len__(self) -> int:
         """How many values are alive."""
