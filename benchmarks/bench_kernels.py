@@ -6,6 +6,7 @@ For each kernel kind (quantize, dequantize), input dtype (bf16, fp32), bits (2, 
 statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as softmax outputs do; --quick:
 256 MiB only), it times, on a CUDA device:
     triton     the Triton kernel with the autotuned launch config (tuned now if not cached)
+    graph      the same, calls on rotating buffers run from one CUDA graph (``graph_ms_per_call``)
     heuristic  the same kernel forced to the untuned heuristic config
     torch      the plain-torch reference (tritonquant.kernels.torch_quantize / torch_dequantize)
     compiled   torch.compile of the torch reference: dynamic shapes, else static shapes at the largest
@@ -16,7 +17,14 @@ bandwidth of ``dst.copy_(src)`` on a large buffer (read + write) measured in the
 the fraction of the achievable memory roofline. Below the largest sizes a copy need not reach that
 bandwidth either, so each row also times a copy that moves the row's own bytes, and "triton %copy,
 same bytes" divides the tuned kernel's rate by that copy's. GPU times are medians of
-triton.testing.do_bench.
+triton.testing.do_bench, but for the graph column.
+
+Why the graph column: do_bench launches each call after flushing the L2 cache, and when the host takes
+longer to launch a call than the GPU takes to flush (small tensors, a slow host), the wait lands inside
+the timed interval: run 1 timed a 1 MiB quantize at 16 us, longer than a 16 MiB one. Captured in a CUDA
+graph the calls run back to back without the host, as in a captured training step; each call reads
+buffers of its own, 4 x the L2 cache in all (at most GRAPH_MAX_CALLS calls), so no call finds its input
+in the cache. "graph %copy, same bytes" divides by a copy of the row's bytes timed the same way.
 With --quick, torch.compile runs for 4-bit rows only (each compile costs tens of seconds); it is not
 run for standardized rows.
 
@@ -34,6 +42,7 @@ written into its cell, and the sweep goes on); 2 for --device cuda without a CUD
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -59,7 +68,10 @@ GPU_SIZES_MIB = (1, 4, 16, 64, 256, 1024)
 QUICK_GPU_SIZES_MIB = (1, 16, 256)
 CPU_SIZES_KIB = (64, 256, 1024)
 QUICK_CPU_SIZES_KIB = (64,)
-IMPLS = ("triton", "heuristic", "torch", "compiled")
+IMPLS = ("triton", "graph", "heuristic", "torch", "compiled")
+# The graph column: calls on buffers of their own adding up to GRAPH_L2_MULTIPLE x the L2 cache (at most
+# GRAPH_MAX_CALLS of them), the graph replayed GRAPH_REPLAYS times.
+GRAPH_L2_MULTIPLE, GRAPH_MAX_CALLS, GRAPH_REPLAYS = 4, 256, 20
 # Standardized packings timed on a GPU: (dtype, bits) of BatchNorm inputs under bf16 autocast at 2 bits,
 # and of fp32 softmax outputs at 4 bits; laid out as a 56x56 map of 256 channels in NCHW (ResNet-50's
 # first stage): element i is in channel (i // 3136) % 256.
@@ -139,6 +151,10 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
     meta["copy_gbps"] = 2 * copy_bytes / (copy_ms * 1e6)
     copy_gbps = meta["copy_gbps"]
     same_size_copies: dict[int, float] = {}  # traffic bytes -> GB/s of a copy moving that many
+    same_size_graph_copies: dict[int, float] = {}  # the same, timed as the graph column is
+    # (64 MiB where torch does not say: more than the L2 cache of any GPU this was written for.)
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * MIB
+    meta["l2_cache_mib"] = round(l2_bytes / MIB, 1)
 
     def inputs(row: dict):
         """(x, payload, meta, out, channel statistics or None) for one row."""
@@ -162,12 +178,12 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
     # (The table keeps its order.)
     for row in sorted(rows, key=lambda r: -r["input_bytes"]):
         if over(deadline):
-            mark_skipped(row, ("triton", "heuristic", "torch"), "skipped (time budget)")
+            mark_skipped(row, ("triton", "graph", "heuristic", "torch"), "skipped (time budget)")
             continue
         try:
             x, payload, meta_, out, channels = inputs(row)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at 1 GiB
-            mark_skipped(row, ("triton", "heuristic", "torch"), short_error(exc))
+            mark_skipped(row, ("triton", "graph", "heuristic", "torch"), short_error(exc))
             continue
         bits, n_groups, standardized = row["bits"], -(-row["elements"] // GROUP), row["standardized"]
         stride = STANDARDIZED_STRIDE
@@ -192,6 +208,8 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
             record(row, impl, copy_gbps, lambda: gpu_ms(fns[impl]))
         x = payload = meta_ = out = channels = fns = None  # freed before the next row's buffers
         record_same_size_copy(row, device, same_size_copies)  # (after: it allocates as much again)
+        record(row, "graph", copy_gbps, lambda: graph_row_ms(row, inputs, l2_bytes))
+        record_same_size_graph_copy(row, device, l2_bytes, same_size_graph_copies)
         torch.cuda.empty_cache()
         # After every row: a row that tunes a new setting can run past the stage's time limit, and the
         # SIGINT that stops it must not take the rows already measured with it.
@@ -378,6 +396,79 @@ def record_same_size_copy(row: dict, device: torch.device, cache: dict[int, floa
         row["triton_frac_of_size_copy"] = row["triton_gbps"] / cache[n_bytes]
 
 
+def rotation_count(buffer_bytes: int, l2_bytes: int) -> int:
+    """How many calls, each on buffers of its own of ``buffer_bytes`` input, the graph column runs: enough
+    to read GRAPH_L2_MULTIPLE x the L2 cache between two calls on the same buffer, at most
+    GRAPH_MAX_CALLS."""
+    return max(1, min(GRAPH_MAX_CALLS, -(-GRAPH_L2_MULTIPLE * l2_bytes // max(buffer_bytes, 1))))
+
+
+def graph_ms_per_call(calls: list[Callable[[], object]], replays: int = GRAPH_REPLAYS) -> float:
+    """GPU ms per call: ``calls`` run in turn from one CUDA graph, the median of ``replays`` replays
+    divided by their number. Each is called once before the capture (compiling, tuning and allocating
+    there, not inside it)."""
+    stream = torch.cuda.current_stream()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            for call in calls:
+                call()
+        stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for call in calls:
+                call()
+    finally:
+        torch.cuda.set_stream(stream)  # (a capture that fails leaves its own stream current)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) / len(calls)
+
+
+def graph_row_ms(row: dict, inputs: Callable[[dict], tuple], l2_bytes: int) -> float:
+    """The graph column of ``row``: its tuned Triton kernel, by ``graph_ms_per_call``, on buffer sets made
+    by ``inputs(row)``."""
+    bits, stride = row["bits"], STANDARDIZED_STRIDE
+    sets = [inputs(row) for _ in range(rotation_count(row["input_bytes"], l2_bytes))]
+    if row["kind"] == "quantize":
+        calls = [functools.partial(triton_quantize, x, bits, GROUP, False, False, 0, 0, channels, stride)
+                 for x, _, _, _, channels in sets]
+    else:
+        calls = [functools.partial(triton_dequantize, payload, meta_, out, bits, GROUP, channels, stride)
+                 for _, payload, meta_, out, channels in sets]
+    return graph_ms_per_call(calls)
+
+
+def record_same_size_graph_copy(row: dict, device: torch.device, l2_bytes: int, cache: dict[int, float]) -> None:
+    """``record_same_size_copy`` for the graph column: copies of the row's bytes timed as it is."""
+    n_bytes = row["traffic_bytes"]
+    if n_bytes not in cache:
+        elements = max(1, n_bytes // 8)
+        try:
+            pairs = [(torch.ones(elements, dtype=torch.float32, device=device),
+                      torch.empty(elements, dtype=torch.float32, device=device))
+                     for _ in range(rotation_count(4 * elements, l2_bytes))]
+            calls = [functools.partial(dst.copy_, src) for src, dst in pairs]
+            cache[n_bytes] = 8 * elements / (graph_ms_per_call(calls) * 1e6)
+        except Exception as exc:  # noqa: BLE001
+            mark_skipped(row, ("graph_size_copy",), short_error(exc))
+            return
+        finally:
+            pairs = calls = None
+    row["graph_size_copy_gbps"] = cache[n_bytes]
+    if "graph_gbps" in row:
+        row["graph_frac_of_size_copy"] = row["graph_gbps"] / cache[n_bytes]
+
+
 def mark_skipped(row: dict, impls, reason: str) -> None:
     for impl in impls:
         row.setdefault(f"{impl}_error", reason)
@@ -416,8 +507,8 @@ def table(rows: list[dict], ran: tuple[str, ...]) -> str:
         headers.append("config")
     for impl in ran:
         headers += [f"{impl} GB/s", f"{impl} %copy"]
-        if impl == "triton":
-            headers.append("triton %copy, same bytes")
+        if impl in ("triton", "graph"):
+            headers.append(f"{impl} %copy, same bytes")
     lines = []
     for row in rows:
         line = [row["kind"] + (", standardized" if row.get("standardized") else ""), row["dtype"], str(row["bits"]),
@@ -431,9 +522,10 @@ def table(rows: list[dict], ran: tuple[str, ...]) -> str:
                 line += [number(row[f"{impl}_gbps"]) + static, f"{100 * row[f'{impl}_frac']:.1f}%"]
             else:
                 line += [row.get(f"{impl}_error", ""), ""]
-            if impl == "triton":
-                same = row.get("triton_frac_of_size_copy")
-                line.append(f"{100 * same:.1f}%" if same is not None else row.get("size_copy_error", ""))
+            if impl in ("triton", "graph"):
+                prefix = "" if impl == "triton" else "graph_"
+                same = row.get(f"{impl}_frac_of_size_copy")
+                line.append(f"{100 * same:.1f}%" if same is not None else row.get(f"{prefix}size_copy_error", ""))
         lines.append(line)
     return tabulate(lines, headers=headers, tablefmt="github", disable_numparse=True)
 

@@ -180,3 +180,42 @@ def test_a_copy_that_fails_leaves_the_row_its_other_figures(bench_kernels, monke
     assert "triton_gbps" in row and "size_copy_gbps" not in row
     assert row["size_copy_error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert "OutOfMemoryError" in bench_kernels.table([row], bench_kernels.IMPLS)
+
+
+@pytest.mark.parametrize("buffer_bytes, expected", [
+    (1 << 20, 200),  # 1 MiB buffers against a 50 MiB cache: 200 calls read 4 x the cache
+    (16 << 20, 13),
+    (256 << 20, 1),  # one buffer already holds more than 4 x the cache
+    (1024, 256),  # at most GRAPH_MAX_CALLS
+])
+def test_the_graph_column_rotates_over_enough_buffers_to_read_past_the_cache(bench_kernels, buffer_bytes, expected):
+    assert bench_kernels.rotation_count(buffer_bytes, 50 << 20) == expected
+
+
+def test_the_graph_column_times_each_call_on_buffers_of_its_own(bench_kernels, monkeypatch):
+    """The CUDA graph itself needs a GPU: here ``graph_ms_per_call`` is stood in for, and what is checked
+    is what it is given and what the row records."""
+    captured = []
+
+    def fake_graph_ms(calls):
+        captured.append(calls)
+        for call in calls:
+            call()
+        return 0.25
+
+    launched = []
+    monkeypatch.setattr(bench_kernels, "graph_ms_per_call", fake_graph_ms)
+    monkeypatch.setattr(bench_kernels, "triton_quantize", lambda x, *args: launched.append(x.data_ptr()))
+    rows, inputs = quantize_rows(bench_kernels)
+    row = rows[0]  # 4 KiB of input
+    l2_bytes = 64 << 10
+    bench_kernels.record(row, "graph", 1000.0, lambda: bench_kernels.graph_row_ms(row, inputs, l2_bytes))
+    assert len(captured[0]) == 64 and len(set(launched)) == 64, "4 x 64 KiB over 4 KiB inputs, each its own"
+    assert row["graph_ms"] == 0.25 and row["graph_gbps"] == pytest.approx(row["traffic_bytes"] / 0.25e6)
+    bench_kernels.record_same_size_graph_copy(row, torch.device("cpu"), l2_bytes, {})
+    copy_gbps = 8 * (row["traffic_bytes"] // 8) / 0.25e6
+    assert row["graph_size_copy_gbps"] == pytest.approx(copy_gbps)
+    assert row["graph_frac_of_size_copy"] == pytest.approx(row["graph_gbps"] / copy_gbps)
+    lines = bench_kernels.table([row], bench_kernels.IMPLS).splitlines()
+    column = [cell.strip() for cell in lines[0].split("|")].index("graph %copy, same bytes")
+    assert lines[2].split("|")[column].strip() == f"{100 * row['graph_frac_of_size_copy']:.1f}%"
