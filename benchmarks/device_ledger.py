@@ -3,6 +3,9 @@
 
     python benchmarks/device_ledger.py [--workload resnet50|gpt2-small] [--bits B] [--project 64,256]
                                        # exits 2 if this Triton's driver API differs
+    python benchmarks/device_ledger.py --workload gpt2-small --size 128 --project 64,256
+                                       # the bench's GPT-2 batches 8 and 32 in tokens (gpt2_small),
+                                       # minutes instead of hours on a CPU
 
 Why: captured in a CUDA graph, a compressed step runs no Python, and what it costs over exact training
 is the device work its hooks add (docs/benchmarks.md). That work can be counted without a GPU. Triton's
@@ -34,6 +37,7 @@ os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # nothing to time kernels on
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
+from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
@@ -49,13 +53,36 @@ from tritonquant.models import ResNet50Like, TinyTransformer, cnn_batch, cnn_los
 H200_COPY_GB_PER_S = 4119  # bench_kernels.py, 2026-11-29: copy_ of 256 MiB, read + write
 MIB = 2**20
 
+
+class FusedDropout(nn.Dropout):
+    """nn.Dropout as a GPU runs it: ``native_dropout``, which saves a bool mask. On the CPU nn.Dropout
+    multiplies by a scaled random tensor of the input's dtype and saves that instead."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.native_dropout(x, self.p, self.training)[0]
+
+
+def gpt2_small() -> TinyTransformer:
+    """The bench's GPT-2 small, saving what it saves on a GPU. The dropout inside attention is off: with
+    it on, the CPU's attention takes SDPA's math path, which saves the attention probabilities, where a
+    GPU's fused attention saves q, k, v, the output and its row statistics (and the random state of its
+    dropout), as the CPU's fused attention does without dropout. The dropouts after attention and the
+    MLP stay, as ``FusedDropout``. Every saved tensor then grows with batch * sequence: counting at
+    sequence 128 and projecting to batches 64 and 256 gives the bench's batches 8 and 32 at sequence
+    1024."""
+    model = TinyTransformer(vocab=50257, dim=768, heads=12, layers=12, seq=1024, dropout=0.1, tied=True)
+    for block in model.blocks:
+        block.attn.dropout = 0.0
+        block.drop = FusedDropout(block.drop.p)
+    return model
+
+
 # name: (model, batch of (batch size, image size or sequence length), loss, description); the bench's
 # workloads (tritonquant/bench.py), under bf16 autocast as it runs them.
 WORKLOADS = {
     "resnet50": (ResNet50Like, lambda b, size: cnn_batch(b, size=size, classes=1000), cnn_loss, "ResNet-50, {} px"),
-    "gpt2-small": (lambda: TinyTransformer(vocab=50257, dim=768, heads=12, layers=12, seq=1024, dropout=0.1,
-                                           tied=True),
-                   lambda b, seq: lm_batch(b, seq=seq, vocab=50257), lm_loss, "GPT-2 small, sequence {}"),
+    "gpt2-small": (gpt2_small, lambda b, seq: lm_batch(b, seq=seq, vocab=50257), lm_loss,
+                   "GPT-2 small (as on a GPU: gpt2_small), sequence {}"),
 }
 DEFAULT_SIZES = {"resnet50": 224, "gpt2-small": 1024}
 KERNEL_TABLES = {  # the codec's dispatch tables, and what their Triton entries are called here

@@ -1,9 +1,9 @@
 """On a real GPU, compiled kernels equal their torch references bit for bit (a small matrix).
 
 The full parametrized suite runs the same comparison, but on a GPU each kernel specialization is
-compiled once; this file covers the main ones (plain, standardized and bool kernels, and addresses
-past 2**31 elements, which only a GPU has the memory and speed for) in a few dozen compiles, so the
-GPU suite checks correctness before it measures anything.
+compiled once; this file covers the main ones (plain, standardized and bool kernels, strided runs,
+and addresses past 2**31 elements, which only a GPU has the memory and speed for) in a few dozen
+compiles, so the GPU suite checks correctness before it measures anything.
 """
 
 import pytest
@@ -48,6 +48,21 @@ def test_compiled_kernels_match_references(bits, dtype, scheme, stochastic, n):
     triton_dequantize(payload, meta, out, bits, GROUP)
     torch_dequantize(ref_payload, ref_meta, ref_out, bits, GROUP)
     assert_same_bits(out, ref_out, torch.int16 if dtype == torch.bfloat16 else torch.int32, nan_count=2 * GROUP)
+
+
+@pytest.mark.parametrize("scheme, stochastic", VARIANTS, ids=["minmax", "sigma", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_compiled_kernel_reads_strided_runs_as_their_dense_copy(dtype, scheme, stochastic):
+    # GPT-2 small's k at batch 2, sequence 40 (80 runs of 3 groups, 9 groups apart; the tile's last
+    # program partial), its neighbours NaN: the same bytes as the reference on a dense copy.
+    projection = torch.full((2, 40, 3, 12, 64), float("nan"), dtype=dtype, device="cuda")
+    projection[:, :, 1] = activation_like(2 * 40 * 12 * 64, dtype, GROUP, seed=1, device="cuda").view(2, 40, 12, 64)
+    k = projection.permute(2, 0, 3, 1, 4)[1]
+    args = (4, GROUP, scheme == "sigma", stochastic, 3, 7)
+    payload, meta = triton_quantize(k, *args, runs=(768, 3 * 768))
+    ref_payload, ref_meta = torch_quantize(torch.empty_like(k).copy_(k), *args)
+    assert torch.equal(payload, ref_payload)
+    assert torch.equal(meta.view(torch.int32), ref_meta.view(torch.int32))
 
 
 # Standardized packings (BatchNorm inputs, probabilities): each element's channel comes from multiply-high
