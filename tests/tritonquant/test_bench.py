@@ -39,6 +39,23 @@ def test_quick_bench_saved_bytes_fall_with_bits(quick_results):
             assert saved["save_on_cpu"] is None  # nothing to move on a CPU
 
 
+def test_compressed_rows_say_where_their_accounted_bytes_are(quick_results):
+    """The JSON's breakdown adds up to the accounted total, per module type, and names the widths used."""
+    _, data = quick_results
+    for row in data["rows"]:
+        if "tq-" not in row["method"]:  # (checkpoint+tq-4bit compresses too)
+            assert "accounting" not in row
+            continue
+        accounting = row["accounting"]
+        assert accounting["packed_mb"] + accounting["passed_mb"] == pytest.approx(row["saved_mb"])
+        by_type = accounting["by_module_type"]
+        assert sum(t["packed_mb"] for t in by_type.values()) == pytest.approx(accounting["packed_mb"])
+        assert sum(t["passed_mb"] for t in by_type.values()) == pytest.approx(accounting["passed_mb"])
+        assert sum(t["packed_tensors"] for t in by_type.values()) == accounting["packed_tensors"] > 0
+        width = int(row["method"].split("tq-")[1][0])  # tq-2bit, checkpoint+tq-4bit, ...
+        assert width in {bits for t in by_type.values() for bits in t["bits"]}, (row["method"], by_type)
+
+
 def test_quick_bench_compressed_steps_peak_below_exact(quick_results):
     """On the CPU the torch backend packs; its temporaries must not cost more than compression saves."""
     _, data = quick_results
@@ -382,5 +399,7 @@ def test_an_eager_gpu_cell_reads_memory_after_forward_and_after_backward(monkeyp
                               (2,), None)
     row = bench.measure_gpu(workload.make_model(), workload, "tq-4bit", 4, steps=3)
     accounted = row.pop("accounted_mb")
+    accounting = row.pop("accounting")
     assert row == {"peak_mb": 7.0, "forward_peak_mb": 5.0, "activation_mb": 2.0, "step_ms": 1.0}
+    assert accounting["packed_mb"] + accounting["passed_mb"] == pytest.approx(accounted)
     assert 0 < accounted < 1, "the session's own count of what it holds, in MB"
