@@ -159,8 +159,9 @@ def _quantize_kernel(
     # the one before (``launch.strided_runs``: q, k and v as views of one projection's output);
     # run_divisor is the groups per run, prepared for multiply-high with the count riding above (as
     # channels.channel_index_args prepares a channel count). Only where each group starts changes, once
-    # per row; the groups are numbered, dithered and stored as for a dense copy of x. (The launcher admits RUNS only with EVEN and without STANDARDIZE,
-    # whose channels are found from the element's offset: ``check_runs``.)
+    # per row; the groups are numbered, dithered and stored as for a dense copy of x. (The launcher
+    # admits RUNS only with EVEN and without STANDARDIZE, whose channels are found from the element's
+    # offset: ``check_runs``.)
     CHUNK: tl.constexpr = GROUP // SPLIT
     LEVELS_M1: tl.constexpr = (1 << BITS) - 1
     # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
