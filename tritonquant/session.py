@@ -217,18 +217,23 @@ class _RecastWeight:
 _Handle = _Packed | _PackedView | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
 
 
-def _run_key(t: torch.Tensor, key: tuple) -> tuple | None:
-    """The deduplication key of the run of memory that ``t`` (plain key ``key``) fills, whatever its
-    shape and strides, when it fills one (``codec.is_dense``); else None. A plain packing is the run's
-    values in memory order, so it serves every view of the same run (``_PackedView``)."""
-    if not (t.is_contiguous() or is_dense(t)):
-        return None
-    return key[0], key[1], t.numel(), t.dtype, t._version, "run"
+def _view_key(t: torch.Tensor) -> tuple:
+    """The deduplication key of ``t`` as a view: storage, offset, shape, strides, dtype and version."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version
+
+
+def _dedup_key(t: torch.Tensor) -> tuple:
+    """The key a plain packing of ``t`` is filed and found under. A dense tensor's packing is the run of
+    memory it fills, in memory order, so it goes by that run (storage, offset, element count, dtype,
+    version) and serves every view of it (``_PackedView``); any other tensor goes by its view."""
+    if t.is_contiguous() or is_dense(t):
+        return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype, t._version
+    return _view_key(t)
 
 
 def _standardized(key: tuple, kind: str) -> tuple:
-    """The deduplication key of a packing of the tensor whose plain key is ``key``, standardized as
-    its ``policy.standardize_kind`` ``kind`` may be."""
+    """The deduplication key of a packing of the tensor whose view key (``_view_key``) is ``key``,
+    standardized as its ``policy.standardize_kind`` ``kind`` may be."""
     return key + ("standardized", kind)
 
 
@@ -259,13 +264,8 @@ class _WeakTable:
             self._sweep_at = max(self._MIN_SWEEP, 2 * len(self._refs))
 
     def values(self) -> list:
-        """The live values, each once (a packing is filed under two keys: its view's and its run's)."""
-        live = {}
-        for ref in self._refs.values():
-            value = ref()
-            if value is not None:
-                live[id(value)] = value
-        return list(live.values())
+        """The live values."""
+        return [value for value in (ref() for ref in self._refs.values()) if value is not None]
 
     def __len__(self) -> int:
         """How many values are alive."""
@@ -490,23 +490,24 @@ class Session:
         if reason is not None:
             return self._keep(t, row, reason)
 
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype, t._version)
-        # A plain packing serves every saver. (A live source means the storage cannot have been freed
-        # and its address reused.)
+        # A plain packing serves every saver of the same memory.
+        key = _dedup_key(t)
         hit = self._dedup.get(key)
-        if hit is not None and hit.source() is not None:
-            return self._reuse(hit, module)
-        run_key = _run_key(t, key)
-        hit = self._dedup.get(run_key) if run_key is not None else None
-        if isinstance(hit, _Packed) and hit.source() is not None:
-            return _PackedView(self._reuse(hit, module), t)
+        if hit is not None:
+            reused = self._reuse(hit, module, t)
+            if reused is not None:
+                return reused
         made_by = producer(t)
         kind = standardize_kind(t, module, made_by)
-        # A standardized packing (zero not exact, signs not kept) serves only savers that may standardize too.
+        # A standardized packing (zero not exact, signs not kept) serves only savers that may standardize
+        # too, and of the same view (the statistics are per index of dimension 1).
         if kind is not None:
-            hit = self._dedup.get(_standardized(key, kind))
-            if hit is not None and hit.source() is not None:
-                return self._reuse(hit, module)
+            standardized_key = _standardized(_view_key(t), kind)
+            hit = self._dedup.get(standardized_key)
+            if hit is not None:
+                reused = self._reuse(hit, module, t)
+                if reused is not None:
+                    return reused
 
         # (Slots name tensors for bits="auto" plans and calibration only: not counted otherwise.)
         slot = self._next_slot(module) if self.config.auto_budget is not None or self._probe is not None else None
@@ -516,7 +517,7 @@ class Session:
             probed = self._probe.add(t, self._stack.frames[0], slot, quant, floor, standardize_kind=kind)
             # (Filed as standardized when it may be: the probe's width, and so whether it standardizes,
             # is decided later, one module at a time.)
-            self._dedup[_standardized(key, kind) if kind is not None else key] = probed
+            self._dedup[standardized_key if kind is not None else key] = probed
             return probed
         standardize = standardization(kind, quant.bits)
         packed = quantize_checked(t, quant, standardize=standardize, stream=self._seeded_stream(quant))
@@ -527,9 +528,7 @@ class Session:
         if self._offloader is not None and self._offloader.wants(packed):
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
-        self._dedup[_standardized(key, kind) if standardize else key] = handle
-        if run_key is not None and not standardize:
-            self._dedup[run_key] = handle
+        self._dedup[standardized_key if standardize else key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.get_device())  # (the index, without building a torch.device)
         self._count_packed(row, packed)
@@ -565,15 +564,24 @@ class Session:
         self._count_passed(row, reason, held)
         return _Kept(t)
 
-    def _reuse(self, hit: _Packed | ProbeTensor, module: nn.Module | None) -> _Packed | ProbeTensor:
-        """An earlier saver's packing of the same tensor, for one more saver."""
+    def _reuse(self, hit: _Packed | ProbeTensor, module: nn.Module | None,
+               t: torch.Tensor) -> _Packed | _PackedView | ProbeTensor | None:
+        """An earlier saver's packing of the same memory, for one more saver, of ``t``: the packing itself
+        for the same view, a ``_PackedView`` of it for another view. None when it cannot serve: its source
+        is dead (its address may since have been reused), or it is a probe (bits="auto") of another view."""
+        source = hit.source()
+        if source is None:
+            return None
+        same_view = source is t or (source.shape == t.shape and source.stride() == t.stride())
+        if not same_view and not isinstance(hit, _Packed):
+            return None
         self.stats.deduplicated += 1
         if isinstance(hit, _Packed):
             hit.saves += 1
         calibration = self._auto_state() if hit.calibration_record is not None and module is not None else None
         if isinstance(calibration, Calibration):  # a second saver: its use of the tensor counts too
             calibration.add_saver(hit.calibration_record, self._stack.name_of(module))
-        return hit
+        return hit if same_view else _PackedView(hit, t)
 
     def _pack_pool_indices(self, t: torch.Tensor, module: nn.Module,
                            row: ModuleStats) -> _WindowIndices | _NarrowedIndices | None:
