@@ -224,10 +224,11 @@ def _view_key(t: torch.Tensor) -> tuple:
 
 def _dedup_key(t: torch.Tensor) -> tuple:
     """The key a plain packing of ``t`` is filed and found under. A dense tensor's packing is the run of
-    memory it fills, in memory order, so it goes by that run (storage, offset, element count, dtype,
-    version) and serves every view of it (``_PackedView``); any other tensor goes by its view."""
+    memory it fills, in memory order, so it goes by that run (its first element's address, element
+    count, dtype, version) and serves every view of it (``_PackedView``); any other tensor goes by its
+    view."""
     if t.is_contiguous() or is_dense(t):
-        return t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype, t._version
+        return t.data_ptr(), t.numel(), t.dtype, t._version
     return _view_key(t)
 
 
