@@ -53,10 +53,10 @@ def test_compiled_kernels_match_references(bits, dtype, scheme, stochastic, n):
 @pytest.mark.parametrize("scheme, stochastic", VARIANTS, ids=["minmax", "sigma", "stochastic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_compiled_kernel_reads_strided_runs_as_their_dense_copy(dtype, scheme, stochastic):
-    # GPT-2 small's k at batch 2, sequence 40 (80 runs of 3 groups, 9 groups apart; the tile's last
-    # program partial), its neighbours NaN: the same bytes as the reference on a dense copy.
-    projection = torch.full((2, 40, 3, 12, 64), float("nan"), dtype=dtype, device="cuda")
-    projection[:, :, 1] = activation_like(2 * 40 * 12 * 64, dtype, GROUP, seed=1, device="cuda").view(2, 40, 12, 64)
+    # GPT-2 small's k at batch 2, sequence 41 (82 runs of 3 groups, 9 groups apart: 246 groups, so the
+    # last program's tile is partial), its neighbours NaN: the same bytes as the reference on a dense copy.
+    projection = torch.full((2, 41, 3, 12, 64), float("nan"), dtype=dtype, device="cuda")
+    projection[:, :, 1] = activation_like(2 * 41 * 12 * 64, dtype, GROUP, seed=1, device="cuda").view(2, 41, 12, 64)
     k = projection.permute(2, 0, 3, 1, 4)[1]
     args = (4, GROUP, scheme == "sigma", stochastic, 3, 7)
     payload, meta = triton_quantize(k, *args, runs=(768, 3 * 768))

@@ -178,8 +178,8 @@ RUN_VARIANTS = {"nearest": ("minmax", False), "stochastic": ("minmax", True), "s
 def test_runs_are_read_where_they_lie_and_packed_as_their_dense_copy(bits, dtype, variant, device):
     """q, k and v of attention ([batch, heads, seq, head_dim] views of one [batch, seq, 3 * heads *
     head_dim] projection), read through ``runs``: the same bytes as a dense copy packed by the reference.
-    The runs' neighbours hold NaN, so a read outside them would turn its group's step to NaN. 5 runs of
-    3 groups at batch 2: 30 groups, a partial last tile for the interpreter's and the GPU's tiles."""
+    The runs' neighbours hold NaN, so a read outside them would turn its group's step to NaN. 10 runs of
+    3 groups: 30 groups, a partial last tile for the interpreter's and the GPU's tiles."""
     scheme, stochastic = RUN_VARIANTS[variant]
     batch, seq, heads, head_dim = 2, 5, 3, GROUP
     values = activation_like(batch * seq * heads * head_dim * 3, dtype, GROUP, seed=bits, device=device)
