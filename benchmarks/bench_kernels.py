@@ -56,7 +56,7 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-from tritonquant.bench import environment as shared_environment, write_atomically
+from tritonquant.bench import environment as shared_environment, replay_times_ms, write_atomically
 from tritonquant.kernels import autotune, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 
 GROUP = 256
@@ -421,17 +421,7 @@ def graph_ms_per_call(calls: list[Callable[[], object]], replays: int = GRAPH_RE
                 call()
     finally:
         torch.cuda.set_stream(stream)  # (a capture that fails leaves its own stream current)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times) / len(calls)
+    return statistics.median(replay_times_ms(graph, replays)) / len(calls)
 
 
 def graph_row_ms(row: dict, inputs: Callable[[dict], tuple], l2_bytes: int) -> float:

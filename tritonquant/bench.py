@@ -249,20 +249,27 @@ def measure_gpu_graphed(model, workload: Workload, method: str, batch_size: int,
             step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        graph.replay()  # the first replay uploads the graph
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+        times = replay_times_ms(graph, steps)
     finally:
         model.zero_grad(set_to_none=True)  # the gradients live in the graph's pool
         graph = None
         torch.cuda.empty_cache()
     return {"peak_mb": peak / MB, "activation_mb": None, "accounted_mb": None, "step_ms": statistics.median(times)}
+
+
+def replay_times_ms(graph: torch.cuda.CUDAGraph, replays: int) -> list[float]:
+    """GPU ms of each of ``replays`` replays of ``graph``, timed with CUDA events, after one untimed
+    replay (the first uploads the graph)."""
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
 
 
 def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:
