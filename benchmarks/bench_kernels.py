@@ -381,19 +381,32 @@ def record_same_size_copy(row: dict, device: torch.device, cache: dict[int, floa
     """Time ``dst.copy_(src)`` moving the row's traffic bytes (half read, half written; once per
     distinct size, kept in ``cache``) and, when the Triton row was measured, its rate as a fraction of
     that copy's: the roofline at this size rather than at the largest."""
+
+    def copy_ms(elements: int) -> float:
+        src = torch.ones(elements, dtype=torch.float32, device=device)  # touched pages, not a zero page
+        dst = torch.empty_like(src)
+        return gpu_ms(lambda: dst.copy_(src))
+
+    _record_copy_of_row_bytes(row, "triton", copy_ms, cache)
+
+
+def _record_copy_of_row_bytes(row: dict, impl: str, copy_ms: Callable[[int], float], cache: dict[int, float]) -> None:
+    """The "same bytes" figures of ``impl``'s column: ``copy_ms(elements)`` times a float32 copy of
+    ``elements`` values, moving the row's traffic bytes (once per distinct size, kept in ``cache``); its
+    GB/s, and ``impl``'s rate as a fraction of it. A failure (out of memory) leaves the row its other
+    figures."""
+    prefix = "" if impl == "triton" else f"{impl}_"
     n_bytes = row["traffic_bytes"]
     if n_bytes not in cache:
         elements = max(1, n_bytes // 8)  # float32: 4 bytes read and 4 written per element
         try:
-            src = torch.ones(elements, dtype=torch.float32, device=device)  # touched pages, not a zero page
-            dst = torch.empty_like(src)
-            cache[n_bytes] = 8 * elements / (gpu_ms(lambda: dst.copy_(src)) * 1e6)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the row keeps its other figures
-            mark_skipped(row, ("size_copy",), short_error(exc))
+            cache[n_bytes] = 8 * elements / (copy_ms(elements) * 1e6)
+        except Exception as exc:  # noqa: BLE001
+            mark_skipped(row, (f"{prefix}size_copy",), short_error(exc))
             return
-    row["size_copy_gbps"] = cache[n_bytes]
-    if "triton_gbps" in row:
-        row["triton_frac_of_size_copy"] = row["triton_gbps"] / cache[n_bytes]
+    row[f"{prefix}size_copy_gbps"] = cache[n_bytes]
+    if f"{impl}_gbps" in row:
+        row[f"{impl}_frac_of_size_copy"] = row[f"{impl}_gbps"] / cache[n_bytes]
 
 
 def rotation_count(buffer_bytes: int, l2_bytes: int) -> int:
@@ -440,23 +453,14 @@ def graph_row_ms(row: dict, inputs: Callable[[dict], tuple], l2_bytes: int) -> f
 
 def record_same_size_graph_copy(row: dict, device: torch.device, l2_bytes: int, cache: dict[int, float]) -> None:
     """``record_same_size_copy`` for the graph column: copies of the row's bytes timed as it is."""
-    n_bytes = row["traffic_bytes"]
-    if n_bytes not in cache:
-        elements = max(1, n_bytes // 8)
-        try:
-            pairs = [(torch.ones(elements, dtype=torch.float32, device=device),
-                      torch.empty(elements, dtype=torch.float32, device=device))
-                     for _ in range(rotation_count(4 * elements, l2_bytes))]
-            calls = [functools.partial(dst.copy_, src) for src, dst in pairs]
-            cache[n_bytes] = 8 * elements / (graph_ms_per_call(calls) * 1e6)
-        except Exception as exc:  # noqa: BLE001
-            mark_skipped(row, ("graph_size_copy",), short_error(exc))
-            return
-        finally:
-            pairs = calls = None
-    row["graph_size_copy_gbps"] = cache[n_bytes]
-    if "graph_gbps" in row:
-        row["graph_frac_of_size_copy"] = row["graph_gbps"] / cache[n_bytes]
+
+    def copy_ms(elements: int) -> float:
+        pairs = [(torch.ones(elements, dtype=torch.float32, device=device),
+                  torch.empty(elements, dtype=torch.float32, device=device))
+                 for _ in range(rotation_count(4 * elements, l2_bytes))]
+        return graph_ms_per_call([functools.partial(dst.copy_, src) for src, dst in pairs])
+
+    _record_copy_of_row_bytes(row, "graph", copy_ms, cache)
 
 
 def mark_skipped(row: dict, impls, reason: str) -> None:
