@@ -50,6 +50,8 @@ def configurations() -> dict:
     for budget in (2.0, 3.0):  # plans measured by tq.calibrate at step 1 and every 50 steps
         configs[f"measured-{budget}"] = MeasuredAuto(budget, 50, dict(uniform))
     configs["default"] = compress_context()
+    # The default as it was before GELU/SiLU outputs were computed again in backward (packed instead).
+    configs["default-packed-activations"] = compress_context(recompute_activations=False)
     for floor in (8, 4):
         configs[f"tq4+sensitive{floor}"] = compress_context(bits=4, sensitive_bits=floor)
         configs[f"tq2+sensitive{floor}"] = compress_context(bits=2, sensitive_bits=floor)

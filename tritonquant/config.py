@@ -102,6 +102,11 @@ class CompressConfig:
         parameter again (bit for bit the same copy; ``policy.weight_cast_source``). It needs the
         parameter unchanged, in place and storage, until backward; a changed one raises at backward.
         False keeps the copies, as exact training does.
+    recompute_activations: True (default): the output of a GELU or SiLU that the next layer saves is not
+        packed; backward computes it again from the activation's own packed input, which the activation
+        saved for its gradient (``policy.activation_output``). An MLP then packs one [tokens, 4 * dim]
+        tensor instead of two. It applies where the input was packed at least as wide as the output
+        would be; elsewhere, and with False, the output is packed as any other tensor.
     """
 
     quant: QuantConfig = QuantConfig()
@@ -111,16 +116,18 @@ class CompressConfig:
     auto_budget: float | None = None
     sensitive_bits: int = 4
     recast_weights: bool = True
+    recompute_activations: bool = True
 
     @classmethod
     def from_kwargs(
         cls, min_bytes: int = DEFAULT_MIN_BYTES, overrides: dict | None = None, offload: str | None = None,
-        budget: float | None = None, sensitive_bits: int = 4, recast_weights: bool = True, **quant_kwargs
+        budget: float | None = None, sensitive_bits: int = 4, recast_weights: bool = True,
+        recompute_activations: bool = True, **quant_kwargs
     ) -> "CompressConfig":
         unknown = sorted(set(quant_kwargs) - set(QUANT_FIELDS))
         if unknown:
             allowed = QUANT_FIELDS + ("min_bytes", "overrides", "offload", "budget", "sensitive_bits",
-                                      "recast_weights")
+                                      "recast_weights", "recompute_activations")
             raise TypeError(f"unexpected keyword {unknown[0]!r}; allowed: {', '.join(allowed)}")
         auto_budget = None
         bits = quant_kwargs.get("bits")
@@ -140,10 +147,13 @@ class CompressConfig:
             raise ValueError(f"min_bytes must be an int >= 0, got {min_bytes!r}")
         if not isinstance(recast_weights, bool):
             raise ValueError(f"recast_weights must be True or False, got {recast_weights!r}")
+        if not isinstance(recompute_activations, bool):
+            raise ValueError(f"recompute_activations must be True or False, got {recompute_activations!r}")
         if not (offload is None or (isinstance(offload, str) and offload in OFFLOAD_CHOICES)):
             raise ValueError(f"offload must be one of None, 'cpu'; got {offload!r}")
         return cls(quant=quant, min_bytes=min_bytes, overrides=_parse_overrides(overrides or {}, quant), offload=offload,
-                   auto_budget=auto_budget, sensitive_bits=sensitive_bits, recast_weights=recast_weights)
+                   auto_budget=auto_budget, sensitive_bits=sensitive_bits, recast_weights=recast_weights,
+                   recompute_activations=recompute_activations)
 
 
 def _parse_overrides(overrides: dict, base: QuantConfig) -> tuple:

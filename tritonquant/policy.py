@@ -61,9 +61,10 @@ against exact 2.389 +/- 0.021 (7.5x).
 from __future__ import annotations
 
 import functools
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .codec import SUPPORTED_DTYPES, is_dense
@@ -72,6 +73,7 @@ REASONS = {
     "parameter": "parameters, buffers, and views and dtype casts of them",
     "recast": "dtype casts of parameters (autocast's weight copies), cast again in backward",
     "frozen": "dtype casts of frozen parameters (autocast's weight copies), kept",
+    "recomputed": "GELU and SiLU outputs, computed again in backward from their packed input",
     "backward": "saved while backward runs",
     "layout": "sparse or non-strided",
     "subclass": "tensor subclass",
@@ -204,6 +206,43 @@ def narrow_index_dtype(
     if bound <= torch.iinfo(torch.int32).max + 1:
         return torch.int32
     return None
+
+
+def activation_output(t: torch.Tensor) -> tuple[tuple[int, int], Callable[[torch.Tensor], torch.Tensor],
+                                               torch.Tensor] | None:
+    """When ``t`` is the output of a GELU or SiLU, or a view of it: (key of the activation's input, the
+    activation, the output tensor), else None.
+
+    Both activations save their input for their own gradient, and the layer after them saves their
+    output for its weight gradient: in a transformer's MLP, two [tokens, 4 * dim] tensors. The output
+    can be computed again in backward from the input's packing (``recompute_activations``). The key is
+    (id of the input's autograd node, its output number): the node and output the input tensor was made
+    by, so a packing filed under ``producer_key`` of the input is found again from the output alone.
+    """
+    out = t if t._base is None else t._base
+    node = out.grad_fn
+    if node is None:
+        return None
+    name = type(node).__name__  # (a name test first: most saved tensors are no activation's output)
+    if name == "GeluBackward0":
+        function = functools.partial(F.gelu, approximate=node._saved_approximate)
+    elif name == "SiluBackward0":
+        function = F.silu
+    else:
+        return None
+    (input_node, output_nr), = node.next_functions
+    if input_node is None:
+        return None
+    return (id(input_node), output_nr), function, out
+
+
+def producer_key(t: torch.Tensor) -> tuple[int, int] | None:
+    """(id of ``t``'s autograd node, ``t``'s output number): how ``activation_output`` names an input; None
+    for a tensor without a node. A key names one tensor only while its node lives, and every op that saves
+    ``t`` holds that node (as the edge its gradient flows to; an op saving its own output is the node), so
+    a packing of ``t``, which only its savers keep alive, is never found under another tensor's key."""
+    node = t.grad_fn
+    return None if node is None else (id(node), t.output_nr)
 
 
 def in_backward() -> bool:

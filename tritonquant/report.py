@@ -47,7 +47,7 @@ def format_report(stats, config: CompressConfig, peak_memory: dict[int, int]) ->
     if stats.passed_by_reason:
         # (Semicolons: some reasons hold commas.)
         kept = "; ".join(f"{count} {REASONS[reason]}" for reason, count in stats.passed_by_reason.most_common())
-        lines.append(f"kept as is: {kept}")
+        lines.append(f"not packed: {kept}")
     for device, peak in peak_memory.items():
         lines.append(f"peak CUDA memory allocated on cuda:{device} since the block opened: {peak / MB:.1f} MB")
     return "\n".join(lines)

@@ -31,8 +31,9 @@ from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
 from .pool_indices import PoolWindows, pool_windows
-from .policy import (MAX_POOL_SPATIAL_DIMS, is_frozen_weight_cast, is_sensitive, narrow_index_dtype, pass_reason,
-                     producer, recastable, standardize_kind, standardization, weight_cast_source)
+from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_cast, is_sensitive, narrow_index_dtype,
+                     pass_reason, producer, producer_key, recastable, standardize_kind, standardization,
+                     weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 # What an override lookup returns when no override pattern matched (None means one matched: keep).
@@ -116,6 +117,25 @@ class _PackedView:
     def restore(self) -> torch.Tensor:
         decoded = _decode(self.base)
         return decoded.as_strided(self.shape, self.stride, decoded.storage_offset())
+
+
+class _Recomputed:
+    """The output of a GELU or SiLU (or a view of it), saved by the next layer, computed again in backward
+    from the packing of the activation's input (``policy.activation_output``), which the activation saved
+    for its own gradient. The two savers' unpacks share one decode: the layer after the activation runs
+    its backward first, and ``_decode`` keeps the decoded input for the activation's."""
+
+    __slots__ = ("base", "function", "view")
+
+    def __init__(self, base: _Packed, function, t: torch.Tensor, out: torch.Tensor) -> None:
+        self.base = base
+        self.function = function
+        # (The output itself has its input's layout, which the packing restores: no view needed for it.)
+        self.view = None if t is out else (t.shape, t.stride(), t.storage_offset())
+
+    def restore(self) -> torch.Tensor:
+        out = self.function(_decode(self.base))
+        return out if self.view is None else out.as_strided(*self.view)
 
 
 class _Kept:
@@ -214,7 +234,8 @@ class _RecastWeight:
 
 
 # What the pack hook returns for autograd to hold, and the unpack hook restores.
-_Handle = _Packed | _PackedView | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight | ProbeTensor
+_Handle = (_Packed | _PackedView | _Recomputed | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight
+           | ProbeTensor)
 
 
 def _view_key(t: torch.Tensor) -> tuple:
@@ -394,6 +415,8 @@ class Session:
         self._dedup = _WeakTable()
         # (id(param), version, dtype, view) -> the _RecastWeight of that cast, while a graph holds it.
         self._recasts = _WeakTable()
+        # recompute_activations: producer_key of a packed tensor -> its _Packed, while a graph holds it.
+        self._packed_by_producer = _WeakTable() if config.recompute_activations else None
         self._slot_counts: Counter = Counter()
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
@@ -520,6 +543,10 @@ class Session:
             # is decided later, one module at a time.)
             self._dedup[standardized_key if kind is not None else key] = probed
             return probed
+        if self._packed_by_producer is not None and kind is None and calibration is None:
+            recomputed = self._recompute(t, quant, row)
+            if recomputed is not None:
+                return recomputed
         standardize = standardization(kind, quant.bits)
         packed = quantize_checked(t, quant, standardize=standardize, stream=self._seeded_stream(quant))
         handle = _Packed(packed, quant.backend, t)
@@ -530,10 +557,37 @@ class Session:
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
         self._dedup[standardized_key if standardize else key] = handle
+        if self._packed_by_producer is not None:
+            node_key = producer_key(t)
+            if node_key is not None:
+                self._packed_by_producer[node_key] = handle
         if t.is_cuda:
             self._cuda_devices.add(t.get_device())  # (the index, without building a torch.device)
         self._count_packed(row, packed)
         return handle
+
+    def _recompute(self, t: torch.Tensor, quant: QuantConfig, row: ModuleStats) -> _Recomputed | None:
+        """A handle that computes ``t``, an activation's output, again in backward from the packing of the
+        activation's input; None when ``t`` is no GELU or SiLU output, that output changed since the
+        activation made it, or its input was not packed here as a whole, in ``t``'s layout and dtype, at
+        ``quant.bits`` or wider."""
+        activation = activation_output(t)
+        if activation is None:
+            return None
+        input_key, function, out = activation
+        if out._version != 0:  # changed in place since (under no_grad, which leaves its node as it was)
+            return None
+        base = self._packed_by_producer.get(input_key)
+        if base is None:
+            return None
+        packed = base.packed if isinstance(base.packed, PackedTensor) else base.packed.host
+        if (packed.bits < quant.bits or packed.dtype != out.dtype or packed.shape != out.shape
+                or packed.stride != out.stride() or packed.stored_stride != packed.stride
+                or packed.stored_shape != packed.shape):
+            return None
+        base.saves += 1  # (so that _decode keeps the decoded input for the activation's own unpack)
+        self._count_passed(row, "recomputed", 0)
+        return _Recomputed(base, function, t, out)
 
     def _recast_weight(self, t: torch.Tensor, row: ModuleStats) -> _RecastWeight | None:
         """A handle that casts the parameter ``t`` was cast from again in backward; None when ``t`` is not
@@ -624,7 +678,7 @@ class Session:
 
     @staticmethod
     def _unpack(handle: _Handle) -> torch.Tensor:
-        if isinstance(handle, (_PackedView, _WindowIndices, _NarrowedIndices, _RecastWeight)):
+        if isinstance(handle, (_PackedView, _Recomputed, _WindowIndices, _NarrowedIndices, _RecastWeight)):
             return handle.restore()
         if isinstance(handle, (_Kept, ProbeTensor)):
             t = handle.tensor
@@ -840,7 +894,7 @@ def compress(**config) -> Session:
 
     Keywords: ``bits``, ``scheme``, ``stochastic``, ``group_size``, ``seed``, ``backend`` (see
     ``QuantConfig``; ``bits="auto"`` with ``budget``), ``min_bytes``, ``overrides``, ``offload``,
-    ``sensitive_bits`` and ``recast_weights`` (see ``CompressConfig``).
+    ``sensitive_bits``, ``recast_weights`` and ``recompute_activations`` (see ``CompressConfig``).
     """
     return Session(CompressConfig.from_kwargs(**config))
 

@@ -300,6 +300,156 @@ def test_another_view_of_a_packed_run_of_memory_reuses_its_packing(backend, monk
     assert all(torch.equal(a, b) for a, b in zip(grads, separate_grads))
 
 
+ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu-tanh": lambda: nn.GELU(approximate="tanh"), "silu": lambda: nn.SiLU()}
+
+
+def _mlp(activation: str, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 128), ACTIVATIONS[activation](), nn.Linear(128, 32)).to(dtype)
+
+
+def _output_projection_node(out: torch.Tensor):
+    """The node of the MLP's second Linear (a 3-d input adds a view after it)."""
+    node = out.grad_fn
+    return node if type(node).__name__ == "AddmmBackward0" else node.next_functions[0][0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens", [(48,), (4, 12)], ids=["2d", "3d-view"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+def test_an_activation_output_is_computed_again_from_its_packed_input(activation, tokens, dtype, backend):
+    """The second Linear's saved input, GELU's or SiLU's output, is that activation of the packed input the
+    activation saved, bit for bit; it is not packed itself (a 3-d input is saved as a [48, 128] view)."""
+    model = _mlp(activation, dtype)
+    x = torch.randn(*tokens, 32, dtype=dtype)
+    with tq.compress(bits=4, min_bytes=0, backend=backend) as session:
+        out = model(x)
+    pre = model[0](x).detach()
+    expected_input = tq.dequantize(tq.quantize(pre, bits=4, backend=backend))
+    expected_output = model[1](expected_input)
+    projection = _output_projection_node(out)
+    activation_node = projection.next_functions[1][0]
+    activation_node = activation_node if "Backward" in type(activation_node).__name__ and hasattr(
+        activation_node, "_saved_self") else activation_node.next_functions[0][0]
+    assert torch.equal(activation_node._saved_self, expected_input)
+    restored = projection._saved_mat1
+    assert restored.dtype == dtype and restored.shape == (48, 128)
+    assert torch.equal(restored, expected_output.reshape(48, 128))
+    # Packed: the MLP's input and the activation's input; its output computed again.
+    assert session.stats.packed_tensors == 2 and session.stats.passed_by_reason["recomputed"] == 1
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_an_activation_output_computed_again_keeps_gradients_as_close_as_packing_it():
+    model = _mlp("gelu")
+    x, weight = torch.randn(256, 32), torch.randn(256, 32)
+
+    def gradients(ctx) -> torch.Tensor:
+        model.zero_grad()
+        with ctx:
+            out = model(x)
+        (out * weight).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact = gradients(contextlib.nullcontext())
+    for bits in (8, 4):
+        packed = gradients(tq.compress(bits=bits, min_bytes=0, recompute_activations=False))
+        recomputed = gradients(tq.compress(bits=bits, min_bytes=0))
+        packed_error, recomputed_error = ((g - exact).norm() / exact.norm() for g in (packed, recomputed))
+        assert recomputed_error < 1.25 * packed_error, (bits, packed_error, recomputed_error)
+        assert not torch.equal(packed, recomputed)
+
+
+def test_an_activation_output_computed_again_shares_its_inputs_decode(monkeypatch):
+    """In backward the second Linear restores the activation's output, and the activation, right after,
+    its input: one decode serves both."""
+    from tritonquant import session as session_module
+
+    decodes = []
+    dequantize = session_module.dequantize
+
+    def counted(packed, backend):
+        decodes.append(packed)
+        return dequantize(packed, backend=backend)
+
+    monkeypatch.setattr(session_module, "dequantize", counted)
+    model, x = _mlp("silu"), torch.randn(64, 32)
+    with tq.compress(bits=4, min_bytes=0) as session:
+        loss = model(x).sum()
+    loss.backward()
+    assert session.stats.passed_by_reason["recomputed"] == 1
+    assert len(decodes) == session.stats.packed_tensors == 2
+
+
+@pytest.mark.parametrize("case", ["off", "input-narrower", "input-kept", "output-changed-in-place"])
+def test_an_activation_output_is_packed_when_it_cannot_be_computed_again(case):
+    settings = {
+        # The Linear after the activation saves its output: at 8 bits, wider than the GELU's input.
+        "input-narrower": {"overrides": {nn.Linear: {"bits": 8}}},
+        "input-kept": {"overrides": {nn.GELU: None}},  # the activation's input is not packed at all
+    }.get(case, {})
+    model, x = _mlp("gelu"), torch.randn(64, 32)
+    with tq.compress(bits=4, min_bytes=0, recompute_activations=case != "off", **settings) as session:
+        hidden = model[1](model[0](x))
+        if case == "output-changed-in-place":
+            with torch.no_grad():  # (leaves the output's node a GELU's)
+                hidden.mul_(2)
+        out = model[2](hidden)
+    assert session.stats.passed_by_reason["recomputed"] == 0
+    hidden = hidden.detach()
+    expected = tq.dequantize(tq.quantize(hidden, bits=8 if case == "input-narrower" else 4))
+    assert torch.equal(out.grad_fn._saved_mat1, expected), "the output's own packing"
+
+
+def test_an_activation_input_is_told_from_the_other_outputs_of_the_node_that_made_it():
+    """``a`` and ``b`` come from one node (split) with the same shape: ``a`` is packed, ``b``, the GELU's
+    input, is kept. The GELU's output must not be made from ``a``'s packing."""
+    torch.manual_seed(0)
+    lin, act, proj = nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 16)
+    x = torch.randn(64, 32)
+    with tq.compress(bits=4, min_bytes=0, overrides={nn.GELU: None}) as session:
+        a, b = lin(x).chunk(2, dim=0)
+        side = a.sin().sum()  # sin packs a, before the GELU runs
+        out = proj(act(b)) + side
+    assert session.stats.passed_by_reason["recomputed"] == 0
+    hidden = act(b).detach()
+    assert torch.equal(out.grad_fn.next_functions[0][0]._saved_mat1, tq.dequantize(tq.quantize(hidden, bits=4)))
+
+
+def test_a_graph_with_activations_computed_again_is_freed_with_or_without_backward():
+    model, x = _mlp("gelu"), torch.randn(64, 32)
+    with tq.compress(bits=4, min_bytes=0) as session:
+        out = model(x)
+    # Filed by the node that made them: the activation's input (the MLP's input, a leaf, has none).
+    assert session.stats.passed_by_reason["recomputed"] == 1 and len(session._packed_by_producer) == 1
+    out.sum().backward()
+    del out
+    gc.collect()
+    assert len(session._dedup) == 0 and len(session._packed_by_producer) == 0
+    with tq.compress(bits=4, min_bytes=0) as session:
+        out = model(x)
+    assert len(session._packed_by_producer) == 1
+    del out  # dropped without backward
+    gc.collect()
+    assert len(session._dedup) == 0 and len(session._packed_by_producer) == 0
+
+
+def test_a_transformer_packs_one_tensor_fewer_per_mlp():
+    torch.manual_seed(0)
+    model, batch = TinyTransformer(layers=2), lm_batch(8)
+    stats = {}
+    for recompute in (True, False):
+        with tq.compress(bits=4, min_bytes=0, recompute_activations=recompute) as session:
+            lm_loss(model, batch).backward()
+        stats[recompute] = session.stats
+    assert stats[True].passed_by_reason["recomputed"] == 2  # a GELU block and a SiLU block
+    assert stats[True].packed_tensors == stats[False].packed_tensors - 2
+    mlp_output = 8 * 64 * 4 * 64 * 4  # [batch * seq, 4 * dim] fp32, per block
+    assert stats[False].raw_bytes - stats[True].raw_bytes == 2 * mlp_output
+
+
 def test_a_decode_is_kept_for_the_next_saver_only_until_another_tensor_is_decoded():
     from tritonquant.session import _decode, _Packed
 
@@ -527,8 +677,10 @@ def test_overrides_by_name_and_type_and_exclusion():
         ({"overrides": {3: None}}, TypeError, "overrides keys must be"),
         ({"overrides": ["conv"]}, TypeError, "overrides must be a dict"),
         ({"bitz": 4}, TypeError, "unexpected keyword 'bitz'"),
+        ({"recompute_activations": 1}, ValueError, "recompute_activations must be True or False, got 1"),
     ],
-    ids=["bits", "bits-none", "min_bytes", "override-field", "override-key", "override-type", "unknown-kwarg"],
+    ids=["bits", "bits-none", "min_bytes", "override-field", "override-key", "override-type", "unknown-kwarg",
+         "recompute_activations"],
 )
 def test_bad_compress_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
