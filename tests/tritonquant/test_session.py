@@ -436,6 +436,18 @@ def test_a_graph_with_activations_computed_again_is_freed_with_or_without_backwa
     assert len(session._dedup) == 0 and len(session._packed_by_producer) == 0
 
 
+def test_a_retained_graph_computes_an_activation_output_again_on_every_backward():
+    model, x = _mlp("gelu"), torch.randn(64, 32)
+    with tq.compress(bits=4, min_bytes=0) as session:
+        loss = model(x).square().sum()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    handles = session._packed_by_producer.values()
+    assert handles and all(h.decoded is None and h.unpacked == 0 for h in handles), "no decode kept"
+    loss.backward()
+    assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.parameters(), first))
+
+
 def test_a_transformer_packs_one_tensor_fewer_per_mlp():
     torch.manual_seed(0)
     model, batch = TinyTransformer(layers=2), lm_batch(8)
