@@ -342,6 +342,20 @@ def test_an_activation_output_is_computed_again_from_its_packed_input(activation
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_a_gated_mlps_silu_output_is_computed_again_for_the_product_that_saves_it():
+    """LLaMA's MLP, down(silu(gate(x)) * up(x)): the product saves SiLU's output (and up's)."""
+    torch.manual_seed(0)
+    gate, up, down = nn.Linear(32, 128), nn.Linear(32, 128), nn.Linear(128, 32)
+    x = torch.randn(64, 32)
+    with tq.compress(bits=4, min_bytes=0) as session:
+        out = down(F.silu(gate(x)) * up(x))
+    product = out.grad_fn.next_functions[1][0]
+    assert type(product).__name__ == "MulBackward0"
+    expected = F.silu(tq.dequantize(tq.quantize(gate(x).detach(), bits=4)))
+    assert torch.equal(product._saved_self, expected)
+    assert session.stats.passed_by_reason["recomputed"] == 1
+
+
 def test_an_activation_output_computed_again_keeps_gradients_as_close_as_packing_it():
     model = _mlp("gelu")
     x, weight = torch.randn(256, 32), torch.randn(256, 32)
