@@ -208,16 +208,16 @@ def narrow_index_dtype(
     return None
 
 
-def activation_output(t: torch.Tensor) -> tuple[tuple[int, int], Callable[[torch.Tensor], torch.Tensor],
+def activation_output(t: torch.Tensor) -> tuple[object, int, Callable[[torch.Tensor], torch.Tensor],
                                                torch.Tensor] | None:
-    """When ``t`` is the output of a GELU or SiLU, or a view of it: (key of the activation's input, the
-    activation, the output tensor), else None.
+    """When ``t`` is the output of a GELU or SiLU, or a view of it: (the autograd node that made the
+    activation's input, the input's output number at that node, the activation, the output tensor), else
+    None.
 
     Both activations save their input for their own gradient, and the layer after them saves their
     output for its weight gradient: in a transformer's MLP, two [tokens, 4 * dim] tensors. The output
-    can be computed again in backward from the input's packing (``recompute_activations``). The key is
-    (id of the input's autograd node, its output number): the node and output the input tensor was made
-    by, so a packing filed under ``producer_key`` of the input is found again from the output alone.
+    can be computed again in backward from the input's packing (``recompute_activations``), which the
+    session finds through the input's node.
     """
     out = t if t._base is None else t._base
     node = out.grad_fn
@@ -233,16 +233,7 @@ def activation_output(t: torch.Tensor) -> tuple[tuple[int, int], Callable[[torch
     (input_node, output_nr), = node.next_functions
     if input_node is None:
         return None
-    return (id(input_node), output_nr), function, out
-
-
-def producer_key(t: torch.Tensor) -> tuple[int, int] | None:
-    """(id of ``t``'s autograd node, ``t``'s output number): how ``activation_output`` names an input; None
-    for a tensor without a node. A key names one tensor only while its node lives, and every op that saves
-    ``t`` holds that node (as the edge its gradient flows to; an op saving its own output is the node), so
-    a packing of ``t``, which only its savers keep alive, is never found under another tensor's key."""
-    node = t.grad_fn
-    return None if node is None else (id(node), t.output_nr)
+    return input_node, output_nr, function, out
 
 
 def in_backward() -> bool:

@@ -32,8 +32,7 @@ from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
 from .pool_indices import PoolWindows, pool_windows
 from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_cast, is_sensitive, narrow_index_dtype,
-                     pass_reason, producer, producer_key, recastable, standardize_kind, standardization,
-                     weight_cast_source)
+                     pass_reason, producer, recastable, standardize_kind, standardization, weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 # What an override lookup returns when no override pattern matched (None means one matched: keep).
@@ -259,6 +258,39 @@ def _standardized(key: tuple, kind: str) -> tuple:
     return key + ("standardized", kind)
 
 
+# The key, in an autograd node's ``metadata``, of {output number: (weak reference to the _Packed of that
+# output, the output's version when packed)}: how an activation's output finds its input's packing
+# (``Session._recompute``). Kept on the node, not in a table keyed by the node's Python object: that object
+# is made afresh whenever no reference holds it, so its id() does not name the node.
+_PACKINGS = "tritonquant.packings"
+
+
+def _file_by_producer(t: torch.Tensor, handle: _Packed) -> None:
+    """File ``handle``, a packing of ``t``, on the autograd node that made ``t`` (nothing for a tensor
+    without one). Two live packings of one output at different versions (changed in place under no_grad,
+    which leaves its node as it was) cannot be told apart from the node: the output is then filed as
+    having none."""
+    node = t.grad_fn
+    if node is None:
+        return
+    packings = node.metadata.setdefault(_PACKINGS, {})
+    filed = packings.get(t.output_nr)
+    if filed is not None:
+        ref, version = filed
+        if ref is None:  # (already two versions)
+            return
+        if version != t._version and ref() is not None:
+            packings[t.output_nr] = (None, None)
+            return
+    packings[t.output_nr] = (weakref.ref(handle), t._version)
+
+
+def _filed_by_producer(node, output_nr: int) -> _Packed | None:
+    """The live packing filed on ``node`` for its output ``output_nr`` (``_file_by_producer``), else None."""
+    filed = node.metadata.get(_PACKINGS, {}).get(output_nr)
+    return filed[0]() if filed is not None and filed[0] is not None else None
+
+
 class _WeakTable:
     """A dict from keys to objects it does not keep alive: ``weakref.WeakValueDictionary``'s job, at a
     little over half its cost per entry (filed, looked up, dead).
@@ -415,8 +447,6 @@ class Session:
         self._dedup = _WeakTable()
         # (id(param), version, dtype, view) -> the _RecastWeight of that cast, while a graph holds it.
         self._recasts = _WeakTable()
-        # recompute_activations: producer_key of a packed tensor -> its _Packed, while a graph holds it.
-        self._packed_by_producer = _WeakTable() if config.recompute_activations else None
         self._slot_counts: Counter = Counter()
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
@@ -543,7 +573,7 @@ class Session:
             # is decided later, one module at a time.)
             self._dedup[standardized_key if kind is not None else key] = probed
             return probed
-        if self._packed_by_producer is not None and kind is None and calibration is None:
+        if self.config.recompute_activations and kind is None and calibration is None:
             recomputed = self._recompute(t, quant, row)
             if recomputed is not None:
                 return recomputed
@@ -557,10 +587,8 @@ class Session:
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
         self._dedup[standardized_key if standardize else key] = handle
-        if self._packed_by_producer is not None:
-            node_key = producer_key(t)
-            if node_key is not None:
-                self._packed_by_producer[node_key] = handle
+        if self.config.recompute_activations:
+            _file_by_producer(t, handle)
         if t.is_cuda:
             self._cuda_devices.add(t.get_device())  # (the index, without building a torch.device)
         self._count_packed(row, packed)
@@ -574,10 +602,10 @@ class Session:
         activation = activation_output(t)
         if activation is None:
             return None
-        input_key, function, out = activation
+        input_node, output_nr, function, out = activation
         if out._version != 0:  # changed in place since (under no_grad, which leaves its node as it was)
             return None
-        base = self._packed_by_producer.get(input_key)
+        base = _filed_by_producer(input_node, output_nr)
         if base is None:
             return None
         packed = base.packed if isinstance(base.packed, PackedTensor) else base.packed.host

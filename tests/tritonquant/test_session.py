@@ -436,18 +436,36 @@ def test_a_graph_with_activations_computed_again_is_freed_with_or_without_backwa
     model, x = _mlp("gelu"), torch.randn(64, 32)
     with tq.compress(bits=4, min_bytes=0) as session:
         out = model(x)
-    # Filed by the node that made them: the activation's input (the MLP's input, a leaf, has none).
-    assert session.stats.passed_by_reason["recomputed"] == 1 and len(session._packed_by_producer) == 1
+    assert session.stats.passed_by_reason["recomputed"] == 1 and len(session._dedup) == 2
     out.sum().backward()
     del out
     gc.collect()
-    assert len(session._dedup) == 0 and len(session._packed_by_producer) == 0
+    assert len(session._dedup) == 0, "backward frees the packed tensors"
     with tq.compress(bits=4, min_bytes=0) as session:
         out = model(x)
-    assert len(session._packed_by_producer) == 1
+    assert len(session._dedup) == 2
     del out  # dropped without backward
     gc.collect()
-    assert len(session._dedup) == 0 and len(session._packed_by_producer) == 0
+    assert len(session._dedup) == 0
+
+
+def test_an_input_packed_at_two_versions_is_not_used_to_compute_an_output_again():
+    """The GELU's input is changed in place under no_grad after the GELU ran (its node stays), and packed
+    again by another op: two live packings of one output of one node. The GELU's output must not be made
+    from the later one."""
+    torch.manual_seed(0)
+    lin, proj = nn.Linear(32, 64), nn.Linear(64, 16)
+    x = torch.randn(48, 32)
+    with tq.compress(bits=4, min_bytes=0) as session:
+        pre = lin(x)
+        hidden = F.gelu(pre)  # packs pre at version 0
+        with torch.no_grad():
+            pre.mul_(3)
+        side = pre.sin().sum()  # packs pre at version 1
+        out = proj(hidden) + side
+    assert session.stats.passed_by_reason["recomputed"] == 0
+    assert torch.equal(out.grad_fn.next_functions[0][0]._saved_mat1,
+                       tq.dequantize(tq.quantize(hidden.detach(), bits=4)))
 
 
 def test_a_retained_graph_computes_an_activation_output_again_on_every_backward():
@@ -456,7 +474,7 @@ def test_a_retained_graph_computes_an_activation_output_again_on_every_backward(
         loss = model(x).square().sum()
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in model.parameters()]
-    handles = session._packed_by_producer.values()
+    handles = session._dedup.values()
     assert handles and all(h.decoded is None and h.unpacked == 0 for h in handles), "no decode kept"
     loss.backward()
     assert all(torch.equal(p.grad, 2 * g) for p, g in zip(model.parameters(), first))
