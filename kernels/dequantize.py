@@ -4,7 +4,18 @@ Element i of group g decodes to ``base[g] + code[i] * step[g]`` in float32 (two 
 then rounds to the output dtype. See kernels/quantize.py for how base and step are chosen.
 Standardized packings (``channels``) decode to ``(value - 1) * scale[c] + minimum[c]`` in float32
 (three roundings, no FMA) before that one rounding.
+
+With an ``activation`` ("gelu", "gelu_tanh" or "silu"), the same pass also writes that activation of
+the decoded values to a second output: a GELU's or SiLU's output is computed again in backward from
+its input's packing (tritonquant's ``recompute_activations``), and both tensors are needed there, the
+input for the activation's gradient and the output for the next layer's. One pass reads the packing
+once and writes both, where decoding and then applying the activation would read the decoded input
+again. The activation is computed in float32 from the decoded value as rounded to the output dtype,
+as torch computes it, then rounded once; Triton's erf and exp stand in for the C library's, so the
+result agrees with ``torch_activation`` to within a few float32 ulps, not bit for bit
+(tests/kernels/test_dequantize.py holds the tolerances).
 """
+
 
 import torch
 import triton
@@ -48,12 +59,42 @@ def _round_to(value, DTYPE: tl.constexpr, HARDWARE_CAST: tl.constexpr):
         return value.to(DTYPE)
 
 
+# The activations the kernel can apply as it decodes; ``torch_activation`` defines them.
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+
+
+def torch_activation(x: torch.Tensor, activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``activation`` (one of ACTIVATIONS) of ``x`` as torch computes it (``F.gelu``, ``F.silu``),
+    written into ``out`` when given (no temporary)."""
+    if activation == "silu":
+        return torch.ops.aten.silu(x) if out is None else torch.ops.aten.silu.out(x, out=out)
+    approximate = "tanh" if activation == "gelu_tanh" else "none"
+    if out is None:
+        return torch.ops.aten.gelu(x, approximate=approximate)
+    return torch.ops.aten.gelu.out(x, approximate=approximate, out=out)
+
+
+@triton.jit
+def _activate(x, ACTIVATION: tl.constexpr):
+    """GELU (erf or tanh form) or SiLU of float32 ``x``, in float32, in the order torch's CUDA kernels
+    compute them; divisions rounded as IEEE's (torch's), not approximated (Triton's ``/``)."""
+    if ACTIVATION == "gelu":
+        return x * 0.5 * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        # 0.5 * x * (1 + tanh(u)) = x * sigmoid(2u) = x / (1 + exp(-2u)): Triton has no tanh of its own.
+        u = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+        return tl.div_rn(x, 1.0 + tl.exp(-2.0 * u))
+    else:  # "silu"
+        return tl.div_rn(x, 1.0 + tl.exp(-x))
+
+
 @triton.jit
 def _dequantize_kernel(
-    payload_ptr, meta_ptr, out_ptr, n_elements, n_groups,
+    payload_ptr, meta_ptr, out_ptr, activated_ptr, n_elements, n_groups,
     channels_ptr, stride_divisor, count_divisor,
     BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, STANDARDIZE: tl.constexpr,
     INDEX64: tl.constexpr, ROW_CHANNELS: tl.constexpr, HARDWARE_CAST: tl.constexpr, EVEN: tl.constexpr,
+    ACTIVATION: tl.constexpr,
 ):
     # EVEN: n_elements is a multiple of GROUP, so the store mask is per row (as in _quantize_kernel).
     BYTES_PER_GROUP: tl.constexpr = GROUP * BITS // 8
@@ -88,7 +129,11 @@ def _dequantize_kernel(
         channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
         minimum, scale = channel_statistics(channels_ptr, channel, valid)
         value = (value - 1.0) * scale + minimum
-    tl.store(out_ptr + idx, _round_to(value, out_ptr.dtype.element_ty, HARDWARE_CAST), mask=valid)
+    decoded = _round_to(value, out_ptr.dtype.element_ty, HARDWARE_CAST)
+    tl.store(out_ptr + idx, decoded, mask=valid)
+    if ACTIVATION != "none":  # (activated_ptr: a second output of out's dtype and layout)
+        activated = _activate(decoded.to(tl.float32), ACTIVATION)
+        tl.store(activated_ptr + idx, _round_to(activated, out_ptr.dtype.element_ty, HARDWARE_CAST), mask=valid)
 
 
 _launch_dequantize = KernelLauncher(_dequantize_kernel)
@@ -98,12 +143,16 @@ _HARDWARE_CAST = not is_interpreted()
 
 
 def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
-                      channels: torch.Tensor | None = None, channel_stride: int = 1) -> None:
+                      channels: torch.Tensor | None = None, channel_stride: int = 1, activation: str | None = None,
+                      activated: torch.Tensor | None = None) -> None:
     """Decode into ``out``: float32/float16/bfloat16, dense (``launch.flat_view``) with the original n
     elements, written in memory order.
 
     ``channels``, ``channel_stride``: as given to ``triton_quantize`` (None: not standardized).
+    ``activation`` (one of ACTIVATIONS): also write that activation of the decoded values into
+    ``activated``, of ``out``'s dtype, shape and strides, in the same pass (module docstring).
     """
+    _check_activation(out, activation, activated)
     n = out.numel()
     n_groups = meta.shape[0]
     if n == 0:
@@ -113,19 +162,40 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
         n, channels, channel_stride, group_size, meta)
     _launch_dequantize(
         cdiv(n_groups, rows),
-        (payload, meta, out, n, n_groups, statistics, stride_divisor, count_divisor),
+        (payload, meta, out, out if activated is None else activated, n, n_groups, statistics, stride_divisor,
+         count_divisor),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=channels is not None, INDEX64=index64,
-             ROW_CHANNELS=by_row, HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0),
+             ROW_CHANNELS=by_row, HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0,
+             ACTIVATION=activation or "none"),
         num_warps,
     )
 
 
+def _check_activation(out: torch.Tensor, activation: str | None, activated: torch.Tensor | None) -> None:
+    if activation is None and activated is None:
+        return
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS} or None, got {activation!r}")
+    if (activated is None or activated.dtype != out.dtype or activated.shape != out.shape
+            or activated.stride() != out.stride() or activated.device != out.device):
+        raise ValueError("activated must be a tensor of out's dtype, shape, strides and device when an activation "
+                         "is given")
+
+
 def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor, bits: int, group_size: int,
-                     channels: torch.Tensor | None = None, channel_stride: int = 1) -> None:
-    """Plain-PyTorch reference for ``triton_dequantize``: same signature, same bits out.
+                     channels: torch.Tensor | None = None, channel_stride: int = 1, activation: str | None = None,
+                     activated: torch.Tensor | None = None) -> None:
+    """Plain-PyTorch reference for ``triton_dequantize``: same signature, same bits out in ``out``;
+    ``activated`` gets ``torch_activation`` of ``out``, which the kernel's matches to within a few ulps.
 
     On the CPU it decodes a chunk of groups at a time (``quantize.torch_chunk_elements``).
     """
+    _check_activation(out, activation, activated)
+    if activation is not None:
+        torch_dequantize(payload, meta, out, bits, group_size, channels, channel_stride)
+        # (Elementwise: on the two runs of memory, which hold the elements in the same order.)
+        torch_activation(flat_view(out), activation, out=flat_view(activated))
+        return
     out = flat_view(out)
     n = out.numel()
     chunk = torch_chunk_elements(n, group_size, out.device)

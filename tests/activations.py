@@ -2,6 +2,12 @@
 
 import torch
 
+# The dequantize kernel's GELU and SiLU (computed with Triton's erf and exp) against torch's, by output
+# dtype: (atol, rtol). The absolute part covers where GELU is tiny and both sides lose their digits to
+# 1 + erf(x) or 1 + tanh(u); the relative part is one unit in the last place for the half dtypes, and a
+# few dozen float32 ones.
+ACTIVATION_TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-6, 2**-10), torch.bfloat16: (1e-6, 2**-7)}
+
 
 def activation_like(n: int, dtype: torch.dtype = torch.float32, group_size: int = 64, seed: int = 0,
                     device: str | torch.device = "cpu") -> torch.Tensor:

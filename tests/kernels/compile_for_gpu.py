@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from tritonquant.kernels.bitpack import _pack_bool_kernel, _unpack_bool_kernel  # noqa: E402
-from tritonquant.kernels.dequantize import _dequantize_kernel  # noqa: E402
+from tritonquant.kernels.dequantize import ACTIVATIONS, _dequantize_kernel  # noqa: E402
 from tritonquant.kernels.pool_indices import BLOCK_ELEMENTS, _decode_kernel, _encode_kernel  # noqa: E402
 from tritonquant.kernels.quantize import SPLIT_FIRST, _quantize_kernel, split_for, threads_per_group  # noqa: E402
 
@@ -42,14 +42,15 @@ QUANTIZE_ROWS = (16, 32)
 RUN_ARGUMENTS = ("run_divisor", "run_stride")
 
 
+def channel_args(index64: bool) -> dict:
+    # The channel divisors as launches pass them: prepared for multiply-high, 64-bit ints
+    # (kernels/channels.py), or plain 32-bit ones for 64-bit division (INDEX64).
+    kind = "i32" if index64 else "i64"
+    return {"channels_ptr": "*fp32", "stride_divisor": kind, "count_divisor": kind}
+
+
 def variants(quick: bool):
     bits_choices = (1, 2, 4, 8)
-
-    def channel_args(index64: bool) -> dict:
-        # The channel divisors as launches pass them: prepared for multiply-high, 64-bit ints
-        # (kernels/channels.py), or plain 32-bit ones for 64-bit division (INDEX64).
-        kind = "i32" if index64 else "i64"
-        return {"channels_ptr": "*fp32", "stride_divisor": kind, "count_divisor": kind}
 
     # INDEX64 (channel indices by 64-bit division, for runs of 2**31 elements or more): standardized
     # variants only, at the 16-row tile of whole groups (and in quick mode one of them).
@@ -99,19 +100,31 @@ def variants(quick: bool):
                       or (row_channels and dtype != "bf16")
                       or (not even and (bits != 4 or standardize or dtype != "bf16"))):
             continue
-        signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "n_elements": "i64",
-                     "n_groups": "i32", **channel_args(index64), "BITS": "constexpr", "GROUP": "constexpr",
-                     "ROWS": "constexpr", "STANDARDIZE": "constexpr", "INDEX64": "constexpr",
-                     "ROW_CHANNELS": "constexpr", "HARDWARE_CAST": "constexpr", "EVEN": "constexpr"}
-        constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "INDEX64": index64,
-                     "ROW_CHANNELS": row_channels, "HARDWARE_CAST": True, "EVEN": even}
-        name = (f"dequantize {bits}bit {dtype} standardize={standardize}{' index64' if index64 else ''}"
-                f"{' row_channels' if row_channels else ''} even={even}")
-        yield name, _dequantize_kernel, signature, constants
+        yield dequantize_variant(bits, dtype, standardize, index64, row_channels, even, "none")
+    # The activation epilogue (GELU, SiLU): plain packings, whole groups; quick mode at 4 bits, bf16.
+    for bits, dtype, activation in itertools.product(bits_choices, FLOATS, ACTIVATIONS):
+        if bits == 1 or (quick and (bits != 4 or dtype != "bf16")):
+            continue
+        yield dequantize_variant(bits, dtype, False, False, False, True, activation)
     for name, kernel in (("pack bool", _pack_bool_kernel), ("unpack bool", _unpack_bool_kernel)):
         signature = {"src_ptr": "*u8", "dst_ptr": "*u8", "n_elements": "i64", "BLOCK_BYTES": "constexpr"}
         yield name, kernel, signature, {"BLOCK_BYTES": 1024}
     yield from pool_index_variants(quick)
+
+
+def dequantize_variant(bits: int, dtype: str, standardize: bool, index64: bool, row_channels: bool, even: bool,
+                       activation: str):
+    """(name, kernel, signature, constants) of one _dequantize_kernel variant."""
+    signature = {"payload_ptr": "*u8", "meta_ptr": "*fp32", "out_ptr": f"*{dtype}", "activated_ptr": f"*{dtype}",
+                 "n_elements": "i64", "n_groups": "i32", **channel_args(index64), "BITS": "constexpr",
+                 "GROUP": "constexpr", "ROWS": "constexpr", "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "ROW_CHANNELS": "constexpr",
+                 "HARDWARE_CAST": "constexpr", "EVEN": "constexpr", "ACTIVATION": "constexpr"}
+    constants = {"BITS": bits, "GROUP": 256, "ROWS": 16, "STANDARDIZE": standardize, "INDEX64": index64,
+                 "ROW_CHANNELS": row_channels, "HARDWARE_CAST": True, "EVEN": even, "ACTIVATION": activation}
+    name = (f"dequantize {bits}bit {dtype} standardize={standardize}{' index64' if index64 else ''}"
+            f"{' row_channels' if row_channels else ''} even={even}"
+            f"{'' if activation == 'none' else ' activation=' + activation}")
+    return name, _dequantize_kernel, signature, constants
 
 
 # Max-pooling windows as the pool-index launchers pass them, padded to 3 dimensions with 1-position

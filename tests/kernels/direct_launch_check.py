@@ -47,19 +47,25 @@ except Exception as exc:  # noqa: BLE001
 
 from tritonquant.kernels import launch as launch_module  # noqa: E402
 from tritonquant.kernels.channels import divider  # noqa: E402
+from tritonquant.kernels.dequantize import _dequantize_kernel  # noqa: E402
 from tritonquant.kernels.launch import KernelLauncher  # noqa: E402
 from tritonquant.kernels.quantize import _quantize_kernel, quantize_launch_arguments  # noqa: E402
 
 DISPATCHES = []
-_dispatch = _quantize_kernel.run
 
 
-def counting_dispatch(*args, **kwargs):
-    DISPATCHES.append(1)
-    return _dispatch(*args, **kwargs)
+def count_dispatches(kernel) -> None:
+    dispatch = kernel.run
+
+    def counting_dispatch(*args, **kwargs):
+        DISPATCHES.append(1)
+        return dispatch(*args, **kwargs)
+
+    kernel.run = counting_dispatch
 
 
-_quantize_kernel.run = counting_dispatch
+count_dispatches(_quantize_kernel)
+count_dispatches(_dequantize_kernel)
 
 
 def fail(message: str) -> None:
@@ -99,6 +105,32 @@ def argument_sets():
     yield "another num_warps", base, constexprs, 8
 
 
+def check_dispatch_then_direct(launcher, name, args, constexprs, num_warps, seen_hashes: dict) -> None:
+    """The first launch of a new specialization goes through the dispatch, a repeat launches directly with
+    the same launcher arguments, and the compiled kernel is one not seen before (in ``seen_hashes``)."""
+    dispatches = len(DISPATCHES)
+    launcher(3, args, constexprs, num_warps)
+    if len(DISPATCHES) != dispatches + 1:
+        fail(f"{name}: a new specialization must go through Triton's dispatch")
+    by_dispatch = LAUNCHES[-1]
+    launcher(3, args, constexprs, num_warps)
+    if len(DISPATCHES) != dispatches + 1:
+        fail(f"{name}: a repeated launch went through the dispatch again")
+    direct = LAUNCHES[-1]
+    # Recorded: (kernel hash, grid x, y, z, stream, function, packed metadata, launch metadata, enter
+    # hook, exit hook, *arguments). Without hooks installed the dispatch passes its empty hook chains
+    # (and metadata for them), the direct launch passes None: the launcher calls nothing either way.
+    if direct[7:10] != (None, None, None) or not all(launch_module._is_empty_hook(h) for h in by_dispatch[8:10]):
+        fail(f"{name}: hooks {by_dispatch[8:10]} (dispatch) / {direct[7:10]} (direct) are not both empty")
+    same = direct[:7] + direct[10:], by_dispatch[:7] + by_dispatch[10:]
+    if len(same[0]) != len(same[1]) or not all(map(identical, *same)):
+        fail(f"{name}: direct launch {same[0]} differs from the dispatch's {same[1]}")
+    if direct[0] in seen_hashes:
+        fail(f"{name}: compiled the same kernel as '{seen_hashes[direct[0]]}'; the set does not test a new key")
+    seen_hashes[direct[0]] = name
+    print(f"{name}: ok (dispatch once, then direct with identical launcher arguments)")
+
+
 def main() -> None:
     launcher = KernelLauncher(_quantize_kernel)
     if not launcher._direct:
@@ -106,27 +138,18 @@ def main() -> None:
         sys.exit(2)
     seen_hashes = {}
     for name, args, constexprs, num_warps in argument_sets():
-        dispatches = len(DISPATCHES)
-        launcher(3, args, constexprs, num_warps)
-        if len(DISPATCHES) != dispatches + 1:
-            fail(f"{name}: a new specialization must go through Triton's dispatch")
-        by_dispatch = LAUNCHES[-1]
-        launcher(3, args, constexprs, num_warps)
-        if len(DISPATCHES) != dispatches + 1:
-            fail(f"{name}: a repeated launch went through the dispatch again")
-        direct = LAUNCHES[-1]
-        # Recorded: (kernel hash, grid x, y, z, stream, function, packed metadata, launch metadata, enter
-        # hook, exit hook, *arguments). Without hooks installed the dispatch passes its empty hook chains
-        # (and metadata for them), the direct launch passes None: the launcher calls nothing either way.
-        if direct[7:10] != (None, None, None) or not all(launch_module._is_empty_hook(h) for h in by_dispatch[8:10]):
-            fail(f"{name}: hooks {by_dispatch[8:10]} (dispatch) / {direct[7:10]} (direct) are not both empty")
-        same = direct[:7] + direct[10:], by_dispatch[:7] + by_dispatch[10:]
-        if len(same[0]) != len(same[1]) or not all(map(identical, *same)):
-            fail(f"{name}: direct launch {same[0]} differs from the dispatch's {same[1]}")
-        if direct[0] in seen_hashes:
-            fail(f"{name}: compiled the same kernel as '{seen_hashes[direct[0]]}'; the set does not test a new key")
-        seen_hashes[direct[0]] = name
-        print(f"{name}: ok (dispatch once, then direct with identical launcher arguments)")
+        check_dispatch_then_direct(launcher, name, args, constexprs, num_warps, seen_hashes)
+
+    # The dequantize kernel's activation is a string constexpr, passed on to the launcher as it is.
+    dequantize_launcher = KernelLauncher(_dequantize_kernel)
+    payload, meta, out, activated = (torch.zeros(2048, dtype=torch.uint8), torch.zeros(16, 2),
+                                     torch.zeros(4096, dtype=torch.bfloat16), torch.zeros(4096, dtype=torch.bfloat16))
+    args = (payload, meta, out, activated, 4096, 16, meta, 1, 1)
+    constexprs = dict(BITS=4, GROUP=256, ROWS=4, STANDARDIZE=False, INDEX64=False, ROW_CHANNELS=False,
+                      HARDWARE_CAST=True, EVEN=True)
+    for activation in ("none", "gelu", "silu"):
+        check_dispatch_then_direct(dequantize_launcher, f"dequantize, ACTIVATION={activation!r}", args,
+                                   {**constexprs, "ACTIVATION": activation}, 4, seen_hashes)
 
     # seed and rng_offset are declared do_not_specialize: values Triton would otherwise specialize on
     # (1, a multiple of 16 or not) launch the base set's kernel directly, with no dispatch and no compile.
