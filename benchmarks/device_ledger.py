@@ -142,13 +142,17 @@ def kernel_calls_counted(ledger: Ledger):
     are set to 0 (``stand_in_driver.prepare_codec``); restored floats and bools are set to 0 here, as
     garbage floats (denormals, NaNs) slow the CPU's backward many times over."""
     originals = {name: table["triton"] for name, table in KERNEL_TABLES.items()}
-    restored_argument = {"dequantize": 2, "unpack bool": 1}  # (the ``out`` the launcher writes)
+    # The tensors the launcher writes: ``out``, and a dequantize's ``activated`` (codec._decode).
+    restored_arguments = {"dequantize": (2, 8), "unpack bool": (1,)}
 
     def counted(name, kernel, *args):
         with _disable_current_modes():
             out = kernel(*args)
-            if name in restored_argument:
-                args[restored_argument[name]].zero_()
+            for index in restored_arguments.get(name, ()):
+                if index < len(args) and isinstance(args[index], torch.Tensor):
+                    args[index].zero_()
+        if name == "dequantize" and len(args) > 7 and args[7] is not None:
+            name = f"dequantize + {args[7]}"
         ledger.record(("Triton", name), sum({**tensor_bytes(args), **tensor_bytes(out)}.values()))
         return out
 

@@ -199,21 +199,48 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     broadcast inputs, dense strides in the same dimension order for inputs that had gaps."""
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"dequantize expects a tritonquant.PackedTensor, got {type(packed).__name__}")
+    out, _ = _decode(packed, resolve_backend(backend, packed.device), None)
+    if out.shape != packed.shape:
+        out = out.expand(packed.shape)
+    return out
+
+
+def dequantize_activated(packed: PackedTensor, activation: str, *,
+                         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(``dequantize(packed)``, ``activation`` of it): "gelu", "gelu_tanh" or "silu", as ``F.gelu`` and
+    ``F.silu`` compute it, in the decoded tensor's layout. The Triton backend writes both in one pass,
+    its activation within a few float32 ulps of torch's (kernels/dequantize.py); the torch backend
+    applies torch's. ``packed``: a float tensor's packing, stored at its own shape (not broadcast)."""
+    if activation not in kernels.ACTIVATIONS:
+        raise ValueError(f"activation must be one of {kernels.ACTIVATIONS}, got {activation!r}")
+    if packed.meta is None or packed.stored_shape != packed.shape:
+        raise ValueError("dequantize_activated needs the packing of a float tensor stored at its own shape")
+    return _decode(packed, resolve_backend(backend, packed.device), activation)
+
+
+def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``activation`` of a decoded tensor, as torch computes it (what ``dequantize_activated`` gives)."""
+    return kernels.torch_activation(x, activation)
+
+
+def _decode(packed: PackedTensor, backend: str, activation: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the stored tensor, at ``packed.stored_shape``; with ``activation``, that activation of it, else None)."""
     device = packed.device
-    backend = resolve_backend(backend, device)
     out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=device)
+    activated = torch.empty_like(out) if activation is not None else None  # (``out`` is dense: same strides)
     # (One pair of statistics, "shift" or a dimension 1 of size 1, is every element's: stride 1.)
     channels = packed.channels
     channel_stride = _channel_stride(out) if channels is not None and channels.shape[0] > 1 else 1
     with _on_device(device):  # (``out`` is dense: the launchers write it as its run of memory)
         if packed.meta is None:
             _UNPACK_BOOL[backend](packed.payload, out)
-        else:
+        elif activation is None:
             _DEQUANTIZE[backend](packed.payload, packed.meta, out, packed.bits, packed.group_size,
                                  packed.channels, channel_stride)
-    if out.shape != packed.shape:
-        out = out.expand(packed.shape)
-    return out
+        else:
+            _DEQUANTIZE[backend](packed.payload, packed.meta, out, packed.bits, packed.group_size,
+                                 packed.channels, channel_stride, activation, activated)
+    return out, activated
 
 
 def encode_pool_indices(indices: torch.Tensor, windows: kernels.PoolWindows, backend: str = "auto") -> torch.Tensor:

@@ -61,10 +61,9 @@ against exact 2.389 +/- 0.021 (7.5x).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Container
+from collections.abc import Container
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .codec import SUPPORTED_DTYPES, is_dense
@@ -208,11 +207,10 @@ def narrow_index_dtype(
     return None
 
 
-def activation_output(t: torch.Tensor) -> tuple[object, int, Callable[[torch.Tensor], torch.Tensor],
-                                               torch.Tensor] | None:
+def activation_output(t: torch.Tensor) -> tuple[object, int, str, torch.Tensor] | None:
     """When ``t`` is the output of a GELU or SiLU, or a view of it: (the autograd node that made the
-    activation's input, the input's output number at that node, the activation, the output tensor), else
-    None.
+    activation's input, the input's output number at that node, the activation as
+    ``codec.dequantize_activated`` names it, the output tensor), else None.
 
     Both activations save their input for their own gradient, and the layer after them saves their
     output for its weight gradient: in a transformer's MLP, two [tokens, 4 * dim] tensors. The output
@@ -225,15 +223,15 @@ def activation_output(t: torch.Tensor) -> tuple[object, int, Callable[[torch.Ten
         return None
     name = type(node).__name__  # (a name test first: most saved tensors are no activation's output)
     if name == "GeluBackward0":
-        function = functools.partial(F.gelu, approximate=node._saved_approximate)
+        activation = "gelu_tanh" if node._saved_approximate == "tanh" else "gelu"
     elif name == "SiluBackward0":
-        function = F.silu
+        activation = "silu"
     else:
         return None
     (input_node, output_nr), = node.next_functions
     if input_node is None:
         return None
-    return input_node, output_nr, function, out
+    return input_node, output_nr, activation, out
 
 
 def in_backward() -> bool:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
-from .codec import RandomStream, decode_pool_indices, dequantize, encode_pool_indices, is_dense, quantize_checked
+from .codec import (RandomStream, activate, decode_pool_indices, dequantize, dequantize_activated, encode_pool_indices,
+                    is_dense, quantize_checked)
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
@@ -121,19 +122,20 @@ class _PackedView:
 class _Recomputed:
     """The output of a GELU or SiLU (or a view of it), saved by the next layer, computed again in backward
     from the packing of the activation's input (``policy.activation_output``), which the activation saved
-    for its own gradient. The two savers' unpacks share one decode: the layer after the activation runs
-    its backward first, and ``_decode`` keeps the decoded input for the activation's."""
+    for its own gradient. The two savers' unpacks share one pass: the layer after the activation runs
+    its backward first, and its unpack decodes the input and computes the output together
+    (``codec.dequantize_activated``); ``_decode`` keeps the decoded input for the activation's."""
 
-    __slots__ = ("base", "function", "view")
+    __slots__ = ("base", "activation", "view")
 
-    def __init__(self, base: _Packed, function, t: torch.Tensor, out: torch.Tensor) -> None:
+    def __init__(self, base: _Packed, activation: str, t: torch.Tensor, out: torch.Tensor) -> None:
         self.base = base
-        self.function = function
+        self.activation = activation  # ("gelu", "gelu_tanh" or "silu")
         # (The output itself has its input's layout, which the packing restores: no view needed for it.)
         self.view = None if t is out else (t.shape, t.stride(), t.storage_offset())
 
     def restore(self) -> torch.Tensor:
-        out = self.function(_decode(self.base))
+        out = _decode_activated(self.base, self.activation)
         return out if self.view is None else out.as_strided(*self.view)
 
 
@@ -342,15 +344,42 @@ def _decode(handle: _Packed) -> torch.Tensor:
     """
     decoded = handle.decoded
     if decoded is None:
-        previous = getattr(_kept_decode, "handle", None)
-        previous = previous() if previous is not None else None
-        if previous is not None:
-            previous.decoded = None
-        _kept_decode.handle = None
-        packed = handle.packed
-        if isinstance(packed, OffloadedPacked):
-            packed = packed.offloader.fetch(packed)
-        decoded = dequantize(packed, backend=handle.backend)
+        decoded, _ = _decode_anew(handle, None)
+    _count_unpack(handle, decoded)
+    return decoded
+
+
+def _decode_activated(handle: _Packed, activation: str) -> torch.Tensor:
+    """``activation`` of the tensor ``handle`` packed, for a ``_Recomputed`` output; the decoded tensor
+    itself is kept for the handle's other savers as ``_decode`` keeps it (the activation's own unpack
+    among them). Computed in the decoding pass, unless a decoded tensor is kept already."""
+    decoded = handle.decoded
+    if decoded is None:
+        decoded, activated = _decode_anew(handle, activation)
+    else:
+        activated = activate(decoded, activation)
+    _count_unpack(handle, decoded)
+    return activated
+
+
+def _decode_anew(handle: _Packed, activation: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode ``handle`` (with ``activation`` of it, or None), after dropping the decoded tensor kept for
+    another handle's next saver: a decoded tensor never outlives the next one (``_decode``)."""
+    previous = getattr(_kept_decode, "handle", None)
+    previous = previous() if previous is not None else None
+    if previous is not None:
+        previous.decoded = None
+    _kept_decode.handle = None
+    packed = handle.packed
+    if isinstance(packed, OffloadedPacked):
+        packed = packed.offloader.fetch(packed)
+    if activation is None:
+        return dequantize(packed, backend=handle.backend), None
+    return dequantize_activated(packed, activation, backend=handle.backend)
+
+
+def _count_unpack(handle: _Packed, decoded: torch.Tensor) -> None:
+    """One more of ``handle``'s savers unpacked ``decoded``: keep it for the next one, if any is left."""
     handle.unpacked += 1
     if handle.unpacked < handle.saves:
         handle.decoded = decoded
@@ -358,7 +387,6 @@ def _decode(handle: _Packed) -> torch.Tensor:
     else:  # its last saver: nothing to keep (a second backward through a retained graph counts afresh)
         handle.decoded = None
         handle.unpacked = 0
-    return decoded
 
 
 class _ModuleStack:
@@ -599,10 +627,10 @@ class Session:
         activation's input; None when ``t`` is no GELU or SiLU output, that output changed since the
         activation made it, or its input was not packed here as a whole, in ``t``'s layout and dtype, at
         ``quant.bits`` or wider."""
-        activation = activation_output(t)
-        if activation is None:
+        found = activation_output(t)
+        if found is None:
             return None
-        input_node, output_nr, function, out = activation
+        input_node, output_nr, activation, out = found
         if out._version != 0:  # changed in place since (under no_grad, which leaves its node as it was)
             return None
         base = _filed_by_producer(input_node, output_nr)
@@ -615,7 +643,7 @@ class Session:
             return None
         base.saves += 1  # (so that _decode keeps the decoded input for the activation's own unpack)
         self._count_passed(row, "recomputed", 0)
-        return _Recomputed(base, function, t, out)
+        return _Recomputed(base, activation, t, out)
 
     def _recast_weight(self, t: torch.Tensor, row: ModuleStats) -> _RecastWeight | None:
         """A handle that casts the parameter ``t`` was cast from again in backward; None when ``t`` is not

@@ -8,7 +8,7 @@ import tritonquant as tq
 from tritonquant import codec, kernels
 from tritonquant.codec import RandomStream, quantize_with
 from tritonquant.config import QuantConfig
-from tests.activations import activation_like, confident_logits
+from tests.activations import ACTIVATION_TOLERANCES, activation_like, confident_logits
 from tests.conftest import BACKENDS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,6 +53,34 @@ def test_roundtrip_keeps_shape_dtype_device_and_strides(layout, dtype, backend, 
         assert y.stride() == x.stride()
     if x.numel():
         assert (y.float() - x.float()).abs().max() <= (x.float().abs().max() + 1) * 2**-5
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # (the interpreter's exp)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "attention_runs", "size_one_dims"])
+def test_dequantize_activated_gives_the_decode_and_its_activation_in_its_layout(layout, activation, backend, device):
+    x = LAYOUTS[layout](torch.bfloat16, device)
+    packed = tq.quantize(x, bits=4, group_size=16, backend=backend)
+    decoded, activated = codec.dequantize_activated(packed, activation, backend=backend)
+    expected = tq.dequantize(packed, backend=backend)
+    assert torch.equal(decoded, expected) and decoded.stride() == expected.stride()
+    assert activated.dtype == decoded.dtype and activated.stride() == decoded.stride()
+    reference = kernels.torch_activation(decoded, activation)
+    if backend == "torch":
+        assert torch.equal(activated, reference)
+    else:
+        atol, rtol = ACTIVATION_TOLERANCES[torch.bfloat16]
+        torch.testing.assert_close(activated, reference, atol=atol, rtol=rtol)
+
+
+def test_dequantize_activated_names_what_it_cannot_do():
+    packed = tq.quantize(torch.randn(4, 8))
+    with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'gelu_tanh', 'silu'\), got 'tanh'"):
+        codec.dequantize_activated(packed, "tanh")
+    for unsuited in (tq.quantize(torch.randn(4, 8) > 0), tq.quantize(torch.randn(1, 8).expand(4, 8))):
+        with pytest.raises(ValueError, match="needs the packing of a float tensor stored at its own shape"):
+            codec.dequantize_activated(unsuited, "gelu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
