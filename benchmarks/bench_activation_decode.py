@@ -26,33 +26,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-from tritonquant.kernels import (ACTIVATIONS, autotune, torch_activation, torch_dequantize, torch_quantize,
-                                 triton_dequantize)
+from tritonquant.kernels import ACTIVATIONS, torch_activation, torch_dequantize, torch_quantize, triton_dequantize
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import cpu_ms, gpu_ms  # noqa: E402
 
 HIDDEN, BITS, GROUP = 3072, 4, 256
 GPU_TOKENS = (8192, 32768)
 CPU_TOKENS = (256,)
-
-
-def gpu_ms(fn) -> float:
-    return autotune.benchmark(fn, 25, 100)
-
-
-def cpu_ms(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def fused_nbytes(n: int) -> int:

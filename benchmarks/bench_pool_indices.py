@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from tritonquant.kernels import autotune
 from tritonquant.kernels.bitpack import packed_codes_nbytes
 from tritonquant.kernels.pool_indices import (PoolWindows, torch_decode_pool_indices, torch_encode_pool_indices,
                                               triton_decode_pool_indices, triton_encode_pool_indices)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import cpu_ms, gpu_ms  # noqa: E402
 
 STEM = dict(kernel_size=3, stride=2, padding=1)
 STEM_WINDOWS = PoolWindows((112, 112), (3, 3), (2, 2), (1, 1), (1, 1))
@@ -41,19 +41,6 @@ CPU_BATCHES = (1, 2)
 def stem_indices(batch: int, device: torch.device) -> torch.Tensor:
     x = torch.randn(batch, 64, 112, 112, device=device, dtype=torch.bfloat16)
     return F.max_pool2d(x, **STEM, return_indices=True)[1]
-
-
-def gpu_ms(fn) -> float:
-    return autotune.benchmark(fn, 25, 100)
-
-
-def cpu_ms(fn, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def rows_for(batch: int, device: torch.device, on_gpu: bool) -> list[list[str]]:
