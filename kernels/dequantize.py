@@ -16,7 +16,6 @@ result agrees with ``torch_activation`` to within a few float32 ulps, not bit fo
 (tests/kernels/test_dequantize.py holds the tolerances).
 """
 
-
 import torch
 import triton
 import triton.language as tl
@@ -133,7 +132,7 @@ def _dequantize_kernel(
     tl.store(out_ptr + idx, decoded, mask=valid)
     if ACTIVATION != "none":  # (activated_ptr: a second output of out's dtype and layout)
         activated = _activate(decoded.to(tl.float32), ACTIVATION)
-        tl.store(activated_ptr + idx, _round_to(activated, out_ptr.dtype.element_ty, HARDWARE_CAST), mask=valid)
+        tl.store(activated_ptr + idx, _round_to(activated, activated_ptr.dtype.element_ty, HARDWARE_CAST), mask=valid)
 
 
 _launch_dequantize = KernelLauncher(_dequantize_kernel)

@@ -199,7 +199,7 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     broadcast inputs, dense strides in the same dimension order for inputs that had gaps."""
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"dequantize expects a tritonquant.PackedTensor, got {type(packed).__name__}")
-    out, _ = _decode(packed, resolve_backend(backend, packed.device), None)
+    out, _ = _decode_stored(packed, resolve_backend(backend, packed.device), None)
     if out.shape != packed.shape:
         out = out.expand(packed.shape)
     return out
@@ -215,7 +215,7 @@ def dequantize_activated(packed: PackedTensor, activation: str, *,
         raise ValueError(f"activation must be one of {kernels.ACTIVATIONS}, got {activation!r}")
     if packed.meta is None or packed.stored_shape != packed.shape:
         raise ValueError("dequantize_activated needs the packing of a float tensor stored at its own shape")
-    return _decode(packed, resolve_backend(backend, packed.device), activation)
+    return _decode_stored(packed, resolve_backend(backend, packed.device), activation)
 
 
 def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -223,7 +223,8 @@ def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
     return kernels.torch_activation(x, activation)
 
 
-def _decode(packed: PackedTensor, backend: str, activation: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _decode_stored(packed: PackedTensor, backend: str,
+                   activation: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the stored tensor, at ``packed.stored_shape``; with ``activation``, that activation of it, else None)."""
     device = packed.device
     out = torch.empty_strided(packed.stored_shape, packed.stored_stride, dtype=packed.dtype, device=device)
