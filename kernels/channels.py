@@ -73,6 +73,11 @@ def channel_launch_args(n_elements: int, channels: torch.Tensor | None, channel_
     if channels is None:
         return placeholder, 1, 1, False, False
     n_channels = channels.shape[0]
+    if n_channels == 1:
+        # One pair for every element (the "shift" of log-probabilities, or a dimension 1 of size 1), whatever
+        # the stride: given as a stride of one group, the kernels read it once per group (``row_channels``)
+        # instead of finding a channel and loading its pair for every element. The bytes are the same.
+        channel_stride = group_size
     return (as_loadable(channels), *channel_index_args(n_elements, channel_stride, n_channels),
             uses_row_channels(n_elements, channel_stride, n_channels, group_size))
 

@@ -9,9 +9,9 @@ import triton.language as tl
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritonquant.kernels import triton_dequantize, triton_quantize
-from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, as_loadable, channel_index_args, channel_of,
-                                          divider, row_channels, torch_channel_pieces,
-                                          uses_row_channels)
+from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, as_loadable, channel_index_args,
+                                          channel_launch_args, channel_of, divider, row_channels,
+                                          torch_channel_pieces, uses_row_channels)
 
 # Divisors the layouts give (feature-map areas, channel counts, a vocabulary) and the awkward ones.
 DIVISORS = [1, 2, 3, 7, 49, 64, 196, 255, 256, 257, 784, 3136, 50257, 2**16 + 1, 2**30 - 1, 2**30, 2**30 + 1,
@@ -93,6 +93,19 @@ def test_channel_of_matches_the_reference_at_the_ends_of_the_index_range(channel
 def test_groups_read_their_statistics_per_group_where_they_span_at_most_two_channels(
         n_elements, channel_stride, n_channels, group_size, expected):
     assert uses_row_channels(n_elements, channel_stride, n_channels, group_size) == expected
+
+
+@pytest.mark.parametrize("channel_stride", [1, 7, 3136])
+def test_a_single_pair_of_statistics_is_read_per_group_whatever_the_stride(channel_stride):
+    # Log-probabilities are packed with one pair for all elements, at channel stride 1: every group then
+    # lies in that one channel, and the kernels need not find an element's channel.
+    channels, placeholder = torch.tensor([[2.0, 1.0]]), torch.empty(1)
+    *_, index64, by_row = channel_launch_args(1000, channels, channel_stride, 256, placeholder)
+    assert by_row and not index64
+    *_, index64, by_row = channel_launch_args(INDEX32_LIMIT, channels, channel_stride, 256, placeholder)
+    assert index64 and not by_row, "2**31 elements and more: the 64-bit path"
+    *_, by_row = channel_launch_args(1000, torch.tensor([[2.0, 1.0], [3.0, 1.0]]), channel_stride, 256, placeholder)
+    assert by_row == (channel_stride >= 256), "two channels: only a stride of a group or more"
 
 
 @triton.jit
