@@ -3,8 +3,9 @@
 
 For each kernel kind (quantize, dequantize), input dtype (bf16, fp32), bits (2, 4, 8) and input size
 (1 MiB to 1 GiB of input bytes; --quick: 1, 16 and 256 MiB), and for standardized packings (per-channel
-statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as softmax outputs do; --quick:
-256 MiB only), it times, on a CUDA device:
+statistics: bf16 at 2 bits as BatchNorm inputs get, fp32 at 4 bits as softmax outputs do, and fp32 at 4
+bits with one pair for every element, as log-probabilities get; --quick: 256 MiB only), it times, on a
+CUDA device:
     triton     the Triton kernel with the autotuned launch config (tuned now if not cached)
     graph      the same, calls on rotating buffers run from one CUDA graph (``graph_ms_per_call``)
     heuristic  the same kernel forced to the untuned heuristic config
@@ -72,11 +73,12 @@ IMPLS = ("triton", "graph", "heuristic", "torch", "compiled")
 # The graph column: calls on buffers of their own adding up to GRAPH_L2_MULTIPLE x the L2 cache (at most
 # GRAPH_MAX_CALLS of them), the graph replayed GRAPH_REPLAYS times.
 GRAPH_L2_MULTIPLE, GRAPH_MAX_CALLS, GRAPH_REPLAYS = 4, 256, 20
-# Standardized packings timed on a GPU: (dtype, bits) of BatchNorm inputs under bf16 autocast at 2 bits,
-# and of fp32 softmax outputs at 4 bits; laid out as a 56x56 map of 256 channels in NCHW (ResNet-50's
-# first stage): element i is in channel (i // 3136) % 256.
-STANDARDIZED = (("bf16", 2), ("fp32", 4))
-STANDARDIZED_STRIDE, STANDARDIZED_CHANNELS = 56 * 56, 256
+# Standardized packings timed on a GPU: (dtype, bits, layout) of BatchNorm inputs under bf16 autocast at 2
+# bits and of fp32 softmax outputs at 4 bits, laid out as a 56x56 map of 256 channels in NCHW (ResNet-50's
+# first stage: element i is in channel (i // 3136) % 256); and of fp32 log-probabilities at 4 bits, one
+# pair of statistics for every element (their fixed shift, docs/format.md).
+STANDARDIZED = (("bf16", 2, "channels"), ("fp32", 4, "channels"), ("fp32", 4, "one pair"))
+STANDARDIZED_LAYOUTS = {"channels": (56 * 56, 256), "one pair": (1, 1)}  # layout: (channel stride, channels)
 GPU_WARMUP_MS, GPU_REP_MS = 10, 50
 # With --max-seconds, no torch.compile starts with less time than this left: a compile of the reference
 # takes tens of seconds, and one still running at the stage's timeout is lost along with its time.
@@ -163,16 +165,17 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
         x = torch.randn(n, generator=generator, device=device, dtype=torch.float32).to(dtype)
         channels = None
         if row["standardized"]:  # any positive scales will do for timing
-            channels = torch.stack([torch.randn(STANDARDIZED_CHANNELS, device=device),
-                                    torch.rand(STANDARDIZED_CHANNELS, device=device) + 0.5], 1)
-        payload, meta_ = triton_quantize(x, row["bits"], GROUP, False, False, 0, 0, channels, STANDARDIZED_STRIDE)
+            n_channels = channel_layout(row)[1]
+            channels = torch.stack([torch.randn(n_channels, device=device),
+                                    torch.rand(n_channels, device=device) + 0.5], 1)
+        payload, meta_ = triton_quantize(x, row["bits"], GROUP, False, False, 0, 0, channels, channel_layout(row)[0])
         out = torch.empty(n, dtype=dtype, device=device)
         return x, payload, meta_, out, channels
 
     rows = [new_row(kind, dtype, bits, size * MIB) for kind in KINDS for dtype in DTYPES for bits in BITS
             for size in sizes]
-    rows += [new_row(kind, dtype, bits, size * MIB, standardized=True) for kind in KINDS
-             for dtype, bits in STANDARDIZED for size in (sizes[-1:] if args.quick else sizes)]
+    rows += [new_row(kind, dtype, bits, size * MIB, standardized=layout) for kind in KINDS
+             for dtype, bits, layout in STANDARDIZED for size in (sizes[-1:] if args.quick else sizes)]
     # Pass 1: the Triton kernel (tuned and heuristic) and the torch reference, for every row. The largest
     # size first: its rows are the ones the bandwidth target reads, so a run short of time loses others.
     # (The table keeps its order.)
@@ -185,8 +188,8 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at 1 GiB
             mark_skipped(row, ("triton", "graph", "heuristic", "torch"), short_error(exc))
             continue
-        bits, n_groups, standardized = row["bits"], -(-row["elements"] // GROUP), row["standardized"]
-        stride = STANDARDIZED_STRIDE
+        bits, n_groups, standardized = row["bits"], -(-row["elements"] // GROUP), bool(row["standardized"])
+        stride = channel_layout(row)[0]
         if row["kind"] == "quantize":
             config = autotune.quantize_launch_config(x, n_groups, bits, GROUP, False, False, standardized)
             fns = {"triton": lambda: triton_quantize(x, bits, GROUP, False, False, 0, 0, channels, stride),
@@ -356,12 +359,22 @@ def measure_cpu(args: argparse.Namespace, meta: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def new_row(kind: str, dtype: str, bits: int, input_bytes: int, standardized: bool = False) -> dict:
-    """One row of the table. Standardized rows move the same bytes (plus C x 8 of statistics, negligible)."""
+def new_row(kind: str, dtype: str, bits: int, input_bytes: int, standardized: str | None = None) -> dict:
+    """One row of the table; ``standardized``: a layout of STANDARDIZED_LAYOUTS, or None for a plain packing.
+    Standardized rows move the same bytes (plus C x 8 of statistics, negligible)."""
+    if standardized is not None and standardized not in STANDARDIZED_LAYOUTS:
+        raise ValueError(f"standardized must be one of {tuple(STANDARDIZED_LAYOUTS)} or None, got {standardized!r}")
     elements = input_bytes // DTYPES[dtype].itemsize
-    return {"kind": kind, "dtype": dtype, "bits": bits, "group_size": GROUP, "input_bytes": input_bytes,
-            "elements": elements, "standardized": standardized,
+    label = kind if standardized is None else f"{kind}, standardized" + (
+        "" if standardized == "channels" else f", {standardized}")
+    return {"kind": kind, "label": label, "dtype": dtype, "bits": bits, "group_size": GROUP,
+            "input_bytes": input_bytes, "elements": elements, "standardized": standardized,
             "traffic_bytes": autotune.traffic_bytes(kind, elements, bits, GROUP, DTYPES[dtype].itemsize)}
+
+
+def channel_layout(row: dict) -> tuple[int, int]:
+    """(channel stride, channels) of a standardized row's layout; (1, 1) for a plain row (unused there)."""
+    return STANDARDIZED_LAYOUTS.get(row["standardized"], (1, 1))
 
 
 def record(row: dict, impl: str, copy_gbps: float, time_ms: Callable[[], float]) -> None:
@@ -440,7 +453,7 @@ def graph_ms_per_call(calls: list[Callable[[], object]], replays: int = GRAPH_RE
 def graph_row_ms(row: dict, inputs: Callable[[dict], tuple], l2_bytes: int) -> float:
     """The graph column of ``row``: its tuned Triton kernel, by ``graph_ms_per_call``, on buffer sets made
     by ``inputs(row)``."""
-    bits, stride = row["bits"], STANDARDIZED_STRIDE
+    bits, stride = row["bits"], channel_layout(row)[0]
     sets = [inputs(row) for _ in range(rotation_count(row["input_bytes"], l2_bytes))]
     if row["kind"] == "quantize":
         calls = [functools.partial(triton_quantize, x, bits, GROUP, False, False, 0, 0, channels, stride)
@@ -505,7 +518,7 @@ def table(rows: list[dict], ran: tuple[str, ...]) -> str:
             headers.append(f"{impl} %copy, same bytes")
     lines = []
     for row in rows:
-        line = [row["kind"] + (", standardized" if row.get("standardized") else ""), row["dtype"], str(row["bits"]),
+        line = [row["label"], row["dtype"], str(row["bits"]),
                 size_label(row["input_bytes"]),
                 number(row["traffic_bytes"] / 1e6)]
         if "triton" in ran:

@@ -116,7 +116,8 @@ def kernel_rows(kernels: dict | None) -> list[list[str]]:
     for r in kernels["rows"]:
         if r["input_bytes"] < LARGE_INPUT_BYTES:
             continue
-        kind = r["kind"] + (", standardized" if r.get("standardized") else "")
+        # (Results written before rows carried their label: "standardized" was a flag then.)
+        kind = r.get("label") or r["kind"] + (", standardized" if r.get("standardized") else "")
         name = f"{kind} {r['dtype']} {r['bits']}-bit, {r['input_bytes'] >> 20} MiB"
         if "triton_frac" in r:
             rows.append([BANDWIDTH_LABEL, name,

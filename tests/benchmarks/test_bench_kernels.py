@@ -86,10 +86,16 @@ def test_a_working_dynamic_compile_serves_every_size(bench_kernels, monkeypatch)
 
 def test_standardized_rows_are_labelled_as_such(bench_kernels):
     plain = bench_kernels.new_row("quantize", "bf16", 2, 4096)
-    standardized = bench_kernels.new_row("quantize", "bf16", 2, 4096, standardized=True)
-    assert plain["traffic_bytes"] == standardized["traffic_bytes"] and not plain["standardized"]
-    lines = bench_kernels.table([plain, standardized], ("torch",)).splitlines()[2:]
-    assert [line.split("|")[1].strip() for line in lines] == ["quantize", "quantize, standardized"]
+    standardized = bench_kernels.new_row("quantize", "bf16", 2, 4096, standardized="channels")
+    one_pair = bench_kernels.new_row("quantize", "bf16", 2, 4096, standardized="one pair")
+    assert plain["traffic_bytes"] == standardized["traffic_bytes"] == one_pair["traffic_bytes"]
+    assert not plain["standardized"]
+    lines = bench_kernels.table([plain, standardized, one_pair], ("torch",)).splitlines()[2:]
+    assert [line.split("|")[1].strip() for line in lines] == ["quantize", "quantize, standardized",
+                                                              "quantize, standardized, one pair"]
+    assert bench_kernels.channel_layout(one_pair) == (1, 1) and bench_kernels.channel_layout(standardized)[1] == 256
+    with pytest.raises(ValueError, match="standardized must be one of"):
+        bench_kernels.new_row("quantize", "bf16", 2, 4096, standardized=True)
 
 
 def test_no_compile_starts_with_less_than_the_reserve_left(bench_kernels, monkeypatch):
