@@ -142,7 +142,7 @@ def kernel_calls_counted(ledger: Ledger):
     are set to 0 (``stand_in_driver.prepare_codec``); restored floats and bools are set to 0 here, as
     garbage floats (denormals, NaNs) slow the CPU's backward many times over."""
     originals = {name: table["triton"] for name, table in KERNEL_TABLES.items()}
-    # The tensors the launcher writes: ``out``, and a dequantize's ``activated`` (codec._decode).
+    # The tensors the launcher writes: ``out``, and a dequantize's ``activated`` (codec._decode_stored).
     restored_arguments = {"dequantize": (2, 8), "unpack bool": (1,)}
 
     def counted(name, kernel, *args):
