@@ -9,7 +9,7 @@ compiles, so the GPU suite checks correctness before it measures anything.
 import pytest
 import torch
 
-from tests.activations import activation_like
+from tests.activations import activation_like, assert_activation_matches_torch
 from tritonquant.kernels import (
     torch_dequantize,
     torch_pack_bool,
@@ -211,3 +211,18 @@ def test_direct_launches_write_what_dispatched_launches_write(offset, monkeypatc
     assert len(dispatches) == before, "a repeated launch must not go through Triton's dispatch"
     for a, b in zip(direct, dispatched):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_compiled_activation_epilogue_matches_torchs_cuda_activation(dtype, activation):
+    # Not bit for bit: Triton's erf and exp against the CUDA library's (tests/activations.py says how close).
+    n = 257 * GROUP + 5
+    x = activation_like(n, dtype, GROUP, seed=5, device="cuda")
+    payload, meta = triton_quantize(x, 4, GROUP, False, False, 0, 0)
+    plain = torch.full((n,), float("nan"), dtype=dtype, device="cuda")
+    triton_dequantize(payload, meta, plain, 4, GROUP)
+    decoded, activated = torch.full_like(plain, float("nan")), torch.full_like(plain, float("nan"))
+    triton_dequantize(payload, meta, decoded, 4, GROUP, activation=activation, activated=activated)
+    assert torch.equal(decoded, plain)
+    assert_activation_matches_torch(activated, decoded, activation)
