@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
@@ -35,7 +34,7 @@ from tabulate import tabulate
 from tritonquant.kernels import ACTIVATIONS, torch_activation, torch_dequantize, torch_quantize, triton_dequantize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import cpu_ms, gpu_ms  # noqa: E402
+from one_callable import copy_ms, cpu_ms, gpu_ms, write_result  # noqa: E402
 
 HIDDEN, BITS, GROUP = 3072, 4, 256
 GPU_TOKENS = (8192, 32768)
@@ -54,11 +53,7 @@ def rows_for(tokens: int, device: torch.device, on_gpu: bool) -> list[list[str]]
     payload, meta = torch_quantize(x, BITS, GROUP, False, False, 0, 0)
     out, activated = torch.empty_like(x), torch.empty_like(x)
     moved = fused_nbytes(n)
-    copy_ms = None
-    if on_gpu:  # a copy moving the fused kernel's bytes: half read, half written
-        src = torch.ones(moved // 8, dtype=torch.float32, device=device)
-        dst = torch.empty_like(src)
-        copy_ms = gpu_ms(lambda: dst.copy_(src))
+    copy = copy_ms(moved, device, gpu_ms) if on_gpu else None
     rows = []
     for activation in ACTIVATIONS:
         row = [activation, tokens, f"{n / 1e6:.1f}"]
@@ -82,7 +77,7 @@ def rows_for(tokens: int, device: torch.device, on_gpu: bool) -> list[list[str]]
 
         decode_ms, unfused_ms, fused_ms = gpu_ms(decode), gpu_ms(decode_then_torch), gpu_ms(fused)
         rows.append(row + [f"{decode_ms:.3f}", f"{unfused_ms:.3f}", f"{fused_ms:.3f}", f"{unfused_ms / fused_ms:.2f}x",
-                           f"{moved / (fused_ms * 1e6):.0f}", f"{copy_ms:.3f}", f"{copy_ms / fused_ms:.0%}"])
+                           f"{moved / (fused_ms * 1e6):.0f}", f"{copy:.3f}", f"{copy / fused_ms:.0%}"])
     return rows
 
 
@@ -105,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             f"two bf16 tensors written) over its time\n\n"
             + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
     print(text)
-    out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "activation_decode.md").write_text(text)
+    write_result(text, "activation_decode.md", args.out)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from tritonquant.kernels.pool_indices import (PoolWindows, torch_decode_pool_ind
                                               triton_decode_pool_indices, triton_encode_pool_indices)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import cpu_ms, gpu_ms  # noqa: E402
+from one_callable import copy_ms, cpu_ms, gpu_ms, write_result  # noqa: E402
 
 STEM = dict(kernel_size=3, stride=2, padding=1)
 STEM_WINDOWS = PoolWindows((112, 112), (3, 3), (2, 2), (1, 1), (1, 1))
@@ -55,11 +54,7 @@ def rows_for(batch: int, device: torch.device, on_gpu: bool) -> list[list[str]]:
         "decode": {"torch": lambda: torch_decode_pool_indices(codes, STEM_WINDOWS, out),
                    "triton": lambda: triton_decode_pool_indices(codes, STEM_WINDOWS, out)},
     }
-    copy_ms = None
-    if on_gpu:  # a copy moving the kernel's bytes: half read, half written
-        src = torch.ones(moved // 8, dtype=torch.float32, device=device)
-        dst = torch.empty_like(src)
-        copy_ms = gpu_ms(lambda: dst.copy_(src))
+    copy = copy_ms(moved, device, gpu_ms) if on_gpu else None
     rows = []
     for kind, fns in impls.items():
         torch_ms = timer(fns["torch"])
@@ -67,7 +62,7 @@ def rows_for(batch: int, device: torch.device, on_gpu: bool) -> list[list[str]]:
         if on_gpu:
             triton_ms = timer(fns["triton"])
             row += [f"{triton_ms:.3f}", f"{moved / (triton_ms * 1e6):.3g}", f"{torch_ms / triton_ms:.1f}x",
-                    f"{copy_ms:.3f}", f"{copy_ms / triton_ms:.0%}"]
+                    f"{copy:.3f}", f"{copy / triton_ms:.0%}"]
         rows.append(row)
     return rows
 
@@ -87,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             f"bytes (int64 indices and 4-bit codes) over the time\n\n"
             + tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True) + "\n")
     print(text)
-    out_dir = Path(args.out or os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "pool_indices.md").write_text(text)
+    write_result(text, "pool_indices.md", args.out)
     return 0
 
 
