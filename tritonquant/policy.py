@@ -75,6 +75,7 @@ REASONS = {
     "recomputed": "GELU and SiLU outputs, computed again in backward from their packed input",
     "backward": "saved while backward runs",
     "layout": "sparse or non-strided",
+    "compiled view": "views with gaps saved by compiled regions (whose backward checks strides)",
     "subclass": "tensor subclass",
     "device": "device without a backend",
     "dtype": "integer, float64 or other unsupported dtype",

@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
 from .codec import (RandomStream, activate, decode_pool_indices, dequantize, dequantize_activated, encode_pool_indices,
@@ -31,6 +31,7 @@ from .codec import (RandomStream, activate, decode_pool_indices, dequantize, deq
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
+from . import traced
 from .pool_indices import PoolWindows, pool_windows
 from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_cast, is_sensitive, narrow_index_dtype,
                      pass_reason, producer, recastable, standardize_kind, standardization, weight_cast_source)
@@ -480,7 +481,6 @@ class Session:
         self._kept_storages: set[int] = set()
         self._pool_inputs: dict[int, torch.Size] = {}  # max-pooling module id -> its input's shape, this forward
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
-        self._module_hook_handles: list = []
         self._offloader = Offloader() if config.offload == "cpu" else None
 
     # -- scope ------------------------------------------------------------------------------------
@@ -490,18 +490,13 @@ class Session:
             # A second entry would replace the first one's module hooks, and the first exit would leave
             # the saved-tensor hooks on for good.
             raise RuntimeError("this compress() block is already open; nest a new tq.compress(...) instead")
-        self._module_hook_handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._on_module_enter),
-            nn.modules.module.register_module_forward_hook(self._on_module_exit, always_call=True),
-        ]
+        _BLOCK_MODULE_HOOKS.add(self)
         self._open()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._close()
-        for handle in self._module_hook_handles:
-            handle.remove()
-        self._module_hook_handles = []
+        _BLOCK_MODULE_HOOKS.remove(self)
         if self.config.overrides and self._stack.names:
             _warn_unmatched_overrides(self.config.overrides, self._stack.names.values(), stacklevel=3)
 
@@ -512,20 +507,28 @@ class Session:
             for index in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(index)
             self._cuda_devices.add(torch.cuda.current_device())
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        # Hooks that torch.compile can trace into compiled regions where the settings allow (traced.py);
+        # outside compiled regions they call this block's _pack and _unpack, as the plain ones do.
+        if self._probe is None and traced.traceable(self.config):
+            pack, unpack = traced.hooks_for(self.config)
+        else:
+            pack, unpack = self._pack, self._unpack
+        traced.push_session(self, traced=pack is not self._pack)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
         self._hooks.__enter__()
 
     def _close(self) -> None:
         if self._hooks is not None:
             self._hooks.__exit__(None, None, None)
             self._hooks = None
+            traced.pop_session(self)
         self._stack.frames.clear()
 
     def _on_module_enter(self, module: nn.Module, args: object) -> None:
         # Inside a region torch.compile is tracing, skip: Dynamo would otherwise trace this bookkeeping
         # (and fails on it). Saves of a compiled region are packed at run time, attributed to the
         # innermost module still running eagerly (docs/integrations/compile.md).
-        if _compiling():
+        if _compiling() or isinstance(module, fx.GraphModule):  # (GraphModule: what torch.compile runs)
             return
         self._stack.push(module)
         if type(module) in MAX_POOL_SPATIAL_DIMS and args and isinstance(args[0], torch.Tensor):
@@ -543,7 +546,7 @@ class Session:
                     self._module_tensors.add(tensor)
 
     def _on_module_exit(self, module: nn.Module, args: object, output: object) -> None:
-        if _compiling():
+        if _compiling() or isinstance(module, fx.GraphModule):
             return
         self._stack.pop(module)
 
@@ -553,8 +556,14 @@ class Session:
         """The pack hook: what autograd holds instead of ``t`` until backward (``_Handle``)."""
         module = self._stack.current()
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
-        if reason is None and t.grad_fn is None and is_frozen_weight_cast(t, module):
-            reason = "frozen"
+        if reason is None and t.grad_fn is None:
+            if is_frozen_weight_cast(t, module):
+                reason = "frozen"
+            elif not t.is_contiguous() and not is_dense(t):
+                # Saved by a compiled region run with these Python hooks (no autograd node; traced.py
+                # packs inside the graph otherwise). Its backward asserts the strides of what it saved,
+                # and a view with gaps is restored dense (q, k and v as views of one projection).
+                reason = "compiled view"
         override = self._override_for() if reason is None else _NO_MATCH
         if override is None:
             reason = "excluded"
@@ -843,6 +852,55 @@ class Session:
 
 
 
+class _BlockModuleHooks:
+    """The global module hooks of the open ``compress`` blocks: one forward pre-hook and one forward
+    hook, which call every open block in the order they opened, installed while any block is open and
+    always under the same keys of torch's global hook dicts.
+
+    torch.compile guards on those keys. With hooks registered anew per block, a model compiled inside
+    one block was compiled again in every later block, and after Dynamo's ``recompile_limit`` (8) ran
+    eagerly for good.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: tuple[Session, ...] = ()
+        self.keys: tuple[int, int] | None = None  # (pre-hook key, hook key), from the first registration
+        self.hooks = (self._enter, self._exit)  # (bound once: the same objects under the same keys)
+
+    def add(self, block: Session) -> None:
+        if not self.blocks:
+            hooks = nn.modules.module
+            if self.keys is None:
+                pre = hooks.register_module_forward_pre_hook(self.hooks[0])
+                post = hooks.register_module_forward_hook(self.hooks[1], always_call=True)
+                self.keys = (pre.id, post.id)
+            else:
+                pre_key, post_key = self.keys
+                hooks._global_forward_pre_hooks[pre_key], hooks._global_forward_hooks[post_key] = self.hooks
+                hooks._global_forward_hooks_always_called[post_key] = True
+        self.blocks += (block,)
+
+    def remove(self, block: Session) -> None:
+        self.blocks = tuple(b for b in self.blocks if b is not block)
+        if not self.blocks and self.keys is not None:
+            hooks = nn.modules.module
+            pre_key, post_key = self.keys
+            hooks._global_forward_pre_hooks.pop(pre_key, None)
+            hooks._global_forward_hooks.pop(post_key, None)
+            hooks._global_forward_hooks_always_called.pop(post_key, None)
+
+    def _enter(self, module: nn.Module, args: object) -> None:
+        for block in self.blocks:
+            block._on_module_enter(module, args)
+
+    def _exit(self, module: nn.Module, args: object, output: object) -> None:
+        for block in self.blocks:
+            block._on_module_exit(module, args, output)
+
+
+_BLOCK_MODULE_HOOKS = _BlockModuleHooks()
+
+
 def _warn_unmatched_overrides(overrides: tuple, names, stacklevel: int) -> None:
     """Warn about each name pattern of ``overrides`` that matches none of ``names`` (a typo would
     otherwise leave its modules at the block's settings without a word)."""
@@ -958,3 +1016,6 @@ def compress(**config) -> Session:
 def attach(model: nn.Module, **config) -> AttachHandle:
     """Compress every forward of ``model`` (for trainers that own the loop). Same keywords as ``compress``."""
     return AttachHandle(model, CompressConfig.from_kwargs(**config))
+
+
+traced.session_class = Session

@@ -11,6 +11,7 @@ region are reported under the innermost module that runs eagerly.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -138,3 +139,24 @@ def test_compiled_autograd_restores_packed_tensors_in_backward_order(monkeypatch
         assert torch.equal(compiled, eager)
         assert compiled_events == eager_events
     assert 0 < eager_events.index("hook") < len(eager_events) - 1  # unpacks on both sides of the hook
+
+
+@pytest.mark.parametrize("python_hooks", [False, True], ids=["traced-hooks", "python-hooks"])
+def test_inductor_region_with_attention_views_trains(python_hooks):
+    """q, k and v are strided views of one projection, and Inductor's backward checks the strides of
+    what its region saved. Traced hooks keep such views; Python hooks (here, because of an override)
+    must keep them too: restored dense, they failed Inductor's stride assertion."""
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=64, dim=32, heads=2, layers=1, seq=16, dropout=0.0)
+    batch = lm_batch(4, seq=16, vocab=64)
+    compiled = torch.compile(model, backend="inductor")
+    exact = flat_grads(model, lambda: lm_loss(compiled, batch), contextlib.nullcontext())
+    settings = dict(overrides={"no.such.module": {"bits": 8}}) if python_hooks else {}
+    session = tq.compress(bits=8, min_bytes=0, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the override that matches nothing says so)
+        got = flat_grads(model, lambda: lm_loss(compiled, batch), session)
+    assert session.stats.packed_tensors > 0
+    assert cosine(got, exact) >= 0.9999
+    if python_hooks:
+        assert session.stats.passed_by_reason["compiled view"] == 3  # q, k and v

@@ -1,0 +1,236 @@
+"""Packing traced into compiled regions (tritonquant/traced.py).
+
+The checks: inside a compress block, a region compiled with torch.compile packs its saved tensors with
+the ``tritonquant::pack_saved`` op in its own graph, and no Python hook runs per tensor; the gradients
+are eager compression's; each full-width tensor is freed before the region packs the next ones; the
+ops' fake implementations agree with the real ones; blocks with the same settings share one pair of
+hooks (no recompilation), and settings that need Python at run time keep the Python hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tritonquant as tq
+from tritonquant import traced
+from tritonquant.session import Session
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def deep_mlp(layers: int = 6, width: int = 128) -> nn.Sequential:
+    torch.manual_seed(0)
+    modules = []
+    for _ in range(layers):
+        modules += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*modules, nn.Linear(width, 4))
+
+
+def grads(model: nn.Module, run, ctx) -> torch.Tensor:
+    model.zero_grad()
+    with ctx:
+        loss = run()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+class PackSpy:
+    """Records, for each run of the pack op, the tensor it packs; and every Python pack hook call."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.packed: list[weakref.ref] = []
+        self.kinds: list[tuple] = []  # (shape, dtype) of each
+        self.alive_at_pack: list[int] = []  # earlier packed tensors still alive when each one is packed
+        self.python_packs = 0
+        quantize_checked = traced.quantize_checked
+
+        def spy_quantize(x, config, **kwargs):
+            self.alive_at_pack.append(sum(ref() is not None for ref in self.packed))
+            self.packed.append(weakref.ref(x))
+            self.kinds.append((tuple(x.shape), x.dtype))
+            return quantize_checked(x, config, **kwargs)
+
+        session_pack = Session._pack
+
+        def spy_pack(session, t):
+            self.python_packs += 1
+            return session_pack(session, t)
+
+        monkeypatch.setattr(traced, "quantize_checked", spy_quantize)
+        monkeypatch.setattr(Session, "_pack", spy_pack)
+
+    def clear(self) -> None:
+        self.packed.clear()
+        self.kinds.clear()
+        self.alive_at_pack.clear()
+        self.python_packs = 0
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_region_packs_in_its_graph_and_frees_each_tensor_early(backend, monkeypatch):
+    model, x = deep_mlp(), torch.randn(64, 128)
+    compiled = torch.compile(model, backend=backend)
+    spy = PackSpy(monkeypatch)
+    run = lambda: compiled(x).sum()  # noqa: E731 (sum saves nothing: every save is the region's)
+    grads(model, run, tq.compress(bits=4, min_bytes=0))  # compiles
+    spy.clear()
+    session = tq.compress(bits=4, min_bytes=0)
+    grads(model, run, session)
+
+    # The region saves the input and, per layer, the Linear's output and the GELU's: 13 tensors, each
+    # packed by the op in the compiled graph, none through a Python hook.
+    assert len(spy.packed) == session.stats.packed_tensors == 13
+    assert spy.python_packs == 0
+    # A tensor's full-width memory is freed once the layers that read it in forward are done: when
+    # each one is packed, at most four earlier ones are alive (the input, which the test holds, and
+    # the last layers' outputs), not the twelve before it.
+    assert max(spy.alive_at_pack) <= 4, spy.alive_at_pack
+    assert sum(ref() is not None for ref in spy.packed) == 1  # the input
+
+
+def test_python_hooks_pack_a_region_only_once_its_forward_returns(monkeypatch):
+    """What the traced hooks improve on: blocks that keep Python hooks (here, per-module overrides)
+    pack a compiled region's tensors after its forward, all of them alive at once."""
+    model, x = deep_mlp(), torch.randn(64, 128)
+    compiled = torch.compile(model, backend="aot_eager")
+    spy = PackSpy(monkeypatch)
+    session = tq.compress(bits=4, min_bytes=0, overrides={"nothing.matches": {"bits": 8}})
+    with pytest.warns(UserWarning, match="matches no module"):
+        grads(model, lambda: compiled(x).square().sum(), session)
+    assert spy.python_packs == session.stats.packed_tensors + session.stats.passed_tensors >= 13
+
+
+@pytest.mark.parametrize("bits", [2, 8], ids=["2bit", "8bit"])
+def test_gradients_are_eager_compressions(bits):
+    model, x = deep_mlp(layers=3, width=64), torch.randn(32, 64)
+    run_eager = lambda: model(x).square().sum()  # noqa: E731
+    compiled = torch.compile(model, backend="aot_eager")
+    exact = grads(model, run_eager, contextlib.nullcontext())
+    # The region saves what eager layers save; eager blocks compute GELU outputs again instead of
+    # packing them, which a compiled region cannot (no autograd node), so they are asked not to here.
+    eager = grads(model, run_eager, tq.compress(bits=bits, min_bytes=0, recompute_activations=False))
+    got = grads(model, lambda: compiled(x).square().sum(), tq.compress(bits=bits, min_bytes=0))
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    cosine = F.cosine_similarity(got, exact, dim=0).item()
+    assert cosine < 0.99 if bits == 2 else cosine > 0.9999  # measured 0.83 and 0.999998
+
+
+def test_blocks_with_the_same_settings_share_hooks_and_do_not_recompile():
+    """One compilation however many blocks run the model: Dynamo guards on the saved-tensor hooks and
+    on the global module hooks, and both stay the same objects under the same keys. (Blocks used to
+    register new module hooks each: every block compiled again, and after Dynamo's recompile_limit of 8
+    the model ran eagerly.)"""
+    model, x = deep_mlp(layers=2, width=32), torch.randn(16, 32)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=lambda g, _: g)(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counting_backend)
+    for _ in range(torch._dynamo.config.recompile_limit + 2):
+        session = tq.compress(bits=4, min_bytes=0)
+        grads(model, lambda: compiled(x).sum(), session)
+        assert session.stats.packed_tensors == 5
+    assert len(compiles) == 1
+    assert traced.hooks_for(tq.compress(bits=4, min_bytes=0).config) is traced.hooks_for(
+        tq.compress(bits=4, min_bytes=0).config)
+    grads(model, lambda: compiled(x).sum(), tq.compress(bits=2, min_bytes=0))  # another width: another graph
+    assert len(compiles) == 2
+
+
+@pytest.mark.parametrize("settings", [
+    dict(overrides={"0": {"bits": 8}}), dict(bits="auto", budget=4), dict(offload="cpu"), dict(stochastic=True, seed=3),
+], ids=["overrides", "auto", "offload", "seeded-stochastic"])
+def test_settings_that_need_python_at_run_time_keep_python_hooks(settings):
+    session = tq.compress(min_bytes=0, **settings)
+    assert not traced.traceable(session.config)
+    with session:
+        pack, _ = torch._C._autograd._top_saved_tensors_default_hooks(True)
+    assert pack == session._pack
+
+
+def test_default_blocks_push_the_traced_hooks_and_restore_the_filtering_mode():
+    config = torch._functorch.config
+    before = config.saved_tensors_hooks_filtering_mode
+    with tq.compress(bits=4) as outer:
+        pack, unpack = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        assert (pack, unpack) == traced.hooks_for(outer.config)
+        assert config.saved_tensors_hooks_filtering_mode == "no_static"
+        with tq.compress(bits=4, overrides={"x": {"bits": 8}}) as inner:
+            assert traced._innermost_session() is inner
+        assert traced._innermost_session() is outer
+        assert config.saved_tensors_hooks_filtering_mode == "no_static"
+    assert config.saved_tensors_hooks_filtering_mode == before
+    assert traced._innermost_session() is None
+
+
+def test_eager_saves_under_traced_hooks_go_to_the_innermost_block():
+    x = torch.randn(64, 64, requires_grad=True)
+    with tq.compress(bits=8, min_bytes=0) as outer:
+        a = x.tanh()
+        with tq.compress(bits=8, min_bytes=0) as inner:
+            b = a.tanh()
+    (a.sum() + b.sum()).backward()
+    assert outer.stats.packed_tensors == 1 and inner.stats.packed_tensors == 1
+
+
+def test_weight_casts_under_autocast_are_not_packed(monkeypatch):
+    """autocast's bf16 copies of parameters are casts of the region's inputs: kept exact, as eager
+    blocks keep them (there, cast again in backward)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(32, 64)
+    compiled = torch.compile(model, backend="aot_eager")
+    spy = PackSpy(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with tq.compress(bits=4, min_bytes=0):
+            loss = compiled(x).float().sum()
+    loss.backward()
+    # The region saves the input's bf16 cast (kept: a cast of one of its inputs), the weights' casts
+    # (kept) and the ReLU's output, which serves both the ReLU's gradient and the second Linear's.
+    assert spy.python_packs == 0
+    assert spy.kinds == [((32, 64), torch.bfloat16)]
+
+
+def test_dynamic_shapes_pack_every_batch_size():
+    model = deep_mlp(layers=2, width=32)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    for batch in (8, 24, 40):
+        x = torch.randn(batch, 32)
+        eager = grads(model, lambda: model(x).sum(), tq.compress(bits=4, min_bytes=0, recompute_activations=False))
+        session = tq.compress(bits=4, min_bytes=0)
+        got = grads(model, lambda: compiled(x).sum(), session)
+        assert session.stats.packed_tensors == 5
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,shape,channels_last", [
+    (torch.float32, (3, 700), False), (torch.bfloat16, (2, 8, 5, 7), True), (torch.float16, (513,), False),
+    (torch.bool, (3, 100), False),
+], ids=["fp32", "bf16-channels-last", "fp16-partial-group", "bool"])
+def test_the_ops_fake_implementations_agree_with_the_real_ones(dtype, shape, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(shape) > 0 if dtype == torch.bool else torch.randn(shape, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    pack_args = (x, 4, 64, "minmax", False, "auto")
+    torch.library.opcheck(torch.ops.tritonquant.pack_saved, pack_args)
+    payload, meta = torch.ops.tritonquant.pack_saved(*pack_args)
+    unpack_args = (payload, meta, list(x.shape), list(x.stride()), traced.PACKED_DTYPES.index(dtype), 4, 64,
+                   "minmax", "auto")
+    torch.library.opcheck(torch.ops.tritonquant.unpack_saved, unpack_args)
+    restored = torch.ops.tritonquant.unpack_saved(*unpack_args)
+    expected = tq.dequantize(tq.quantize(x, bits=4, group_size=64))
+    assert restored.stride() == x.stride()
+    assert torch.equal(restored, expected)

@@ -1,0 +1,243 @@
+"""Saved-tensor hooks that torch.compile traces into the graphs it compiles.
+
+A ``compress`` block's hooks are Python: autograd calls them for every tensor it saves. In a region
+compiled with torch.compile, AOTAutograd then saves the region's tensors when its forward returns,
+through those hooks, one Python call each (docs/integrations/compile.md). When both hooks on top of
+autograd's hook stack are ``torch.fx.GraphModule``s, AOTAutograd does something better: it traces them
+into the region's graphs, the pack hook after each saved tensor's producer in the forward graph and the
+unpack hook before its first use in the backward graph. Inductor then schedules the packing like any
+other kernel (a tensor's full-width memory is freed as soon as the forward is done with it) and no
+Python hook runs per tensor.
+
+So the hooks a block pushes are GraphModules (``_PackHook``, ``_UnpackHook``), one pair per setting of
+what a compiled region packs (``hooks_for``): the same objects for every block with those settings, as
+Dynamo's guard on the hooks compares their identity and a new pair would compile the model again.
+Called by autograd outside a compiled region, they hand the tensor to the innermost open block
+(``Session._pack``, ``Session._unpack``): eager mode is unchanged. Called by AOTAutograd while it
+traces, they run their graph: ``trace_pack`` and ``trace_unpack``, which decide from the saved
+tensor's dtype, size and layout, and from the graph node that made it, and emit the two custom ops
+below.
+
+What a compiled region packs: float and bool tensors of ``min_bytes`` or more, contiguous or
+channels-last, except parameters and tensors cast or viewed from the region's inputs (autocast's
+weight copies: eager blocks keep those exact too). Everything else is kept as it is. What eager blocks
+do beyond that needs the autograd graph or Python at run time, so blocks that ask for it keep
+Python hooks (``traceable``): per-module ``overrides``, ``bits="auto"``, ``offload``, and stochastic
+rounding with a fixed ``seed``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import kernels
+from .codec import dequantize, quantize_checked
+from .config import CompressConfig, QuantConfig
+from .packed import PackedTensor
+
+try:  # AOTAutograd's description of the saved tensor a hook is traced for (torch >= 2.9; private)
+    from torch._functorch._aot_autograd.graph_compile import _get_saved_tensor_hook_context
+except ImportError:  # older torch: compiled regions call the Python hooks at run time, as before
+    _get_saved_tensor_hook_context = None
+
+# The dtypes a compiled region packs, in the order their codes travel from pack to unpack.
+PACKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.bool)
+# Ops through which a saved tensor still is one of the region's inputs (a parameter, say), cast or viewed.
+_CAST_AND_VIEW_OPS = frozenset({
+    "convert_element_type", "_to_copy", "view", "_unsafe_view", "reshape", "t", "transpose", "permute",
+    "expand", "alias", "slice", "select", "squeeze", "unsqueeze", "as_strided", "clone", "detach",
+})
+
+
+def traceable(config: CompressConfig) -> bool:
+    """Whether a block with ``config`` can have its packing traced into compiled regions."""
+    quant = config.quant
+    return (_get_saved_tensor_hook_context is not None and not config.overrides and config.auto_budget is None
+            and config.offload is None and not (quant.stochastic and quant.seed is not None))
+
+
+# -- the custom ops ------------------------------------------------------------------------------------
+
+@torch.library.custom_op("tritonquant::pack_saved", mutates_args=())
+def pack_saved(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochastic: bool,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(payload, meta) of ``x`` (dense; float32/float16/bfloat16 or bool), as ``tq.quantize`` packs it:
+    uint8 [payload_nbytes] and float32 [n_groups, 2]; for bool, 1-bit codes and an empty [0, 2] meta.
+    Counted in the innermost open block's stats."""
+    packed = quantize_checked(x, QuantConfig(bits, scheme, stochastic, group_size, None, backend))
+    session = _innermost_session()
+    if session is not None:
+        session._count_packed(session._module_row(session._stack.current()), packed)
+    meta = packed.meta if packed.meta is not None else x.new_empty((0, 2), dtype=torch.float32)
+    return packed.payload, meta
+
+
+@pack_saved.register_fake
+def _pack_saved_fake(x, bits, group_size, scheme, stochastic, backend):
+    n = x.numel()
+    if x.dtype == torch.bool:
+        return x.new_empty(-(-n // 8), dtype=torch.uint8), x.new_empty((0, 2), dtype=torch.float32)
+    return (x.new_empty(kernels.payload_nbytes(n, bits, group_size), dtype=torch.uint8),
+            x.new_empty((-(-n // group_size), 2), dtype=torch.float32))
+
+
+@torch.library.custom_op("tritonquant::unpack_saved", mutates_args=())
+def unpack_saved(payload: torch.Tensor, meta: torch.Tensor, shape: list[int], stride: list[int], dtype_code: int,
+                 bits: int, group_size: int, scheme: str, backend: str) -> torch.Tensor:
+    """The tensor ``pack_saved`` packed, at ``shape`` and ``stride`` (dense), of ``PACKED_DTYPES[dtype_code]``."""
+    dtype = PACKED_DTYPES[dtype_code]
+    size, strides = torch.Size(shape), tuple(stride)
+    if dtype == torch.bool:
+        packed = PackedTensor(payload, None, size, strides, size, strides, dtype, 1, group_size, "bool", False)
+    else:
+        packed = PackedTensor(payload, meta, size, strides, size, strides, dtype, bits, group_size, scheme, False)
+    return dequantize(packed, backend=backend)
+
+
+@unpack_saved.register_fake
+def _unpack_saved_fake(payload, meta, shape, stride, dtype_code, bits, group_size, scheme, backend):
+    return torch.empty_strided(shape, stride, dtype=PACKED_DTYPES[dtype_code], device=payload.device)
+
+
+# -- what the hooks' graphs call ------------------------------------------------------------------------
+
+def trace_pack(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochastic: bool, backend: str,
+               min_bytes: int) -> Any:
+    """The pack hook as traced for one saved tensor ``x`` (a fake tensor): ``x`` itself to keep it, else
+    (payload, meta, shape, stride, dtype code), which ``trace_unpack`` restores."""
+    if not _packable(x, min_bytes):
+        return x
+    payload, meta = torch.ops.tritonquant.pack_saved(x, bits, group_size, scheme, stochastic, backend)
+    return payload, meta, tuple(x.shape), tuple(x.stride()), PACKED_DTYPES.index(x.dtype)
+
+
+def trace_unpack(packed: Any, bits: int, group_size: int, scheme: str, backend: str) -> torch.Tensor:
+    """The unpack hook as traced: what ``trace_pack`` returned, restored."""
+    if isinstance(packed, torch.Tensor):
+        return packed
+    payload, meta, shape, stride, dtype_code = packed
+    return torch.ops.tritonquant.unpack_saved(payload, meta, list(shape), list(stride), dtype_code, bits,
+                                              group_size, scheme, backend)
+
+
+def _packable(x: torch.Tensor, min_bytes: int) -> bool:
+    if x.dtype not in PACKED_DTYPES:
+        return False
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        return False
+    small = x.numel() * x.element_size() < min_bytes
+    if not isinstance(small, bool):  # symbolic sizes: kept only when small whatever sizes they take
+        small = torch.fx.experimental.symbolic_shapes.statically_known_true(small)
+    return not small and not _from_region_input()
+
+
+def _from_region_input() -> bool:
+    """Whether the saved tensor being traced is a cast or view of one of the region's inputs (autocast's
+    copy of a parameter, say). The inputs themselves reach the hook only when they are not parameters
+    or buffers (``push_session``) and are packed."""
+    context = _get_saved_tensor_hook_context()
+    node = context.get("_node") if context else None
+    if not isinstance(node, fx.Node) or node.op == "placeholder":
+        return False
+    while node.op == "call_function" and _op_name(node.target) in _CAST_AND_VIEW_OPS and node.args:
+        node = node.args[0]
+        if not isinstance(node, fx.Node):
+            return False
+        if node.op == "placeholder":
+            return True
+    return False
+
+
+def _op_name(target: Any) -> str:
+    """"view" for aten.view.default, "convert_element_type" for prims.convert_element_type.default."""
+    name = getattr(target, "__name__", "")
+    return name.split(".")[0]
+
+
+# -- the hooks ------------------------------------------------------------------------------------------
+
+class _SessionStack(threading.local):
+    """The open blocks of this thread, innermost last (autograd's hook stack is per thread too), each
+    with the AOTAutograd setting to restore when it closes."""
+
+    def __init__(self) -> None:
+        self.sessions: list = []
+        self.restore: list = []
+
+
+_OPEN = _SessionStack()
+
+
+def _innermost_session():
+    sessions = _OPEN.sessions
+    return sessions[-1] if sessions else None
+
+
+def push_session(session, traced: bool) -> None:
+    """``session`` opens (innermost), with traced hooks or not.
+
+    AOTAutograd traces hooks by default only for the tensors a region makes and frees itself
+    ("donated"), not for its inputs. Eager blocks pack those too: the input of a block compiled on its
+    own is the previous block's output, saved by the block's first layer. So while a block with traced
+    hooks is open, every saved tensor but the static ones (parameters and buffers) is offered to them.
+    """
+    _OPEN.sessions.append(session)
+    config = torch._functorch.config
+    _OPEN.restore.append(config.saved_tensors_hooks_filtering_mode)
+    if traced:
+        config.saved_tensors_hooks_filtering_mode = "no_static"
+
+
+def pop_session(session) -> None:
+    """``session`` closes: it leaves the stack, and the setting it found is restored."""
+    sessions = _OPEN.sessions
+    for i in range(len(sessions) - 1, -1, -1):
+        if sessions[i] is session:
+            del sessions[i]
+            torch._functorch.config.saved_tensors_hooks_filtering_mode = _OPEN.restore.pop(i)
+            return
+
+
+class _PackHook(fx.GraphModule):
+    """A compress block's pack hook: its graph for AOTAutograd, the innermost block's ``_pack`` for autograd."""
+
+    def __call__(self, t: torch.Tensor) -> Any:
+        if _get_saved_tensor_hook_context() is not None:  # AOTAutograd traces this hook into a graph
+            return self.forward(t)
+        return _OPEN.sessions[-1]._pack(t)
+
+
+class _UnpackHook(fx.GraphModule):
+    """A compress block's unpack hook: its graph for AOTAutograd, ``Session._unpack`` for autograd."""
+
+    def __call__(self, handle: Any) -> torch.Tensor:
+        if _get_saved_tensor_hook_context() is not None:
+            return self.forward(handle)
+        return session_class._unpack(handle)
+
+
+session_class = None  # session.Session, set by session.py (which imports this module)
+_HOOKS: dict[tuple, tuple[_PackHook, _UnpackHook]] = {}
+
+
+def hooks_for(config: CompressConfig) -> tuple[_PackHook, _UnpackHook]:
+    """The (pack, unpack) hooks of blocks with ``config`` (``traceable``): one pair per setting of what
+    a compiled region packs, kept for the process, so that Dynamo does not compile again per block."""
+    quant = config.quant
+    key = (quant.bits, quant.group_size, quant.scheme, quant.stochastic, quant.backend, config.min_bytes)
+    hooks = _HOOKS.get(key)
+    if hooks is None:
+        bits, group_size, scheme, stochastic, backend, min_bytes = key
+        pack_graph = fx.Graph()
+        saved = pack_graph.placeholder("saved")
+        pack_graph.output(pack_graph.call_function(
+            trace_pack, (saved, bits, group_size, scheme, stochastic, backend, min_bytes)))
+        unpack_graph = fx.Graph()
+        packed = unpack_graph.placeholder("packed")
+        unpack_graph.output(unpack_graph.call_function(trace_unpack, (packed, bits, group_size, scheme, backend)))
+        hooks = _HOOKS[key] = (_PackHook(torch.nn.Module(), pack_graph), _UnpackHook(torch.nn.Module(), unpack_graph))
+    return hooks
