@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from one_callable import write_result  # noqa: E402
 
 METHODS = ("exact", "tq-4bit traced", "tq-4bit python", "tq-4bit eager")
+traceable_at_import = traced.traceable
 
 
 def workloads(device: torch.device):

@@ -11,6 +11,8 @@
 #   kernels    benchmarks/bench_kernels.py --quick kernel GB/s vs the device copy bandwidth
 #   pool       benchmarks/bench_pool_indices.py   max-pooling index kernels vs their torch references
 #   activation benchmarks/bench_activation_decode.py  GELU/SiLU as their input is decoded vs decode + torch
+#   compiled   benchmarks/bench_compiled.py        a torch.compile'd model: packing traced into its graphs vs
+#              Python hooks vs eager (step time, peak memory)
 #   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
 #   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
@@ -21,7 +23,7 @@
 # summary.md/summary.json (pass/fail/timeout per stage; summary.md also the results against the
 # benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML (merged; each shard's
 # log and report in pytest-gpu-shards/ and pytest-all-shards/),
-# bench_kernels.md/json, pool_indices.md, activation_decode.md, bench.md/json, memory_vs_batch.png,
+# bench_kernels.md/json, pool_indices.md, activation_decode.md, compiled.md, bench.md/json, memory_vs_batch.png,
 # step_time_vs_bits.png, profile_host.md, cprofile.txt,
 # autotune-cache/ (the tuned configs).
 #
@@ -47,7 +49,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H%M%SZ)"
 RESULTS="${OUT:-$REPO/benchmarks/results/$STAMP}"
 BUDGET_S="${SUITE_BUDGET_S:-465}"
-STAGES="${SUITE_STAGES:-tests-gpu,demo,tune,kernels,pool,activation,host,bench,offload,checkpoint,tests}"
+STAGES="${SUITE_STAGES:-tests-gpu,demo,tune,kernels,pool,activation,compiled,host,bench,offload,checkpoint,tests}"
 SETUP_ONLY=0
 [ "${1:-}" = "--setup-only" ] && SETUP_ONLY=1
 START_S=$(date +%s)
@@ -290,6 +292,7 @@ run_stage tune 50 "$PY" -m tritonquant tune --dtypes bf16,fp32 --bits 4,2,8 --ma
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
 run_stage pool 30 "$PY" benchmarks/bench_pool_indices.py --out "$RESULTS"
 run_stage activation 30 "$PY" benchmarks/bench_activation_decode.py --out "$RESULTS"
+run_stage compiled 90 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
