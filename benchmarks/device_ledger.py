@@ -49,6 +49,7 @@ stand_in_driver.install_for_cpu_tensors()
 import tritonquant as tq  # noqa: E402
 from tritonquant import codec  # noqa: E402
 from tritonquant.models import ResNet50Like, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss  # noqa: E402
+from tritonquant.session import Session  # noqa: E402
 
 H200_COPY_GB_PER_S = 4119  # bench_kernels.py, 2026-11-29: copy_ of 256 MiB, read + write
 MIB = 2**20
@@ -174,11 +175,16 @@ def ledger_of_step(workload: str, batch_size: int, size: int, bits: int) -> Ledg
     ledger = Ledger()
     session = tq.compress(bits=bits, backend="triton")
     session._pack = ledger.inside("pack hook", session._pack)
-    session._unpack = ledger.inside("unpack hook", session._unpack)
-    with kernel_calls_counted(ledger), ledger:
-        with session, torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = loss_fn(model, batch)
-        loss.backward()
+    # (The unpack hook is the class's: the hooks a block pushes call Session._unpack, not the block's.)
+    unpack = Session._unpack
+    Session._unpack = staticmethod(ledger.inside("unpack hook", unpack))
+    try:
+        with kernel_calls_counted(ledger), ledger:
+            with session, torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn(model, batch)
+            loss.backward()
+    finally:
+        Session._unpack = staticmethod(unpack)
     return ledger
 
 

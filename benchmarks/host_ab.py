@@ -30,6 +30,7 @@ faster half of the rounds, and their ratio.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import statistics
@@ -75,11 +76,14 @@ def load_revision(revision: str, into: Path):
     return module
 
 
-def time_hooks(session) -> list[float]:
-    """Make ``session``'s hooks add their wall time, in seconds, to the returned [pack, unpack] list.
-    (Call before the block opens: it reads the hooks then.)"""
+@contextlib.contextmanager
+def timed_hooks(session):
+    """While open, ``session``'s hooks add their wall time, in seconds, to the yielded [pack, unpack]
+    list. (Open before the block opens: it reads the hooks then.) The pack hook is the block's own; the
+    unpack hook is its class's, which every block's hooks call."""
     inside = [0.0, 0.0]
-    pack, unpack = session._pack, session._unpack
+    pack, cls = session._pack, type(session)
+    unpack = cls._unpack
 
     def timed_pack(t):
         started = time.perf_counter()
@@ -93,23 +97,26 @@ def time_hooks(session) -> list[float]:
         inside[1] += time.perf_counter() - started
         return t
 
-    session._pack, session._unpack = timed_pack, timed_unpack
-    return inside
+    session._pack, cls._unpack = timed_pack, staticmethod(timed_unpack)
+    try:
+        yield inside
+    finally:
+        cls._unpack = staticmethod(unpack)
 
 
-def chain_us(tq, x: torch.Tensor, timed_hooks: bool) -> tuple[float, float, float]:
+def chain_us(tq, x: torch.Tensor, timing: bool) -> tuple[float, float, float]:
     """(pack hook, unpack hook, whole chain) microseconds per saved tensor; the hook figures are 0 unless
-    ``timed_hooks`` (the wrapper that times them would otherwise count in the whole chain)."""
+    ``timing`` (the wrapper that times them would otherwise count in the whole chain)."""
     session = tq.compress(bits=4, backend="triton")
-    inside = time_hooks(session) if timed_hooks else [0.0, 0.0]
-    started = time.perf_counter()
-    with session:
-        y = x
-        for _ in range(CHAIN_LENGTH):
-            y = torch.tanh(y)
-    y.float().sum().backward()
-    del y
-    whole = time.perf_counter() - started
+    with timed_hooks(session) if timing else contextlib.nullcontext([0.0, 0.0]) as inside:
+        started = time.perf_counter()
+        with session:
+            y = x
+            for _ in range(CHAIN_LENGTH):
+                y = torch.tanh(y)
+        y.float().sum().backward()
+        del y
+        whole = time.perf_counter() - started
     return inside[0] / CHAIN_LENGTH * 1e6, inside[1] / CHAIN_LENGTH * 1e6, whole / CHAIN_LENGTH * 1e6
 
 
@@ -119,10 +126,10 @@ def resnet_step_ms(tq, model, batch) -> tuple[float, float]:
 
     model.zero_grad(set_to_none=True)
     session = tq.compress(bits=4, backend="triton", min_bytes=RESNET_MIN_BYTES)
-    inside = time_hooks(session)
-    with session, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = cnn_loss(model, batch)
-    loss.backward()
+    with timed_hooks(session) as inside:
+        with session, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = cnn_loss(model, batch)
+        loss.backward()
     return inside[0] * 1e3, inside[1] * 1e3
 
 
