@@ -197,10 +197,16 @@ class _SessionStack(threading.local):
 
 
 _OPEN = _SessionStack()
+# Every thread's open blocks, in the order they opened. Autograd hands a thread's saved-tensor hooks to
+# the threads that run its backward (on CUDA, one per device), so a block open while backward runs
+# (a backward inside the block, with checkpointed layers computing their forward again) sees its hooks
+# called from a thread that opened no block: they go to the latest block opened anywhere.
+_ALL_OPEN: list = []
 
 
 def _innermost_session():
-    sessions = _OPEN.sessions
+    """This thread's innermost open block, else the latest opened in any thread, else None."""
+    sessions = _OPEN.sessions or _ALL_OPEN
     return sessions[-1] if sessions else None
 
 
@@ -213,6 +219,7 @@ def push_session(session, traced: bool) -> None:
     hooks is open, every saved tensor but the static ones (parameters and buffers) is offered to them.
     """
     _OPEN.sessions.append(session)
+    _ALL_OPEN.append(session)
     config = torch._functorch.config
     _OPEN.restore.append(config.saved_tensors_hooks_filtering_mode)
     if traced:
@@ -221,6 +228,10 @@ def push_session(session, traced: bool) -> None:
 
 def pop_session(session) -> None:
     """``session`` closes: it leaves the stack, and the setting it found is restored."""
+    for i in range(len(_ALL_OPEN) - 1, -1, -1):
+        if _ALL_OPEN[i] is session:
+            del _ALL_OPEN[i]
+            break
     sessions = _OPEN.sessions
     for i in range(len(sessions) - 1, -1, -1):
         if sessions[i] is session:
@@ -237,7 +248,11 @@ class _PackHook(fx.GraphModule):
         # getattr of a missing attribute of a threading.local takes 0.7 us, this 0.1.)
         if _aot_thread_local.__dict__.get("state") is not None:
             return self.forward(t)
-        return _OPEN.sessions[-1]._pack(t)
+        sessions = _OPEN.sessions or _ALL_OPEN
+        if not sessions:
+            raise RuntimeError("a tensor was saved under a tritonquant compress block's hooks after every block "
+                               "closed (the hooks were carried into a thread that outlived them)")
+        return sessions[-1]._pack(t)
 
 
 class _UnpackHook(fx.GraphModule):

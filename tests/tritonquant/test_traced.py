@@ -10,6 +10,7 @@ hooks (no recompilation), and settings that need Python at run time keep the Pyt
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import pytest
@@ -234,3 +235,20 @@ def test_the_ops_fake_implementations_agree_with_the_real_ones(dtype, shape, cha
     expected = tq.dequantize(tq.quantize(x, bits=4, group_size=64))
     assert restored.stride() == x.stride()
     assert torch.equal(restored, expected)
+
+
+def test_hooks_called_from_another_thread_go_to_the_open_block():
+    """On CUDA, backward runs on the device's own thread, with the hooks of the thread that called it:
+    a block open then (checkpointed layers computing their forward again) sees its hooks called from a
+    thread that opened no block."""
+    x = torch.randn(64, 64, requires_grad=True)
+    results = []
+    with tq.compress(bits=8, min_bytes=0) as session:
+        pack, unpack = torch._C._autograd._top_saved_tensors_default_hooks(True)
+        worker = threading.Thread(target=lambda: results.append(unpack(pack(x.tanh()))))
+        worker.start()
+        worker.join()
+    assert session.stats.packed_tensors == 1
+    assert len(results) == 1 and results[0].shape == (64, 64)
+    with pytest.raises(RuntimeError, match="after every block closed"):
+        pack(x)
