@@ -33,12 +33,15 @@ from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
 from . import traced
 from .pool_indices import PoolWindows, pool_windows
-from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_cast, is_sensitive, narrow_index_dtype,
-                     pass_reason, producer, recastable, standardize_kind, standardization, weight_cast_source)
+from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_cast, is_row_statistic, is_sensitive,
+                     narrow_index_dtype, pass_reason, producer, recastable, standardize_kind, standardization, weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 # What an override lookup returns when no override pattern matched (None means one matched: keep).
 _NO_MATCH = object()
+# Attention saves the query, key and value, then its output and log-sum-exp, in some order: the query is
+# among the last four saves before the log-sum-exp (``policy.is_row_statistic``).
+RECENT_SHAPES = 4
 _UNCACHED = object()
 
 
@@ -480,6 +483,7 @@ class Session:
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
         self._pool_inputs: dict[int, torch.Size] = {}  # max-pooling module id -> its input's shape, this forward
+        self._recent_shapes: list[torch.Size] = []  # of the last RECENT_SHAPES tensors given to the pack hook
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._offloader = Offloader() if config.offload == "cpu" else None
 
@@ -556,6 +560,7 @@ class Session:
         """The pack hook: what autograd holds instead of ``t`` until backward (``_Handle``)."""
         module = self._stack.current()
         reason = pass_reason(t, self._module_tensors, self.config.min_bytes)
+        recent = self._recent_shapes
         if reason is None and t.grad_fn is None:
             if is_frozen_weight_cast(t, module):
                 reason = "frozen"
@@ -564,6 +569,11 @@ class Session:
                 # packs inside the graph otherwise). Its backward asserts the strides of what it saved,
                 # and a view with gaps is restored dense (q, k and v as views of one projection).
                 reason = "compiled view"
+            elif is_row_statistic(t, recent):
+                reason = "statistics"
+        recent.append(t.shape)
+        if len(recent) > RECENT_SHAPES:
+            del recent[0]
         override = self._override_for() if reason is None else _NO_MATCH
         if override is None:
             reason = "excluded"

@@ -19,8 +19,10 @@ tensor's dtype, size and layout, and from the graph node that made it, and emit 
 below.
 
 What a compiled region packs: float and bool tensors of ``min_bytes`` or more, contiguous or
-channels-last, except parameters and tensors cast or viewed from the region's inputs (autocast's
-weight copies: eager blocks keep those exact too). Everything else is kept as it is. What eager blocks
+channels-last, except parameters, tensors cast or viewed from the region's inputs (autocast's weight
+copies) and per-row statistics (a softmax's max and sum, a normalization's mean and rstd, attention's
+log-sum-exp), which eager blocks keep exact too. Probabilities (pieces of a softmax or log-softmax that
+are not statistics) get at least ``sensitive_bits``. Everything else is kept as it is. What eager blocks
 do beyond that needs the autograd graph or Python at run time, so blocks that ask for it keep
 Python hooks (``traceable``): per-module ``overrides``, ``bits="auto"``, ``offload``, and stochastic
 rounding with a fixed ``seed``.
@@ -28,6 +30,7 @@ rounding with a fixed ``seed``.
 
 from __future__ import annotations
 
+import operator
 import threading
 from typing import Any
 
@@ -133,42 +136,72 @@ _OPS = getattr(torch.ops, _NAMESPACE)
 # -- what the hooks' graphs call ------------------------------------------------------------------------
 
 def trace_pack(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochastic: bool, backend: str,
-               min_bytes: int) -> Any:
+               min_bytes: int, sensitive_bits: int) -> Any:
     """The pack hook as traced for one saved tensor ``x`` (a fake tensor): ``x`` itself to keep it, else
-    (payload, meta, shape, stride, dtype code), which ``trace_unpack`` restores."""
-    if not _packable(x, min_bytes):
+    (payload, meta, shape, stride, dtype code, bits), which ``trace_unpack`` restores. Probabilities
+    (what a softmax or log-softmax made) get at least ``sensitive_bits``, as in eager blocks."""
+    context = _get_saved_tensor_hook_context()
+    node = context.get("_node") if context else None
+    if not _packable(x, min_bytes, node):
         return x
+    if _op_name(node.meta.get("original_aten")) in _PROBABILITY_OPS:
+        bits = max(bits, sensitive_bits)
     payload, meta = _OPS.pack_saved(x, bits, group_size, scheme, stochastic, backend)
-    return payload, meta, tuple(x.shape), tuple(x.stride()), PACKED_DTYPES.index(x.dtype)
+    return payload, meta, tuple(x.shape), tuple(x.stride()), PACKED_DTYPES.index(x.dtype), bits
 
 
-def trace_unpack(packed: Any, bits: int, group_size: int, scheme: str, backend: str) -> torch.Tensor:
+def trace_unpack(packed: Any, group_size: int, scheme: str, backend: str) -> torch.Tensor:
     """The unpack hook as traced: what ``trace_pack`` returned, restored."""
     if isinstance(packed, torch.Tensor):
         return packed
-    payload, meta, shape, stride, dtype_code = packed
-    return _OPS.unpack_saved(payload, meta, list(shape), list(stride), dtype_code, bits,
-                                              group_size, scheme, backend)
+    payload, meta, shape, stride, dtype_code, bits = packed
+    return _OPS.unpack_saved(payload, meta, list(shape), list(stride), dtype_code, bits, group_size, scheme, backend)
 
 
-def _packable(x: torch.Tensor, min_bytes: int) -> bool:
-    if x.dtype not in PACKED_DTYPES:
+# Ops made of several in the compiled graph (Inductor's decompositions), whose saved pieces with a last
+# dimension of 1 are per-row statistics: a softmax's max and sum, a normalization's mean and rstd.
+_STATISTIC_OPS = frozenset({"_softmax", "_log_softmax", "native_layer_norm", "native_batch_norm",
+                            "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                            "native_group_norm", "_fused_rms_norm"})
+_PROBABILITY_OPS = frozenset({"_softmax", "_log_softmax"})
+
+
+def _packable(x: torch.Tensor, min_bytes: int, node: fx.Node | None) -> bool:
+    if x.dtype not in PACKED_DTYPES or x.dim() == 0 or not isinstance(node, fx.Node):
         return False
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         return False
-    small = x.numel() * x.element_size() < min_bytes
-    if not isinstance(small, bool):  # symbolic sizes: kept only when small whatever sizes they take
-        small = torch.fx.experimental.symbolic_shapes.statically_known_true(small)
-    return not small and not _from_region_input()
+    if _known(x.numel() * x.element_size() < min_bytes):
+        return False
+    return not _row_statistic(x, node) and not _from_region_input(node)
 
 
-def _from_region_input() -> bool:
-    """Whether the saved tensor being traced is a cast or view of one of the region's inputs (autocast's
+def _known(condition: Any) -> bool:
+    """``condition``, when it holds whatever sizes symbolic shapes take (a plain bool as it is)."""
+    if isinstance(condition, bool):
+        return condition
+    return torch.fx.experimental.symbolic_shapes.statically_known_true(condition)
+
+
+def _row_statistic(x: torch.Tensor, node: fx.Node) -> bool:
+    """Whether the saved ``x`` holds one value per row of a larger tensor its op made: a later output
+    of a multi-output op with fewer dimensions than its first (attention's log-sum-exp), or a piece of
+    a decomposed softmax or normalization with a last dimension of 1. Kept exact, as eager blocks keep
+    them (``policy.is_row_statistic``)."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        outputs = node.args[0].meta.get("val")
+        if (isinstance(outputs, (tuple, list)) and node.args[1] != 0 and isinstance(outputs[0], torch.Tensor)
+                and x.dim() < outputs[0].dim()):
+            return True
+    return (_op_name(node.meta.get("original_aten")) in _STATISTIC_OPS
+            and (x.dim() <= 1 or _known(x.shape[-1] == 1)))
+
+
+def _from_region_input(node: fx.Node) -> bool:
+    """Whether the saved tensor ``node`` made is a cast or view of one of the region's inputs (autocast's
     copy of a parameter, say). The inputs themselves reach the hook only when they are not parameters
     or buffers (``push_session``) and are packed."""
-    context = _get_saved_tensor_hook_context()
-    node = context.get("_node") if context else None
-    if not isinstance(node, fx.Node) or node.op == "placeholder":
+    if node.op == "placeholder":
         return False
     while node.op == "call_function" and _op_name(node.target) in _CAST_AND_VIEW_OPS and node.args:
         node = node.args[0]
@@ -284,16 +317,17 @@ def hooks_for(config: CompressConfig) -> tuple[_PackHook, _UnpackHook]:
     """The (pack, unpack) hooks of blocks with ``config`` (``traceable``): one pair per setting of what
     a compiled region packs, kept for the process, so that Dynamo does not compile again per block."""
     quant = config.quant
-    key = (quant.bits, quant.group_size, quant.scheme, quant.stochastic, quant.backend, config.min_bytes)
+    key = (quant.bits, quant.group_size, quant.scheme, quant.stochastic, quant.backend, config.min_bytes,
+           config.sensitive_bits)
     hooks = _HOOKS.get(key)
     if hooks is None:
-        bits, group_size, scheme, stochastic, backend, min_bytes = key
+        bits, group_size, scheme, stochastic, backend, min_bytes, sensitive_bits = key
         pack_graph = fx.Graph()
         saved = pack_graph.placeholder("saved")
         pack_graph.output(pack_graph.call_function(
-            trace_pack, (saved, bits, group_size, scheme, stochastic, backend, min_bytes)))
+            trace_pack, (saved, bits, group_size, scheme, stochastic, backend, min_bytes, sensitive_bits)))
         unpack_graph = fx.Graph()
         packed = unpack_graph.placeholder("packed")
-        unpack_graph.output(unpack_graph.call_function(trace_unpack, (packed, bits, group_size, scheme, backend)))
+        unpack_graph.output(unpack_graph.call_function(trace_unpack, (packed, group_size, scheme, backend)))
         hooks = _HOOKS[key] = (_made(_PackHook, pack_graph), _made(_UnpackHook, unpack_graph))
     return hooks

@@ -52,6 +52,7 @@ class PackSpy:
     def __init__(self, monkeypatch) -> None:
         self.packed: list[weakref.ref] = []
         self.kinds: list[tuple] = []  # (shape, dtype) of each
+        self.widths: list[tuple] = []  # (shape, bits) of each
         self.alive_at_pack: list[int] = []  # earlier packed tensors still alive when each one is packed
         self.python_packs = 0
         quantize_checked = traced.quantize_checked
@@ -60,6 +61,7 @@ class PackSpy:
             self.alive_at_pack.append(sum(ref() is not None for ref in self.packed))
             self.packed.append(weakref.ref(x))
             self.kinds.append((tuple(x.shape), x.dtype))
+            self.widths.append((tuple(x.shape), config.bits))
             return quantize_checked(x, config, **kwargs)
 
         session_pack = Session._pack
@@ -252,3 +254,29 @@ def test_hooks_called_from_another_thread_go_to_the_open_block():
     assert len(results) == 1 and results[0].shape == (64, 64)
     with pytest.raises(RuntimeError, match="after every block closed"):
         pack(x)
+
+
+def test_row_statistics_are_kept_and_probabilities_get_the_floor(monkeypatch):
+    """What eager blocks keep exact or widen, a compiled region does too: the per-row max and sum of a
+    softmax and the mean and rstd of a LayerNorm ([rows, 1]) are kept; a softmax output backward reads
+    is packed at ``sensitive_bits`` (4) when the block asks for 2."""
+    torch.manual_seed(0)
+    norm, head = nn.LayerNorm(64), nn.Linear(64, 512)
+    values = nn.Parameter(torch.randn(512, 16))
+
+    def step(x, y):
+        logits = head(norm(x))
+        attended = logits.softmax(-1) @ values  # backward reads the probabilities (for values' gradient)
+        return F.cross_entropy(logits, y) + attended.square().mean()
+
+    compiled = torch.compile(step, backend="aot_eager")
+    x, y = torch.randn(128, 64), torch.randint(0, 512, (128,))
+    spy = PackSpy(monkeypatch)
+    with tq.compress(bits=2, min_bytes=0) as session:
+        loss = compiled(x, y)
+    loss.backward()
+    widths = spy.widths
+    assert spy.python_packs == 0 and session.stats.packed_tensors == len(widths) > 0
+    assert all(shape[-1] != 1 for shape, _ in widths), widths  # no [rows, 1] statistic
+    assert ((128, 512), 4) in widths  # the probabilities, at the floor
+    assert {bits for shape, bits in widths if shape != (128, 512)} == {2}, widths
