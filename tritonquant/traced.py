@@ -67,7 +67,7 @@ def traceable(config: CompressConfig) -> bool:
 # -- the custom ops ------------------------------------------------------------------------------------
 # Defined with torch.library.Library rather than the torch.library.custom_op decorator: compiled code
 # calls them once per saved tensor, and the decorator's wrappers cost about 21 us a call on this
-# project's CPU, against 6 us for a plain registration (benchmarks in docs/integrations/compile.md).
+# project's CPU, against 6 us for a plain registration (a call of an op that does nothing).
 # The kernels only read their inputs and make new outputs: no autograd formula is needed, as saved
 # tensors in compiled graphs never require grad.
 
@@ -79,6 +79,9 @@ _LIBRARY.define("pack_saved(Tensor x, int bits, int group_size, str scheme, bool
                 "-> (Tensor, Tensor)")
 _LIBRARY.define("unpack_saved(Tensor payload, Tensor meta, SymInt[] shape, SymInt[] stride, int dtype_code, "
                 "int bits, int group_size, str scheme, str backend) -> Tensor")
+
+
+_CONFIGS: dict[tuple, QuantConfig] = {}  # (bits, group_size, scheme, stochastic, backend) -> its QuantConfig
 
 
 def pack_saved(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochastic: bool,
@@ -96,9 +99,6 @@ def pack_saved(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochas
         session._count_packed(session._module_row(session._stack.current()), packed)
     meta = packed.meta if packed.meta is not None else x.new_empty((0, 2), dtype=torch.float32)
     return packed.payload, meta
-
-
-_CONFIGS: dict[tuple, QuantConfig] = {}
 
 
 def _pack_saved_fake(x, bits, group_size, scheme, stochastic, backend):
@@ -281,11 +281,11 @@ class _PackHook(fx.GraphModule):
         # getattr of a missing attribute of a threading.local takes 0.7 us, this 0.1.)
         if _aot_thread_local.__dict__.get("state") is not None:
             return self.forward(t)
-        sessions = _OPEN.sessions or _ALL_OPEN
-        if not sessions:
+        session = _innermost_session()
+        if session is None:
             raise RuntimeError("a tensor was saved under a tritonquant compress block's hooks after every block "
                                "closed (the hooks were carried into a thread that outlived them)")
-        return sessions[-1]._pack(t)
+        return session._pack(t)
 
 
 class _UnpackHook(fx.GraphModule):
