@@ -154,3 +154,38 @@ def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kern
     codes = encode_pool_indices(indices, windows, backend)
     restored = decode_pool_indices(codes, windows, indices.shape, indices.stride(), backend)
     assert torch.equal(restored, indices) and restored.stride() == indices.stride()
+
+
+def test_a_model_compiled_whole_holds_its_activations_packed_after_forward():
+    """With the packing traced into the compiled graphs (tritonquant/traced.py), a model compiled whole
+    holds packed activations between forward and backward, as eager blocks do; with Python hooks it
+    held them unpacked until its forward returned."""
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [torch.nn.Linear(1024, 1024), torch.nn.GELU()]
+    model = torch.nn.Sequential(*layers).cuda()
+    x = torch.randn(8192, 1024, device="cuda")
+    compiled = torch.compile(model)
+    model(x).sum().backward()  # gradients allocated once
+    for _ in range(2):  # the compilations, exact and compressed
+        compiled(x).sum().backward()
+        with tq.compress(bits=4):
+            loss = compiled(x).sum()
+        loss.backward()
+    baseline = _allocated()
+    loss = compiled(x).sum()
+    exact_held = _allocated() - baseline
+    loss.backward()
+    del loss
+    torch.cuda.reset_peak_memory_stats()
+    start = _allocated()
+    with tq.compress(bits=4) as session:
+        loss = compiled(x).sum()
+    packed_held = _allocated() - baseline
+    forward_peak = torch.cuda.max_memory_allocated() - start
+    assert session.stats.packed_tensors >= 12
+    assert packed_held < 0.35 * exact_held, (packed_held, exact_held)
+    # Each 32 MiB activation is packed as soon as it is made: the forward never holds them all.
+    assert forward_peak < 0.5 * exact_held, (forward_peak, exact_held)
+    loss.backward()
