@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from . import traced
 from .autobits import NORMALIZATION_TYPES, PLANS, Calibration, Plan, Probe, ProbeTensor, Slot, fallback_bits
 from .codec import (RandomStream, activate, decode_pool_indices, dequantize, dequantize_activated, encode_pool_indices,
                     is_dense, quantize_checked)
 from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
-from . import traced
 from .pool_indices import PoolWindows, pool_windows
 from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_cast, is_row_statistic, is_sensitive,
                      narrow_index_dtype, pass_reason, producer, recastable, standardize_kind, standardization, weight_cast_source)
@@ -39,10 +39,10 @@ from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_
 OUTSIDE_MODULES = "(outside modules)"
 # What an override lookup returns when no override pattern matched (None means one matched: keep).
 _NO_MATCH = object()
+_UNCACHED = object()
 # Attention saves the query, key and value, then its output and log-sum-exp, in some order: the query is
 # among the last four saves before the log-sum-exp (``policy.is_row_statistic``).
 RECENT_SHAPES = 4
-_UNCACHED = object()
 
 
 @dataclass
