@@ -55,6 +55,8 @@ class PackSpy:
         self.widths: list[tuple] = []  # (shape, bits) of each
         self.alive_at_pack: list[int] = []  # earlier packed tensors still alive when each one is packed
         self.python_packs = 0
+        self.hooked: list[weakref.ref] = []  # the tensors given to the Python pack hook
+        self.alive_at_hook: list[int] = []  # earlier ones still alive at each call
         quantize_checked = traced.quantize_checked
 
         def spy_quantize(x, config, **kwargs):
@@ -68,6 +70,8 @@ class PackSpy:
 
         def spy_pack(session, t):
             self.python_packs += 1
+            self.alive_at_hook.append(sum(ref() is not None for ref in self.hooked))
+            self.hooked.append(weakref.ref(t))
             return session_pack(session, t)
 
         monkeypatch.setattr(traced, "quantize_checked", spy_quantize)
@@ -76,8 +80,11 @@ class PackSpy:
     def clear(self) -> None:
         self.packed.clear()
         self.kinds.clear()
+        self.widths.clear()
         self.alive_at_pack.clear()
         self.python_packs = 0
+        self.hooked.clear()
+        self.alive_at_hook.clear()
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -110,8 +117,11 @@ def test_python_hooks_pack_a_region_only_once_its_forward_returns(monkeypatch):
     spy = PackSpy(monkeypatch)
     session = tq.compress(bits=4, min_bytes=0, overrides={"nothing.matches": {"bits": 8}})
     with pytest.warns(UserWarning, match="matches no module"):
-        grads(model, lambda: compiled(x).square().sum(), session)
+        grads(model, lambda: compiled(x).sum(), session)
     assert spy.python_packs == session.stats.packed_tensors + session.stats.passed_tensors >= 13
+    assert len(spy.packed) == 0  # (no traced packing)
+    # The region's 13 activations reach the hook when its forward returns: all alive at the last call.
+    assert spy.alive_at_hook[-1] >= 12, spy.alive_at_hook
 
 
 @pytest.mark.parametrize("bits", [2, 8], ids=["2bit", "8bit"])
