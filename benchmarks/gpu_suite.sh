@@ -292,7 +292,7 @@ run_stage tune 50 "$PY" -m tritonquant tune --dtypes bf16,fp32 --bits 4,2,8 --ma
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
 run_stage pool 30 "$PY" benchmarks/bench_pool_indices.py --out "$RESULTS"
 run_stage activation 30 "$PY" benchmarks/bench_activation_decode.py --out "$RESULTS"
-run_stage compiled 120 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
+run_stage compiled 150 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
