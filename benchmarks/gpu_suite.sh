@@ -11,10 +11,10 @@
 #   kernels    benchmarks/bench_kernels.py --quick kernel GB/s vs the device copy bandwidth
 #   pool       benchmarks/bench_pool_indices.py   max-pooling index kernels vs their torch references
 #   activation benchmarks/bench_activation_decode.py  GELU/SiLU as their input is decoded vs decode + torch
-#   compiled   benchmarks/bench_compiled.py        a torch.compile'd model: packing traced into its graphs vs
-#              Python hooks vs eager (step time, peak memory)
 #   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
 #   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
+#   compiled   benchmarks/bench_compiled.py        a torch.compile'd model: packing traced into its graphs vs
+#              Python hooks vs eager (step time, peak memory)
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
 #   tests      pytest -q -m "not slow and not gpu and not cpu_only" (pytest_shards.py)  the rest of the
@@ -49,7 +49,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H%M%SZ)"
 RESULTS="${OUT:-$REPO/benchmarks/results/$STAMP}"
 BUDGET_S="${SUITE_BUDGET_S:-465}"
-STAGES="${SUITE_STAGES:-tests-gpu,demo,tune,kernels,pool,activation,compiled,host,bench,offload,checkpoint,tests}"
+STAGES="${SUITE_STAGES:-tests-gpu,demo,tune,kernels,pool,activation,host,bench,compiled,offload,checkpoint,tests}"
 SETUP_ONLY=0
 [ "${1:-}" = "--setup-only" ] && SETUP_ONLY=1
 START_S=$(date +%s)
@@ -292,9 +292,9 @@ run_stage tune 50 "$PY" -m tritonquant tune --dtypes bf16,fp32 --bits 4,2,8 --ma
 run_stage kernels 90 "$PY" benchmarks/bench_kernels.py --quick --out "$RESULTS" --max-seconds @BUDGET@
 run_stage pool 30 "$PY" benchmarks/bench_pool_indices.py --out "$RESULTS"
 run_stage activation 30 "$PY" benchmarks/bench_activation_decode.py --out "$RESULTS"
-run_stage compiled 150 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
+run_stage compiled 150 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
 run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" benchmarks/pytest_shards.py "${SHARDS[@]}" \
