@@ -159,13 +159,14 @@ def test_cuda_max_pool_indices_restore_exactly_from_window_positions(shape, kern
 def test_a_model_compiled_whole_holds_its_activations_packed_after_forward():
     """With the packing traced into the compiled graphs (tritonquant/traced.py), a model compiled whole
     holds packed activations between forward and backward, as eager blocks do; with Python hooks it
-    held them unpacked until its forward returned."""
+    held them unpacked until its forward returned, so its forward's peak was at least exact's held
+    memory."""
     torch.manual_seed(0)
     layers = []
-    for _ in range(6):
+    for _ in range(16):
         layers += [torch.nn.Linear(1024, 1024), torch.nn.GELU()]
     model = torch.nn.Sequential(*layers).cuda()
-    x = torch.randn(8192, 1024, device="cuda")
+    x = torch.randn(8192, 1024, device="cuda")  # 32 MiB per activation
     compiled = torch.compile(model)
     model(x).sum().backward()  # gradients allocated once
     for _ in range(2):  # the compilations, exact and compressed
@@ -175,17 +176,19 @@ def test_a_model_compiled_whole_holds_its_activations_packed_after_forward():
         loss.backward()
     baseline = _allocated()
     loss = compiled(x).sum()
-    exact_held = _allocated() - baseline
+    exact_held = _allocated() - baseline  # at least one 32 MiB activation per layer: 512 MiB or more
     loss.backward()
     del loss
-    torch.cuda.reset_peak_memory_stats()
     start = _allocated()
+    torch.cuda.reset_peak_memory_stats()
     with tq.compress(bits=4) as session:
         loss = compiled(x).sum()
     packed_held = _allocated() - baseline
     forward_peak = torch.cuda.max_memory_allocated() - start
-    assert session.stats.packed_tensors >= 12
+    assert session.stats.packed_tensors >= 16
+    assert exact_held >= 16 * 32 * 2**20, exact_held
     assert packed_held < 0.35 * exact_held, (packed_held, exact_held)
-    # Each 32 MiB activation is packed as soon as it is made: the forward never holds them all.
-    assert forward_peak < 0.5 * exact_held, (forward_peak, exact_held)
+    # Each activation is packed as soon as it is made: the forward holds a few at full width, plus the
+    # packed ones (about 0.13x each at 4 bits), never all of them.
+    assert forward_peak < 0.6 * exact_held, (forward_peak, exact_held)
     loss.backward()
