@@ -62,7 +62,7 @@ against exact 2.389 +/- 0.021 (7.5x).
 from __future__ import annotations
 
 import functools
-from collections.abc import Container
+from collections.abc import Container, Iterable
 
 import torch
 from torch import nn
@@ -132,7 +132,7 @@ def producer(t: torch.Tensor) -> str | None:
     return type(node).__name__ if node is not None else None
 
 
-def is_row_statistic(t: torch.Tensor, recent_shapes: list) -> bool:
+def is_row_statistic(t: torch.Tensor, recent_shapes: Iterable[torch.Size]) -> bool:
     """For a float tensor with no autograd node: whether it holds one value per row of an activation
     that a normalization or attention keeps for its backward. LayerNorm's and RMSNorm's mean and rstd
     have a last dimension of 1; attention's log-sum-exp ([batch, heads, queries]) has the shape of the

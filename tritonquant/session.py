@@ -19,7 +19,7 @@ import fnmatch
 import threading
 import warnings
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -483,7 +483,7 @@ class Session:
         self._cuda_devices: set[int] = set()
         self._kept_storages: set[int] = set()
         self._pool_inputs: dict[int, torch.Size] = {}  # max-pooling module id -> its input's shape, this forward
-        self._recent_shapes: list[torch.Size] = []  # of the last RECENT_SHAPES tensors given to the pack hook
+        self._recent_shapes: deque = deque(maxlen=RECENT_SHAPES)  # of the last tensors given to the pack hook
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._offloader = Offloader() if config.offload == "cpu" else None
 
@@ -572,8 +572,6 @@ class Session:
             elif is_row_statistic(t, recent):
                 reason = "statistics"
         recent.append(t.shape)
-        if len(recent) > RECENT_SHAPES:
-            del recent[0]
         override = self._override_for() if reason is None else _NO_MATCH
         if override is None:
             reason = "excluded"
