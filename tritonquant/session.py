@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import sys
 import threading
 import warnings
 import weakref
@@ -411,6 +412,8 @@ class _ModuleStack:
             if not prefix:  # (the first root is shown by its class name too: name_of)
                 self._root_prefixes.add(type(module).__name__)
             for name, sub in module.named_modules():
+                if _COMPILE_WRAPPED in name:  # (a submodule compiled on its own: "blocks.0._orig_mod")
+                    name = ".".join(part for part in name.split(".") if part != _COMPILE_WRAPPED)
                 self.names.setdefault(id(sub), f"{prefix}.{name}" if prefix and name else prefix or name)
         self.frames.append(module)
 
@@ -534,6 +537,7 @@ class Session:
         # innermost module still running eagerly (docs/integrations/compile.md).
         if _compiling() or isinstance(module, fx.GraphModule):  # (GraphModule: what torch.compile runs)
             return
+        module = _compiled_module_target(module)
         self._stack.push(module)
         if type(module) in MAX_POOL_SPATIAL_DIMS and args and isinstance(args[0], torch.Tensor):
             self._pool_inputs[id(module)] = args[0].shape
@@ -552,7 +556,7 @@ class Session:
     def _on_module_exit(self, module: nn.Module, args: object, output: object) -> None:
         if _compiling() or isinstance(module, fx.GraphModule):
             return
-        self._stack.pop(module)
+        self._stack.pop(_compiled_module_target(module))
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -918,6 +922,21 @@ def _warn_unmatched_overrides(overrides: tuple, names, stacklevel: int) -> None:
             examples = ", ".join(repr(name) for name in names[:3])
             warnings.warn(f"overrides pattern {key!r} matches no module name (names look like {examples}); "
                           f"it changes nothing", UserWarning, stacklevel=stacklevel)
+
+
+# The attribute under which torch.compile(module)'s wrapper (OptimizedModule) holds the module it runs.
+_COMPILE_WRAPPED = "_orig_mod"
+
+
+def _compiled_module_target(module: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(module)``'s wrapper runs, else ``module``: the wrapper's call is
+    the one module call of a compiled model that reaches the module hooks at run time, and its rows and
+    names should read as for the model run eagerly (the model's class and "layer1.0", not
+    "OptimizedModule" and "_orig_mod.layer1.0")."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # (no wrapper exists before it is imported)
+    if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        return getattr(module, _COMPILE_WRAPPED)
+    return module
 
 
 def _compiling() -> bool:

@@ -105,6 +105,33 @@ def test_regional_compilation_packs_per_block_with_module_names():
     assert not any(name.startswith("blocks.") for name in rows)
 
 
+@pytest.mark.parametrize("wrapped", ["whole model", "blocks"])
+def test_a_model_wrapped_by_torch_compile_is_reported_under_its_own_names(wrapped):
+    # torch.compile(module) returns a wrapper (OptimizedModule), whose call is the one that reaches the
+    # module hooks at run time: the report names the module it wraps, as eager compression would.
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=64, dim=32, heads=2, layers=2, seq=16, dropout=0.0)
+    batch = lm_batch(4, seq=16, vocab=64)
+    if wrapped == "blocks":
+        model.blocks = nn.Sequential(*[torch.compile(block, backend="aot_eager") for block in model.blocks])
+        run = lambda: lm_loss(model, batch)  # noqa: E731
+    else:
+        compiled = torch.compile(model, backend="aot_eager")
+        run = lambda: lm_loss(compiled, batch)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's warning that global module hooks see the wrapper)
+        session = tq.compress(bits=8, min_bytes=0)
+        flat_grads(model, run, session)
+    rows = session.stats.modules
+    assert not any("_orig_mod" in name or row.type_name == "OptimizedModule" for name, row in rows.items())
+    if wrapped == "blocks":
+        assert {"blocks.0", "blocks.1"} <= set(rows)
+        assert {rows["blocks.0"].type_name, rows["blocks.1"].type_name} == {"TransformerBlock"}
+        assert rows["blocks.0"].packed_tensors > 0
+    else:
+        assert rows["TinyTransformer"].packed_tensors > 0
+
+
 def test_compiled_autograd_restores_packed_tensors_in_backward_order(monkeypatch):
     """Compiled autograd (the backward traced and compiled) calls the unpack hook in backward's own
     order, interleaved with tensor hooks as in eager mode, and gives eager compression's gradients."""
