@@ -13,29 +13,40 @@ Rows, each the model compiled afresh and trained for a few steps (docs/integrati
                      the region's tensors are packed when its forward returns
     tq-4bit eager    compress(bits=4) on the model not compiled
 
-Columns: median step ms (forward, backward, no optimizer) after warm-up, its ratio to exact, Python pack
-hook calls a step, tensors packed a step, and on CUDA the step's peak memory
-(``torch.cuda.max_memory_allocated``) and its ratio to exact. On the CPU the model is small, so that the
-step times mostly measure the host's work, and there is no peak memory.
+Workloads on CUDA, in the order they run: the bench's GPT-2 small (batch 8) and bf16 ResNet-50 (batch 64),
+exact and traced only (``python -m tritonquant bench`` measures them eager), for the step-time target
+of compiled training; then an 8-layer MLP with every method, which shows what traced packing changes
+against Python hooks. On the CPU: a small MLP and a small transformer, every method, fp32.
 
-Writes compiled.md to --out, else $OUT, else benchmarks/results/.
+Columns: median step ms (forward, backward, no optimizer; CUDA events on CUDA) after two warm-up steps,
+its ratio to exact, Python pack hook calls a step, tensors packed a step, and on CUDA the memory held
+after the forward (activations) and the step's peak (``torch.cuda.max_memory_allocated``), each with its
+ratio to exact. On the CPU the models are small, so the step times mostly measure the host's work.
+
+Writes compiled.md and compiled.json (``rows``, ``gpu``, ``env``; benchmarks/targets.py reads it) to --out, else
+$OUT, else benchmarks/results/, after every workload.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import json
 import os
 import statistics
 import sys
 import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
 import tritonquant as tq
-from tritonquant import traced
+from tritonquant import bench, traced
 from tritonquant.models import TinyTransformer, lm_batch, lm_loss
 from tritonquant.session import Session
 
@@ -43,26 +54,56 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from one_callable import write_result  # noqa: E402
 
 METHODS = ("exact", "tq-4bit traced", "tq-4bit python", "tq-4bit eager")
+TRACED_ONLY = ("exact", "tq-4bit traced")
+# The bench's workloads of the step-time target (tritonquant/bench.py), at the batch where the H200 bound
+# their eager steps by the host (docs/benchmarks.md), in the order they run.
+TARGET_WORKLOADS = (("gpt2-small bf16 seq1024", 8), ("resnet50 bf16 224px", 64))
 traceable_at_import = traced.traceable
+MB = 2**20
 
 
-def workloads(device: torch.device):
-    """(name, model, run(model) -> loss) for ``device``: an MLP and a small transformer."""
-    cuda = device.type == "cuda"
-    width, tokens = (2048, 16384) if cuda else (128, 256)
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(8):
-        layers += [nn.Linear(width, width), nn.GELU()]
-    mlp = nn.Sequential(*layers).to(device)
-    x = torch.randn(tokens, width, device=device)
-    yield f"mlp 8x{width}, {tokens} rows", mlp, lambda model: model(x).float().square().mean()
+@dataclass
+class Case:
+    """One workload: ``make_model()`` on the device, and ``loss(model)`` of one step for a model (compiled
+    or not) made by it. ``target``: a workload of the step-time target (benchmarks/targets.py)."""
+    name: str
+    make_model: Callable[[], nn.Module]
+    loss: Callable[[nn.Module], torch.Tensor]
+    methods: tuple[str, ...]
+    autocast_dtype: torch.dtype | None
+    target: bool = False
 
-    dim, layers_, seq, batch = (768, 2, 1024, 8) if cuda else (64, 2, 32, 4)
-    lm = TinyTransformer(vocab=8192 if cuda else 256, dim=dim, heads=12 if cuda else 4, layers=layers_, seq=seq,
-                         dropout=0.0).to(device)
-    data = lm_batch(batch, seq=seq, vocab=8192 if cuda else 256, device=device)
-    yield f"transformer {layers_}x{dim}, {batch}x{seq}", lm, lambda model: lm_loss(model, data)
+
+def bench_case(workload_name: str, batch_size: int, device: torch.device) -> Case:
+    """The bench's workload ``workload_name`` (tritonquant/bench.py) at ``batch_size``, exact and traced."""
+    workload = next(w for w in bench.gpu_workloads() if w.name == workload_name)
+    batch = workload.make_batch(batch_size, device)
+    return Case(f"{workload.name}, batch {batch_size}", lambda: workload.make_model().to(device),
+                lambda model: workload.loss_fn(model, batch), TRACED_ONLY, workload.autocast_dtype, target=True)
+
+
+def mlp_case(width: int, rows: int, device: torch.device, autocast_dtype: torch.dtype | None) -> Case:
+    def make_model() -> nn.Module:
+        layers = []
+        for _ in range(8):
+            layers += [nn.Linear(width, width), nn.GELU()]
+        return nn.Sequential(*layers).to(device)
+
+    x = torch.randn(rows, width, device=device, generator=torch.Generator(device).manual_seed(0))
+    return Case(f"mlp 8x{width}, {rows} rows", make_model, lambda model: model(x).float().square().mean(),
+                METHODS, autocast_dtype)
+
+
+def cases(device: torch.device) -> list[Case]:
+    if device.type == "cuda":
+        return [*(bench_case(name, batch, device) for name, batch in TARGET_WORKLOADS),
+                mlp_case(2048, 16384, device, torch.bfloat16)]
+    dim, layers, seq, batch, vocab = 64, 2, 32, 4, 256
+    data = lm_batch(batch, seq=seq, vocab=vocab, device=device)
+    transformer = Case(f"transformer {layers}x{dim}, {batch}x{seq}",
+                       lambda: TinyTransformer(vocab=vocab, dim=dim, heads=4, layers=layers, seq=seq, dropout=0.0),
+                       lambda model: lm_loss(model, data), METHODS, None)
+    return [mlp_case(128, 256, device, None), transformer]
 
 
 class PackCounter:
@@ -86,39 +127,105 @@ class PackCounter:
         Session._pack = self._original
 
 
-def measure(method: str, model: nn.Module, run, device: torch.device, steps: int, autocast: bool) -> dict:
+def measure(method: str, case: Case, model: nn.Module, device: torch.device, steps: int) -> dict:
+    """One row: ``model`` compiled afresh (but for "tq-4bit eager") and trained ``steps`` + 2 steps."""
     torch._dynamo.reset()
     target = model if method == "tq-4bit eager" else torch.compile(model)
     traceable = traced.traceable
     if method == "tq-4bit python":
         traced.traceable = lambda config: False
     cuda = device.type == "cuda"
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    times, calls, packed, peaks = [], [], [], []
+
+    def forward():
+        """The step's loss, and the block it ran in (None for exact), counting Python pack calls."""
+        amp = (torch.autocast(device.type, dtype=case.autocast_dtype) if case.autocast_dtype
+               else contextlib.nullcontext())
+        block = tq.compress(bits=4) if method != "exact" else contextlib.nullcontext()
+        with counter, amp, block:
+            loss = case.loss(target)
+        return loss, block if method != "exact" else None
+
+    counter = PackCounter()
     try:
-        for step in range(steps + 2):  # two warm-up steps: the compilation, then one more
+        for _ in range(2):  # warm-up: the compilation, then one more step
+            model.zero_grad(set_to_none=True)
+            forward()[0].backward()
+        # One step for the counts and memory: what it holds after its forward, and its peak.
+        model.zero_grad(set_to_none=True)
+        held = peak = None
+        if cuda:
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        counter.calls = 0
+        loss, block = forward()
+        calls, packed = counter.calls, block.stats.packed_tensors if block is not None else 0
+        if cuda:
+            torch.cuda.synchronize()
+            held = (torch.cuda.memory_allocated() - before) / MB
+        loss.backward()
+        del loss
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / MB
+        times = []
+        for _ in range(steps):
             model.zero_grad(set_to_none=True)
             if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                forward()[0].backward()
+                end.record()
                 torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            block = tq.compress(bits=4) if method != "exact" else contextlib.nullcontext()
-            start = time.perf_counter()
-            with PackCounter() as counter, amp, block:
-                loss = run(target)
-            loss.backward()
-            if cuda:
-                torch.cuda.synchronize()
-            if step >= 2:
-                times.append((time.perf_counter() - start) * 1e3)
-                calls.append(counter.calls)
-                packed.append(block.stats.packed_tensors if method != "exact" else 0)
-                if cuda:
-                    peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+                times.append(start.elapsed_time(end))
+            else:
+                start_s = time.perf_counter()
+                forward()[0].backward()
+                times.append((time.perf_counter() - start_s) * 1e3)
     finally:
         traced.traceable = traceable
         model.zero_grad(set_to_none=True)
-    return {"ms": statistics.median(times), "calls": max(calls), "packed": max(packed),
-            "peak": max(peaks) if peaks else None}
+    return {"step_ms": statistics.median(times), "python_pack_calls": calls, "packed": packed,
+            "held_mb": held, "peak_mb": peak}
+
+
+def measure_cell(method: str, case: Case, model: nn.Module, device: torch.device, steps: int) -> dict:
+    """``measure``, or the error that stopped it: one failed compilation must not lose the other rows."""
+    try:
+        return {**measure(method, case, model, device, steps), "error": None}
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        first_line = str(exc).splitlines()[0][:160] if str(exc) else ""
+        return {"error": f"{type(exc).__name__}: {first_line}"}
+    finally:
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def table(results: list[dict], cuda: bool) -> tuple[list[list[str]], list[str]]:
+    headers = ["workload", "method", "step ms", "x exact", "Python pack calls", "packed"]
+    if cuda:
+        headers += ["held MB", "x exact", "peak MB", "x exact"]
+    exact = {r["workload"]: r for r in results if r["method"] == "exact" and r["error"] is None}
+
+    def ratio(r: dict, key: str) -> str:
+        reference = exact.get(r["workload"], {}).get(key)
+        return f"{r[key] / reference:.2f}" if reference and r[key] is not None else "-"
+
+    rows = []
+    for r in results:
+        if r["error"] is not None:
+            rows.append([r["workload"], r["method"], r["error"]] + ["-"] * (len(headers) - 3))
+            continue
+        row = [r["workload"], r["method"], f"{r['step_ms']:.2f}", ratio(r, "step_ms"), str(r["python_pack_calls"]),
+               str(r["packed"])]
+        if cuda:
+            row += [f"{r['held_mb']:.0f}", ratio(r, "held_mb"), f"{r['peak_mb']:.0f}", ratio(r, "peak_mb")]
+        rows.append(row)
+    return rows, headers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,30 +233,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    headers = ["workload", "method", "step ms", "x exact", "Python pack calls", "packed"]
-    if device.type == "cuda":
-        headers += ["peak MB", "x exact"]
-    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (host time; no peak memory)"
-    rows = []
-    for name, model, run in workloads(device):
-        results = {}
-        for method in METHODS:
-            results[method] = measure(method, model, run, device, args.steps, autocast=device.type == "cuda")
-            print(f"{name}: {method} {results[method]['ms']:.1f} ms", flush=True)
-        exact = results["exact"]
-        for method, r in results.items():
-            row = [name, method, f"{r['ms']:.2f}", f"{r['ms'] / exact['ms']:.2f}", r["calls"], r["packed"]]
-            if device.type == "cuda":
-                row += [f"{r['peak']:.0f}", f"{r['peak'] / exact['peak']:.2f}"]
-            rows.append(row)
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name() if cuda else "CPU (host time; no memory figures)"
+    env = bench.environment()
+    results = []
+    for case in cases(device):
+        torch.manual_seed(0)
+        model = case.make_model()
+        for method in case.methods:
+            started = time.perf_counter()
+            row = measure_cell(method, case, model, device, args.steps)
+            results.append({"workload": case.name, "method": method, "target": case.target, **row})
+            shown = f"{row['step_ms']:.1f} ms" if row["error"] is None else row["error"]
+            print(f"{case.name}: {method} {shown} ({time.perf_counter() - started:.0f} s with compilation)",
+                  flush=True)
+        del model
         # (Written after each workload: a run stopped by the suite's time limit keeps what it measured.)
+        rows, headers = table(results, cuda)
         text = (f"# A compiled model: traced packing against Python hooks ({where}; torch {torch.__version__}, "
-                f"bf16 autocast on CUDA, fp32 on the CPU)\n\n" + tabulate(rows, headers, tablefmt="github") + "\n")
+                f"triton {env['triton']})\n\n"
+                + tabulate(rows, headers, tablefmt="github", disable_numparse=True) + "\n")
         path = write_result(text, "compiled.md", args.out)
+        write_result(json.dumps({"gpu": cuda, "env": env, "rows": results}, indent=1), "compiled.json", args.out)
     print(text)
-    print(f"wrote {path}")
-    return 0
+    print(f"wrote {path} and compiled.json")
+    failed = [r for r in results if r["error"] is not None]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@
 #   activation benchmarks/bench_activation_decode.py  GELU/SiLU as their input is decoded vs decode + torch
 #   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
 #   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
-#   compiled   benchmarks/bench_compiled.py        a torch.compile'd model: packing traced into its graphs vs
-#              Python hooks vs eager (step time, peak memory)
+#   compiled   benchmarks/bench_compiled.py        models under torch.compile: GPT-2 small and ResNet-50, exact
+#              vs packing traced into their graphs; an MLP also with Python hooks and eager (step time,
+#              memory; about a minute of compilation per model and method)
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
 #   tests      pytest -q -m "not slow and not gpu and not cpu_only" (pytest_shards.py)  the rest of the
@@ -23,7 +24,7 @@
 # summary.md/summary.json (pass/fail/timeout per stage; summary.md also the results against the
 # benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML (merged; each shard's
 # log and report in pytest-gpu-shards/ and pytest-all-shards/),
-# bench_kernels.md/json, pool_indices.md, activation_decode.md, compiled.md, bench.md/json, memory_vs_batch.png,
+# bench_kernels.md/json, pool_indices.md, activation_decode.md, compiled.md/json, bench.md/json, memory_vs_batch.png,
 # step_time_vs_bits.png, profile_host.md, cprofile.txt,
 # autotune-cache/ (the tuned configs).
 #
@@ -294,7 +295,7 @@ run_stage pool 30 "$PY" benchmarks/bench_pool_indices.py --out "$RESULTS"
 run_stage activation 30 "$PY" benchmarks/bench_activation_decode.py --out "$RESULTS"
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
-run_stage compiled 150 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
+run_stage compiled 300 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
 run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" benchmarks/pytest_shards.py "${SHARDS[@]}" \

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """The GPU suite's results against the benchmark targets, as one markdown table.
 
-    python benchmarks/targets.py RESULTS_DIR      # reads bench.json and bench_kernels.json there
+    python benchmarks/targets.py RESULTS_DIR      # reads bench.json, compiled.json, bench_kernels.json there
 
 The targets (docs/benchmarks.md):
     step time      compress(bits=4) less than 10% slower than exact training, bf16 workloads; also for the
-                   step captured in a CUDA graph, against exact training captured the same way
+                   step captured in a CUDA graph, against exact training captured the same way, and for
+                   the model under torch.compile with its packing traced (bench_compiled.py), against
+                   exact training compiled the same way
     activations    compress(bits=2) keeps less than 1/7 of exact's activation memory in bf16, 1/14 in fp32
     peak           compress's peak clearly below torch.utils.checkpoint's at the same batch; "clearly" is
                    read here as at most 0.90x, and the ratio is printed either way
@@ -108,6 +110,27 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
     return rows
 
 
+def compiled_rows(compiled: dict | None) -> list[list[str]]:
+    """Step-time rows from ``compiled.json`` (benchmarks/bench_compiled.py) for its target workloads: the
+    model compiled whole, compress's packing traced into its graphs, against exact training compiled."""
+    label = f"step time, 4 bits, torch.compile: under +{STEP_OVERHEAD_MAX:.0%}"
+    if compiled is None:
+        return [[label, "-", "compiled.json missing or unreadable", "-"]]
+    if not compiled.get("gpu"):
+        return [[label, "-", "compiled.json is from a CPU run: no GPU figures", "-"]]
+    cells = {(r["workload"], r["method"]): r for r in compiled["rows"] if r.get("error") is None}
+    rows = []
+    for workload in dict.fromkeys(r["workload"] for r in compiled["rows"] if r.get("target")):
+        exact, packed = cells.get((workload, "exact")), cells.get((workload, "tq-4bit traced"))
+        if exact and packed:
+            overhead = packed["step_ms"] / exact["step_ms"] - 1
+            rows.append([label, workload, f"{overhead:+.0%} ({packed['step_ms']:.1f} vs {exact['step_ms']:.1f} ms)",
+                         verdict(overhead < STEP_OVERHEAD_MAX)])
+        else:
+            rows.append([label, workload, "not measured", "-"])
+    return rows
+
+
 def kernel_rows(kernels: dict | None) -> list[list[str]]:
     """Rows for the bandwidth target from ``bench_kernels.json``: every row of 256 MiB or more."""
     if kernels is None or kernels.get("meta", {}).get("device") != "cuda":
@@ -129,7 +152,8 @@ def kernel_rows(kernels: dict | None) -> list[list[str]]:
 
 def targets_table(results: Path) -> str:
     """The markdown table (with its heading) for the results folder ``results``."""
-    rows = bench_rows(load(results / "bench.json")) + kernel_rows(load(results / "bench_kernels.json"))
+    rows = (bench_rows(load(results / "bench.json")) + compiled_rows(load(results / "compiled.json"))
+            + kernel_rows(load(results / "bench_kernels.json")))
     lines = ["## Against the targets", "", "| target | where | measured | met? |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(row)} |" for row in rows]
     return "\n".join(lines) + "\n"

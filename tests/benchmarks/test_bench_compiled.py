@@ -1,10 +1,12 @@
 """benchmarks/bench_compiled.py: its CPU run compiles each method and writes one row per method."""
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import bench_compiled  # noqa: E402
@@ -20,15 +22,43 @@ def fresh_dynamo():
 @pytest.mark.cpu_only  # (on a GPU the suite's compiled stage runs the script itself)
 def test_cpu_run_writes_a_row_per_method_with_pack_hook_calls(tmp_path):
     assert bench_compiled.main(["--out", str(tmp_path), "--steps", "1"]) == 0
-    rows = [line.split("|")[1:-1] for line in (tmp_path / "compiled.md").read_text().splitlines()
-            if line.startswith(("| mlp", "| transformer"))]
-    assert len(rows) == 2 * len(bench_compiled.METHODS)
-    by_method = {(row[0].strip()[:3], row[1].strip()): row for row in rows}
-    calls = lambda workload, method: int(by_method[(workload, method)][4])  # noqa: E731
-    packed = lambda workload, method: int(by_method[(workload, method)][5])  # noqa: E731
+    result = json.loads((tmp_path / "compiled.json").read_text())
+    assert result["gpu"] is False and result["env"]["torch"] == torch.__version__
+    rows = {(r["workload"][:3], r["method"]): r for r in result["rows"]}
+    assert len(rows) == len(result["rows"]) == 2 * len(bench_compiled.METHODS)
+    assert all(r["error"] is None and r["step_ms"] > 0 for r in rows.values())
+    calls = lambda workload, method: rows[(workload, method)]["python_pack_calls"]  # noqa: E731
+    packed = lambda workload, method: rows[(workload, method)]["packed"]  # noqa: E731
     # The MLP is compiled whole: traced, its saves take no Python hook (one is the loss's, outside);
     # with Python hooks every one of them does, and both pack the same tensors.
     assert calls("mlp", "tq-4bit traced") <= 1 < calls("mlp", "tq-4bit python")
     assert packed("mlp", "tq-4bit traced") == packed("mlp", "tq-4bit python") > 0
     assert calls("mlp", "exact") == packed("mlp", "exact") == 0
     assert bench_compiled.traced.traceable is bench_compiled.traceable_at_import  # restored
+    table = (tmp_path / "compiled.md").read_text()
+    assert table.count("| mlp") == table.count("| transformer") == len(bench_compiled.METHODS)
+
+
+def failing_loss(model):
+    raise RuntimeError("this workload does not compile")
+
+
+@pytest.mark.cpu_only
+def test_a_failed_row_keeps_its_error_and_the_other_rows_and_sets_the_exit_status(tmp_path, monkeypatch):
+    working = bench_compiled.mlp_case(16, 8, torch.device("cpu"), None)
+    working.methods = ("exact",)
+    broken = bench_compiled.Case("broken", lambda: nn.Linear(4, 4), failing_loss, ("exact",), None, target=True)
+    monkeypatch.setattr(bench_compiled, "cases", lambda device: [broken, working])
+    assert bench_compiled.main(["--out", str(tmp_path), "--steps", "1"]) == 1
+    rows = json.loads((tmp_path / "compiled.json").read_text())["rows"]
+    assert [(r["workload"], r["error"]) for r in rows] == [
+        ("broken", "RuntimeError: this workload does not compile"), (working.name, None)]
+    assert "RuntimeError: this workload does not compile" in (tmp_path / "compiled.md").read_text()
+
+
+@pytest.mark.parametrize("name, batch", bench_compiled.TARGET_WORKLOADS, ids=lambda v: str(v).split()[0])
+def test_the_target_workloads_are_the_benchs(name, batch):
+    # (Only built on a GPU: a renamed bench workload would otherwise first fail there.)
+    case = bench_compiled.bench_case(name, 1, torch.device("cpu"))
+    assert case.target and case.methods == bench_compiled.TRACED_ONLY and case.autocast_dtype == torch.bfloat16
+    assert case.name == f"{name}, batch 1"

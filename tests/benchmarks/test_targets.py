@@ -49,9 +49,22 @@ KERNELS = {"meta": {"device": "cuda"}, "rows": [
 ]}
 
 
+COMPILED = {"gpu": True, "rows": [
+    {"workload": f"{GPT}, batch 8", "method": "exact", "target": True, "step_ms": 30.0, "error": None},
+    {"workload": f"{GPT}, batch 8", "method": "tq-4bit traced", "target": True, "step_ms": 32.4, "error": None},
+    {"workload": f"{BF16}, batch 64", "method": "exact", "target": True, "step_ms": 25.0, "error": None},
+    {"workload": f"{BF16}, batch 64", "method": "tq-4bit traced", "target": True, "step_ms": None,
+     "error": "BackendCompilerFailed: boom"},
+    {"workload": "mlp 8x2048, 16384 rows", "method": "exact", "target": False, "step_ms": 10.0, "error": None},
+    {"workload": "mlp 8x2048, 16384 rows", "method": "tq-4bit traced", "target": False, "step_ms": 20.0,
+     "error": None},
+]}
+
+
 @pytest.fixture
 def rows(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(BENCH))
+    (tmp_path / "compiled.json").write_text(json.dumps(COMPILED))
     (tmp_path / "bench_kernels.json").write_text(json.dumps(KERNELS))
     table = targets.targets_table(tmp_path)
     return {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in table.splitlines()[4:]}
@@ -70,6 +83,13 @@ def test_a_captured_step_is_judged_against_exact_training_captured_the_same_way(
     # Results from before the bench captured steps have no such row.
     assert ("| step time, 4 bits: under +10%", f"{BF16}, batch 64") in rows
     assert ("| step time, 4 bits, CUDA graph: under +10%", f"{BF16}, batch 64") not in rows
+
+
+def test_a_compiled_step_is_judged_against_exact_training_compiled_for_the_target_workloads_only(rows):
+    label = "| step time, 4 bits, torch.compile: under +10%"
+    assert rows[(label, f"{GPT}, batch 8")] == ["+8% (32.4 vs 30.0 ms)", "yes |"]
+    assert rows[(label, f"{BF16}, batch 64")] == ["not measured", "- |"]  # its compressed row failed
+    assert not any(key[1].startswith("mlp") for key in rows)
 
 
 def test_activations_use_the_limit_of_their_precision_and_show_the_sessions_count(rows):
@@ -102,13 +122,16 @@ def test_bandwidth_is_judged_from_256_mib_up(rows):
 def test_missing_results_are_said_to_be_missing(tmp_path, capsys):
     table = targets.targets_table(tmp_path)
     assert "bench.json missing or unreadable" in table and "no GPU bench_kernels.json" in table
+    assert "compiled.json missing or unreadable" in table
     assert targets.main([str(tmp_path)]) == 0 and "## Against the targets" in capsys.readouterr().out
 
 
 def test_a_cpu_bench_is_said_to_hold_no_gpu_figures(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"gpu": False, "rows": BENCH["rows"]}))
+    (tmp_path / "compiled.json").write_text(json.dumps({**COMPILED, "gpu": False}))
     table = targets.targets_table(tmp_path)
     assert "bench.json is from a CPU run: no GPU figures" in table and "step time, 4 bits: under" not in table
+    assert "compiled.json is from a CPU run: no GPU figures" in table and "ms)" not in table
 
 
 def test_a_planned_cell_that_was_never_measured_says_so(tmp_path):
@@ -127,5 +150,6 @@ def test_a_planned_cell_that_was_never_measured_says_so(tmp_path):
     # A run that lists its plan captures steps: a missing captured pair is reported too.
     assert rows[("| step time, 4 bits, CUDA graph: under +10%", f"{GPT}, batch 32")] == ["not measured", "- |"]
     # Rows follow the plan's order.
-    order = list(dict.fromkeys(key[1] for key in rows if not key[0].startswith("| bandwidth")))
+    order = list(dict.fromkeys(key[1] for key in rows
+                               if not key[0].startswith(("| bandwidth", "| step time, 4 bits, torch.compile"))))
     assert order == [f"{w}, batch {b}" for w, b in planned]
