@@ -18,10 +18,10 @@ traces, they run their graph: ``trace_pack`` and ``trace_unpack``, which decide 
 tensor's dtype, size and layout, and from the graph node that made it, and emit the two custom ops
 below.
 
-What a compiled region packs: float and bool tensors of ``min_bytes`` or more, contiguous or
-channels-last, except parameters, tensors cast or viewed from the region's inputs (autocast's weight
-copies) and per-row statistics (a softmax's max and sum, a normalization's mean and rstd, attention's
-log-sum-exp), which eager blocks keep exact too. Probabilities (pieces of a softmax or log-softmax that
+What a compiled region packs: float and bool tensors of ``min_bytes`` or more in any layout but a
+broadcast one (``restored_stride``), except parameters, tensors cast or viewed from the region's inputs
+(autocast's weight copies) and per-row statistics (a softmax's max and sum, a normalization's mean and
+rstd, attention's log-sum-exp), which eager blocks keep exact too. Probabilities (pieces of a softmax or log-softmax that
 are not statistics) get at least ``sensitive_bits``. Everything else is kept as it is. What eager blocks
 do beyond that needs the autograd graph or Python at run time, so blocks that ask for it keep
 Python hooks (``traceable``): per-module ``overrides``, ``bits="auto"``, ``offload``, and stochastic
@@ -144,10 +144,13 @@ def trace_pack(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochas
     node = context.get("_node") if context else None
     if not _packable(x, min_bytes, node):
         return x
+    stride = restored_stride(x)
+    if stride is None:
+        return x
     if _op_name(node.meta.get("original_aten")) in _PROBABILITY_OPS:
         bits = max(bits, sensitive_bits)
     payload, meta = _OPS.pack_saved(x, bits, group_size, scheme, stochastic, backend)
-    return payload, meta, tuple(x.shape), tuple(x.stride()), PACKED_DTYPES.index(x.dtype), bits
+    return payload, meta, tuple(x.shape), stride, PACKED_DTYPES.index(x.dtype), bits
 
 
 def trace_unpack(packed: Any, group_size: int, scheme: str, backend: str) -> torch.Tensor:
@@ -169,11 +172,42 @@ _PROBABILITY_OPS = frozenset({"_softmax", "_log_softmax"})
 def _packable(x: torch.Tensor, min_bytes: int, node: fx.Node | None) -> bool:
     if x.dtype not in PACKED_DTYPES or x.dim() == 0 or not isinstance(node, fx.Node):
         return False
-    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
-        return False
-    if _known(x.numel() * x.element_size() < min_bytes):
+    if _known(x.numel() * x.element_size() < max(min_bytes, 1)):  # (and never an empty tensor)
         return False
     return not _row_statistic(x, node) and not _from_region_input(node)
+
+
+def restored_stride(x: torch.Tensor) -> tuple | None:
+    """The strides ``x`` is restored with, as ``quantize_checked`` lays out its packing: ``x``'s own when
+    its elements fill one gap-free run of memory (contiguous, channels-last, or any other order: an
+    attention output as [batch, heads, seq, dim] over [batch, seq, heads, dim] memory); for a view with
+    gaps (attention's q, k and v, each a slice of one projection's output), dense strides in ``x``'s
+    order of dimensions, as a dense copy of it would have, where the quantize kernel reads the view in
+    place. None (``x`` is kept as it is) for a broadcast view, or where the order of the strides is not
+    known for every size that symbolic shapes may take.
+
+    The compiled backward reads the restored tensor in place of ``x``: a view with gaps comes back
+    without them (and in the same order of dimensions, which ops with a fixed stride order, such as
+    attention's backward, require)."""
+    sizes, strides = x.shape, x.stride()
+    # Dimensions of size 1 do not move through memory: only the others are ordered, innermost first.
+    order = [d for d in range(x.dim()) if not _known(sizes[d] == 1)]
+    if not all(_known(strides[d] > 0) for d in order):
+        return None  # (a broadcast dimension: stride 0)
+    for i in range(1, len(order)):  # (insertion sort: a handful of dimensions, with symbolic strides)
+        j = i
+        while j > 0 and _known(strides[order[j]] < strides[order[j - 1]]):
+            order[j - 1], order[j] = order[j], order[j - 1]
+            j -= 1
+    if not all(_known(strides[inner] < strides[outer]) for inner, outer in zip(order, order[1:])):
+        return None  # (overlapping dimensions, or an order that depends on the sizes)
+    dense, expected = list(strides), 1
+    for d in order:
+        dense[d] = expected
+        expected = expected * sizes[d]
+    if all(_known(strides[d] == dense[d]) for d in order):
+        return tuple(strides)  # (dense already: x's strides, size-1 dimensions' included)
+    return tuple(dense)
 
 
 def _known(condition: Any) -> bool:
@@ -184,17 +218,21 @@ def _known(condition: Any) -> bool:
 
 
 def _row_statistic(x: torch.Tensor, node: fx.Node) -> bool:
-    """Whether the saved ``x`` holds one value per row of a larger tensor its op made: a later output
-    of a multi-output op with fewer dimensions than its first (attention's log-sum-exp), or a piece of
-    a decomposed softmax or normalization with a last dimension of 1. Kept exact, as eager blocks keep
-    them (``policy.is_row_statistic``)."""
+    """Whether the saved ``x`` holds one value per row of a larger tensor: a later output of a
+    multi-output op with fewer dimensions than its first (attention's log-sum-exp), any tensor with a
+    last dimension of 1 (a softmax's max and sum, a normalization's mean and rstd, whether from
+    LayerNorm's decomposition, an RMSNorm written as ``x * rsqrt(mean(x * x))``, or what the
+    partitioner saves for LayerNorm's backward), or a one-dimensional piece of a decomposed softmax or
+    normalization. Kept exact, as eager blocks keep them (``policy.is_row_statistic``): such a value
+    scales a whole row of the gradient, and costs 1/row-length of the memory its rows take."""
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         outputs = node.args[0].meta.get("val")
         if (isinstance(outputs, (tuple, list)) and node.args[1] != 0 and isinstance(outputs[0], torch.Tensor)
                 and x.dim() < outputs[0].dim()):
             return True
-    return (_op_name(node.meta.get("original_aten")) in _STATISTIC_OPS
-            and (x.dim() <= 1 or _known(x.shape[-1] == 1)))
+    if x.dim() >= 2:
+        return _known(x.shape[-1] == 1)
+    return _op_name(node.meta.get("original_aten")) in _STATISTIC_OPS
 
 
 def _from_region_input(node: fx.Node) -> bool:

@@ -171,8 +171,9 @@ def test_compiled_autograd_restores_packed_tensors_in_backward_order(monkeypatch
 @pytest.mark.parametrize("python_hooks", [False, True], ids=["traced-hooks", "python-hooks"])
 def test_inductor_region_with_attention_views_trains(python_hooks):
     """q, k and v are strided views of one projection, and Inductor's backward checks the strides of
-    what its region saved. Traced hooks keep such views; Python hooks (here, because of an override)
-    must keep them too: restored dense, they failed Inductor's stride assertion."""
+    what its region saved. Traced hooks pack them and restore them inside the graph, dense in the same
+    order of dimensions; Python hooks (here, because of an override) must keep them: restored dense,
+    they failed Inductor's stride assertion."""
     torch.manual_seed(0)
     model = TinyTransformer(vocab=64, dim=32, heads=2, layers=1, seq=16, dropout=0.0)
     batch = lm_batch(4, seq=16, vocab=64)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tritonquant as tq
-from tritonquant.models import ResNet50Like, SmallCNN, cnn_batch, cnn_loss
+from tritonquant.models import ResNet50Like, SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
 pytestmark = pytest.mark.gpu
 
@@ -192,3 +192,32 @@ def test_a_model_compiled_whole_holds_its_activations_packed_after_forward():
     # packed ones (about 0.13x each at 4 bits), never all of them.
     assert forward_peak < 0.6 * exact_held, (forward_peak, exact_held)
     loss.backward()
+
+
+def test_a_transformer_compiled_whole_packs_attention_in_its_graph_and_trains(monkeypatch):
+    """Inductor on CUDA, bf16 autocast: attention's q, k and v (views with gaps of one projection) and its
+    output are packed by the traced op and restored dense, in the order of dimensions the fused
+    attention's backward requires; the gradients stay those of exact training at 8 bits."""
+    from tritonquant import traced
+
+    torch.manual_seed(0)
+    batch, seq, heads, dim = 8, 128, 4, 128
+    model = TinyTransformer(vocab=256, dim=dim, heads=heads, layers=2, seq=seq, dropout=0.0).cuda()
+    data = lm_batch(batch, seq=seq, vocab=256, device="cuda")
+    compiled = torch.compile(model)
+
+    def flat_grads(block) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with block, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = lm_loss(compiled, data)
+        loss.backward()
+        return torch.cat([p.grad.float().flatten() for p in model.parameters()])
+
+    exact = flat_grads(contextlib.nullcontext())
+    shapes = []
+    quantize_checked = traced.quantize_checked
+    monkeypatch.setattr(traced, "quantize_checked",
+                        lambda x, config, **kw: shapes.append(tuple(x.shape)) or quantize_checked(x, config, **kw))
+    got = flat_grads(tq.compress(bits=8, min_bytes=0))
+    assert shapes.count((batch, heads, seq, dim // heads)) == 2 * 4, shapes  # q, k, v, output; 2 layers
+    assert torch.nn.functional.cosine_similarity(got, exact, dim=0).item() > 0.999

@@ -20,6 +20,9 @@ from torch import nn
 
 import tritonquant as tq
 from tritonquant import traced
+from tritonquant.codec import quantize_checked
+from tritonquant.config import QuantConfig
+from tritonquant.models import TinyTransformer, lm_batch, lm_loss
 from tritonquant.session import Session
 
 
@@ -247,6 +250,55 @@ def test_the_ops_fake_implementations_agree_with_the_real_ones(dtype, shape, cha
     expected = tq.dequantize(tq.quantize(x, bits=4, group_size=64))
     assert restored.stride() == x.stride()
     assert torch.equal(restored, expected)
+
+
+def q_of_attention() -> torch.Tensor:
+    """A view with gaps, as attention's q is: [batch 2, heads 4, seq 8, head dim 16] of [2, 8, 3, 4, 16]."""
+    return torch.randn(2, 8, 3, 4, 16).permute(2, 0, 3, 1, 4)[0]
+
+
+@pytest.mark.parametrize("make, restored", [
+    (lambda: torch.randn(4, 8, 16), (128, 16, 1)),
+    (lambda: torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last), (256, 1, 64, 16)),
+    (lambda: torch.randn(2, 8, 4, 16).transpose(1, 2), (512, 16, 64, 1)),  # dense: kept as it lies
+    (q_of_attention, (512, 16, 64, 1)),  # gaps: dense, same order of dimensions
+    (lambda: torch.randn(8, 64)[:, ::2], (32, 1)),
+    (lambda: torch.randn(4, 1, 16).transpose(0, 1), (16, 16, 1)),
+    (lambda: torch.randn(1, 16).expand(8, 16), None),  # broadcast: kept
+], ids=["contiguous", "channels-last", "permuted-dense", "attention-q", "every-other", "size-1-dims", "broadcast"])
+def test_the_restored_strides_are_the_packings_layout(make, restored):
+    torch.manual_seed(0)
+    x = make()
+    assert traced.restored_stride(x) == restored
+    if restored is None:
+        return
+    # The layout the pack op packs in is the one the unpack op restores into (the graph fixes both when
+    # it is traced; the op's packing must not disagree at run time).
+    assert quantize_checked(x, QuantConfig(bits=4, group_size=32)).stored_stride == restored
+    payload, meta = torch.ops.tritonquant.pack_saved(x, 4, 32, "minmax", False, "auto")
+    back = torch.ops.tritonquant.unpack_saved(payload, meta, list(x.shape), list(restored), 0, 4, 32, "minmax", "auto")
+    assert back.stride() == restored
+    assert torch.equal(back, tq.dequantize(tq.quantize(x, bits=4, group_size=32)))
+
+
+def test_attention_under_inductor_packs_q_k_v_and_its_output_and_keeps_row_statistics(monkeypatch):
+    """A transformer compiled whole: attention saves q, k and v (views with gaps of one projection) and
+    its output (dense, heads before positions): all four are packed, restored dense in their order of
+    dimensions, which attention's backward requires. Its log-sum-exp, the LayerNorms' and the hand-written
+    RMSNorm's per-row values ([rows, 1]) are kept."""
+    torch.manual_seed(0)
+    batch, seq, heads, dim = 4, 32, 2, 64
+    model = TinyTransformer(vocab=128, dim=dim, heads=heads, layers=2, seq=seq, dropout=0.0)
+    data = lm_batch(batch, seq=seq, vocab=128)
+    compiled = torch.compile(model, backend="inductor")
+    exact = grads(model, lambda: lm_loss(model, data), contextlib.nullcontext())
+    spy = PackSpy(monkeypatch)
+    session = tq.compress(bits=8, min_bytes=0)
+    got = grads(model, lambda: lm_loss(compiled, data), session)
+    attention_shape = (batch, heads, seq, dim // heads)
+    assert [shape for shape, _ in spy.kinds].count(attention_shape) == 2 * 4  # q, k, v, output; 2 layers
+    assert all(shape[-1] != 1 for shape, _ in spy.kinds), spy.kinds
+    assert F.cosine_similarity(got, exact, dim=0).item() > 0.9999
 
 
 def test_hooks_called_from_another_thread_go_to_the_open_block():
