@@ -516,11 +516,9 @@ class Session:
             self._cuda_devices.add(torch.cuda.current_device())
         # Hooks that torch.compile can trace into compiled regions where the settings allow (traced.py);
         # outside compiled regions they call this block's _pack and _unpack, as the plain ones do.
-        if self._probe is None and traced.traceable(self.config):
-            pack, unpack = traced.hooks_for(self.config)
-        else:
-            pack, unpack = self._pack, self._unpack
-        traced.push_session(self, traced=pack is not self._pack)
+        traceable = self._probe is None and traced.traceable(self.config)
+        pack, unpack = traced.hooks_for(self.config) if traceable else (self._pack, self._unpack)
+        traced.push_session(self, traced=traceable)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
         self._hooks.__enter__()
 

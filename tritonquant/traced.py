@@ -260,7 +260,7 @@ def _op_name(target: Any) -> str:
 
 class _SessionStack(threading.local):
     """The open blocks of this thread, innermost last (autograd's hook stack is per thread too), each
-    with the AOTAutograd setting to restore when it closes."""
+    with the AOTAutograd settings to restore when it closes."""
 
     def __init__(self) -> None:
         self.sessions: list = []
@@ -281,20 +281,42 @@ def _innermost_session():
     return sessions[-1] if sessions else None
 
 
-def push_session(session, traced: bool) -> None:
-    """``session`` opens (innermost), with traced hooks or not.
+def recomputes(config: CompressConfig) -> bool:
+    """Whether compiled regions of blocks with ``config`` compute again in backward what they can
+    rather than save it: with ``recompute_activations`` and ``recast_weights`` (both default), as
+    eager blocks compute GELU and SiLU outputs and autocast's weight copies again."""
+    return config.recompute_activations and config.recast_weights
 
-    AOTAutograd traces hooks by default only for the tensors a region makes and frees itself
-    ("donated"), not for its inputs. Eager blocks pack those too: the input of a block compiled on its
-    own is the previous block's output, saved by the block's first layer. So while a block with traced
-    hooks is open, every saved tensor but the static ones (parameters and buffers) is offered to them.
+
+def push_session(session, traced: bool) -> None:
+    """``session`` opens (innermost), with traced hooks or not. While a block with traced hooks is
+    open, two of AOTAutograd's settings change (restored when it closes); a region compiled in it is
+    compiled with them (Dynamo compiles again when the hooks change).
+
+    - AOTAutograd traces hooks by default only for the tensors a region makes and frees itself
+      ("donated"), not for its inputs. Eager blocks pack those too: the input of a block compiled on
+      its own is the previous block's output, saved by the block's first layer. So every saved tensor
+      but the static ones (parameters and buffers) is offered to the hooks.
+    - The partitioner, which decides what a region saves for backward, by default saves rather than
+      computes again any tensor that backward must materialize (the operand of a matrix product):
+      an MLP then saves both its activation's input and output, and autocast's bf16 copies of the
+      weights. With ``recomputes(config)`` it may compute those again, as eager blocks do: it then
+      saves the activation's input alone (packed) and casts the weights again.
     """
     _OPEN.sessions.append(session)
     _ALL_OPEN.append(session)
     config = torch._functorch.config
-    _OPEN.restore.append(config.saved_tensors_hooks_filtering_mode)
+    _OPEN.restore.append({name: getattr(config, name) for name in _AOT_SETTINGS if hasattr(config, name)})
     if traced:
         config.saved_tensors_hooks_filtering_mode = "no_static"
+        if hasattr(config, "ban_recompute_materialized_backward"):
+            # (The innermost block decides; one that does not recompute gets what the outermost found.)
+            found = _OPEN.restore[0]["ban_recompute_materialized_backward"]
+            config.ban_recompute_materialized_backward = False if recomputes(session.config) else found
+
+
+# The AOTAutograd settings a block changes while it is open (push_session), restored when it closes.
+_AOT_SETTINGS = ("saved_tensors_hooks_filtering_mode", "ban_recompute_materialized_backward")
 
 
 def pop_session(session) -> None:
@@ -307,7 +329,8 @@ def pop_session(session) -> None:
     for i in range(len(sessions) - 1, -1, -1):
         if sessions[i] is session:
             del sessions[i]
-            torch._functorch.config.saved_tensors_hooks_filtering_mode = _OPEN.restore.pop(i)
+            for name, value in _OPEN.restore.pop(i).items():
+                setattr(torch._functorch.config, name, value)
             return
 
 
@@ -355,11 +378,12 @@ def hooks_for(config: CompressConfig) -> tuple[_PackHook, _UnpackHook]:
     """The (pack, unpack) hooks of blocks with ``config`` (``traceable``): one pair per setting of what
     a compiled region packs, kept for the process, so that Dynamo does not compile again per block."""
     quant = config.quant
+    # (recomputes: not used by the hooks, but a setting the region is compiled with: push_session)
     key = (quant.bits, quant.group_size, quant.scheme, quant.stochastic, quant.backend, config.min_bytes,
-           config.sensitive_bits)
+           config.sensitive_bits, recomputes(config))
     hooks = _HOOKS.get(key)
     if hooks is None:
-        bits, group_size, scheme, stochastic, backend, min_bytes, sensitive_bits = key
+        bits, group_size, scheme, stochastic, backend, min_bytes, sensitive_bits, _ = key
         pack_graph = fx.Graph()
         saved = pack_graph.placeholder("saved")
         pack_graph.output(pack_graph.call_function(

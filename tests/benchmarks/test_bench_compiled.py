@@ -30,9 +30,10 @@ def test_cpu_run_writes_a_row_per_method_with_pack_hook_calls(tmp_path):
     calls = lambda workload, method: rows[(workload, method)]["python_pack_calls"]  # noqa: E731
     packed = lambda workload, method: rows[(workload, method)]["packed"]  # noqa: E731
     # The MLP is compiled whole: traced, its saves take no Python hook (one is the loss's, outside);
-    # with Python hooks every one of them does, and both pack the same tensors.
+    # with Python hooks every one of them does. Traced, the region also computes its GELUs' outputs
+    # again in backward rather than saving them (traced.push_session), so it packs fewer tensors.
     assert calls("mlp", "tq-4bit traced") <= 1 < calls("mlp", "tq-4bit python")
-    assert packed("mlp", "tq-4bit traced") == packed("mlp", "tq-4bit python") > 0
+    assert 0 < packed("mlp", "tq-4bit traced") < packed("mlp", "tq-4bit python")
     assert calls("mlp", "exact") == packed("mlp", "exact") == 0
     assert bench_compiled.traced.traceable is bench_compiled.traceable_at_import  # restored
     table = (tmp_path / "compiled.md").read_text()

@@ -101,14 +101,16 @@ def test_a_compiled_region_packs_in_its_graph_and_frees_each_tensor_early(backen
     session = tq.compress(bits=4, min_bytes=0)
     grads(model, run, session)
 
-    # The region saves the input and, per layer, the Linear's output and the GELU's: 13 tensors, each
-    # packed by the op in the compiled graph, none through a Python hook.
-    assert len(spy.packed) == session.stats.packed_tensors == 13
+    # The region saves the input and, per layer, the Linear's output: 7 tensors, each packed by the op
+    # in the compiled graph, none through a Python hook. The GELU's output, which the next Linear reads
+    # for its weight's gradient, is computed again in backward from the GELU's packed input, as eager
+    # blocks do (recompute_activations).
+    assert len(spy.packed) == session.stats.packed_tensors == 7
     assert spy.python_packs == 0
     # A tensor's full-width memory is freed once the layers that read it in forward are done: when
-    # each one is packed, at most four earlier ones are alive (the input, which the test holds, and
-    # the last layers' outputs), not the twelve before it.
-    assert max(spy.alive_at_pack) <= 4, spy.alive_at_pack
+    # each one is packed, at most two earlier ones are alive (the input, which the test holds, and
+    # the last layer's output), not the six before it.
+    assert max(spy.alive_at_pack) <= 2, spy.alive_at_pack
     assert sum(ref() is not None for ref in spy.packed) == 1  # the input
 
 
@@ -127,16 +129,20 @@ def test_python_hooks_pack_a_region_only_once_its_forward_returns(monkeypatch):
     assert spy.alive_at_hook[-1] >= 12, spy.alive_at_hook
 
 
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "no-recompute"])
 @pytest.mark.parametrize("bits", [2, 8], ids=["2bit", "8bit"])
-def test_gradients_are_eager_compressions(bits):
+def test_gradients_are_eager_compressions(bits, recompute):
     model, x = deep_mlp(layers=3, width=64), torch.randn(32, 64)
     run_eager = lambda: model(x).square().sum()  # noqa: E731
     compiled = torch.compile(model, backend="aot_eager")
     exact = grads(model, run_eager, contextlib.nullcontext())
-    # The region saves what eager layers save; eager blocks compute GELU outputs again instead of
-    # packing them, which a compiled region cannot (no autograd node), so they are asked not to here.
-    eager = grads(model, run_eager, tq.compress(bits=bits, min_bytes=0, recompute_activations=False))
-    got = grads(model, lambda: compiled(x).square().sum(), tq.compress(bits=bits, min_bytes=0))
+    # The region saves what eager layers save: with recompute_activations (the default) the GELUs'
+    # inputs, their outputs computed again in backward; without, both.
+    settings = dict(bits=bits, min_bytes=0, recompute_activations=recompute)
+    eager = grads(model, run_eager, tq.compress(**settings))
+    session = tq.compress(**settings)
+    got = grads(model, lambda: compiled(x).square().sum(), session)
+    assert session.stats.packed_tensors == 1 + (4 if recompute else 7)  # (1: square's input, outside)
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     cosine = F.cosine_similarity(got, exact, dim=0).item()
     assert cosine < 0.99 if bits == 2 else cosine > 0.9999  # measured 0.83 and 0.999998
@@ -177,19 +183,35 @@ def test_settings_that_need_python_at_run_time_keep_python_hooks(settings):
     assert pack == session._pack
 
 
-def test_default_blocks_push_the_traced_hooks_and_restore_the_filtering_mode():
+def aot_settings() -> tuple:
     config = torch._functorch.config
-    before = config.saved_tensors_hooks_filtering_mode
+    return config.saved_tensors_hooks_filtering_mode, config.ban_recompute_materialized_backward
+
+
+def test_default_blocks_push_the_traced_hooks_and_set_aot_autograd_while_open():
+    before = aot_settings()
+    assert before == ("donated", True)  # (torch's defaults)
     with tq.compress(bits=4) as outer:
         pack, unpack = torch._C._autograd._top_saved_tensors_default_hooks(True)
         assert (pack, unpack) == traced.hooks_for(outer.config)
-        assert config.saved_tensors_hooks_filtering_mode == "no_static"
-        with tq.compress(bits=4, overrides={"x": {"bits": 8}}) as inner:
+        assert aot_settings() == ("no_static", False)
+        with tq.compress(bits=4, overrides={"x": {"bits": 8}}) as inner:  # (Python hooks: changes nothing)
             assert traced._innermost_session() is inner
+            assert aot_settings() == ("no_static", False)
         assert traced._innermost_session() is outer
-        assert config.saved_tensors_hooks_filtering_mode == "no_static"
-    assert config.saved_tensors_hooks_filtering_mode == before
+        with tq.compress(bits=4, recompute_activations=False) as no_recompute:
+            assert aot_settings() == ("no_static", True)
+            assert traced.hooks_for(no_recompute.config) != traced.hooks_for(outer.config)  # (compiled apart)
+        assert aot_settings() == ("no_static", False)
+    assert aot_settings() == before
     assert traced._innermost_session() is None
+
+
+def test_blocks_with_python_hooks_leave_aot_autograd_as_it_is():
+    before = aot_settings()
+    with tq.compress(bits=4, overrides={"x": {"bits": 8}}):
+        assert aot_settings() == before
+    assert aot_settings() == before
 
 
 def test_eager_saves_under_traced_hooks_go_to_the_innermost_block():
@@ -224,10 +246,10 @@ def test_dynamic_shapes_pack_every_batch_size():
     compiled = torch.compile(model, backend="aot_eager", dynamic=True)
     for batch in (8, 24, 40):
         x = torch.randn(batch, 32)
-        eager = grads(model, lambda: model(x).sum(), tq.compress(bits=4, min_bytes=0, recompute_activations=False))
+        eager = grads(model, lambda: model(x).sum(), tq.compress(bits=4, min_bytes=0))
         session = tq.compress(bits=4, min_bytes=0)
         got = grads(model, lambda: compiled(x).sum(), session)
-        assert session.stats.packed_tensors == 5
+        assert session.stats.packed_tensors == 3  # the input, the two GELUs' inputs
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
 
 
