@@ -18,7 +18,7 @@ Prints:
      under compress(bits=4), minus the same chain without it (profile_host.py's chain_us_per_tensor),
      with direct launches and with Triton's dispatch;
   2. one ResNet-50 step (bf16 autocast, batch 1, 64 px, so the model's own CPU work stays small) under
-     compress(bits=4): the extra forward and backward milliseconds, and the pack hook's time per kind
+     compress(bits=4): the extra forward and backward milliseconds, and the pack and unpack hooks' time per kind
      of saved tensor (packed, reused, kept, weight cast made again in backward, pooling indices).
      min_bytes is set so that what is packed is what a 224 px batch-64 step packs: activations yes,
      per-channel statistics no.
@@ -27,7 +27,6 @@ Prints:
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import os
 import statistics
@@ -49,7 +48,7 @@ import tritonquant as tq  # noqa: E402
 from tritonquant import codec  # noqa: E402
 from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss  # noqa: E402
 
-from profile_host import chain_us_per_tensor, launch_costs, launch_mode  # noqa: E402
+from profile_host import HOOK_HEADERS, HookTimer, chain_us_per_tensor, launch_costs, launch_mode  # noqa: E402
 
 MIN_BYTES = 12_000  # between the largest per-channel statistics (8 KB) and the smallest activation (16 KB)
 
@@ -75,53 +74,37 @@ def resnet_step(repeats: int) -> tuple[list[list[str]], list[list[str]]]:
     torch.manual_seed(0)
     model = ResNet50Like()
     batch = cnn_batch(1, size=64, classes=1000)
-    pack_time: collections.Counter = collections.Counter()
-    pack_count: collections.Counter = collections.Counter()
+    timer = HookTimer()
 
     def step(compressed: bool) -> tuple[float, float]:
         model.zero_grad(set_to_none=True)
         session = tq.compress(bits=4, backend="triton", min_bytes=MIN_BYTES) if compressed else None
-        if session is not None:
-            pack = session._pack
-
-            def timed_pack(t, pack=pack, stats=session.stats):
-                reused_before = stats.deduplicated
-                started = time.perf_counter()
-                handle = pack(t)
-                kind = type(handle).__name__.lstrip("_")
-                if stats.deduplicated > reused_before:
-                    kind += " (reused)"
-                pack_time[kind] += time.perf_counter() - started
-                pack_count[kind] += 1
-                return handle
-
-            session._pack = timed_pack
         started = time.perf_counter()
-        with session or contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = cnn_loss(model, batch)
-        middle = time.perf_counter()
-        loss.backward()
+        with timer.timing(session) if session is not None else contextlib.nullcontext():
+            with session or contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = cnn_loss(model, batch)
+            middle = time.perf_counter()
+            loss.backward()
         return middle - started, time.perf_counter() - middle
 
     for compressed in (False, True, False, True):  # warm-up: compile, allocate
         step(compressed)
-    pack_time.clear()
-    pack_count.clear()
+    timer = HookTimer()
     extra_forward, extra_backward = [], []
     for _ in range(repeats):
         exact = [step(False) for _ in range(5)]
         compressed = [step(True) for _ in range(5)]
         extra_forward.append(statistics.median(c[0] for c in compressed) - statistics.median(e[0] for e in exact))
         extra_backward.append(statistics.median(c[1] for c in compressed) - statistics.median(e[1] for e in exact))
-    steps = 5 * repeats
     forward_ms = statistics.median(extra_forward) * 1e3
-    pack_ms = sum(pack_time.values()) / steps * 1e3
+    kind_rows = timer.rows()
+    pack_ms = sum(float(row[4]) for row in kind_rows if row[0] == "pack")
+    unpack_ms = sum(float(row[4]) for row in kind_rows if row[0] == "unpack")
     step_rows = [["extra forward", f"{forward_ms:.2f}"],
                  ["extra forward: in the pack hook", f"{pack_ms:.2f}"],
                  ["extra forward: the rest (module hooks, session set-up, this timing)", f"{forward_ms - pack_ms:.2f}"],
-                 ["extra backward (unpacking)", f"{statistics.median(extra_backward) * 1e3:.2f}"]]
-    kind_rows = [[kind, f"{pack_count[kind] / steps:.0f}", f"{pack_time[kind] / pack_count[kind] * 1e6:.1f}",
-                  f"{pack_time[kind] / steps * 1e3:.2f}"] for kind in sorted(pack_count)]
+                 ["extra backward", f"{statistics.median(extra_backward) * 1e3:.2f}"],
+                 ["extra backward: in the unpack hook", f"{unpack_ms:.2f}"]]
     return step_rows, kind_rows
 
 
@@ -142,8 +125,7 @@ def main() -> int:
     print("\nResNet-50 step, bf16 autocast, batch 1, 64 px, compress(bits=4), minus the exact step:\n")
     print(tabulate(step_rows, headers=["", "ms"], tablefmt="github", disable_numparse=True))
     print()
-    print(tabulate(kind_rows, headers=["pack hook, by what it returned", "per step", "us each", "ms per step"],
-                   tablefmt="github", disable_numparse=True))
+    print(tabulate(kind_rows, headers=HOOK_HEADERS, tablefmt="github", disable_numparse=True))
     return 0
 
 

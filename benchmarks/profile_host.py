@@ -27,8 +27,9 @@ by piece, so each change to the pack path can be judged by a number.
    forward + backward against the GPU time of the step (CUDA events; medians of STEP_ROUNDS steps each,
    the contexts taken in turn), the calls in one step that make
    the host wait for the GPU (synchronizations, cudaMalloc, cudaFree), the CUDA time of tritonquant's
-   kernels against all kernels (torch.profiler), and a cProfile of three steps (the 25 functions with
-   the most own time).
+   kernels against all kernels (torch.profiler), the host time of the compressed step's pack and
+   unpack hooks by kind of saved tensor (``HookTimer``: packed, reused, kept, weight casts made again,
+   pooling indices), and a cProfile of three steps (the 25 functions with the most own time).
 
 Without CUDA the same measurements run on the CPU with the torch backend and no Triton launch; those
 figures describe this machine's Python, not a GPU host.
@@ -39,6 +40,7 @@ Writes profile_host.md (and cprofile.txt) to --out, else $OUT, else benchmarks/r
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import io
@@ -63,7 +65,70 @@ SMALL_ELEMENTS = 1 << 16
 CHAIN_LENGTH = 200
 ROUNDS, CALLS = 5, 200
 STEP_ROUNDS = 5  # timed steps per context, medians reported
-OUR_KERNELS = ("_quantize_kernel", "_dequantize_kernel", "_pack_bool_kernel", "_unpack_bool_kernel")
+OUR_KERNELS = ("_quantize_kernel", "_dequantize_kernel", "_pack_bool_kernel", "_unpack_bool_kernel", "_encode_kernel",
+               "_decode_kernel")
+
+
+class HookTimer:
+    """Host time spent in a block's pack and unpack hooks, by kind of saved tensor: what the pack hook
+    returned (``Packed``, ``Kept``, ``RecastWeight``, ``WindowIndices``...; "(reused)" where it reused
+    a packing of the same memory), and for each unpack the kind its handle was packed as (a handle
+    that several saves share, as its first save).
+
+    ``with timer.timing(session):`` around a step's forward and backward. Wall-clock seconds: on a GPU,
+    where launches return before their kernels run, that is host time."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter = collections.Counter()  # ("pack" or "unpack", kind) -> seconds
+        self.calls: collections.Counter = collections.Counter()
+        self.steps = 0
+
+    @contextlib.contextmanager
+    def timing(self, session):
+        from tritonquant.session import Session
+
+        pack, unpack, stats = session._pack, Session._unpack, session.stats
+        kinds: dict[int, str] = {}  # id(handle) -> its kind, for the unpack
+
+        def timed_pack(t):
+            reused_before = stats.deduplicated
+            started = time.perf_counter()
+            handle = pack(t)
+            elapsed = time.perf_counter() - started
+            kind = type(handle).__name__.lstrip("_") + (" (reused)" if stats.deduplicated > reused_before else "")
+            kinds.setdefault(id(handle), kind)  # (a handle several saves share: the kind of its first)
+            self.seconds["pack", kind] += elapsed
+            self.calls["pack", kind] += 1
+            return handle
+
+        def timed_unpack(handle):
+            started = time.perf_counter()
+            t = unpack(handle)
+            kind = kinds.get(id(handle), type(handle).__name__.lstrip("_"))
+            self.seconds["unpack", kind] += time.perf_counter() - started
+            self.calls["unpack", kind] += 1
+            return t
+
+        # (The pack hook is looked up on the block, the unpack hook on the class: traced.py's hooks call
+        # the innermost block's _pack and Session._unpack.)
+        session._pack, Session._unpack = timed_pack, staticmethod(timed_unpack)
+        try:
+            yield
+        finally:
+            del session._pack
+            Session._unpack = staticmethod(unpack)
+            self.steps += 1
+
+    def rows(self) -> list[list[str]]:
+        """[hook, kind, per step, us each, ms per step], the kinds of each hook by their time."""
+        steps = max(self.steps, 1)
+        order = sorted(self.calls, key=lambda key: (key[0] != "pack", -self.seconds[key]))
+        return [[hook, kind, f"{self.calls[hook, kind] / steps:.0f}",
+                 f"{self.seconds[hook, kind] / self.calls[hook, kind] * 1e6:.1f}",
+                 f"{self.seconds[hook, kind] / steps * 1e3:.2f}"] for hook, kind in order]
+
+
+HOOK_HEADERS = ["hook", "saved tensor, by what the pack hook returned", "per step", "us each", "ms per step"]
 
 
 def synchronize(device: torch.device) -> None:
@@ -282,6 +347,23 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
             rows.append([f"ResNet-50 step, {name}: synchronizing calls / cudaMalloc / cudaFree",
                          f"{syncs} / {mallocs} / {frees}"])
 
+    # Where the compressed step's extra host time is: its hooks, by kind of saved tensor. Each step is
+    # timed alone (synchronized before and after), so that nothing waits on the previous one's kernels.
+    timer = HookTimer()
+    for _ in range(STEP_ROUNDS):
+        model.zero_grad(set_to_none=True)
+        synchronize(device)
+        session = tq.compress(bits=4, backend=backend)
+        with timer.timing(session):
+            with session, torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = cnn_loss(model, batch)
+            loss.backward()
+        synchronize(device)
+    hook_rows = timer.rows()
+    for hook in ("pack", "unpack"):
+        total = sum(float(row[4]) for row in hook_rows if row[0] == hook)
+        rows.append([f"ResNet-50 step, compress(bits=4): host ms in the {hook} hook", f"{total:.1f}"])
+
     if on_gpu:  # (before torch.profiler runs: it may install launch hooks of its own)
         rows.append(["ResNet-50 step: launch path of compress(bits=4)", launch_path()])
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -313,7 +395,7 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     (out_dir / "cprofile.txt").write_text(text.getvalue())
-    return rows, text.getvalue()
+    return rows, hook_rows, text.getvalue()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     table = tabulate(rows, headers=["what", "host us per call"], tablefmt="github")
     # Written now too, so that a failure (or the suite's time limit) in the step profile keeps it.
     (out_dir / "profile_host.md").write_text(f"# {header}\n\n{table}\n")
-    step_rows, profile_text = resnet_step(device, out_dir)
+    step_rows, hook_rows, profile_text = resnet_step(device, out_dir)
     step_table = tabulate(step_rows, headers=["what", "value"], tablefmt="github")
-    report = f"# {header}\n\n{table}\n\n{step_table}\n"
+    hook_table = tabulate(hook_rows, headers=HOOK_HEADERS, tablefmt="github", disable_numparse=True)
+    report = (f"# {header}\n\n{table}\n\n{step_table}\n\nThe compressed ResNet-50 step's hooks, host time by "
+              f"kind of saved tensor (mean of {STEP_ROUNDS} steps, each timed alone):\n\n{hook_table}\n")
     (out_dir / "profile_host.md").write_text(report)
     print(report)
     print("\n".join(profile_text.splitlines()[:45]))

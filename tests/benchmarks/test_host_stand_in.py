@@ -24,14 +24,21 @@ def test_stand_in_host_profile_runs_and_counts_what_resnet50_saves():
     if result.returncode == 2:
         pytest.skip(result.stdout.strip())
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {m[1].strip(): (int(m[2]), float(m[3])) for m in re.finditer(
-        r"^\| ([A-Za-z ()]+?)\s+\|\s+(\d+)\s+\|\s+([\d.]+)\s+\|", result.stdout, re.MULTILINE)}
+    found = [(m[1], m[2].strip(), int(m[3]), float(m[4])) for m in re.finditer(
+        r"^\| (pack|unpack)\s+\|\s+([A-Za-z ()]+?)\s+\|\s+(\d+)\s+\|\s+([\d.]+)\s+\|", result.stdout, re.MULTILINE)]
+    rows = {kind: (count, us) for hook, kind, count, us in found if hook == "pack"}
+    unpacked = {kind: count for hook, kind, count, _ in found if hook == "unpack"}
     # Per step: 72 activations packed and 36 saves that reuse one; 53 autocast weight casts made again in
     # backward (every convolution and the head); the stem pool's indices as window positions.
     assert {"Packed", "Packed (reused)", "RecastWeight", "WindowIndices"} <= rows.keys(), result.stdout
     assert rows["Packed"][0] == 72 and rows["Packed (reused)"][0] == 36, result.stdout
     assert rows["RecastWeight"][0] == 53 and rows["WindowIndices"][0] == 1, result.stdout
-    assert all(us > 0 for _, us in rows.values())  # (wall time inside the hook: positive however noisy)
+    assert all(us > 0 for _, _, _, us in found)  # (wall time inside the hook: positive however noisy)
+    # Backward unpacks every save once. (Where saves share one handle, its unpacks count under the kind
+    # of its first save: the split between "Packed" and "Packed (reused)" is not the pack hook's.)
+    assert sum(unpacked.values()) == sum(count for count, _ in rows.values()), result.stdout
+    assert unpacked["Packed"] + unpacked.get("Packed (reused)", 0) == 72 + 36, result.stdout
+    assert unpacked["RecastWeight"] == 53 and unpacked["Kept"] == rows["Kept"][0], result.stdout
     # The launch rows that the GPU suite's host stage measures too: the kernel's arguments as triton_quantize
     # passes them, through the dispatch and directly.
     assert re.search(r"launch, KernelLauncher direct path\s+\|\s+[\d.]+\s+\|", result.stdout), result.stdout
