@@ -21,11 +21,12 @@ below.
 What a compiled region packs: float and bool tensors of ``min_bytes`` or more in any layout but a
 broadcast one (``restored_stride``), except parameters, tensors cast or viewed from the region's inputs
 (autocast's weight copies) and per-row statistics (a softmax's max and sum, a normalization's mean and
-rstd, attention's log-sum-exp), which eager blocks keep exact too. Probabilities (pieces of a softmax or log-softmax that
-are not statistics) get at least ``sensitive_bits``. Everything else is kept as it is. What eager blocks
-do beyond that needs the autograd graph or Python at run time, so blocks that ask for it keep
-Python hooks (``traceable``): per-module ``overrides``, ``bits="auto"``, ``offload``, and stochastic
-rounding with a fixed ``seed``.
+rstd, attention's log-sum-exp), which eager blocks keep exact too. Probabilities (pieces of a softmax
+or log-softmax that are not statistics) get at least ``sensitive_bits``, and what a softmax reads
+(logits, which the compiled backward turns into probabilities again) at least
+``SOFTMAX_INPUT_BITS``. Everything else is kept as it is. What eager blocks do beyond that needs the
+autograd graph or Python at run time, so blocks that ask for it keep Python hooks (``traceable``):
+per-module ``overrides``, ``bits="auto"``, ``offload``, and stochastic rounding with a fixed ``seed``.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def trace_pack(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochas
         return x
     if _op_name(node.meta.get("original_aten")) in _PROBABILITY_OPS:
         bits = max(bits, sensitive_bits)
+    elif _feeds_softmax(node):
+        bits = max(bits, SOFTMAX_INPUT_BITS)
     payload, meta = _OPS.pack_saved(x, bits, group_size, scheme, stochastic, backend)
     return payload, meta, tuple(x.shape), stride, PACKED_DTYPES.index(x.dtype), bits
 
@@ -167,6 +170,13 @@ _STATISTIC_OPS = frozenset({"_softmax", "_log_softmax", "native_layer_norm", "na
                             "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
                             "native_group_norm", "_fused_rms_norm"})
 _PROBABILITY_OPS = frozenset({"_softmax", "_log_softmax"})
+# The width of what a softmax or log-softmax reads (logits, attention scores), where a compiled region
+# saves it: its backward then computes the probabilities again from it and the rows' saved max and sum
+# (Inductor's cross-entropy does), so an error e in a logit scales its probability by exp(e). A loss
+# compiled with a 2-layer LM (vocabulary 2048, 512 rows, no autocast): gradient cosine to exact 0.908
+# with the logits packed at the block's 4 bits, 0.9967 at 8 bits, as eager compression's 0.9967 (which
+# packs the log-softmax's output); at 2 bits 0.114, 0.494 and 0.505 (tests/tritonquant/test_traced.py).
+SOFTMAX_INPUT_BITS = 8
 
 
 def _packable(x: torch.Tensor, min_bytes: int, node: fx.Node | None) -> bool:
@@ -233,6 +243,18 @@ def _row_statistic(x: torch.Tensor, node: fx.Node) -> bool:
     if x.dim() >= 2:
         return _known(x.shape[-1] == 1)
     return _op_name(node.meta.get("original_aten")) in _STATISTIC_OPS
+
+
+def _feeds_softmax(node: fx.Node, depth: int = 3) -> bool:
+    """Whether a softmax or log-softmax reads ``node``'s tensor, directly or through up to ``depth``
+    casts and views (``.float()``, a reshape to [rows, vocabulary])."""
+    for user in node.users:
+        if _op_name(user.meta.get("original_aten")) in _PROBABILITY_OPS:
+            return True
+        if (depth and user.op == "call_function" and _op_name(user.target) in _CAST_AND_VIEW_OPS
+                and _feeds_softmax(user, depth - 1)):
+            return True
+    return False
 
 
 def _from_region_input(node: fx.Node) -> bool:
