@@ -175,7 +175,7 @@ _PROBABILITY_OPS = frozenset({"_softmax", "_log_softmax"})
 # (Inductor's cross-entropy does), so an error e in a logit scales its probability by exp(e). A loss
 # compiled with a 2-layer LM (vocabulary 2048, 512 rows, no autocast): gradient cosine to exact 0.908
 # with the logits packed at the block's 4 bits, 0.9967 at 8 bits, as eager compression's 0.9967 (which
-# packs the log-softmax's output); at 2 bits 0.114, 0.494 and 0.505 (tests/tritonquant/test_traced.py).
+# packs the log-softmax's output); at 2 bits 0.114, 0.494 and 0.505 (docs/fidelity.md).
 SOFTMAX_INPUT_BITS = 8
 
 
