@@ -135,6 +135,7 @@ def measure(method: str, case: Case, model: nn.Module, device: torch.device, ste
     if method == "tq-4bit python":
         traced.traceable = lambda config: False
     cuda = device.type == "cuda"
+    counter = PackCounter()
 
     def forward():
         """The step's loss, and the block it ran in (None for exact), counting Python pack calls."""
@@ -145,7 +146,6 @@ def measure(method: str, case: Case, model: nn.Module, device: torch.device, ste
             loss = case.loss(target)
         return loss, block if method != "exact" else None
 
-    counter = PackCounter()
     try:
         for _ in range(2):  # warm-up: the compilation, then one more step
             model.zero_grad(set_to_none=True)

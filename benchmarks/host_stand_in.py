@@ -98,8 +98,7 @@ def resnet_step(repeats: int) -> tuple[list[list[str]], list[list[str]]]:
         extra_backward.append(statistics.median(c[1] for c in compressed) - statistics.median(e[1] for e in exact))
     forward_ms = statistics.median(extra_forward) * 1e3
     kind_rows = timer.rows()
-    pack_ms = sum(float(row[4]) for row in kind_rows if row[0] == "pack")
-    unpack_ms = sum(float(row[4]) for row in kind_rows if row[0] == "unpack")
+    pack_ms, unpack_ms = timer.total_ms("pack"), timer.total_ms("unpack")
     step_rows = [["extra forward", f"{forward_ms:.2f}"],
                  ["extra forward: in the pack hook", f"{pack_ms:.2f}"],
                  ["extra forward: the rest (module hooks, session set-up, this timing)", f"{forward_ms - pack_ms:.2f}"],

@@ -119,6 +119,10 @@ class HookTimer:
             Session._unpack = staticmethod(unpack)
             self.steps += 1
 
+    def total_ms(self, hook: str) -> float:
+        """Milliseconds per step in ``hook`` ("pack" or "unpack"), every kind together."""
+        return sum(seconds for (name, _), seconds in self.seconds.items() if name == hook) / max(self.steps, 1) * 1e3
+
     def rows(self) -> list[list[str]]:
         """[hook, kind, per step, us each, ms per step], the kinds of each hook by their time."""
         steps = max(self.steps, 1)
@@ -361,8 +365,7 @@ def resnet_step(device: torch.device, out_dir: Path) -> tuple[list[list[str]], s
         synchronize(device)
     hook_rows = timer.rows()
     for hook in ("pack", "unpack"):
-        total = sum(float(row[4]) for row in hook_rows if row[0] == hook)
-        rows.append([f"ResNet-50 step, compress(bits=4): host ms in the {hook} hook", f"{total:.1f}"])
+        rows.append([f"ResNet-50 step, compress(bits=4): host ms in the {hook} hook", f"{timer.total_ms(hook):.1f}"])
 
     if on_gpu:  # (before torch.profiler runs: it may install launch hooks of its own)
         rows.append(["ResNet-50 step: launch path of compress(bits=4)", launch_path()])
