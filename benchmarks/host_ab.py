@@ -12,7 +12,9 @@ sm_90, launches not run), and times the same work with each version in alternati
 second apart.
 
 The work: a chain of tanh on a 64K-element bf16 tensor under compress(bits=4, backend="triton"); each
-tanh saves its output, which is packed. Per saved tensor:
+tanh saves its output, which is packed. With ``--evict BYTES`` a copy of that much host memory runs
+between the links, so that the hooks find the CPU's caches as a real step leaves them (the whole-chain
+figure then includes the copies). Per saved tensor:
 
   pack hook, unpack hook   wall time inside the hooks (a wrapper times each call);
   whole chain              forward and backward of the chain, without the wrapper, divided by its length:
@@ -52,6 +54,7 @@ import stand_in_driver  # noqa: E402
 stand_in_driver.install_for_cpu_tensors()  # (patches the checkout's codec; the base's is patched on load)
 
 import tritonquant  # noqa: E402
+from profile_host import EvictHostCaches  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN_LENGTH = 50
@@ -104,9 +107,10 @@ def timed_hooks(session):
         cls._unpack = staticmethod(unpack)
 
 
-def chain_us(tq, x: torch.Tensor, timing: bool) -> tuple[float, float, float]:
+def chain_us(tq, x: torch.Tensor, timing: bool, evict: tuple | None = None) -> tuple[float, float, float]:
     """(pack hook, unpack hook, whole chain) microseconds per saved tensor; the hook figures are 0 unless
-    ``timing`` (the wrapper that times them would otherwise count in the whole chain)."""
+    ``timing`` (the wrapper that times them would otherwise count in the whole chain). ``evict``: host
+    buffers (source, target) copied between the links (``profile_host.EvictHostCaches``), or None."""
     session = tq.compress(bits=4, backend="triton")
     with timed_hooks(session) if timing else contextlib.nullcontext([0.0, 0.0]) as inside:
         started = time.perf_counter()
@@ -114,6 +118,8 @@ def chain_us(tq, x: torch.Tensor, timing: bool) -> tuple[float, float, float]:
             y = x
             for _ in range(CHAIN_LENGTH):
                 y = torch.tanh(y)
+                if evict is not None:
+                    y = EvictHostCaches.apply(y, *evict)
         y.float().sum().backward()
         del y
         whole = time.perf_counter() - started
@@ -144,11 +150,17 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=40, help="rounds, each timing both versions (default 40)")
     parser.add_argument("--resnet", type=int, default=0, metavar="N",
                         help="also N rounds of a ResNet-50 step, each timing both versions (default 0: none)")
+    parser.add_argument("--evict", type=int, default=0, metavar="BYTES",
+                        help="copy BYTES of host memory between the chain's links, as other code in a real step "
+                             "would evict the hooks from the CPU's caches (default 0: caches warm)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.resnet < 0:
         parser.error(f"--resnet must be 0 or more, got {args.resnet}")
+    if args.evict < 0:
+        parser.error(f"--evict must be 0 or more, got {args.evict}")
+    evict = (torch.empty(args.evict, dtype=torch.uint8), torch.empty(args.evict, dtype=torch.uint8)) if args.evict else None
     torch.set_num_threads(1)
     import triton
 
@@ -161,14 +173,14 @@ def main() -> int:
         versions = {"base": base, "checkout": tritonquant}
         x = torch.randn(ELEMENTS, dtype=torch.bfloat16, requires_grad=True)
         for tq in versions.values():  # warm-up: compile, allocate
-            chain_us(tq, x, True)
-            chain_us(tq, x, False)
+            chain_us(tq, x, True, evict)
+            chain_us(tq, x, False, evict)
         samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in versions}
         for round_index in range(args.rounds):
             order = list(versions) if round_index % 2 else list(reversed(versions))
             for name in order:
-                hooks = chain_us(versions[name], x, True)
-                whole = chain_us(versions[name], x, False)
+                hooks = chain_us(versions[name], x, True, evict)
+                whole = chain_us(versions[name], x, False, evict)
                 samples[name].append((hooks[0], hooks[1], whole[2]))
         steps: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
         if args.resnet:
@@ -184,7 +196,8 @@ def main() -> int:
                     steps[name].append(resnet_step_ms(versions[name], model, batch))
 
     print(f"torch {torch.__version__}, triton {triton.__version__}, Python {sys.version.split()[0]}; kernels "
-          f"compiled for sm_90, launches not run. base = {args.base}, checkout = {REPO}; {args.rounds} rounds\n")
+          f"compiled for sm_90, launches not run. base = {args.base}, checkout = {REPO}; {args.rounds} rounds"
+          f"{f'; {args.evict} bytes of host memory copied between saved tensors' if evict else ''}\n")
     rows = []
     for i, figure in enumerate(FIGURES):
         before = faster_half_median([sample[i] for sample in samples["base"]])

@@ -17,7 +17,10 @@ Prints:
   1. host microseconds per saved tensor, pack and unpack: a chain of tanh on a 64K-element bf16 tensor
      under compress(bits=4), minus the same chain without it (profile_host.py's chain_us_per_tensor),
      with direct launches and with Triton's dispatch;
-  2. one ResNet-50 step (bf16 autocast, batch 1, 64 px, so the model's own CPU work stays small) under
+  2. the same hooks timed from inside, with the CPU's caches warm and with 1 or 32 MiB of host memory
+     copied between saved tensors (profile_host.py's evicted_cache_rows): in a real step other code
+     runs between two hooks;
+  3. one ResNet-50 step (bf16 autocast, batch 1, 64 px, so the model's own CPU work stays small) under
      compress(bits=4): the extra forward and backward milliseconds, and the pack and unpack hooks' time per kind
      of saved tensor (packed, reused, kept, weight cast made again in backward, pooling indices).
      min_bytes is set so that what is packed is what a 224 px batch-64 step packs: activations yes,
@@ -48,7 +51,8 @@ import tritonquant as tq  # noqa: E402
 from tritonquant import codec  # noqa: E402
 from tritonquant.models import ResNet50Like, cnn_batch, cnn_loss  # noqa: E402
 
-from profile_host import HOOK_HEADERS, HookTimer, chain_us_per_tensor, launch_costs, launch_mode  # noqa: E402
+from profile_host import (EVICT_HEADERS, HOOK_HEADERS, HookTimer, chain_us_per_tensor, evicted_cache_rows,  # noqa: E402
+                          launch_costs, launch_mode)
 
 MIN_BYTES = 12_000  # between the largest per-channel statistics (8 KB) and the smallest activation (16 KB)
 
@@ -120,6 +124,9 @@ def main() -> int:
     print()
     print(tabulate(per_tensor_rows(repeats), headers=["host us per saved tensor", "pack", "unpack"],
                    tablefmt="github", disable_numparse=True))
+    print()
+    print(tabulate(evicted_cache_rows(torch.device("cpu"), "triton"), headers=EVICT_HEADERS, tablefmt="github",
+                   disable_numparse=True))
     step_rows, kind_rows = resnet_step(repeats)
     print("\nResNet-50 step, bf16 autocast, batch 1, 64 px, compress(bits=4), minus the exact step:\n")
     print(tabulate(step_rows, headers=["", "ms"], tablefmt="github", disable_numparse=True))

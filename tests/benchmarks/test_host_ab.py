@@ -27,9 +27,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_the_checkout_against_a_revision_gives_both_figures_and_their_ratio():
-    result = run("--base", "HEAD", "--rounds", "2")
+@pytest.mark.parametrize("evict", ["0", "65536"], ids=["caches-warm", "caches-evicted"])
+def test_the_checkout_against_a_revision_gives_both_figures_and_their_ratio(evict):
+    result = run("--base", "HEAD", "--rounds", "2", "--evict", evict)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ("65536 bytes of host memory copied between saved tensors" in result.stdout) == (evict != "0"), result.stdout
     rows = re.findall(r"^\| (pack hook|unpack hook|whole chain), us per saved tensor\s+\|\s+([\d.]+)\s+\|"
                       r"\s+([\d.]+)\s+\|\s+([\d.]+)\s+\|$", result.stdout, re.MULTILINE)
     assert [row[0] for row in rows] == ["pack hook", "unpack hook", "whole chain"], result.stdout
@@ -37,6 +39,11 @@ def test_the_checkout_against_a_revision_gives_both_figures_and_their_ratio():
         base, checkout, ratio = float(base), float(checkout), float(ratio)
         assert base > 0 and checkout > 0, result.stdout  # (every saved tensor went through the hooks)
         assert ratio == pytest.approx(checkout / base, rel=0.01, abs=0.002), result.stdout
+
+
+def test_a_negative_eviction_is_refused_by_name():
+    result = run("--base", "HEAD", "--evict", "-1")
+    assert result.returncode == 2 and "--evict must be 0 or more, got -1" in result.stderr
 
 
 def test_an_unknown_revision_is_reported_by_name():

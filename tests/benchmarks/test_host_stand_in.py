@@ -42,5 +42,11 @@ def test_stand_in_host_profile_runs_and_counts_what_resnet50_saves():
     # The launch rows that the GPU suite's host stage measures too: the kernel's arguments as triton_quantize
     # passes them, through the dispatch and directly.
     assert re.search(r"launch, KernelLauncher direct path\s+\|\s+[\d.]+\s+\|", result.stdout), result.stdout
+    # The hooks timed from inside the tanh chain, caches warm and evicted: every figure positive.
+    cache_rows = re.findall(r"^\| (caches warm|\d+ MiB of host memory copied between saves)\s+\|\s+([\d.]+)\s+\|"
+                            r"\s+([\d.]+)\s+\|$", result.stdout, re.MULTILINE)
+    assert [row[0] for row in cache_rows] == ["caches warm", "1 MiB of host memory copied between saves",
+                                              "32 MiB of host memory copied between saves"], result.stdout
+    assert all(float(pack) > 0 and float(unpack) > 0 for _, pack, unpack in cache_rows), result.stdout
     # Differences of timings: present, but on a loaded machine any sign.
     assert re.search(r"tanh chain, direct launches\s+\|\s+-?[\d.]+\s+\|\s+-?[\d.]+\s+\|", result.stdout), result.stdout
