@@ -184,21 +184,37 @@ def measure_gpu(model, workload: Workload, method: str, batch_size: int, steps: 
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del loss
-        times = []
+        times, phases = [], []
         for _ in range(steps):
             model.zero_grad(set_to_none=True)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, middle, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            host_start = time.perf_counter()
             start.record()
-            _forward(model, workload, batch, context_factory)[0].backward()
+            loss, _ = _forward(model, workload, batch, context_factory)
+            middle.record()
+            host_middle = time.perf_counter()
+            loss.backward()
             end.record()
+            host_end = time.perf_counter()
             torch.cuda.synchronize()
+            del loss
             times.append(start.elapsed_time(end))
+            phases.append((start.elapsed_time(middle), middle.elapsed_time(end),
+                           (host_middle - host_start) * 1e3, (host_end - host_middle) * 1e3))
     model.zero_grad(set_to_none=True)
     row = {"peak_mb": peak / MB, "forward_peak_mb": forward_peak / MB, "activation_mb": activation / MB,
-           "accounted_mb": None if accounted is None else accounted / MB, "step_ms": statistics.median(times)}
+           "accounted_mb": None if accounted is None else accounted / MB, "step_ms": statistics.median(times),
+           "phases_ms": {name: statistics.median(phase[i] for phase in phases) for i, name in enumerate(PHASES)}}
     if breakdown is not None:
         row["accounting"] = breakdown
     return row
+
+
+# An eager step's phases (``phases_ms`` of a GPU row): the time between CUDA events recorded before the
+# forward, after it and after the backward (the GPU's time for each phase, gaps where it waited for work
+# included), and the host's time to issue each phase. A phase whose host time reaches its GPU time was
+# waiting on the host.
+PHASES = ("forward", "backward", "forward_host", "backward_host")
 
 
 def accounting_breakdown(stats) -> dict:
@@ -539,9 +555,15 @@ def _write_results(results: list[dict], planned: list[tuple[str, int]], on_gpu: 
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(folder / "bench.json", json.dumps(
             {"env": env, "gpu": on_gpu, "planned": [list(cell) for cell in planned], "rows": results}, indent=2))
+        phase_rows = _phase_table(results)
+        phases = ("" if not phase_rows else
+                  "\nEager steps by phase (medians): GPU ms between CUDA events before the forward, after it and "
+                  "after the backward, and the host's ms to issue each phase. Where a phase's host ms reaches its "
+                  "GPU ms, the GPU waited for the host.\n\n"
+                  + tabulate(phase_rows, headers=PHASE_HEADERS, tablefmt="github", disable_numparse=True) + "\n")
         write_atomically(folder / "bench.md",
             f"# {title}\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n"
-            + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n"
+            + tabulate(table, headers=headers, tablefmt="github", disable_numparse=True) + "\n" + phases
         )
         if verbose:
             print(f"\nwrote {folder / 'bench.md'} and {folder / 'bench.json'}")
@@ -597,6 +619,17 @@ def _table(results: list[dict], on_gpu: bool, budget_mb: float):
                 _ratio(peak, ref.get("peak_mb")), "n/a" if ms is None else f"{ms:.1f}", _ratio(ms, ref.get("step_ms")),
             ])
     return rows, headers
+
+
+PHASE_HEADERS = ["workload", "batch", "method", "forward GPU ms", "forward host ms", "backward GPU ms",
+                 "backward host ms"]
+
+
+def _phase_table(results: list[dict]) -> list[list]:
+    """Rows of PHASE_HEADERS for the eager GPU rows that have ``phases_ms``, in ``results``' order."""
+    return [[r["workload"], r["batch"], r["method"],
+             *(f"{r['phases_ms'][name]:.1f}" for name in ("forward", "forward_host", "backward", "backward_host"))]
+            for r in results if r.get("error") is None and r.get("phases_ms")]
 
 
 def _plots(results: list[dict], on_gpu: bool, folder: Path) -> None:

@@ -281,6 +281,26 @@ def test_gpu_table_gives_ratios_to_exact_and_the_accounted_bytes_of_compressed_r
     assert cells[(16, "tq-2bit")] == ["out of memory"] + [""] * 7
 
 
+def test_gpu_results_give_eager_rows_a_phase_table_and_leave_captured_and_failed_rows_out(tmp_path):
+    import tritonquant.bench as bench
+
+    phases = {"forward": 10.0, "backward": 20.0, "forward_host": 30.5, "backward_host": 4.25}
+    rows = [
+        {"workload": "w", "batch": 2, "method": "exact", "peak_mb": 10.0, "forward_peak_mb": 9.0,
+         "activation_mb": 8.0, "accounted_mb": None, "step_ms": 30.0, "phases_ms": phases, "error": None},
+        {"workload": "w", "batch": 2, "method": "exact+graph", "peak_mb": 10.0, "activation_mb": None,
+         "accounted_mb": None, "step_ms": 25.0, "error": None},
+        {"workload": "w", "batch": 2, "method": "tq-4bit", "error": "RuntimeError: broken"},
+    ]
+    bench._write_results(rows, [("w", 2)], on_gpu=True, budget_gb=16.0, out=str(tmp_path), verbose=False)
+    phase_section = (tmp_path / "bench.md").read_text().split("Eager steps by phase")[1]
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in phase_section.splitlines()
+             if line.startswith("|")]
+    assert cells[0] == bench.PHASE_HEADERS
+    assert cells[2:] == [["w", "2", "exact", "10.0", "30.5", "20.0", "4.2"]]  # (forward, then backward: GPU, host)
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["phases_ms"] == phases
+
+
 def test_gpu_table_compares_captured_steps_with_exact_training_captured_the_same_way():
     from tritonquant.bench import _table
 
@@ -400,6 +420,12 @@ def test_an_eager_gpu_cell_reads_memory_after_forward_and_after_backward(monkeyp
     row = bench.measure_gpu(workload.make_model(), workload, "tq-4bit", 4, steps=3)
     accounted = row.pop("accounted_mb")
     accounting = row.pop("accounting")
-    assert row == {"peak_mb": 7.0, "forward_peak_mb": 5.0, "activation_mb": 2.0, "step_ms": 1.0}
+    phases = row.pop("phases_ms")
+    # Each timed step records three events (the fake clock advances 1 ms a record): before the forward,
+    # after it and after the backward.
+    assert row == {"peak_mb": 7.0, "forward_peak_mb": 5.0, "activation_mb": 2.0, "step_ms": 2.0}
+    assert list(phases) == ["forward", "backward", "forward_host", "backward_host"]
+    assert phases["forward"] == 1.0 and phases["backward"] == 1.0
+    assert phases["forward_host"] > 0 and phases["backward_host"] > 0  # (host wall time: the real clock)
     assert accounting["packed_mb"] + accounting["passed_mb"] == pytest.approx(accounted)
     assert 0 < accounted < 1, "the session's own count of what it holds, in MB"
