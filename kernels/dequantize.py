@@ -194,8 +194,9 @@ def torch_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tenso
     _check_activation(out, activation, activated)
     if activation is not None:
         torch_dequantize(payload, meta, out, bits, group_size, channels, channel_stride)
-        # (Elementwise: on the two runs of memory, which hold the elements in the same order.)
-        torch_activation(flat_view(out), activation, out=flat_view(activated))
+        # (On ``out`` in its own shape, as ``codec.activate`` computes it: torch's CPU kernels can round
+        # a few elements differently when the same memory is walked as one flat run.)
+        torch_activation(out, activation, out=activated)
         return
     out = flat_view(out)
     n = out.numel()

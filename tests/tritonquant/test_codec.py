@@ -74,6 +74,20 @@ def test_dequantize_activated_gives_the_decode_and_its_activation_in_its_layout(
         torch.testing.assert_close(activated, reference, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_the_torch_backends_activation_is_codec_activate_of_the_decoded_tensor_bit_for_bit(memory_format, activation):
+    # The session computes an activation output again either in the decoding pass (dequantize_activated)
+    # or from a decoded tensor it kept (codec.activate). Both must give the same bits. torch's CPU kernels
+    # can round a few elements differently when the same memory is walked as one flat run rather than in
+    # the tensor's shape (GELU of bf16 values near -5 under torch 2.11 and 2.13, on some thread counts).
+    x = torch.linspace(-8, 8, 3 * 64 * 9 * 11).reshape(3, 64, 9, 11).to(torch.bfloat16)
+    x = x.to(memory_format=memory_format)
+    packed = tq.quantize(x, bits=8, group_size=64, backend="torch")
+    decoded, activated = codec.dequantize_activated(packed, activation, backend="torch")
+    assert torch.equal(activated, codec.activate(decoded, activation))
+
+
 def test_dequantize_activated_names_what_it_cannot_do():
     packed = tq.quantize(torch.randn(4, 8))
     with pytest.raises(ValueError, match=r"activation must be one of \('gelu', 'gelu_tanh', 'silu'\), got 'tanh'"):
