@@ -21,6 +21,9 @@ by piece, so each change to the pack path can be judged by a number.
        pack hook          forward of a chain of 200 tanh ops under compress(bits=4), minus the same chain
                           without it, per saved tensor; "unpack hook" is the same for backward
    Each layer from triton_quantize up is measured with both launch paths, side by side.
+   Then the hooks again, timed from inside (``HookTimer``) on a chain of 64 tanh ops, with 0, 1 and
+   32 MiB of host memory copied between the links (``EvictHostCaches``): in a real step other code
+   runs between two saved tensors and the hooks find the CPU's caches cold.
 2. One training step of ResNet-50 (bf16 autocast, batch 32, 224 px) under compress(bits=4), after two
    warm-up steps, beside exact training, compress() with nothing to pack (its hooks and bookkeeping
    alone) and compress(bits=4) with every launch through Triton's dispatch: host time to issue
