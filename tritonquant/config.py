@@ -101,7 +101,11 @@ class CompressConfig:
         the gradient of their input, are not kept from forward to backward; backward casts the
         parameter again (bit for bit the same copy; ``policy.weight_cast_source``). It needs the
         parameter unchanged, in place and storage, until backward; a changed one raises at backward.
-        False keeps the copies, as exact training does.
+        Autocast also keeps each copy in its cache until the autocast region ends, after the loss, so
+        the block clears that cache when the outermost module running in it (the model; for ``attach``,
+        the attached model) returns, unless that module has run before in the block (a model called
+        twice: the cache then saves a cast per call). False keeps the copies, as exact training does,
+        and leaves the cache alone.
     recompute_activations: True (default): the output of a GELU or SiLU that the next layer saves is not
         packed; backward computes it again from the activation's own packed input, which the activation
         saved for its gradient (``policy.activation_output``). An MLP then packs one [tokens, 4 * dim]

@@ -489,6 +489,9 @@ class Session:
         self._recent_shapes: deque = deque(maxlen=RECENT_SHAPES)  # of the last tensors given to the pack hook
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._offloader = Offloader() if config.offload == "cpu" else None
+        # recast_weights: once the model has run, autocast's cache is the last holder of its weight copies
+        # (backward casts again), so the cache is cleared as the outermost module finishes (_on_module_exit).
+        self._release_weight_casts = config.recast_weights
 
     # -- scope ------------------------------------------------------------------------------------
 
@@ -536,6 +539,10 @@ class Session:
         if _compiling() or isinstance(module, fx.GraphModule):  # (GraphModule: what torch.compile runs)
             return
         module = _compiled_module_target(module)
+        if not self._stack.frames and id(module) in self._seen_modules:
+            # The outermost module run again in this block (a model called twice, a cell in a loop): its
+            # weight copies are needed again, and autocast's cache saves a cast per call from here on.
+            self._release_weight_casts = False
         self._stack.push(module)
         if type(module) in MAX_POOL_SPATIAL_DIMS and args and isinstance(args[0], torch.Tensor):
             self._pool_inputs[id(module)] = args[0].shape
@@ -555,6 +562,19 @@ class Session:
         if _compiling() or isinstance(module, fx.GraphModule):
             return
         self._stack.pop(_compiled_module_target(module))
+        self._release_weight_copies_after_model()
+
+    def _release_weight_copies_after_model(self) -> None:
+        """Clear autocast's cache once no module runs in this block, nor in an outer one.
+
+        Autocast keeps its low-precision copy of each weight until the autocast region ends, which
+        usually comes after the loss: GPT-2 small's 236 MB of copies are live at its loss, where a
+        compressed step peaks. Backward casts again (recast_weights), so once the model has returned,
+        the cache holds the only reference to them. (No device work; an empty cache costs a C call.)
+        """
+        if (self._release_weight_casts and not self._stack.frames
+                and not any(block._stack.frames for block in _BLOCK_MODULE_HOOKS.blocks)):
+            torch.clear_autocast_cache()
 
     # -- hooks ------------------------------------------------------------------------------------
 
@@ -1004,6 +1024,7 @@ class AttachHandle:
         if self._depth == 0 and self._compressing:
             self._compressing = False
             self._session._close()
+            self._session._release_weight_copies_after_model()
 
     def _track_enter(self, module: nn.Module, args: object) -> None:
         if self._compressing:

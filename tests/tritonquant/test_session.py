@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import math
+import sys
 import warnings
 import weakref
 from collections import Counter
@@ -14,9 +15,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonquant as tq
+from tritonquant.session import Session
 from tritonquant.codec import quantize_with
 from tritonquant.config import QuantConfig
-from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive, narrow_index_dtype, standardize_kind
+from tritonquant.policy import (STANDARDIZE_MAX_BITS, is_sensitive, narrow_index_dtype, standardize_kind,
+                                weight_cast_source)
 from tritonquant.models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
 from tests.activations import ACTIVATION_TOLERANCES, confident_logits
@@ -991,22 +994,43 @@ class _CastCounter(TorchDispatchMode):
         return out
 
 
+class _Unrolled(nn.Module):
+    """A cell run four times in one forward, as an RNN unrolls."""
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for _ in range(4):
+            h = torch.tanh(self.cell(h))
+        return h
+
+
 @pytest.mark.parametrize("retain_graph", [False, True], ids=["once", "twice-retained"])
-def test_a_weight_saved_by_every_step_of_a_loop_is_cast_once_in_backward(retain_graph):
+@pytest.mark.parametrize("loop", ["in-a-module", "at-the-top"])
+def test_a_weight_saved_by_every_step_of_a_loop_is_cast_once_in_backward(loop, retain_graph):
     # A layer run four times in one forward (an RNN cell, shared weights) saves autocast's one cached
     # copy of its weight four times. Cast again per save, backward would make four casts; it makes one,
-    # and the gradients are those of casts kept from forward.
+    # and the gradients are those of casts kept from forward. Called four times from outside any module,
+    # the cell is the block's outermost module: its copy is released when its first call returns, the
+    # other three calls share a new cached copy (the block stops releasing once the cell runs again),
+    # and the weight gradient sums the first call's part apart from the others', in float32.
     torch.manual_seed(0)
     cell = nn.Linear(64, 64)
+    unrolled = _Unrolled(cell)
     x = torch.randn(16, 64, requires_grad=True)
 
     def run(recast: bool) -> tuple[list[torch.Tensor], int, Counter]:
         x.grad, cell.weight.grad, cell.bias.grad = None, None, None
         with tq.compress(bits=4, min_bytes=0, recast_weights=recast) as session:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                h = x
-                for _ in range(4):
-                    h = torch.tanh(cell(h))
+                if loop == "in-a-module":
+                    h = unrolled(x)
+                else:
+                    h = x
+                    for _ in range(4):
+                        h = torch.tanh(cell(h))
         counter = _CastCounter((64, 64))
         with counter:
             h.float().sum().backward(retain_graph=retain_graph)
@@ -1019,8 +1043,109 @@ def test_a_weight_saved_by_every_step_of_a_loop_is_cast_once_in_backward(retain_
     assert reasons["recast"] == 4  # each save is still counted
     assert kept_casts == 0
     assert casts == (2 if retain_graph else 1)  # once per backward, not once per save
-    for got, want in zip(grads, kept_grads):
-        assert torch.equal(got, want)
+    assert torch.equal(grads[0], kept_grads[0])  # (the input gradient sees the same copies either way)
+    for got, want in zip(grads[1:], kept_grads[1:]):
+        if loop == "in-a-module":
+            assert torch.equal(got, want)
+        else:  # (bf16 sums of 3 against 4 terms: a few bf16 ulps of the largest term)
+            torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6 * want.abs().max().item())
+
+
+def _weight_copies_alive_after_forward(block, make_model=None) -> list[bool]:
+    """Whether each autocast copy of a weight that ``block`` saw saved is still alive once the model's
+    forward has returned, inside the autocast region."""
+    torch.manual_seed(0)
+    model = make_model() if make_model else nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    x = torch.randn(32, 64, requires_grad=True)
+    copies = []
+    if block is not None:
+        pack = block._pack
+
+        def recording_pack(t, pack=pack):
+            if isinstance(weight_cast_source(t), nn.Parameter):  # (saved as the copy or a view of it)
+                copies.append(weakref.ref(t._base if t._base is not None else t))
+            return pack(t)
+
+        block._pack = recording_pack
+    with block or contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        alive = [ref() is not None for ref in copies]
+    y.float().sum().backward()
+    return alive
+
+
+def test_the_models_weight_copies_are_released_when_it_returns():
+    # Autocast caches its bf16 copy of each trainable weight until the autocast region ends, after the
+    # loss, where a language model's compressed step peaks. Backward casts again (recast_weights), so
+    # the block clears the cache once the model returns. Kept casts (recast_weights=False) stay alive.
+    assert _weight_copies_alive_after_forward(tq.compress(bits=4, min_bytes=0)) == [False, False]
+    assert _weight_copies_alive_after_forward(tq.compress(bits=4, min_bytes=0, recast_weights=False)) == [True, True]
+
+
+def _count_block_clears(monkeypatch) -> list:
+    """A list that grows by one whenever a block clears autocast's cache (not when autocast's own exit does)."""
+    clears, clear = [], torch.clear_autocast_cache
+
+    def counting_clear():
+        if sys._getframe(1).f_code.co_filename.endswith("session.py"):
+            clears.append(1)
+        clear()
+
+    monkeypatch.setattr(torch, "clear_autocast_cache", counting_clear)
+    return clears
+
+
+def test_an_attached_models_weight_copies_are_released_when_its_forward_returns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
+    x = torch.randn(32, 64, requires_grad=True)
+    for recast in (True, False):
+        handle = tq.attach(model, bits=4, min_bytes=0, recast_weights=recast)
+        copies = []
+        pack = Session._pack
+
+        def recording_pack(self, t):
+            if isinstance(weight_cast_source(t), nn.Parameter):
+                copies.append(weakref.ref(t._base if t._base is not None else t))
+            return pack(self, t)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Session, "_pack", recording_pack)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = model(x)
+                alive = [ref() is not None for ref in copies]
+        y.float().sum().backward()
+        handle.detach()
+        assert alive == [not recast] * 2
+
+
+def test_autocast_is_cleared_only_when_every_open_blocks_outermost_module_returns(monkeypatch):
+    # A block opened inside a model's forward (around its first layer) must not clear autocast's cache
+    # when that layer returns: the model around it is still running, and may use its copies again.
+    clears = _count_block_clears(monkeypatch)
+
+    class InnerBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            with tq.compress(bits=8, min_bytes=0):
+                x = self.first(x)
+            return self.second(x)
+
+    _weight_copies_alive_after_forward(tq.compress(bits=4, min_bytes=0), InnerBlock)
+    assert len(clears) == 1  # when the model returned; not when `first` returned inside the inner block
+
+
+def test_a_model_run_twice_in_a_block_keeps_autocasts_cache_from_its_second_call(monkeypatch):
+    clears = _count_block_clears(monkeypatch)
+    model = nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with tq.compress(bits=4, min_bytes=0), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(model(x))
+        model(x)
+    assert len(clears) == 1  # after the first call only
 
 
 def test_parameter_changed_before_backward_raises_when_recast():
