@@ -490,8 +490,8 @@ class Session:
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._offloader = Offloader() if config.offload == "cpu" else None
         # recast_weights: once the model has run, autocast's cache is the last holder of its weight copies
-        # (backward casts again), so the cache is cleared as the outermost module finishes (_on_module_exit).
-        self._release_weight_casts = config.recast_weights
+        # (backward casts again), so the cache is cleared then (_release_weight_copies_after_model).
+        self._release_weight_copies = config.recast_weights
 
     # -- scope ------------------------------------------------------------------------------------
 
@@ -542,7 +542,7 @@ class Session:
         if not self._stack.frames and id(module) in self._seen_modules:
             # The outermost module run again in this block (a model called twice, a cell in a loop): its
             # weight copies are needed again, and autocast's cache saves a cast per call from here on.
-            self._release_weight_casts = False
+            self._release_weight_copies = False
         self._stack.push(module)
         if type(module) in MAX_POOL_SPATIAL_DIMS and args and isinstance(args[0], torch.Tensor):
             self._pool_inputs[id(module)] = args[0].shape
@@ -572,7 +572,7 @@ class Session:
         compressed step peaks. Backward casts again (recast_weights), so once the model has returned,
         the cache holds the only reference to them. (No device work; an empty cache costs a C call.)
         """
-        if (self._release_weight_casts and not self._stack.frames
+        if (self._release_weight_copies and not self._stack.frames
                 and not any(block._stack.frames for block in _BLOCK_MODULE_HOOKS.blocks)):
             torch.clear_autocast_cache()
 
