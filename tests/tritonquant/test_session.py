@@ -1051,35 +1051,48 @@ def test_a_weight_saved_by_every_step_of_a_loop_is_cast_once_in_backward(loop, r
             torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6 * want.abs().max().item())
 
 
-def _weight_copies_alive_after_forward(block, make_model=None) -> list[bool]:
-    """Whether each autocast copy of a weight that ``block`` saw saved is still alive once the model's
-    forward has returned, inside the autocast region."""
+def _weight_copies_alive_after_forward(compressing, make_model=None) -> list[bool]:
+    """Whether each autocast copy of a weight saved in the forward is still alive once the model has
+    returned, inside the autocast region. ``compressing(model)``: a context that compresses the forward
+    (a block, or an attached handle)."""
     torch.manual_seed(0)
     model = make_model() if make_model else nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
     x = torch.randn(32, 64, requires_grad=True)
-    copies = []
-    if block is not None:
-        pack = block._pack
+    copies, pack = [], Session._pack
 
-        def recording_pack(t, pack=pack):
-            if isinstance(weight_cast_source(t), nn.Parameter):  # (saved as the copy or a view of it)
-                copies.append(weakref.ref(t._base if t._base is not None else t))
-            return pack(t)
+    def recording_pack(self, t):
+        if isinstance(weight_cast_source(t), nn.Parameter):  # (saved as the copy or a view of it)
+            copies.append(weakref.ref(t._base if t._base is not None else t))
+        return pack(self, t)
 
-        block._pack = recording_pack
-    with block or contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
-        y = model(x)
-        alive = [ref() is not None for ref in copies]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Session, "_pack", recording_pack)
+        with compressing(model), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+            alive = [ref() is not None for ref in copies]
     y.float().sum().backward()
     return alive
 
 
-def test_the_models_weight_copies_are_released_when_it_returns():
+@contextlib.contextmanager
+def _attached(model, **config):
+    handle = tq.attach(model, **config)
+    try:
+        yield handle
+    finally:
+        handle.detach()
+
+
+@pytest.mark.parametrize("recast", [True, False], ids=["recast", "kept"])
+@pytest.mark.parametrize("attached", [False, True], ids=["block", "attached"])
+def test_the_models_weight_copies_are_released_when_it_returns(attached, recast):
     # Autocast caches its bf16 copy of each trainable weight until the autocast region ends, after the
     # loss, where a language model's compressed step peaks. Backward casts again (recast_weights), so
-    # the block clears the cache once the model returns. Kept casts (recast_weights=False) stay alive.
-    assert _weight_copies_alive_after_forward(tq.compress(bits=4, min_bytes=0)) == [False, False]
-    assert _weight_copies_alive_after_forward(tq.compress(bits=4, min_bytes=0, recast_weights=False)) == [True, True]
+    # the block (an attached model's forward) clears the cache once the model returns. Kept casts
+    # (recast_weights=False) stay alive.
+    config = dict(bits=4, min_bytes=0, recast_weights=recast)
+    compressing = (lambda model: _attached(model, **config)) if attached else (lambda model: tq.compress(**config))
+    assert _weight_copies_alive_after_forward(compressing) == [not recast] * 2
 
 
 def _count_block_clears(monkeypatch) -> list:
@@ -1093,30 +1106,6 @@ def _count_block_clears(monkeypatch) -> list:
 
     monkeypatch.setattr(torch, "clear_autocast_cache", counting_clear)
     return clears
-
-
-def test_an_attached_models_weight_copies_are_released_when_its_forward_returns():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64))
-    x = torch.randn(32, 64, requires_grad=True)
-    for recast in (True, False):
-        handle = tq.attach(model, bits=4, min_bytes=0, recast_weights=recast)
-        copies = []
-        pack = Session._pack
-
-        def recording_pack(self, t):
-            if isinstance(weight_cast_source(t), nn.Parameter):
-                copies.append(weakref.ref(t._base if t._base is not None else t))
-            return pack(self, t)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(Session, "_pack", recording_pack)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = model(x)
-                alive = [ref() is not None for ref in copies]
-        y.float().sum().backward()
-        handle.detach()
-        assert alive == [not recast] * 2
 
 
 def test_autocast_is_cleared_only_when_every_open_blocks_outermost_module_returns(monkeypatch):
@@ -1134,7 +1123,7 @@ def test_autocast_is_cleared_only_when_every_open_blocks_outermost_module_return
                 x = self.first(x)
             return self.second(x)
 
-    _weight_copies_alive_after_forward(tq.compress(bits=4, min_bytes=0), InnerBlock)
+    _weight_copies_alive_after_forward(lambda model: tq.compress(bits=4, min_bytes=0), InnerBlock)
     assert len(clears) == 1  # when the model returned; not when `first` returned inside the inner block
 
 
