@@ -18,8 +18,7 @@ import tritonquant as tq
 from tritonquant.session import Session
 from tritonquant.codec import quantize_with
 from tritonquant.config import QuantConfig
-from tritonquant.policy import (STANDARDIZE_MAX_BITS, is_sensitive, narrow_index_dtype, standardize_kind,
-                                weight_cast_source)
+from tritonquant.policy import STANDARDIZE_MAX_BITS, is_sensitive, standardize_kind, weight_cast_source
 from tritonquant.models import SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 
 from tests.activations import ACTIVATION_TOLERANCES, confident_logits
@@ -301,6 +300,21 @@ def test_another_view_of_a_packed_run_of_memory_reuses_its_packing(backend, monk
     assert separate_stats.packed_tensors == 4 and separate_stats.deduplicated == 0
     assert torch.equal(heads, separate_heads) and torch.equal(flat, separate_flat)
     assert all(torch.equal(a, b) for a, b in zip(grads, separate_grads))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_transposed_view_of_the_same_shape_is_restored_in_its_own_strides(backend):
+    """A square tensor and its transpose are one run of memory with one shape: the second saver reuses
+    the first one's packing, restored as its own view (the transpose), not as the first one's tensor."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 64, requires_grad=True)
+    with tq.compress(bits=8, min_bytes=0, backend=backend) as session:
+        a = x.exp()  # saves its output, a
+        y = a.t().sin()  # saves a.t(): a's memory, a's shape, other strides
+    restored = y.grad_fn._saved_self
+    assert session.stats.packed_tensors == 1 and session.stats.deduplicated == 1
+    assert restored.stride() == (1, 64)
+    assert torch.equal(restored, tq.dequantize(tq.quantize(a.detach(), bits=8, backend=backend)).t())
 
 
 ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu-tanh": lambda: nn.GELU(approximate="tanh"), "silu": lambda: nn.SiLU()}
@@ -710,6 +724,27 @@ def test_each_top_level_module_of_a_block_gets_its_own_names():
     assert rows["Sequential_2.1"].type_name == "Tanh" and rows["Sequential_2.1"].bits == {8}
 
 
+def test_a_module_calling_itself_is_still_running_when_its_inner_call_returns():
+    # A recursive module (a tree network's cell) is twice on the stack of running modules; its inner
+    # call's return must leave the outer call running, so that what the outer call saves next is its own.
+    class Recursive(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor, depth: int = 1) -> torch.Tensor:
+            if depth:
+                x = self(x, depth - 1)
+            return torch.tanh(self.linear(x))  # tanh saves its output
+
+    torch.manual_seed(0)
+    with tq.compress(bits=4, min_bytes=0) as session:
+        Recursive()(torch.randn(32, 64, requires_grad=True))
+    rows = session.stats.modules
+    assert set(rows) == {"Recursive", "linear"}  # nothing saved "outside modules"
+    assert rows["Recursive"].packed_tensors == 2  # both calls' tanh outputs
+
+
 def test_overrides_by_name_and_type_and_exclusion():
     torch.manual_seed(0)
     model, batch = SmallCNN(width=8, blocks=1), cnn_batch(8)
@@ -1093,6 +1128,14 @@ def test_the_models_weight_copies_are_released_when_it_returns(attached, recast)
     config = dict(bits=4, min_bytes=0, recast_weights=recast)
     compressing = (lambda model: _attached(model, **config)) if attached else (lambda model: tq.compress(**config))
     assert _weight_copies_alive_after_forward(compressing) == [not recast] * 2
+
+
+def test_a_submodule_called_twice_in_the_model_does_not_stop_the_release():
+    # ResNet's bottleneck calls its one ReLU three times. Only the outermost module run again in the
+    # block (a model called twice) needs its weight copies cached again; a submodule run again does not.
+    relu = nn.ReLU()
+    shared_relu = lambda: nn.Sequential(nn.Linear(64, 256), relu, nn.Linear(256, 64), relu)  # noqa: E731
+    assert _weight_copies_alive_after_forward(lambda model: tq.compress(bits=4, min_bytes=0), shared_relu) == [False] * 2
 
 
 def _count_block_clears(monkeypatch) -> list:
@@ -1486,15 +1529,6 @@ def test_max_pool_indices_below_min_bytes_are_kept_as_they_are():
         input_grad(pool, x, session, weight)
         assert session.stats.passed_by_reason["narrowed"] == narrowed, min_bytes
         assert session.stats.passed_by_reason["dtype"] == 1 - narrowed, min_bytes
-
-
-@pytest.mark.parametrize("plane, expected", [
-    ((128, 256), torch.int16), ((128, 257), torch.int32), ((2**16, 2**15), torch.int32), ((2**16, 2**15 + 1), None),
-], ids=["2**15-positions", "one-more", "2**31-positions", "past-int32"])
-def test_pool_indices_narrow_to_the_smallest_type_that_holds_every_position_of_a_plane(plane, expected):
-    # An index is a position in its input plane, 0 .. H*W - 1: int16 holds planes of up to 2**15 positions.
-    indices = torch.zeros(1, dtype=torch.int64)
-    assert narrow_index_dtype(indices, nn.AdaptiveMaxPool2d(2), torch.Size((1, 1, *plane))) is expected
 
 
 def test_max_pool_indices_follow_overrides_that_exclude_the_module():
