@@ -299,6 +299,34 @@ def test_failed_tuning_falls_back_to_the_heuristic_in_memory_only(fake_gpu, isol
     assert not autotune.cache_path().exists(), "a fallback is not persisted"
 
 
+def test_a_launch_inside_a_cuda_graph_capture_uses_the_heuristic_and_tunes_later(monkeypatch):
+    # Timing candidates synchronizes, which a CUDA graph capture forbids: a key first launched while
+    # capturing gets the heuristic, remembered nowhere, and is tuned at its first launch outside a capture.
+    monkeypatch.setattr(autotune, "device_identity", lambda device: H200)
+    tuned = []
+    monkeypatch.setattr(autotune, "_tune_and_store", lambda key, device: tuned.append(key) or autotune.TuneResult(
+        key, autotune.CacheEntry(LaunchConfig(8, 2), 0.1), "tuned", {}))
+    cuda = torch.device("cuda")  # (only named here: nothing is allocated or launched)
+    key = autotune.make_key("quantize", cuda, torch.bfloat16, 4**10, 4, GROUP)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    entry = autotune._resolve_miss(key, cuda)
+    assert entry.config == autotune.heuristic_config(n_groups_of(4**10), GROUP) and entry.ms is None
+    assert tuned == [] and key not in autotune._entries
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert autotune._resolve_miss(key, cuda).config == LaunchConfig(8, 2)
+    assert tuned == [key]
+
+
+def test_a_tuned_tile_is_capped_to_a_smaller_tensors_groups(fake_gpu):
+    # A cached config of a bucket serves every size in it. One with more rows than a tensor of that
+    # bucket has groups (a large tile from the cache file) is launched with rows cut to the groups.
+    x = big(4**7 + 1)  # bucket 8: 65 groups of 256
+    key = autotune.make_key("quantize", x.device, x.dtype, x.numel(), 4, GROUP)
+    autotune._entries[key] = autotune.CacheEntry(LaunchConfig(4096, 4), 0.1)
+    assert autotune.quantize_launch_config(x, n_groups_of(x.numel()), 4, GROUP, False, False) == (128, 4)
+    assert fake_gpu.calls == []
+
+
 # ---------------------------------------------------------------------------------------------
 # forced configs and identical bytes
 # ---------------------------------------------------------------------------------------------
@@ -445,10 +473,13 @@ def test_malformed_entries_are_dropped_one_by_one(isolated_cache):
     path = autotune.cache_path()
     document = json.loads(path.read_text())
     good = document["entries"][0]
-    bad = [dict(good, rows=3), dict(good, bits="4"), dict(good, num_warps=5), dict(good, kind="pack"),
-           dict(good, capability=[9]), dict(good, ms="fast"), dict(good, kind="dequantize", sigma=True),
+    bad = [dict(good, rows=3), dict(good, rows=0), dict(good, rows=2 * autotune.MAX_TILE_ELEMENTS // GROUP),
+           dict(good, bits="4"), dict(good, num_warps=5), dict(good, kind="pack"), dict(good, capability=[9]),
+           dict(good, ms="fast"), dict(good, kind="dequantize", sigma=True),
            {k: v for k, v in good.items() if k != "gpu"}, "not an entry"]
-    document["entries"] = bad + [good]
+    # (After the good entry: one of its key that were kept would replace it.) A rows of 3 or a tile past
+    # Triton's largest block would fail to compile at the first launch.
+    document["entries"] = [good] + bad
     path.write_text(json.dumps(document))
     assert autotune.read_cache() == {key: entry}
 
