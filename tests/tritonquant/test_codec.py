@@ -33,6 +33,9 @@ def _layouts():
         "scalar": lambda d, dev: torch.tensor(-2.5, dtype=d, device=dev),
         "empty": lambda d, dev: torch.empty(0, 5, dtype=d, device=dev),
         "size_one_dims": lambda d, dev: base((1, 65, 1), d, dev),
+        # dense, with a size-1 dimension whose stride is arbitrary (it is never stepped over)
+        "size_one_dim_any_stride": lambda d, dev: base((24, 9), d, dev).t().as_strided((9, 1, 24), (1, 1000, 9)),
+        "broadcast_pair": lambda d, dev: base((1, 50), d, dev).expand(2, 50),
     }
 
 
@@ -194,6 +197,8 @@ def test_bool_is_lossless_at_one_bit(backend, device):
     assert torch.equal(tq.dequantize(p, backend=backend), x)
     y = x.t()
     assert torch.equal(tq.dequantize(tq.quantize(y, backend=backend), backend=backend), y)
+    z = (torch.randn(4, 1024, device=device) > 0.2)[:, :512]  # gaps between runs of whole groups
+    assert torch.equal(tq.dequantize(tq.quantize(z, backend=backend), backend=backend), z)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8], ids=lambda b: f"{b}bit")
@@ -394,6 +399,14 @@ def test_standardized_backends_agree_bit_for_bit(device):
 def test_standardize_is_ignored_without_channels(x):
     packed = quantize_with(x, QuantConfig(bits=2, backend="torch"), standardize="channels")
     assert packed.channels is None
+
+
+def test_standardize_treats_the_columns_of_a_matrix_as_its_channels():
+    # BatchNorm1d's input, [batch, features]: dimension 1 is the channel from two dimensions up.
+    x = channels_apart()[:, :, 0, 0]  # [4, 6]
+    packed = quantize_with(x, QuantConfig(bits=2, group_size=8, backend="torch"), standardize="channels")
+    assert packed.channels.shape == (6, 2)
+    assert torch.equal(packed.channels[:, 0], x.amin(dim=0))
 
 
 # ---------------------------------------------------------------------------------------------
