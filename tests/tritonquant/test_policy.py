@@ -45,6 +45,12 @@ def test_only_max_pooling_modules_int64_indices_are_narrowed():
     assert narrow_index_dtype(torch.zeros(1, dtype=torch.int64), nn.MaxPool2d(2), None) is None  # input unseen
 
 
+def _at_offset_1(shape: tuple, stride: tuple) -> torch.Tensor:
+    """A bf16 tensor of no view base that starts one element into its storage (a slice would be a view)."""
+    storage = torch.zeros(1 + shape[0] * shape[1], dtype=torch.bfloat16).untyped_storage()
+    return torch.empty(0, dtype=torch.bfloat16).set_(storage, 1, shape, stride)
+
+
 # What a frozen Linear(64, 32)'s layer might save, by case: its weight is [32, 64] float32, strides (64, 1).
 _SAVED_BESIDE_A_FROZEN_WEIGHT = {
     "cast": (lambda w: w.to(torch.bfloat16), True),
@@ -54,12 +60,6 @@ _SAVED_BESIDE_A_FROZEN_WEIGHT = {
     "other-strides": (lambda w: torch.empty_strided((32, 64), (1, 32), dtype=torch.bfloat16), False),
     "offset-in-storage": (lambda w: _at_offset_1((32, 64), (64, 1)), False),
 }
-
-
-def _at_offset_1(shape: tuple, stride: tuple) -> torch.Tensor:
-    """A bf16 tensor of no view base that starts one element into its storage (a slice would be a view)."""
-    storage = torch.zeros(1 + shape[0] * shape[1], dtype=torch.bfloat16).untyped_storage()
-    return torch.empty(0, dtype=torch.bfloat16).set_(storage, 1, shape, stride)
 
 
 @pytest.mark.parametrize("case", _SAVED_BESIDE_A_FROZEN_WEIGHT)

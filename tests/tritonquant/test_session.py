@@ -1133,9 +1133,12 @@ def test_the_models_weight_copies_are_released_when_it_returns(attached, recast)
 def test_a_submodule_called_twice_in_the_model_does_not_stop_the_release():
     # ResNet's bottleneck calls its one ReLU three times. Only the outermost module run again in the
     # block (a model called twice) needs its weight copies cached again; a submodule run again does not.
-    relu = nn.ReLU()
-    shared_relu = lambda: nn.Sequential(nn.Linear(64, 256), relu, nn.Linear(256, 64), relu)  # noqa: E731
-    assert _weight_copies_alive_after_forward(lambda model: tq.compress(bits=4, min_bytes=0), shared_relu) == [False] * 2
+    def with_shared_relu() -> nn.Module:
+        relu = nn.ReLU()
+        return nn.Sequential(nn.Linear(64, 256), relu, nn.Linear(256, 64), relu)
+
+    alive = _weight_copies_alive_after_forward(lambda model: tq.compress(bits=4, min_bytes=0), with_shared_relu)
+    assert alive == [False] * 2
 
 
 def _count_block_clears(monkeypatch) -> list:
