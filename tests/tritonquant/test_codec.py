@@ -58,6 +58,17 @@ def test_roundtrip_keeps_shape_dtype_device_and_strides(layout, dtype, backend, 
         assert (y.float() - x.float()).abs().max() <= (x.float().abs().max() + 1) * 2**-5
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "storage_offset", "broadcast",
+                                    "broadcast_middle", "size_one_dims", "size_one_dim_any_stride", "attention_runs",
+                                    "gaps"])
+def test_dense_layouts_and_strided_runs_are_read_where_they_lie(layout):
+    # The kernels read a tensor's memory directly when its elements fill one run of it (broadcast
+    # dimensions taken once), or fall in equal runs of whole groups; only other gaps make a dense copy.
+    x = LAYOUTS[layout](torch.float32, "cpu")
+    stored, _ = codec._packing_layout(x, 16, read_runs=True)
+    assert (stored.data_ptr() == x.data_ptr()) is (layout != "gaps")
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # (the interpreter's exp)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation", kernels.ACTIVATIONS)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from tritonquant import policy
-from tritonquant.policy import is_frozen_weight_cast, is_row_statistic, narrow_index_dtype, recastable
+from tritonquant.policy import (is_frozen_weight_cast, is_row_statistic, narrow_index_dtype, recastable,
+                                weight_cast_source)
 
 
 @pytest.mark.parametrize("shape, recent, expected", [
@@ -43,6 +44,18 @@ def test_only_max_pooling_modules_int64_indices_are_narrowed():
     assert narrow_index_dtype(torch.zeros(1, dtype=torch.int32), nn.MaxPool2d(2), shape) is None
     assert narrow_index_dtype(torch.zeros(1, dtype=torch.int64), nn.AvgPool2d(2), shape) is None
     assert narrow_index_dtype(torch.zeros(1, dtype=torch.int64), nn.MaxPool2d(2), None) is None  # input unseen
+
+
+def test_only_a_cast_straight_from_a_parameter_is_cast_again_in_backward():
+    # Backward remakes the tensor as param.to(dtype): right for a cast of the parameter or a view of one,
+    # wrong for anything else made from it in another dtype (a complex parameter's magnitude).
+    param = nn.Parameter(torch.randn(4, 8))
+    assert weight_cast_source(param.to(torch.bfloat16)) is param
+    assert weight_cast_source(param.to(torch.bfloat16).t()) is param
+    assert weight_cast_source(param.t().to(torch.bfloat16)) is None  # a cast of a view: other strides
+    assert weight_cast_source(param * 2) is None
+    complex_param = nn.Parameter(torch.randn(4, 8, dtype=torch.complex64))
+    assert weight_cast_source(complex_param.abs()) is None
 
 
 def _at_offset_1(shape: tuple, stride: tuple) -> torch.Tensor:
