@@ -25,6 +25,20 @@ def test_allocate_narrows_one_module_to_widen_another():
     assert allocate(costs, elements, 8.0) == {"flat": 8, "steep": 8}
 
 
+def test_allocate_prices_a_width_by_the_elements_it_costs():
+    # A bit for each of 100 elements costs a tenth of a bit for each of 1000: at 2 bits on average the
+    # small tensor goes to 8 bits and the large one to 1 (cost 12.25), not both to 2 (cost 21).
+    costs = {"small": {1: 64.0, 2: 16.0, 4: 5.0, 8: 0.25}, "large": {1: 12.0, 2: 5.0, 4: 0.7, 8: 0.1}}
+    assert allocate(costs, {"small": 100, "large": 1000}, 2.0) == {"small": 8, "large": 1}
+
+
+def test_allocate_spends_no_bits_that_buy_nothing():
+    # Budget left over goes to the best cost reduction per added bit, and none to a width that
+    # reduces nothing: widening would only hold more memory.
+    costs = {"flat": {1: 3.0, 2: 3.0, 4: 3.0, 8: 3.0}, "steep": {1: 9.0, 2: 4.0, 4: 1.0, 8: 0.5}}
+    assert allocate(costs, {"flat": 100, "steep": 100}, 8.0) == {"flat": 1, "steep": 8}
+
+
 @pytest.mark.parametrize("budget", [1.5, 2.0, 3.0, 5.0])
 def test_allocate_respects_the_budget(budget):
     g = torch.Generator().manual_seed(0)
