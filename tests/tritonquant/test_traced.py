@@ -279,6 +279,14 @@ def q_of_attention() -> torch.Tensor:
     return torch.randn(2, 8, 3, 4, 16).permute(2, 0, 3, 1, 4)[0]
 
 
+def test_an_empty_tensor_is_never_packed_in_a_compiled_region():
+    # min_bytes=0 packs every saved tensor, but one without elements has nothing to pack.
+    graph = torch.fx.Graph()
+    node = graph.call_function(torch.relu, (graph.placeholder("x"),))
+    assert traced._packable(torch.randn(4, 8), 0, node)
+    assert not traced._packable(torch.empty(0, 8), 0, node)
+
+
 @pytest.mark.parametrize("make, restored", [
     (lambda: torch.randn(4, 8, 16), (128, 16, 1)),
     (lambda: torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last), (256, 1, 64, 16)),
@@ -287,7 +295,9 @@ def q_of_attention() -> torch.Tensor:
     (lambda: torch.randn(8, 64)[:, ::2], (32, 1)),
     (lambda: torch.randn(4, 1, 16).transpose(0, 1), (16, 16, 1)),
     (lambda: torch.randn(1, 16).expand(8, 16), None),  # broadcast: kept
-], ids=["contiguous", "channels-last", "permuted-dense", "attention-q", "every-other", "size-1-dims", "broadcast"])
+    (lambda: torch.randn(16).as_strided((4, 4), (1, 1)), None),  # elements sharing memory: kept
+], ids=["contiguous", "channels-last", "permuted-dense", "attention-q", "every-other", "size-1-dims", "broadcast",
+        "overlapping"])
 def test_the_restored_strides_are_the_packings_layout(make, restored):
     torch.manual_seed(0)
     x = make()
