@@ -12,11 +12,21 @@ Rows, each the model compiled afresh and trained for a few steps (docs/integrati
     tq-4bit python   the same block with the Python hooks (as blocks with per-module overrides keep):
                      the region's tensors are packed when its forward returns
     tq-4bit eager    compress(bits=4) on the model not compiled
+    exact, CUDA graphs / tq-4bit traced, CUDA graphs
+                     the first two, compiled with mode="reduce-overhead": Inductor replays each compiled
+                     graph as a CUDA graph, so the traced ops' Python (one call per packed tensor and
+                     per restored one) runs when a graph is recorded, not in every step
 
-Workloads on CUDA, in the order they run: the bench's GPT-2 small (batch 8) and bf16 ResNet-50 (batch 64),
-exact and traced only (``python -m tritonquant bench`` measures them eager), for the step-time target
-of compiled training; then an 8-layer MLP with every method, which shows what traced packing changes
-against Python hooks. On the CPU: a small MLP and a small transformer, every method, fp32.
+Workloads on CUDA, in the order they run: the bench's GPT-2 small (batch 8; also with CUDA graphs) and
+bf16 ResNet-50 (batch 64, channels-last), exact and traced only (``python -m tritonquant bench``
+measures them eager), for the step-time target of compiled training; then an 8-layer MLP with the
+first four methods, which shows what traced packing changes against Python hooks. On the CPU: a small
+MLP and a small transformer, the first four methods, fp32.
+
+ResNet-50 is compiled channels-last (model and images), as CNNs are trained on GPUs. Compiled from
+NCHW, Inductor makes its convolutions' outputs channels-last itself, and each packed tensor, which the
+pack op takes in the strides it was traced with, is first copied back to NCHW: on the CPU (torch 2.13)
+that was a copy kernel for 54 of the 67 packed tensors of a ResNet-50 forward, none channels-last.
 
 Columns: median step ms (forward, backward, no optimizer; CUDA events on CUDA) after two warm-up steps,
 its ratio to exact, Python pack hook calls a step, tensors packed a step, and on CUDA the memory held
@@ -55,9 +65,10 @@ from one_callable import write_result  # noqa: E402
 
 METHODS = ("exact", "tq-4bit traced", "tq-4bit python", "tq-4bit eager")
 TRACED_ONLY = ("exact", "tq-4bit traced")
+GRAPHED = ("exact, CUDA graphs", "tq-4bit traced, CUDA graphs")  # (torch.compile(mode="reduce-overhead"))
 # The bench's workloads of the step-time target (tritonquant/bench.py), at the batch where the H200 bound
-# their eager steps by the host (docs/benchmarks.md), in the order they run.
-TARGET_WORKLOADS = (("gpt2-small bf16 seq1024", 8), ("resnet50 bf16 224px", 64))
+# their eager steps by the host (docs/benchmarks.md), in the order they run, with their methods.
+TARGET_WORKLOADS = (("gpt2-small bf16 seq1024", 8, TRACED_ONLY + GRAPHED), ("resnet50 bf16 224px", 64, TRACED_ONLY))
 traceable_at_import = traced.traceable
 MB = 2**20
 
@@ -74,12 +85,16 @@ class Case:
     target: bool = False
 
 
-def bench_case(workload_name: str, batch_size: int, device: torch.device) -> Case:
-    """The bench's workload ``workload_name`` (tritonquant/bench.py) at ``batch_size``, exact and traced."""
+def bench_case(workload_name: str, batch_size: int, device: torch.device, methods: tuple[str, ...]) -> Case:
+    """The bench's workload ``workload_name`` (tritonquant/bench.py) at ``batch_size``; a CNN channels-last."""
     workload = next(w for w in bench.gpu_workloads() if w.name == workload_name)
     batch = workload.make_batch(batch_size, device)
-    return Case(f"{workload.name}, batch {batch_size}", lambda: workload.make_model().to(device),
-                lambda model: workload.loss_fn(model, batch), TRACED_ONLY, workload.autocast_dtype, target=True)
+    name, memory_format = f"{workload.name}, batch {batch_size}", torch.preserve_format
+    if batch[0].dim() == 4:  # (images)
+        name, memory_format = f"{name}, channels-last", torch.channels_last
+        batch = (batch[0].to(memory_format=memory_format), *batch[1:])
+    return Case(name, lambda: workload.make_model().to(device, memory_format=memory_format),
+                lambda model: workload.loss_fn(model, batch), methods, workload.autocast_dtype, target=True)
 
 
 def mlp_case(width: int, rows: int, device: torch.device, autocast_dtype: torch.dtype | None) -> Case:
@@ -96,7 +111,7 @@ def mlp_case(width: int, rows: int, device: torch.device, autocast_dtype: torch.
 
 def cases(device: torch.device) -> list[Case]:
     if device.type == "cuda":
-        return [*(bench_case(name, batch, device) for name, batch in TARGET_WORKLOADS),
+        return [*(bench_case(name, batch, device, methods) for name, batch, methods in TARGET_WORKLOADS),
                 mlp_case(2048, 16384, device, torch.bfloat16)]
     dim, layers, seq, batch, vocab = 64, 2, 32, 4, 256
     data = lm_batch(batch, seq=seq, vocab=vocab, device=device)
@@ -130,7 +145,9 @@ class PackCounter:
 def measure(method: str, case: Case, model: nn.Module, device: torch.device, steps: int) -> dict:
     """One row: ``model`` compiled afresh (but for "tq-4bit eager") and trained ``steps`` + 2 steps."""
     torch._dynamo.reset()
-    target = model if method == "tq-4bit eager" else torch.compile(model)
+    mode = "reduce-overhead" if method in GRAPHED else None
+    target = model if method == "tq-4bit eager" else torch.compile(model, mode=mode)
+    compressed = method.startswith("tq-")
     traceable = traced.traceable
     if method == "tq-4bit python":
         traced.traceable = lambda config: False
@@ -141,10 +158,10 @@ def measure(method: str, case: Case, model: nn.Module, device: torch.device, ste
         """The step's loss, and the block it ran in (None for exact), counting Python pack calls."""
         amp = (torch.autocast(device.type, dtype=case.autocast_dtype) if case.autocast_dtype
                else contextlib.nullcontext())
-        block = tq.compress(bits=4) if method != "exact" else contextlib.nullcontext()
+        block = tq.compress(bits=4) if compressed else contextlib.nullcontext()
         with counter, amp, block:
             loss = case.loss(target)
-        return loss, block if method != "exact" else None
+        return loss, block if compressed else None
 
     try:
         for _ in range(2):  # warm-up: the compilation, then one more step
@@ -209,10 +226,11 @@ def table(results: list[dict], cuda: bool) -> tuple[list[list[str]], list[str]]:
     headers = ["workload", "method", "step ms", "x exact", "Python pack calls", "packed"]
     if cuda:
         headers += ["held MB", "x exact", "peak MB", "x exact"]
-    exact = {r["workload"]: r for r in results if r["method"] == "exact" and r["error"] is None}
+    exact = {(r["workload"], r["method"]): r for r in results if r["method"].startswith("exact") and r["error"] is None}
 
     def ratio(r: dict, key: str) -> str:
-        reference = exact.get(r["workload"], {}).get(key)
+        # (Against exact training compiled the same way: with CUDA graphs or without.)
+        reference = exact.get((r["workload"], GRAPHED[0] if r["method"] in GRAPHED else "exact"), {}).get(key)
         return f"{r[key] / reference:.2f}" if reference and r[key] is not None else "-"
 
     rows = []

@@ -36,7 +36,9 @@ import threading
 from typing import Any
 
 import torch
+import torch._inductor.config
 from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import kernels
 from .codec import dequantize, quantize_checked
@@ -327,6 +329,8 @@ def push_session(session, traced: bool) -> None:
     """
     _OPEN.sessions.append(session)
     _ALL_OPEN.append(session)
+    if traced:
+        install_restore_pass()
     config = torch._functorch.config
     _OPEN.restore.append({name: getattr(config, name) for name in _AOT_SETTINGS if hasattr(config, name)})
     if traced:
@@ -339,6 +343,59 @@ def push_session(session, traced: bool) -> None:
 
 # The AOTAutograd settings a block changes while it is open (push_session), restored when it closes.
 _AOT_SETTINGS = ("saved_tensors_hooks_filtering_mode", "ban_recompute_materialized_backward")
+
+
+class RestoreAtFirstUse(CustomGraphPass):
+    """Inductor's post-grad pass while compiled regions trace our hooks: it moves each ``unpack_saved``
+    of a graph to just before the first node that reads its tensor.
+
+    AOTAutograd puts the traced unpack hooks at the top of the backward graph, and Inductor kept them
+    there (its peak-memory reordering left them, torch 2.13), so every packed tensor of a region was
+    restored at once when the region's backward started, and the backward held them all at full width.
+    Restored at first use, each lives from its first use to its last (Inductor frees it there).
+
+    ``then``: the pass or passes that were installed before, run first (a plain callable among them
+    turns Inductor's FX graph cache off, as it does without us).
+    ``uuid`` keys Inductor's FX graph cache: ours and those of ``then``, or None (no caching) where
+    one of them has none.
+    """
+
+    VERSION = "tritonquant-restore-at-first-use-1"
+
+    def __init__(self, then: Any = None) -> None:
+        self.then = then
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for then in self._chained():
+            then(graph)
+        unpacks = [node for node in graph.find_nodes(op="call_function", target=_OPS.unpack_saved.default)
+                   if node.users]
+        if not unpacks:
+            return
+        # (Users of an unpack are never unpacks, so moving unpacks keeps this order of their users.)
+        position = {node: i for i, node in enumerate(graph.nodes)}
+        for node in unpacks:
+            min(node.users, key=position.__getitem__).prepend(node)
+
+    def uuid(self) -> Any:
+        chained = [then.uuid() if hasattr(then, "uuid") else None for then in self._chained()]
+        return None if None in chained else (self.VERSION, *chained)
+
+    def _chained(self) -> list:
+        """The passes ``then`` names: none, one, or (torch 2.12 on) a list of them."""
+        if not self.then:
+            return []
+        return list(self.then) if isinstance(self.then, (list, tuple)) else [self.then]
+
+
+def install_restore_pass() -> None:
+    """Make ``RestoreAtFirstUse`` Inductor's post-grad pass, chaining the one there; done when a block
+    with traced hooks opens, and left in place when it closes: a region's backward is compiled when it
+    first runs, which is often after the block closed. Graphs without our ops pass through it as
+    they are."""
+    config = torch._inductor.config
+    if not isinstance(config.post_grad_custom_post_pass, RestoreAtFirstUse):
+        config.post_grad_custom_post_pass = RestoreAtFirstUse(config.post_grad_custom_post_pass)
 
 
 def pop_session(session) -> None:

@@ -57,9 +57,17 @@ def test_a_failed_row_keeps_its_error_and_the_other_rows_and_sets_the_exit_statu
     assert "RuntimeError: this workload does not compile" in (tmp_path / "compiled.md").read_text()
 
 
-@pytest.mark.parametrize("name, batch", bench_compiled.TARGET_WORKLOADS, ids=lambda v: str(v).split()[0])
-def test_the_target_workloads_are_the_benchs(name, batch):
+@pytest.mark.parametrize("name, batch, methods", bench_compiled.TARGET_WORKLOADS, ids=lambda v: str(v).split()[0])
+def test_the_target_workloads_are_the_benchs(name, batch, methods):
     # (Only built on a GPU: a renamed bench workload would otherwise first fail there.)
-    case = bench_compiled.bench_case(name, 1, torch.device("cpu"))
-    assert case.target and case.methods == bench_compiled.TRACED_ONLY and case.autocast_dtype == torch.bfloat16
-    assert case.name == f"{name}, batch 1"
+    case = bench_compiled.bench_case(name, 1, torch.device("cpu"), methods)
+    assert case.target and case.methods == methods and case.autocast_dtype == torch.bfloat16
+    assert set(bench_compiled.TRACED_ONLY) <= set(methods) <= set(bench_compiled.TRACED_ONLY + bench_compiled.GRAPHED)
+    # A CNN is compiled channels-last, model and images (see the module's docstring); the rest as they are.
+    cnn = name.startswith("resnet")
+    assert case.name == f"{name}, batch 1" + (", channels-last" if cnn else "")
+    model = case.make_model()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert bool(convs) == cnn
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert not cnn or not all(m.weight.is_contiguous() for m in convs)  # (a 1x1 kernel is both)

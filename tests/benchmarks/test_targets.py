@@ -52,6 +52,9 @@ KERNELS = {"meta": {"device": "cuda"}, "rows": [
 COMPILED = {"gpu": True, "rows": [
     {"workload": f"{GPT}, batch 8", "method": "exact", "target": True, "step_ms": 30.0, "error": None},
     {"workload": f"{GPT}, batch 8", "method": "tq-4bit traced", "target": True, "step_ms": 32.4, "error": None},
+    {"workload": f"{GPT}, batch 8", "method": "exact, CUDA graphs", "target": True, "step_ms": 20.0, "error": None},
+    {"workload": f"{GPT}, batch 8", "method": "tq-4bit traced, CUDA graphs", "target": True, "step_ms": 23.0,
+     "error": None},
     {"workload": f"{BF16}, batch 64", "method": "exact", "target": True, "step_ms": 25.0, "error": None},
     {"workload": f"{BF16}, batch 64", "method": "tq-4bit traced", "target": True, "step_ms": None,
      "error": "BackendCompilerFailed: boom"},
@@ -90,6 +93,12 @@ def test_a_compiled_step_is_judged_against_exact_training_compiled_for_the_targe
     assert rows[(label, f"{GPT}, batch 8")] == ["+8% (32.4 vs 30.0 ms)", "yes |"]
     assert rows[(label, f"{BF16}, batch 64")] == ["not measured", "- |"]  # its compressed row failed
     assert not any(key[1].startswith("mlp") for key in rows)
+
+
+def test_a_compiled_step_with_cuda_graphs_is_judged_where_it_was_measured(rows):
+    label = "| step time, 4 bits, torch.compile with CUDA graphs: under +10%"
+    assert rows[(label, f"{GPT}, batch 8")] == ["+15% (23.0 vs 20.0 ms)", "no |"]  # (not the 30 ms without)
+    assert (label, f"{BF16}, batch 64") not in rows  # (no such method there)
 
 
 def test_activations_use_the_limit_of_their_precision_and_show_the_sessions_count(rows):

@@ -16,7 +16,8 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import tritonquant as tq
 from tritonquant import traced
@@ -112,6 +113,58 @@ def test_a_compiled_region_packs_in_its_graph_and_frees_each_tensor_early(backen
     # the last layer's output), not the six before it.
     assert max(spy.alive_at_pack) <= 2, spy.alive_at_pack
     assert sum(ref() is not None for ref in spy.packed) == 1  # the input
+
+
+def test_a_compiled_backward_restores_each_tensor_at_its_first_use(monkeypatch):
+    """AOTAutograd puts the unpack ops at the top of the backward graph; restored there, every packed
+    tensor of the region would be alive at full width at once (``traced.RestoreAtFirstUse``)."""
+    model, x = deep_mlp(), torch.randn(64, 128)
+    compiled = torch.compile(model)
+    restored: list[weakref.ref] = []
+    alive_at_restore: list[int] = []  # earlier restored tensors still alive when each one is restored
+    dequantize = traced.dequantize
+
+    def spy_dequantize(packed, **kwargs):
+        alive_at_restore.append(sum(ref() is not None for ref in restored))
+        out = dequantize(packed, **kwargs)
+        restored.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(traced, "dequantize", spy_dequantize)
+    # The backward is compiled when it first runs, after the block closed, as in most training loops.
+    session = tq.compress(bits=4, min_bytes=0)
+    grads(model, lambda: compiled(x).sum(), session)
+    assert len(restored) == session.stats.packed_tensors == 7
+    # Each layer's backward reads one restored tensor (the Linear's output, from which it computes the
+    # GELU's output again for the next layer's weight gradient, and the GELU's gradient): when one
+    # is restored, the one before it is dead. At the top of the graph, the last would see six.
+    assert max(alive_at_restore) <= 1, alive_at_restore
+
+
+def test_the_restore_pass_chains_the_one_it_finds_and_is_installed_once():
+    seen = []
+
+    class Theirs(CustomGraphPass):
+        def __call__(self, graph):
+            seen.append(graph)
+
+        def uuid(self):
+            return "theirs"
+
+    # (config.patch, not monkeypatch: monkeypatch's undo deletes a config module's entry, hiding it.)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=Theirs()):
+        with tq.compress(bits=4):
+            installed = torch._inductor.config.post_grad_custom_post_pass
+        with tq.compress(bits=4):
+            assert torch._inductor.config.post_grad_custom_post_pass is installed  # (not wrapped again)
+    assert isinstance(installed, traced.RestoreAtFirstUse) and isinstance(installed.then, Theirs)
+    assert installed.uuid() == (traced.RestoreAtFirstUse.VERSION, "theirs")
+    assert traced.RestoreAtFirstUse(lambda graph: None).uuid() is None  # (Inductor caches nothing then)
+    assert traced.RestoreAtFirstUse().uuid() == (traced.RestoreAtFirstUse.VERSION,)
+    graph = fx.Graph()
+    graph.output(graph.placeholder("x"))
+    installed(graph)
+    assert seen == [graph]
 
 
 def test_python_hooks_pack_a_region_only_once_its_forward_returns(monkeypatch):
