@@ -257,6 +257,25 @@ def activation_output(t: torch.Tensor) -> tuple[object, int, str, torch.Tensor] 
     return input_node, output_nr, activation, out
 
 
+def cast_source(t: torch.Tensor) -> tuple[object, int] | None:
+    """When ``t`` is a dtype cast of another float tensor (``.float()``, ``.to(dtype)``, autocast's
+    casts): (the autograd node that made that tensor, its output number at that node), else None.
+
+    Under CUDA autocast, a bf16 model's cross-entropy saves its bf16 log-probabilities (log_softmax)
+    and, for nll_loss, which autocast runs in float32, a float32 copy of them: the same values twice,
+    each the size of batch x sequence x vocabulary. The session serves the copy from the
+    log-probabilities' packing (``Session._cast_of_packed``). (A device move is a ``ToCopyBackward0``
+    too; the session checks the device.)
+    """
+    node = t.grad_fn
+    if node is None or t._base is not None or not t.is_floating_point():
+        return None
+    if type(node).__name__ != "ToCopyBackward0":  # (a name test first: few saved tensors are casts)
+        return None
+    (source_node, output_nr), = node.next_functions
+    return None if source_node is None else (source_node, output_nr)
+
+
 def in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread."""
     return torch._C._current_graph_task_id() != -1

@@ -34,8 +34,9 @@ from .config import CompressConfig, QuantConfig
 from .offload import OffloadedPacked, Offloader
 from .packed import PackedTensor
 from .pool_indices import PoolWindows, pool_windows
-from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, is_frozen_weight_cast, is_row_statistic, is_sensitive,
-                     narrow_index_dtype, pass_reason, producer, recastable, standardize_kind, standardization, weight_cast_source)
+from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, cast_source, is_frozen_weight_cast, is_row_statistic,
+                     is_sensitive, narrow_index_dtype, pass_reason, producer, recastable, standardize_kind, standardization,
+                     weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 # What an override lookup returns when no override pattern matched (None means one matched: keep).
@@ -144,6 +145,21 @@ class _Recomputed:
         return out if self.view is None else out.as_strided(*self.view)
 
 
+class _CastOfPacked:
+    """A dtype cast of a packed tensor (``policy.cast_source``), saved by another op: restored as that
+    cast of the packed tensor's decoding, which holds the same values (a cast to a wider float is
+    exact). The decoded tensor is shared with the packed tensor's own savers (``_decode``)."""
+
+    __slots__ = ("base", "dtype")
+
+    def __init__(self, base: _Packed, dtype: torch.dtype) -> None:
+        self.base = base
+        self.dtype = dtype
+
+    def restore(self) -> torch.Tensor:
+        return _decode(self.base).to(self.dtype)  # (a dense tensor's cast keeps its strides)
+
+
 class _Kept:
     """A tensor passed through unchanged, with its version to detect in-place changes before backward."""
 
@@ -240,8 +256,8 @@ class _RecastWeight:
 
 
 # What the pack hook returns for autograd to hold, and the unpack hook restores.
-_Handle = (_Packed | _PackedView | _Recomputed | _Kept | _NarrowedIndices | _WindowIndices | _RecastWeight
-           | ProbeTensor)
+_Handle = (_Packed | _PackedView | _Recomputed | _CastOfPacked | _Kept | _NarrowedIndices | _WindowIndices
+           | _RecastWeight | ProbeTensor)
 
 
 def _view_key(t: torch.Tensor) -> tuple:
@@ -296,6 +312,12 @@ def _filed_by_producer(node, output_nr: int) -> _Packed | None:
     """The live packing filed on ``node`` for its output ``output_nr`` (``_file_by_producer``), else None."""
     filed = node.metadata.get(_PACKINGS, {}).get(output_nr)
     return filed[0]() if filed is not None and filed[0] is not None else None
+
+
+def _filed_version(node, output_nr: int) -> int | None:
+    """The version its output had when the packing ``_filed_by_producer`` finds was made."""
+    filed = node.metadata.get(_PACKINGS, {}).get(output_nr)
+    return filed[1] if filed is not None else None
 
 
 class _WeakTable:
@@ -644,6 +666,10 @@ class Session:
             recomputed = self._recompute(t, quant, row)
             if recomputed is not None:
                 return recomputed
+        if calibration is None:
+            cast = self._cast_of_packed(t, quant)
+            if cast is not None:
+                return cast
         standardize = standardization(kind, quant.bits)
         packed = quantize_checked(t, quant, standardize=standardize, stream=self._seeded_stream(quant))
         handle = _Packed(packed, quant.backend, t)
@@ -654,8 +680,7 @@ class Session:
             handle.packed = self._offloader.offload(packed)
             self.stats.offloaded_bytes += packed.nbytes
         self._dedup[standardized_key if standardize else key] = handle
-        if self.config.recompute_activations:
-            _file_by_producer(t, handle)
+        _file_by_producer(t, handle)  # (found by GELU and SiLU outputs, and by casts: _recompute, _cast_of_packed)
         if t.is_cuda:
             self._cuda_devices.add(t.get_device())  # (the index, without building a torch.device)
         self._count_packed(row, packed)
@@ -683,6 +708,28 @@ class Session:
         base.saves += 1  # (so that _decode keeps the decoded input for the activation's own unpack)
         self._count_passed(row, "recomputed", 0)
         return _Recomputed(base, activation, t, out)
+
+    def _cast_of_packed(self, t: torch.Tensor, quant: QuantConfig) -> _CastOfPacked | None:
+        """A handle that restores ``t``, a dtype cast of a tensor packed in this block, from that packing;
+        None when ``t`` is no such cast, or the packing cannot stand for it: another device, shape or
+        layout, fewer bits than ``t`` would get, or the tensor or its cast changed since (in place
+        under no_grad, which leaves their nodes as they were)."""
+        found = cast_source(t)
+        if found is None or t._version != 0:
+            return None
+        node, output_nr = found
+        base = _filed_by_producer(node, output_nr)
+        if base is None or not isinstance(base.packed, PackedTensor):  # (an offloaded packing: not shared)
+            return None
+        source = base.source()
+        packed = base.packed
+        if (source is None or source._version != _filed_version(node, output_nr) or packed.bits < quant.bits
+                or packed.device != t.device or packed.shape != t.shape or packed.stride != t.stride()
+                or packed.stored_shape != packed.shape or packed.stored_stride != packed.stride):
+            return None
+        base.saves += 1  # (so that _decode keeps the decoded tensor for the packed tensor's own savers)
+        self.stats.deduplicated += 1
+        return _CastOfPacked(base, t.dtype)
 
     def _recast_weight(self, t: torch.Tensor, row: ModuleStats) -> _RecastWeight | None:
         """A handle that casts the parameter ``t`` was cast from again in backward; None when ``t`` is not
@@ -773,7 +820,8 @@ class Session:
 
     @staticmethod
     def _unpack(handle: _Handle) -> torch.Tensor:
-        if isinstance(handle, (_PackedView, _Recomputed, _WindowIndices, _NarrowedIndices, _RecastWeight)):
+        if isinstance(handle, (_PackedView, _Recomputed, _CastOfPacked, _WindowIndices, _NarrowedIndices,
+                               _RecastWeight)):
             return handle.restore()
         if isinstance(handle, (_Kept, ProbeTensor)):
             t = handle.tensor

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tritonquant import policy
-from tritonquant.policy import (is_frozen_weight_cast, is_row_statistic, narrow_index_dtype, recastable,
+from tritonquant.policy import (cast_source, is_frozen_weight_cast, is_row_statistic, narrow_index_dtype, recastable,
                                 weight_cast_source)
 
 
@@ -105,3 +105,14 @@ def test_a_parameter_is_recastable_unless_partitioned_or_inside_a_sharding_modul
     assert not recastable(param, [Sharding(), nn.Linear(4, 4)])
     param.ds_id = 7
     assert not recastable(param, [nn.Linear(4, 4)])
+
+
+def test_cast_source_names_the_node_of_a_float_casts_source():
+    a = torch.randn(4, 8, requires_grad=True)
+    x = torch.tanh(a)
+    node, output_nr = cast_source(x.to(torch.bfloat16))
+    assert node is x.grad_fn and output_nr == 0
+    assert cast_source(x) is None  # (made by tanh)
+    assert cast_source(x.to(torch.bfloat16).view(8, 4)) is None  # (a view of a cast: not the cast itself)
+    assert cast_source(x.to(torch.int32)) is None  # (an integer cast has no gradient)
+    assert cast_source(a.detach().to(torch.bfloat16)) is None  # (no autograd node)

@@ -1684,3 +1684,59 @@ def test_keeping_row_statistics_exact_brings_2bit_gradients_closer(seed, monkeyp
     cos_kept = F.cosine_similarity(kept, exact, dim=0).item()
     cos_packed = F.cosine_similarity(packed, exact, dim=0).item()
     assert cos_kept > cos_packed + 0.04, (cos_kept, cos_packed)  # measured 0.743 vs 0.658, 0.705 vs 0.626
+
+
+# -- dtype casts of packed tensors --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_cast_of_a_packed_tensor_is_restored_from_its_packing(backend):
+    """x.float() saved by another op holds x's values: restored as the cast of x's decoding, bit for
+    bit, instead of packed a second time."""
+    torch.manual_seed(0)
+    a = torch.randn(64, 512, dtype=torch.bfloat16, requires_grad=True)
+    with tq.compress(bits=4, min_bytes=0, backend=backend) as session:
+        x = torch.tanh(a)  # (tanh saves its output, x)
+        y = x.float()  # (the cast saves nothing)
+        loss = (y * y).sum()  # (mul saves y, twice)
+    assert session.stats.packed_tensors == 1
+    assert session.stats.deduplicated == 2  # (y for mul's two operands)
+    loss.backward()
+
+    decoded = tq.dequantize(tq.quantize(torch.tanh(a.detach()), bits=4, backend=backend), backend=backend)
+    grad_y = decoded.float() + decoded.float()  # (mul's two operands, each the other's gradient)
+    expected = torch.ops.aten.tanh_backward(grad_y.to(torch.bfloat16), decoded)
+    torch.testing.assert_close(a.grad, expected, rtol=0, atol=0)
+
+
+def test_cuda_autocasts_cross_entropy_packs_its_log_probabilities_once():
+    """What a bf16 model's cross-entropy saves under CUDA autocast, which runs nll_loss in float32 but
+    not cross_entropy itself (CPU autocast runs cross_entropy in float32, so it is written out here):
+    the bf16 log-probabilities, for log_softmax, and a float32 copy of them, for nll_loss."""
+    torch.manual_seed(0)
+    logits = torch.randn(256, 1000, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 1000, (256,))
+    with tq.compress(bits=2, min_bytes=4096) as session:  # (not nll_loss's one-element total weight)
+        log_probs = F.log_softmax(logits, dim=-1)
+        loss = F.nll_loss(log_probs.float(), targets)
+    assert session.stats.packed_tensors == session.stats.deduplicated == 1
+    assert session.stats.raw_bytes == log_probs.numel() * 2  # (the bf16 log-probabilities alone)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_a_cast_is_packed_on_its_own_when_its_source_changed_before_it():
+    torch.manual_seed(0)
+    a = torch.randn(64, 512, dtype=torch.bfloat16, requires_grad=True)
+    with tq.compress(bits=8, min_bytes=0) as session:
+        x = torch.tanh(a)
+        with torch.no_grad():
+            x.mul_(0.5)  # (after tanh packed it; its node stays as it was)
+        y = x.float()
+        loss = (y * y).sum()
+    assert session.stats.packed_tensors == 2 and session.stats.deduplicated == 1
+    loss.backward()
+    # mul's gradient comes from y's own packing, at half of tanh's values: 8 bits keep it close.
+    expected = torch.ops.aten.tanh_backward((2 * 0.5 * torch.tanh(a.detach()).float()).to(torch.bfloat16),
+                                            tq.dequantize(tq.quantize(torch.tanh(a.detach()), bits=8)))
+    torch.testing.assert_close(a.grad, expected, rtol=0.05, atol=0.02)
