@@ -147,8 +147,9 @@ class _Recomputed:
 
 class _CastOfPacked:
     """A dtype cast of a packed tensor (``policy.cast_source``), saved by another op: restored as that
-    cast of the packed tensor's decoding, which holds the same values (a cast to a wider float is
-    exact). The decoded tensor is shared with the packed tensor's own savers (``_decode``)."""
+    cast of the packed tensor's decoding. A widening cast (bf16 to float32) holds no more than the
+    packed tensor did, so its own packing would keep the same information twice. The decoded tensor
+    is shared with the packed tensor's own savers (``_decode``)."""
 
     __slots__ = ("base", "dtype")
 

@@ -350,9 +350,11 @@ class RestoreAtFirstUse(CustomGraphPass):
     of a graph to just before the first node that reads its tensor.
 
     AOTAutograd puts the traced unpack hooks at the top of the backward graph, and Inductor kept them
-    there (its peak-memory reordering left them, torch 2.13), so every packed tensor of a region was
-    restored at once when the region's backward started, and the backward held them all at full width.
-    Restored at first use, each lives from its first use to its last (Inductor frees it there).
+    there (torch 2.13), so every packed tensor of a region was restored at once when the region's
+    backward started, and the backward held them all at full width. Restored at first use, each lives
+    from its first use to its last (Inductor frees it there). Inductor's peak-memory reordering starts
+    from this order and keeps it unless its estimate of the peak is lower another way: it can move
+    the unpacks back up where the parameter gradients, not the activations, set that estimate.
 
     ``then``: the pass or passes that were installed before, run first (a plain callable among them
     turns Inductor's FX graph cache off, as it does without us).
@@ -382,7 +384,7 @@ class RestoreAtFirstUse(CustomGraphPass):
         return None if None in chained else (self.VERSION, *chained)
 
     def _chained(self) -> list:
-        """The passes ``then`` names: none, one, or (torch 2.12 on) a list of them."""
+        """The passes ``then`` names: none, one, or a list of them (which newer torch accepts)."""
         if not self.then:
             return []
         return list(self.then) if isinstance(self.then, (list, tuple)) else [self.then]
