@@ -71,3 +71,21 @@ def test_the_target_workloads_are_the_benchs(name, batch, methods):
     assert bool(convs) == cnn
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     assert not cnn or not all(m.weight.is_contiguous() for m in convs)  # (a 1x1 kernel is both)
+
+
+@pytest.mark.cpu_only
+def test_the_cuda_graph_rows_compile_and_compare_with_exact_compiled_the_same_way(tmp_path, monkeypatch):
+    # (On the CPU Inductor skips its CUDA graphs: this checks the rows' plumbing, not their speed.)
+    case = bench_compiled.mlp_case(128, 256, torch.device("cpu"), None)  # (128 KiB activations: packed)
+    case.methods = bench_compiled.TRACED_ONLY + bench_compiled.GRAPHED
+    monkeypatch.setattr(bench_compiled, "cases", lambda device: [case])
+    assert bench_compiled.main(["--out", str(tmp_path), "--steps", "1"]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "compiled.json").read_text())["rows"]}
+    assert set(rows) == set(case.methods) and all(r["error"] is None for r in rows.values())
+    assert rows["tq-4bit traced, CUDA graphs"]["packed"] == rows["tq-4bit traced"]["packed"] > 0
+    assert rows["exact, CUDA graphs"]["packed"] == 0
+    table, _ = bench_compiled.table(list(rows.values()), cuda=False)
+    ratios = {row[1]: row[3] for row in table}
+    assert ratios["exact, CUDA graphs"] == ratios["exact"] == "1.00"
+    graphed = rows["tq-4bit traced, CUDA graphs"]["step_ms"] / rows["exact, CUDA graphs"]["step_ms"]
+    assert ratios["tq-4bit traced, CUDA graphs"] == f"{graphed:.2f}"
