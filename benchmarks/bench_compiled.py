@@ -29,9 +29,11 @@ pack op takes in the strides it was traced with, is first copied back to NCHW: o
 that was a copy kernel for 54 of the 67 packed tensors of a ResNet-50 forward, none channels-last.
 
 Columns: median step ms (forward, backward, no optimizer; CUDA events on CUDA) after two warm-up steps,
-its ratio to exact, Python pack hook calls a step, tensors packed a step, and on CUDA the memory held
-after the forward (activations) and the step's peak (``torch.cuda.max_memory_allocated``), each with its
-ratio to exact. On the CPU the models are small, so the step times mostly measure the host's work.
+its ratio to exact, Python pack hook calls a step, tensors packed a step (counted by the ops' Python:
+0 where CUDA graphs replay), the traced ops' calls a step and the host ms inside them (``OpTimer``),
+and on CUDA the memory held after the forward (activations) and the step's peak
+(``torch.cuda.max_memory_allocated``), each with its ratio to exact. On the CPU the models are small,
+so the step times mostly measure the host's work.
 
 Writes compiled.md and compiled.json (``rows``, ``gpu``, ``env``; benchmarks/targets.py reads it) to --out, else
 $OUT, else benchmarks/results/, after every workload.
@@ -121,6 +123,34 @@ def cases(device: torch.device) -> list[Case]:
     return [mlp_case(128, 256, device, None), transformer]
 
 
+class OpTimer:
+    """Host time inside the traced ops: ``traced.quantize_checked`` and ``traced.dequantize``, which
+    ``pack_saved`` and ``unpack_saved`` call once per packed and restored tensor (the dispatcher's own
+    few microseconds a call left out). Replayed CUDA graphs call neither."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.seconds = 0.0
+        self._originals = (traced.quantize_checked, traced.dequantize)
+
+    def _timed(self, function: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+                self.calls += 1
+        return timed
+
+    def __enter__(self) -> "OpTimer":
+        traced.quantize_checked, traced.dequantize = map(self._timed, self._originals)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        traced.quantize_checked, traced.dequantize = self._originals
+
+
 class PackCounter:
     """Counts the Python pack hook's calls (``Session._pack``)."""
 
@@ -177,13 +207,14 @@ def measure(method: str, case: Case, model: nn.Module, device: torch.device, ste
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         counter.calls = 0
-        loss, block = forward()
-        calls, packed = counter.calls, block.stats.packed_tensors if block is not None else 0
-        if cuda:
-            torch.cuda.synchronize()
-            held = (torch.cuda.memory_allocated() - before) / MB
-        loss.backward()
-        del loss
+        with OpTimer() as ops:  # (this step only: the wrappers' own time stays out of the timed steps)
+            loss, block = forward()
+            calls, packed = counter.calls, block.stats.packed_tensors if block is not None else 0
+            if cuda:
+                torch.cuda.synchronize()
+                held = (torch.cuda.memory_allocated() - before) / MB
+            loss.backward()
+            del loss
         if cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() / MB
@@ -205,7 +236,7 @@ def measure(method: str, case: Case, model: nn.Module, device: torch.device, ste
         traced.traceable = traceable
         model.zero_grad(set_to_none=True)
     return {"step_ms": statistics.median(times), "python_pack_calls": calls, "packed": packed,
-            "held_mb": held, "peak_mb": peak}
+            "op_calls": ops.calls, "op_host_ms": ops.seconds * 1e3, "held_mb": held, "peak_mb": peak}
 
 
 def measure_cell(method: str, case: Case, model: nn.Module, device: torch.device, steps: int) -> dict:
@@ -223,7 +254,8 @@ def measure_cell(method: str, case: Case, model: nn.Module, device: torch.device
 
 
 def table(results: list[dict], cuda: bool) -> tuple[list[list[str]], list[str]]:
-    headers = ["workload", "method", "step ms", "x exact", "Python pack calls", "packed"]
+    headers = ["workload", "method", "step ms", "x exact", "Python pack calls", "packed", "traced op calls",
+               "their host ms"]
     if cuda:
         headers += ["held MB", "x exact", "peak MB", "x exact"]
     exact = {(r["workload"], r["method"]): r for r in results if r["method"].startswith("exact") and r["error"] is None}
@@ -239,7 +271,8 @@ def table(results: list[dict], cuda: bool) -> tuple[list[list[str]], list[str]]:
             rows.append([r["workload"], r["method"], r["error"]] + ["-"] * (len(headers) - 3))
             continue
         row = [r["workload"], r["method"], f"{r['step_ms']:.2f}", ratio(r, "step_ms"), str(r["python_pack_calls"]),
-               str(r["packed"])]
+               str(r["packed"]), str(r.get("op_calls", "-")),
+               f"{r['op_host_ms']:.1f}" if r.get("op_host_ms") is not None else "-"]
         if cuda:
             row += [f"{r['held_mb']:.0f}", ratio(r, "held_mb"), f"{r['peak_mb']:.0f}", ratio(r, "peak_mb")]
         rows.append(row)

@@ -35,6 +35,13 @@ def test_cpu_run_writes_a_row_per_method_with_pack_hook_calls(tmp_path):
     assert calls("mlp", "tq-4bit traced") <= 1 < calls("mlp", "tq-4bit python")
     assert 0 < packed("mlp", "tq-4bit traced") < packed("mlp", "tq-4bit python")
     assert calls("mlp", "exact") == packed("mlp", "exact") == 0
+    # The traced ops run once per tensor they pack and once per tensor they restore, their host time
+    # timed (the loss, outside the compiled region, is packed by the Python hooks).
+    assert rows[("mlp", "tq-4bit traced")]["op_calls"] == 2 * (packed("mlp", "tq-4bit traced")
+                                                               - calls("mlp", "tq-4bit traced"))
+    for workload in ("mlp", "tra"):
+        assert rows[(workload, "tq-4bit traced")]["op_calls"] > 0 and rows[(workload, "tq-4bit traced")]["op_host_ms"] > 0
+        assert all(rows[(workload, method)]["op_calls"] == 0 for method in ("exact", "tq-4bit python", "tq-4bit eager"))
     assert bench_compiled.traced.traceable is bench_compiled.traceable_at_import  # restored
     table = (tmp_path / "compiled.md").read_text()
     assert table.count("| mlp") == table.count("| transformer") == len(bench_compiled.METHODS)
