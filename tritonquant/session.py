@@ -309,16 +309,12 @@ def _file_by_producer(t: torch.Tensor, handle: _Packed) -> None:
     packings[t.output_nr] = (weakref.ref(handle), t._version)
 
 
-def _filed_by_producer(node, output_nr: int) -> _Packed | None:
-    """The live packing filed on ``node`` for its output ``output_nr`` (``_file_by_producer``), else None."""
+def _filed_by_producer(node, output_nr: int) -> tuple[_Packed, int] | tuple[None, None]:
+    """(the live packing filed on ``node`` for its output ``output_nr``, that output's version when it was
+    packed) (``_file_by_producer``), else (None, None)."""
     filed = node.metadata.get(_PACKINGS, {}).get(output_nr)
-    return filed[0]() if filed is not None and filed[0] is not None else None
-
-
-def _filed_version(node, output_nr: int) -> int | None:
-    """The version its output had when the packing ``_filed_by_producer`` finds was made."""
-    filed = node.metadata.get(_PACKINGS, {}).get(output_nr)
-    return filed[1] if filed is not None else None
+    handle = filed[0]() if filed is not None and filed[0] is not None else None
+    return (handle, filed[1]) if handle is not None else (None, None)
 
 
 class _WeakTable:
@@ -698,7 +694,7 @@ class Session:
         input_node, output_nr, activation, out = found
         if out._version != 0:  # changed in place since (under no_grad, which leaves its node as it was)
             return None
-        base = _filed_by_producer(input_node, output_nr)
+        base, _ = _filed_by_producer(input_node, output_nr)
         if base is None:
             return None
         packed = base.packed if isinstance(base.packed, PackedTensor) else base.packed.host
@@ -719,12 +715,12 @@ class Session:
         if found is None or t._version != 0:
             return None
         node, output_nr = found
-        base = _filed_by_producer(node, output_nr)
+        base, packed_version = _filed_by_producer(node, output_nr)
         if base is None or not isinstance(base.packed, PackedTensor):  # (an offloaded packing: not shared)
             return None
         source = base.source()
         packed = base.packed
-        if (source is None or source._version != _filed_version(node, output_nr) or packed.bits < quant.bits
+        if (source is None or source._version != packed_version or packed.bits < quant.bits
                 or packed.device != t.device or packed.shape != t.shape or packed.stride != t.stride()
                 or packed.stored_shape != packed.shape or packed.stored_stride != packed.stride):
             return None
