@@ -20,6 +20,10 @@ figure then includes the copies). Per saved tensor:
   whole chain              forward and backward of the chain, without the wrapper, divided by its length:
                            includes tanh itself and what the hooks leave behind (freeing handles).
 
+  traced ops              one call of ``pack_saved`` and one of ``unpack_saved`` on the chain's tensor: the
+                           custom ops a model compiled under compress() calls per packed tensor
+                           (tritonquant/traced.py), through torch's dispatcher, per pair.
+
 With ``--resnet N``, also N rounds of one ResNet-50 step (bf16 autocast, batch 1, 64 px, the min_bytes of
 host_stand_in.py), which saves every kind the policy knows (packed, reused, kept, weight casts, pooling
 indices): milliseconds per step inside the pack and the unpack hook. The step's own CPU work is large
@@ -60,6 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHAIN_LENGTH = 50
 ELEMENTS = 1 << 16
 FIGURES = ("pack hook", "unpack hook", "whole chain")
+TRACED_PAIRS = 50  # pack_saved + unpack_saved calls timed per round
 RESNET_MIN_BYTES = 12_000  # host_stand_in.py's: what a 224 px batch-64 step packs, at batch 1 and 64 px
 
 
@@ -126,6 +131,21 @@ def chain_us(tq, x: torch.Tensor, timing: bool, evict: tuple | None = None) -> t
     return inside[0] / CHAIN_LENGTH * 1e6, inside[1] / CHAIN_LENGTH * 1e6, whole / CHAIN_LENGTH * 1e6
 
 
+def traced_pair_us(tq, x: torch.Tensor) -> float:
+    """Microseconds per ``pack_saved`` + ``unpack_saved`` pair of ``tq``'s custom ops (their namespace is
+    the package's name) on ``x``, as a compiled region calls them, 4 bits; NaN for a revision without them."""
+    ops = getattr(torch.ops, tq.__name__)
+    if not hasattr(tq, "traced") or not hasattr(ops, "pack_saved"):
+        return float("nan")
+    x = x.detach()
+    dtype_code = tq.traced.PACKED_DTYPES.index(x.dtype)
+    started = time.perf_counter()
+    for _ in range(TRACED_PAIRS):
+        payload, meta = ops.pack_saved(x, 4, 256, "minmax", False, "triton")
+        ops.unpack_saved(payload, meta, list(x.shape), list(x.stride()), dtype_code, 4, 256, "minmax", "triton")
+    return (time.perf_counter() - started) / TRACED_PAIRS * 1e6
+
+
 def resnet_step_ms(tq, model, batch) -> tuple[float, float]:
     """(pack hook, unpack hook) milliseconds in one ResNet-50 step under compress(bits=4)."""
     from tritonquant.models import cnn_loss
@@ -175,13 +195,14 @@ def main() -> int:
         for tq in versions.values():  # warm-up: compile, allocate
             chain_us(tq, x, True, evict)
             chain_us(tq, x, False, evict)
-        samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in versions}
+            traced_pair_us(tq, x)
+        samples: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in versions}
         for round_index in range(args.rounds):
             order = list(versions) if round_index % 2 else list(reversed(versions))
             for name in order:
                 hooks = chain_us(versions[name], x, True, evict)
                 whole = chain_us(versions[name], x, False, evict)
-                samples[name].append((hooks[0], hooks[1], whole[2]))
+                samples[name].append((hooks[0], hooks[1], whole[2], traced_pair_us(versions[name], x)))
         steps: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}
         if args.resnet:
             from tritonquant.models import ResNet50Like, cnn_batch
@@ -203,6 +224,9 @@ def main() -> int:
         before = faster_half_median([sample[i] for sample in samples["base"]])
         after = faster_half_median([sample[i] for sample in samples["checkout"]])
         rows.append([f"{figure}, us per saved tensor", f"{before:.1f}", f"{after:.1f}", f"{after / before:.3f}"])
+    before, after = (faster_half_median([sample[3] for sample in samples[name]]) for name in versions)
+    rows.append(["traced ops, us per pack_saved + unpack_saved", f"{before:.1f}", f"{after:.1f}",
+                 f"{after / before:.3f}"])
     if args.resnet:
         for i, figure in enumerate(("pack hook", "unpack hook")):
             before = faster_half_median([step[i] for step in steps["base"]])

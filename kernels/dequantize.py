@@ -159,16 +159,26 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     if n == 0:
         return
     rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size, channels is not None)
+    activated = out if activated is None else activated
+    plan = None
+    if channels is None:
+        # What this launch's grid, constexprs and Triton's specialization depend on (payload may be a view,
+        # out the caller's): a repeat skips building them (KernelLauncher.launch_planned).
+        plan = (out.dtype, n, n_groups, bits, group_size, rows, num_warps, activation,
+                payload.data_ptr() % 16 == 0, meta.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0,
+                activated.data_ptr() % 16 == 0)
+        if _launch_dequantize.launch_planned(plan, (payload, meta, out, activated, n, n_groups, meta, 1, 1)):
+            return
     statistics, stride_divisor, count_divisor, index64, by_row = channel_launch_args(
         n, channels, channel_stride, group_size, meta)
     _launch_dequantize(
         cdiv(n_groups, rows),
-        (payload, meta, out, out if activated is None else activated, n, n_groups, statistics, stride_divisor,
-         count_divisor),
+        (payload, meta, out, activated, n, n_groups, statistics, stride_divisor, count_divisor),
         dict(BITS=bits, GROUP=group_size, ROWS=rows, STANDARDIZE=channels is not None, INDEX64=index64,
              ROW_CHANNELS=by_row, HARDWARE_CAST=_HARDWARE_CAST, EVEN=n % group_size == 0,
              ACTIVATION=activation or "none"),
         num_warps,
+        plan,
     )
 
 

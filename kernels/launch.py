@@ -58,6 +58,12 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def int_width(value: int) -> int:
+    """Which of Triton's int types a runtime int argument gets when its value is not specialized on
+    (``do_not_specialize``): 0 for int32, 1 for int64, 2 for uint64 (part of a launch plan's key)."""
+    return 0 if -(1 << 31) <= value < (1 << 31) else (2 if value >= (1 << 63) else 1)
+
+
 def flat_view(x: torch.Tensor) -> torch.Tensor:
     """The elements of dense ``x`` as a 1-D tensor in memory order (no copy).
 
@@ -124,6 +130,10 @@ def default_group_tile(n_groups: int, group_size: int, interpreted: bool) -> tup
 
 ENV_DIRECT_LAUNCH = "TRITONQUANT_DIRECT_LAUNCH"  # "0" (or off/false/no): always launch through Triton's dispatch
 DIRECT_LAUNCH = env_flag(ENV_DIRECT_LAUNCH)  # (read once, at import)
+# Launch plans a launcher keeps (KernelLauncher.launch_planned): a plan is per tensor size, and a model
+# repeats a few hundred sizes per step, but shapes that change every step (text of varying length)
+# would add plans without end.
+MAX_PLANS = 4096
 
 
 class KernelLauncher:
@@ -154,6 +164,8 @@ class KernelLauncher:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self._compiled: dict[tuple, object] = {}
+        # (caller's plan key, device) -> (compiled kernel, grid, constexpr values): launch_planned
+        self._plans: dict[tuple, tuple] = {}
         self._device_state = None  # (get_current_device, get_current_stream, specialize, backend), at first use
         self._direct = False
         try:
@@ -177,9 +189,10 @@ class KernelLauncher:
         except Exception as exc:  # noqa: BLE001 - an unfamiliar Triton: keep its own dispatch
             _warn_no_direct_launch(exc)
 
-    def __call__(self, grid: int, args: tuple, constexprs: dict, num_warps: int) -> None:
+    def __call__(self, grid: int, args: tuple, constexprs: dict, num_warps: int, plan: tuple | None = None) -> None:
         """Launch ``grid`` programs (1-D grid). ``args``: the runtime arguments in declaration order;
-        ``constexprs``: every constexpr parameter by name."""
+        ``constexprs``: every constexpr parameter by name. ``plan``: a key under which to remember this
+        launch for ``launch_planned`` (None: none)."""
         key = None
         if self._direct and DIRECT_LAUNCH and _no_launch_hooks():  # (checked per call: hooks come and go)
             key = self._key(args, constexprs, num_warps)
@@ -189,14 +202,42 @@ class KernelLauncher:
                 try:
                     compiled.run(grid, 1, 1, self._device_state[1](device), compiled.function,
                                  compiled.packed_metadata, None, None, None, *args, *values)
-                    return
                 except TypeError as exc:  # this Triton's launcher takes its arguments differently
                     self._give_up(exc)
                     key = None
+                else:
+                    if plan is not None:
+                        if len(self._plans) >= MAX_PLANS:  # (sizes that keep changing: start again)
+                            self._plans.clear()
+                        self._plans[plan, device] = (compiled, grid, values)
+                    return
         # Triton's dispatch: compiles (or loads) the kernel on a first launch, and returns it.
         compiled = self.kernel[(grid,)](*args, **constexprs, num_warps=num_warps, **launch_options())
         if key is not None and compiled is not None:
             self._compiled[key] = compiled
+
+    def launch_planned(self, plan: tuple, args: tuple) -> bool:
+        """Launch with ``args`` what the launch remembered under ``plan`` (on this device) launched:
+        the same compiled kernel, grid and constexprs. False, launching nothing, when there is no such
+        launch or direct launches are off right now; the caller then calls the launcher as usual.
+
+        A plan skips what a launch spends most of its host time on: building the constexprs and
+        Triton's specialization of every argument (``_key``). It is the caller's promise that ``plan``
+        fixes the grid, the constexprs, ``num_warps``, and everything Triton specializes ``args`` on
+        (``_key``): each tensor's dtype and 16-byte alignment, each int's value or, where the
+        parameter is ``do_not_specialize``, its width. tests/kernels/direct_launch_check.py holds the
+        launchers that make plans to that promise."""
+        if not (self._plans and DIRECT_LAUNCH and _no_launch_hooks()):
+            return False
+        get_device, get_stream, _, _ = self._device_state
+        device = get_device()
+        planned = self._plans.get((plan, device))
+        if planned is None:
+            return False
+        compiled, grid, values = planned
+        compiled.run(grid, 1, 1, get_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *values)
+        return True
 
     def _key(self, args: tuple, constexprs: dict, num_warps: int) -> tuple | None:
         """(device, num_warps, constexpr values, Triton's specialization of each argument), or None
@@ -222,6 +263,7 @@ class KernelLauncher:
 
     def _give_up(self, exc: Exception) -> None:
         self._direct = False
+        self._plans.clear()
         _warn_no_direct_launch(exc)
 
 

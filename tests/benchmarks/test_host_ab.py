@@ -39,6 +39,9 @@ def test_the_checkout_against_a_revision_gives_both_figures_and_their_ratio(evic
         base, checkout, ratio = float(base), float(checkout), float(ratio)
         assert base > 0 and checkout > 0, result.stdout  # (every saved tensor went through the hooks)
         assert ratio == pytest.approx(checkout / base, rel=0.01, abs=0.002), result.stdout
+    traced = re.search(r"^\| traced ops, us per pack_saved \+ unpack_saved\s+\|\s+([\d.]+)\s+\|\s+([\d.]+)\s+\|",
+                       result.stdout, re.MULTILINE)
+    assert traced is not None and float(traced[1]) > 0 and float(traced[2]) > 0, result.stdout
 
 
 def test_a_negative_eviction_is_refused_by_name():

@@ -10,7 +10,11 @@ alignment, an int equal to 1, divisibility by 16, 64-bit ints, constexprs, num_w
     for the same arguments (grid, stream, compiled function, metadata, every argument);
   * a direct launch never reuses a kernel compiled for another specialization;
   * an argument error is raised by the dispatch and leaves direct launches on;
-  * with a launch hook installed, every launch goes through the dispatch.
+  * with a launch hook installed, every launch goes through the dispatch;
+  * ``triton_quantize`` and ``triton_dequantize``, called again and again with what a model's layers
+    repeat (and with what they must not confuse: alignment, sizes, dtypes, bits, schemes, seeds,
+    activations), end up launching from a plan (``KernelLauncher.launch_planned``), and every launch,
+    planned or not, hands the launcher what Triton's dispatch does for the same call.
 
 Prints one line per check and exits 1 on the first failure, 2 if this Triton's internals differ
 from what the fake driver needs (then nothing about the launcher was checked).
@@ -45,11 +49,14 @@ except Exception as exc:  # noqa: BLE001
     print(f"SKIP: cannot install a fake driver: {exc}")
     sys.exit(2)
 
+os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # (the launchers' untuned tile: nothing runs to time candidates on)
+
 from tritonquant.kernels import launch as launch_module  # noqa: E402
 from tritonquant.kernels.channels import divider  # noqa: E402
-from tritonquant.kernels.dequantize import _dequantize_kernel  # noqa: E402
+from tritonquant.kernels.dequantize import _dequantize_kernel, _launch_dequantize, triton_dequantize  # noqa: E402
 from tritonquant.kernels.launch import KernelLauncher  # noqa: E402
-from tritonquant.kernels.quantize import _quantize_kernel, quantize_launch_arguments  # noqa: E402
+from tritonquant.kernels.quantize import (_launch_quantize, _quantize_kernel, quantize_launch_arguments,  # noqa: E402
+                                          triton_quantize)
 
 DISPATCHES = []
 
@@ -131,6 +138,93 @@ def check_dispatch_then_direct(launcher, name, args, constexprs, num_warps, seen
     print(f"{name}: ok (dispatch once, then direct with identical launcher arguments)")
 
 
+def same_launch(planned: tuple, dispatched: tuple) -> bool:
+    """Two recorded launches of one call made twice hand the launcher the same values: the same grid,
+    stream, function, metadata and plain arguments, and tensors that stand in the same place (the
+    caller's own, or new allocations of the same dtype, shape and 16-byte alignment)."""
+    a, b = planned[:7] + planned[10:], dispatched[:7] + dispatched[10:]
+
+    def alike(x, y) -> bool:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            return (x is y or (x.dtype == y.dtype and x.shape == y.shape
+                               and x.data_ptr() % 16 == y.data_ptr() % 16 == 0))
+        return identical(x, y)
+
+    return len(a) == len(b) and all(map(alike, a, b))
+
+
+def describe(launch: tuple) -> tuple:
+    """A recorded launch, each tensor shown as its dtype, shape and offset from 16-byte alignment."""
+    return tuple(f"{t.dtype}{list(t.shape)}+{t.data_ptr() % 16}" if isinstance(t, torch.Tensor) else t
+                 for t in launch)
+
+
+def launcher_calls():
+    """(name, launcher, call): calls of the real launchers, each a different plan from every other."""
+    buffer = torch.zeros(8192 + 8, dtype=torch.bfloat16)
+    aligned, misaligned = buffer[:8192], buffer[1:8193]
+
+    def quantize(x, bits=4, group_size=256, sigma=False, stochastic=False, seed=0, offset=0):
+        return lambda: triton_quantize(x, bits, group_size, sigma, stochastic, seed, offset)
+
+    yield "quantize bf16", _launch_quantize, quantize(aligned)
+    yield "quantize bf16, input 2 bytes past alignment", _launch_quantize, quantize(misaligned)
+    yield "quantize bf16, one group", _launch_quantize, quantize(buffer[:200])
+    yield "quantize bf16, 17 groups (not even)", _launch_quantize, quantize(buffer[:4300])
+    yield "quantize fp32", _launch_quantize, quantize(torch.zeros(8192))
+    yield "quantize fp16, 2 bits", _launch_quantize, quantize(aligned.half(), bits=2)
+    yield "quantize bf16, 8 bits, groups of 64", _launch_quantize, quantize(aligned, bits=8, group_size=64)
+    yield "quantize bf16, sigma", _launch_quantize, quantize(aligned, sigma=True)
+    yield "quantize bf16, stochastic", _launch_quantize, quantize(aligned, stochastic=True, seed=7, offset=5)
+    yield "quantize bf16, stochastic, offset beyond int32", _launch_quantize, quantize(
+        aligned, stochastic=True, seed=7, offset=2**40)
+
+    payload, meta = triton_quantize(aligned, 4, 256, False, False, 0, 0)
+    payload_bytes = torch.zeros(payload.numel() + 16, dtype=torch.uint8)
+
+    def dequantize(payload, out, activation=None):
+        activated = None if activation is None else torch.empty_like(out)
+        return lambda: triton_dequantize(payload, meta, out, 4, 256, activation=activation, activated=activated)
+
+    yield "dequantize bf16", _launch_dequantize, dequantize(payload, torch.empty(8192, dtype=torch.bfloat16))
+    yield "dequantize bf16, payload 8 bytes past alignment", _launch_dequantize, dequantize(
+        payload_bytes[8:8 + payload.numel()], torch.empty(8192, dtype=torch.bfloat16))
+    yield "dequantize fp32", _launch_dequantize, dequantize(payload, torch.empty(8192))
+    yield "dequantize bf16, gelu", _launch_dequantize, dequantize(
+        payload, torch.empty(8192, dtype=torch.bfloat16), "gelu")
+
+
+def check_planned_launches() -> None:
+    """Each call, made four times: every launch the same as the dispatch's for the same call (made
+    right after it with direct launches off), and the last ones from a plan (no specialization computed)."""
+    specializations = []
+    for launcher in (_launch_quantize, _launch_dequantize):
+        key = launcher._key
+
+        def counting_key(*args, _key=key):
+            specializations.append(1)
+            return _key(*args)
+
+        launcher._key = counting_key
+    for name, launcher, call in launcher_calls():
+        for attempt in range(4):
+            computed = len(specializations)
+            call()
+            launched = LAUNCHES[-1]
+            planned = len(specializations) == computed
+            launch_module.DIRECT_LAUNCH = False
+            try:
+                call()
+            finally:
+                launch_module.DIRECT_LAUNCH = True
+            if not same_launch(launched, LAUNCHES[-1]):
+                fail(f"{name}, call {attempt + 1}: launched {describe(launched)} where the dispatch launches "
+                     f"{describe(LAUNCHES[-1])}")
+        if not planned:
+            fail(f"{name}: the fourth call still computed Triton's specialization (no plan)")
+        print(f"{name}: ok (as the dispatch launches, from a plan by the fourth call)")
+
+
 def main() -> None:
     launcher = KernelLauncher(_quantize_kernel)
     if not launcher._direct:
@@ -161,6 +255,8 @@ def main() -> None:
         if len(DISPATCHES) != dispatches or LAUNCHES[-1][0] != base_hash:
             fail(f"argument {index} = {value}: must launch the base set's kernel directly (do_not_specialize)")
     print("seed and rng_offset values: ok (the base set's kernel, launched directly)")
+
+    check_planned_launches()
 
     try:  # an argument error is the dispatch's to report...
         launcher(3, args, {k: v for k, v in constexprs.items() if k != "BITS"}, num_warps)

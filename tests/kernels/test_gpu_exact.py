@@ -177,10 +177,11 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor, as_int: torch.dtype, nan_
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])  # 16-byte alignment is specialized on
 def test_direct_launches_write_what_dispatched_launches_write(offset, monkeypatch):
     """kernels/launch.KernelLauncher: after the first launch of a specialization Triton's dispatch is
-    skipped, and the kernel it then calls writes the same bytes."""
+    skipped, and the kernel it then calls writes the same bytes; so does a launch from a plan, which
+    skips computing the specialization too."""
     from tritonquant.kernels import launch
-    from tritonquant.kernels.dequantize import _dequantize_kernel
-    from tritonquant.kernels.quantize import _quantize_kernel
+    from tritonquant.kernels.dequantize import _dequantize_kernel, _launch_dequantize
+    from tritonquant.kernels.quantize import _launch_quantize, _quantize_kernel
 
     # (No tuning: it would launch candidates through the dispatch counted here. 16,387 elements fall in a
     # tuned size bucket, and a plain `pytest -m gpu` leaves tuning on.)
@@ -210,6 +211,14 @@ def test_direct_launches_write_what_dispatched_launches_write(offset, monkeypatc
     direct = round_trip()
     assert len(dispatches) == before, "a repeated launch must not go through Triton's dispatch"
     for a, b in zip(direct, dispatched):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+    specializations = []
+    for launcher in (_launch_quantize, _launch_dequantize):
+        monkeypatch.setattr(launcher, "_key", lambda *args, _key=launcher._key: specializations.append(1) or _key(*args))
+    planned = round_trip()
+    assert not specializations and len(dispatches) == before, "the launch before made a plan; this one must use it"
+    for a, b in zip(planned, dispatched):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tritonquant.kernels.launch import cdiv, flat_view, next_power_of_2, runs_view, strided_runs
+from tritonquant.kernels.launch import cdiv, flat_view, int_width, next_power_of_2, runs_view, strided_runs
 
 SCRIPT = Path(__file__).with_name("direct_launch_check.py")
 
@@ -26,6 +26,24 @@ def test_cdiv(a, b, expected):
 @pytest.mark.parametrize("n, expected", [(0, 1), (1, 1), (2, 2), (3, 4), (16, 16), (17, 32), (2**20 + 1, 2**21)])
 def test_next_power_of_2(n, expected):
     assert next_power_of_2(n) == expected
+
+
+@pytest.mark.parametrize("value, expected", [(0, 0), (-2**31, 0), (2**31 - 1, 0), (2**31, 1), (-2**31 - 1, 1),
+                                             (2**63 - 1, 1), (2**63, 2), (2**64 - 1, 2)],
+                         ids=["zero", "int32-min", "int32-max", "past-int32", "below-int32", "int64-max", "uint64",
+                              "uint64-max"])
+def test_int_width_is_the_type_triton_gives_an_unspecialized_int(value, expected):
+    assert int_width(value) == expected
+    try:  # Triton's own binder, where this Triton has it (the direct launches rely on it too)
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+    except (ImportError, RuntimeError) as exc:
+        pytest.skip(f"Triton's binder is not at hand: {exc}")
+    type_name, _ = native_specialize_impl(backend, value, False, False, True)
+    assert type_name == ("i32", "i64", "u64")[expected]
 
 
 @pytest.mark.parametrize("layout", ["1d", "contiguous", "channels_last", "permuted"])
@@ -84,3 +102,5 @@ def test_direct_launches_pass_what_the_dispatch_passes():
     assert result.returncode == 0, "\n".join(lines[-3:]) or result.stderr[-3000:]
     # Nine quantize argument sets, and the dequantize kernel with three values of its string constexpr.
     assert sum(line.endswith("identical launcher arguments)") for line in lines) == 12
+    # Ten calls of triton_quantize and four of triton_dequantize, each made into a plan of its own.
+    assert sum(line.endswith("from a plan by the fourth call)") for line in lines) == 14
