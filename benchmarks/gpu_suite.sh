@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one command of under 8 minutes (H200), from a plain repo checkout:
+# Everything that needs a GPU, from a plain repo checkout; the default stages in under 8 minutes (H200):
 #
 #   bash benchmarks/gpu_suite.sh                  # results under $OUT, else benchmarks/results/<UTC date>/
+#   SUITE_STAGES=all bash benchmarks/gpu_suite.sh # every stage (compiled and tests too: about 13 minutes)
+#   SUITE_STAGES=bench,compiled bash ...          # the stages named, in the order below
 #
-# Stages, in the order they run (each time-bounded; a failing stage is recorded and the suite goes on):
+# Stages, in the order they run (each time-bounded; a failing stage is recorded and the suite goes on).
+# All but compiled and tests run by default: those two alone take longer than the rest together
+# (H200, stage times of 2026-11-29 and -30: the default stages about 360 s; compiled 190-300 s of
+# compiles; tests 180 s or more).
 #   tests-gpu  pytest -q -m gpu (pytest_shards.py) the GPU-only tests (compiled kernels vs references first)
 #   demo       python -m tritonquant demo          the main job, as a user runs it first (TRITONQUANT_AUTOTUNE=0)
 #   tune       python -m tritonquant tune          autotune the launch configs the measurements use (bf16
@@ -13,13 +18,13 @@
 #   activation benchmarks/bench_activation_decode.py  GELU/SiLU as their input is decoded vs decode + torch
 #   host       benchmarks/profile_host.py          host cost per call and per saved tensor; one step profiled
 #   bench      python -m tritonquant bench --out   training memory/step time vs exact, checkpointing, save_on_cpu
-#   compiled   benchmarks/bench_compiled.py        models under torch.compile: GPT-2 small and ResNet-50, exact
-#              vs packing traced into their graphs; an MLP also with Python hooks and eager (step time,
-#              memory; about a minute of compilation per model and method)
 #   offload    benchmarks/bench_offload.py         offload="cpu" against save_on_cpu (peak memory, step time)
 #   checkpoint benchmarks/bench_checkpoint.py      compress() combined with torch.utils.checkpoint
-#   tests      pytest -q -m "not slow and not gpu and not cpu_only" (pytest_shards.py)  the rest of the
-#              suite, real kernels, kernel tests last
+#   compiled   benchmarks/bench_compiled.py        (not by default) models under torch.compile: GPT-2 small and
+#              ResNet-50, exact vs packing traced into their graphs, also replayed as CUDA graphs; an MLP
+#              also with Python hooks and eager (step time, memory; 30-40 s of compilation per model and method)
+#   tests      pytest -q -m "not slow and not gpu and not cpu_only" (pytest_shards.py)  (not by default) the
+#              rest of the suite, real kernels, kernel tests last
 # Written to the results folder: env.json/env.md (GPU, driver, torch, triton, python, date, commit),
 # summary.md/summary.json (pass/fail/timeout per stage; summary.md also the results against the
 # benchmark targets, benchmarks/targets.py), logs/<stage>.log, pytest junit XML (merged; each shard's
@@ -38,11 +43,12 @@
 # whatever its working directory, and then runs any sitecustomize it shadows.
 #
 # Environment knobs: PYTHON (interpreter), OUT (results folder), SUITE_BUDGET_S (whole suite, default
-# 465), SUITE_STAGES (comma-separated subset, default all), SUITE_TIMEOUT_<STAGE> (seconds for one stage,
+# 465), SUITE_STAGES (comma-separated stage names, or "all"; default: all but compiled and tests; a name
+# not listed above stops the suite with exit status 2), SUITE_TIMEOUT_<STAGE> (seconds for one stage,
 # e.g. SUITE_TIMEOUT_TESTS=300), SUITE_SHARDS (pytest processes per test stage; default half the cores,
 # at most 8), SUITE_FORCE_SHIM=1 (skip the install checks, use the shim).
 # `--setup-only` stops after making the package importable and prints how (used by the tests).
-# Exit status: 0 when every selected stage passed, 1 otherwise.
+# Exit status: 0 when every selected stage passed, 1 otherwise (2: an unknown stage name).
 
 set -o pipefail
 
@@ -50,7 +56,20 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STAMP="$(date -u +%Y-%m-%dT%H%M%SZ)"
 RESULTS="${OUT:-$REPO/benchmarks/results/$STAMP}"
 BUDGET_S="${SUITE_BUDGET_S:-465}"
-STAGES="${SUITE_STAGES:-tests-gpu,demo,tune,kernels,pool,activation,host,bench,compiled,offload,checkpoint,tests}"
+ALL_STAGES="tests-gpu,demo,tune,kernels,pool,activation,host,bench,offload,checkpoint,compiled,tests"
+DEFAULT_STAGES="tests-gpu,demo,tune,kernels,pool,activation,host,bench,offload,checkpoint"
+STAGES="${SUITE_STAGES:-$DEFAULT_STAGES}"
+[ "$STAGES" = "all" ] && STAGES="$ALL_STAGES"
+for stage in ${STAGES//,/ }; do
+    case ",$ALL_STAGES," in
+        *",$stage,"*) ;;
+        *) echo "gpu_suite: SUITE_STAGES names an unknown stage '$stage'; stages: $ALL_STAGES (or all)" >&2; exit 2 ;;
+    esac
+done
+NOT_SELECTED=""  # the stages this run leaves out, named in its summary
+for stage in ${ALL_STAGES//,/ }; do
+    case ",$STAGES," in *",$stage,"*) ;; *) NOT_SELECTED="${NOT_SELECTED:+$NOT_SELECTED, }$stage" ;; esac
+done
 SETUP_ONLY=0
 [ "${1:-}" = "--setup-only" ] && SETUP_ONLY=1
 START_S=$(date +%s)
@@ -267,7 +286,8 @@ run_stage() {  # run_stage NAME NOMINAL_TIMEOUT_S COMMAND... (an argument @BUDGE
 # it uses compiles once, so if the budget runs out, the stage lost is the one a CPU run covers. Among
 # the measurements the host profile (short, and what the step-time target needs explained) comes
 # before the training benchmark, which writes its table after every batch and loses least to a late
-# stop. Both test stages run the integration tests first (CUDA graphs and offload only ever run on a
+# stop; the compiled models, minutes of compiles, come last, and like the whole suite after them only
+# when selected (SUITE_STAGES). Both test stages run the integration tests first (CUDA graphs and offload only ever run on a
 # GPU), then the API's, then the other folders, and the kernels' last: a CPU run checks those in the
 # interpreter, and the whole suite's kernel tests alone compile some 800 variants, perhaps more than
 # its budget even in shards. (pytest runs separate folders in the order given; every folder under tests/ is in.) The
@@ -295,9 +315,9 @@ run_stage pool 30 "$PY" benchmarks/bench_pool_indices.py --out "$RESULTS"
 run_stage activation 30 "$PY" benchmarks/bench_activation_decode.py --out "$RESULTS"
 run_stage host 60 "$PY" benchmarks/profile_host.py --out "$RESULTS"
 run_stage bench 180 "$PY" -m tritonquant bench --steps 3 --out "$RESULTS" --plots "$RESULTS"
-run_stage compiled 300 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
 run_stage offload 40 "$PY" benchmarks/bench_offload.py --steps 3
 run_stage checkpoint 30 "$PY" benchmarks/bench_checkpoint.py --steps 3
+run_stage compiled 300 "$PY" benchmarks/bench_compiled.py --out "$RESULTS"
 run_stage tests 180 env TRITONQUANT_AUTOTUNE=0 "$PY" benchmarks/pytest_shards.py "${SHARDS[@]}" \
     --junitxml "$RESULTS/pytest-all.xml" -- -q -m "not slow and not gpu and not cpu_only" -p no:cacheprovider \
     "${TEST_DIRS[@]}"
@@ -317,12 +337,17 @@ FAILED=0
     while IFS=$'\t' read -r name status rc seconds limit cmd; do
         echo "| $name | $status | $rc | $seconds | $limit | \`$cmd\` |"
     done < "$SUMMARY_TSV"
+    if [ -n "$NOT_SELECTED" ]; then
+        echo
+        echo "Not selected: $NOT_SELECTED (\`SUITE_STAGES=all\` runs every stage)."
+    fi
 } > "$RESULTS/summary.md"
 # The measurements against the benchmark targets (whatever the stages left behind to read).
 { echo; "$PY" "$REPO/benchmarks/targets.py" "$RESULTS"; } >> "$RESULTS/summary.md" 2>> "$SUITE_LOG"
 {
-    printf '{"results": "%s", "total_s": %s, "budget_s": %s, "import_mode": "%s", "stages": [' \
-        "$(json_escape "$RESULTS")" "$TOTAL_S" "$BUDGET_S" "$(json_escape "$IMPORT_MODE")"
+    printf '{"results": "%s", "total_s": %s, "budget_s": %s, "import_mode": "%s", "not_selected": [%s], "stages": [' \
+        "$(json_escape "$RESULTS")" "$TOTAL_S" "$BUDGET_S" "$(json_escape "$IMPORT_MODE")" \
+        "$(echo "$NOT_SELECTED" | sed -E 's/([a-z-]+)/"\1"/g')"
     sep=""
     while IFS=$'\t' read -r name status rc seconds limit cmd; do
         printf '%s{"stage": "%s", "status": "%s", "exit": "%s", "seconds": %s, "timeout": "%s", "command": "%s"}' \

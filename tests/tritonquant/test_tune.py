@@ -182,18 +182,51 @@ def test_gpu_suite_is_valid_bash():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_gpu_suite_runs_every_stage_by_default_in_order():
-    # A stage added to the script but not to the default list would never run in a plain
-    # `bash benchmarks/gpu_suite.sh`, with nothing in its summary to show it was left out.
+# The stages a plain `bash benchmarks/gpu_suite.sh` leaves out: longer than all the others together.
+OPT_IN_STAGES = ("compiled", "tests")
+
+
+def test_gpu_suite_stages_all_in_order_and_by_default_all_but_the_long_ones():
+    # A stage added to the script but to neither list would never run, and "all" must mean all of them.
     script = (REPO / "benchmarks" / "gpu_suite.sh").read_text()
     defined = re.findall(r"^run_stage ([a-z-]+) ", script, flags=re.MULTILINE)
-    default = re.search(r'^STAGES="\$\{SUITE_STAGES:-([a-z,-]+)\}"', script, flags=re.MULTILINE).group(1).split(",")
+    every = re.search(r'^ALL_STAGES="([a-z,-]+)"', script, flags=re.MULTILINE).group(1).split(",")
+    default = re.search(r'^DEFAULT_STAGES="([a-z,-]+)"', script, flags=re.MULTILINE).group(1).split(",")
     assert len(defined) >= 9 and len(set(defined)) == len(defined)
-    assert default == defined
-    # The header's stage table lists the same stages in the same order.
+    assert every == defined
+    assert default == [stage for stage in defined if stage not in OPT_IN_STAGES]
+    assert re.search(r'^STAGES="\$\{SUITE_STAGES:-\$DEFAULT_STAGES\}"', script, flags=re.MULTILINE)
+    # The header's stage table lists the same stages in the same order, the opt-in ones marked.
     header = script.split("\n# Stages", 1)[1].split("\n# Written to", 1)[0]
     listed = re.findall(r"^#   ([a-z-]+) +\S", header, flags=re.MULTILINE)
     assert listed == defined
+    marked = re.findall(r"^#   ([a-z-]+) +.*\(not by default\)", header, flags=re.MULTILINE)
+    assert tuple(marked) == OPT_IN_STAGES
+
+
+def test_gpu_suite_all_selects_every_stage(tmp_path):
+    # With no budget left every selected stage is recorded as skipped, without running it.
+    results = tmp_path / "results"
+    env = clean_env(OUT=str(results), PYTHON=sys.executable, SUITE_STAGES="all", SUITE_BUDGET_S="1",
+                    SUITE_FORCE_SHIM="1")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # (a skipped stage did not pass)
+    summary = json.loads((results / "summary.json").read_text())
+    script = (REPO / "benchmarks" / "gpu_suite.sh").read_text()
+    defined = re.findall(r"^run_stage ([a-z-]+) ", script, flags=re.MULTILINE)
+    assert [(s["stage"], s["status"]) for s in summary["stages"]] == [(stage, "SKIPPED") for stage in defined]
+    assert summary["not_selected"] == []
+    assert "Not selected" not in (results / "summary.md").read_text()
+
+
+def test_gpu_suite_refuses_an_unknown_stage_by_name(tmp_path):
+    env = clean_env(OUT=str(tmp_path / "results"), SUITE_STAGES="bench,compiles")
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "unknown stage 'compiles'" in proc.stderr and "tests-gpu,demo,tune" in proc.stderr
+    assert not (tmp_path / "results").exists(), "nothing is run or written"
 
 
 def suite_stage_argv(stage: str) -> list[str]:
@@ -250,11 +283,14 @@ def test_gpu_suite_shim_stages_and_summary(tmp_path):
     summary = json.loads((results / "summary.json").read_text())
     assert summary["import_mode"].startswith("shim")
     assert [(s["stage"], s["status"]) for s in summary["stages"]] == [("tests-gpu", "TIMEOUT"), ("tune", "PASS")]
+    left_out = ["demo", "kernels", "pool", "activation", "host", "bench", "offload", "checkpoint", "compiled", "tests"]
+    assert summary["not_selected"] == left_out
     # `python -m tritonquant tune` ran from the repo root, where the bare ./tritonquant folder shadows
     # everything but the shim's finder.
     assert "Autotuning needs a CUDA GPU" in (results / "logs" / "tune.log").read_text()
     summary_md = (results / "summary.md").read_text()
     assert "| tune | PASS |" in summary_md
+    assert f"Not selected: {', '.join(left_out)} (`SUITE_STAGES=all` runs every stage)." in summary_md
     assert "--max-seconds @BUDGET@" not in summary_md and re.search(r"tune [^`]*--max-seconds \d", summary_md)
     # The targets table reads what the stages wrote; here no bench or kernels stage ran.
     assert "## Against the targets" in summary_md and "bench.json missing or unreadable" in summary_md
