@@ -664,7 +664,7 @@ class Session:
             if recomputed is not None:
                 return recomputed
         if calibration is None:
-            cast = self._cast_of_packed(t, quant)
+            cast = self._cast_of_packed(t, quant, kind)
             if cast is not None:
                 return cast
         standardize = standardization(kind, quant.bits)
@@ -706,11 +706,13 @@ class Session:
         self._count_passed(row, "recomputed", 0)
         return _Recomputed(base, activation, t, out)
 
-    def _cast_of_packed(self, t: torch.Tensor, quant: QuantConfig) -> _CastOfPacked | None:
+    def _cast_of_packed(self, t: torch.Tensor, quant: QuantConfig, kind: str | None) -> _CastOfPacked | None:
         """A handle that restores ``t``, a dtype cast of a tensor packed in this block, from that packing;
         None when ``t`` is no such cast, or the packing cannot stand for it: another device, shape or
-        layout, fewer bits than ``t`` would get, or the tensor or its cast changed since (in place
-        under no_grad, which leaves their nodes as they were)."""
+        layout, fewer bits than ``t`` would get, standardized where ``t`` (of ``standardize_kind``
+        ``kind``) may not be (its saver may read the signs and zeros a standardized packing does not
+        keep), or the tensor or its cast changed since (in place under no_grad, which leaves their nodes
+        as they were)."""
         found = cast_source(t)
         if found is None or t._version != 0:
             return None
@@ -721,6 +723,7 @@ class Session:
         source = base.source()
         packed = base.packed
         if (source is None or source._version != packed_version or packed.bits < quant.bits
+                or (packed.channels is not None and standardization(kind, packed.bits) is None)
                 or packed.device != t.device or packed.shape != t.shape or packed.stride != t.stride()
                 or packed.stored_shape != packed.shape or packed.stored_stride != packed.stride):
             return None

@@ -1725,6 +1725,26 @@ def test_cuda_autocasts_cross_entropy_packs_its_log_probabilities_once():
     assert torch.isfinite(logits.grad).all()
 
 
+def test_a_standardized_packing_does_not_serve_a_cast_whose_saver_reads_signs():
+    """BatchNorm packs its input standardized at 2 bits: zero not exact, signs not kept, as its backward
+    allows. leaky_relu of a bf16 copy of that input reads the copy's signs in backward, so the copy is
+    packed on its own, with the sign rule, as a standardized packing serves only savers that may
+    standardize too."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 8, 16, 16, requires_grad=True)
+    bn = nn.BatchNorm2d(8)
+    with tq.compress(bits=STANDARDIZE_MAX_BITS, min_bytes=4096) as session:  # (not BatchNorm's statistics)
+        x = a * 2  # (saves nothing; BatchNorm saves x)
+        out = bn(x)
+        y = x.to(torch.bfloat16)
+        z = F.leaky_relu(y, 0.1)  # (saves y)
+    assert session.stats.packed_tensors == 2 and session.stats.deduplicated == 0
+    restored = z.grad_fn._saved_self
+    assert torch.equal(restored > 0, y > 0) and torch.equal(restored < 0, y < 0)
+    (out.sum() + z.float().sum()).backward()
+    assert torch.isfinite(a.grad).all()
+
+
 def test_a_cast_is_packed_on_its_own_when_its_source_changed_before_it():
     torch.manual_seed(0)
     a = torch.randn(64, 512, dtype=torch.bfloat16, requires_grad=True)
