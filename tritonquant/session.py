@@ -687,7 +687,7 @@ class Session:
         """A handle that computes ``t``, an activation's output, again in backward from the packing of the
         activation's input; None when ``t`` is no GELU or SiLU output, that output changed since the
         activation made it, or its input was not packed here as a whole, in ``t``'s layout and dtype, at
-        ``quant.bits`` or wider."""
+        ``quant.bits`` or wider, and not standardized (``t`` itself may not be: called for those only)."""
         found = activation_output(t)
         if found is None:
             return None
@@ -698,8 +698,8 @@ class Session:
         if base is None:
             return None
         packed = base.packed if isinstance(base.packed, PackedTensor) else base.packed.host
-        if (packed.bits < quant.bits or packed.dtype != out.dtype or packed.shape != out.shape
-                or packed.stride != out.stride() or packed.stored_stride != packed.stride
+        if (packed.bits < quant.bits or packed.channels is not None or packed.dtype != out.dtype
+                or packed.shape != out.shape or packed.stride != out.stride() or packed.stored_stride != packed.stride
                 or packed.stored_shape != packed.shape):
             return None
         base.saves += 1  # (so that _decode keeps the decoded input for the activation's own unpack)

@@ -446,6 +446,25 @@ def test_an_activation_output_is_packed_when_it_cannot_be_computed_again(case):
     assert torch.equal(out.grad_fn._saved_mat1, expected), "the output's own packing"
 
 
+def test_an_activation_output_is_not_computed_from_a_standardized_packing():
+    """BatchNorm packs x standardized at 2 bits (zero not exact, signs not kept); the GELU's own save of
+    x is kept (an override), so that packing is the only one of x. The GELU's output, which may not be
+    standardized, is then packed on its own rather than computed from it."""
+    torch.manual_seed(0)
+    a = torch.randn(4, 8, 16, 16, requires_grad=True)
+    bn, act = nn.BatchNorm2d(8), nn.GELU()
+    with tq.compress(bits=STANDARDIZE_MAX_BITS, min_bytes=4096, overrides={nn.GELU: None}) as session:
+        x = a * 2  # (saves nothing)
+        side = bn(x)
+        h = act(x)
+        product = h * h  # (saves h, twice)
+    assert session.stats.passed_by_reason["recomputed"] == 0 and session.stats.packed_tensors == 2
+    restored = product.grad_fn._saved_self
+    assert torch.equal(restored > 0, h > 0) and torch.equal(restored < 0, h < 0)
+    (side.sum() + product.sum()).backward()
+    assert torch.isfinite(a.grad).all()
+
+
 def test_an_activation_input_is_told_from_the_other_outputs_of_the_node_that_made_it():
     """``a`` and ``b`` come from one node (split) with the same shape: ``a`` is packed, ``b``, the GELU's
     input, is kept. The GELU's output must not be made from ``a``'s packing."""
