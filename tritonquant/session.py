@@ -630,10 +630,10 @@ class Session:
         if reason is not None:
             return self._keep(t, row, reason)
 
-        # A plain packing serves every saver of the same memory.
+        # A plain packing serves every saver of the same memory that asks for no more bits.
         key = _dedup_key(t)
         hit = self._dedup.get(key)
-        if hit is not None:
+        if hit is not None and self._wide_enough(hit, override, t):
             reused = self._reuse(hit, module, t)
             if reused is not None:
                 return reused
@@ -644,7 +644,7 @@ class Session:
         if kind is not None:
             standardized_key = _standardized(_view_key(t), kind)
             hit = self._dedup.get(standardized_key)
-            if hit is not None:
+            if hit is not None and self._wide_enough(hit, override, t):
                 reused = self._reuse(hit, module, t)
                 if reused is not None:
                     return reused
@@ -760,6 +760,22 @@ class Session:
             held = storage.nbytes()
         self._count_passed(row, reason, held)
         return _Kept(t)
+
+    def _wide_enough(self, hit: _Packed | ProbeTensor, override, t: torch.Tensor) -> bool:
+        """Whether ``hit``, an earlier saver's packing of ``t``'s memory, has as many bits as this saver
+        asks for. Only per-module ``overrides`` make savers of one tensor ask for different widths (the
+        floor for probabilities follows the tensor, not its saver); reusing a narrower packing would
+        quietly weaken the wider request, so such a saver packs the tensor anew, and the savers after
+        it find that packing. (bits="auto" decides widths per tensor already.)"""
+        if not self.config.overrides or not isinstance(hit, _Packed) or self.config.auto_budget is not None:
+            return True
+        packed = hit.packed if isinstance(hit.packed, PackedTensor) else hit.packed.host
+        if packed.meta is None:  # (bool: lossless at 1 bit)
+            return True
+        if override is not _NO_MATCH:
+            return packed.bits >= override.bits
+        floor = self.config.sensitive_bits if is_sensitive(t, producer(t)) else 1
+        return packed.bits >= max(self.config.quant.bits, floor)
 
     def _reuse(self, hit: _Packed | ProbeTensor, module: nn.Module | None,
                t: torch.Tensor) -> _Packed | _PackedView | ProbeTensor | None:

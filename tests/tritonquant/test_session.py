@@ -780,6 +780,32 @@ def test_overrides_by_name_and_type_and_exclusion():
     assert rows["blocks.0"].bits == {4}  # the block's functional ReLUs: no override applies
 
 
+@pytest.mark.parametrize("order", ["narrow-first", "wide-first"])
+def test_a_tensor_saved_by_modules_with_different_widths_is_restored_at_the_widest(order):
+    """x is saved by a Linear (the block's 2 bits) and by a GELU (an override: 8 bits). One packing
+    serves every saver of a storage, but a narrower one would quietly weaken the wider request: a saver
+    that asks for more bits than the packing it finds packs the tensor anew, and savers after it
+    reuse that. A saver asking for fewer bits reuses the wider packing."""
+    torch.manual_seed(0)
+    a = torch.randn(64, 256, requires_grad=True)
+    linear, gelu, gelu_again = nn.Linear(256, 256), nn.GELU(), nn.GELU()
+    with tq.compress(bits=2, min_bytes=0, overrides={nn.GELU: {"bits": 8}}) as session:
+        x = a * 2  # (saves nothing)
+        if order == "narrow-first":
+            y, z, w = linear(x), gelu(x), gelu_again(x)
+        else:
+            z, w, y = gelu(x), gelu_again(x), linear(x)
+    exact = x.detach()
+    wide = tq.dequantize(tq.quantize(exact, bits=8))
+    assert torch.equal(z.grad_fn._saved_self, wide) and torch.equal(w.grad_fn._saved_self, wide)
+    if order == "narrow-first":  # the Linear keeps its own 2-bit packing
+        assert torch.equal(y.grad_fn._saved_mat1, tq.dequantize(tq.quantize(exact, bits=2)))
+        assert session.stats.packed_tensors == 2 and session.stats.deduplicated == 1
+    else:
+        assert torch.equal(y.grad_fn._saved_mat1, wide)
+        assert session.stats.packed_tensors == 1 and session.stats.deduplicated == 2
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
