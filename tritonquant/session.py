@@ -64,7 +64,8 @@ class ModuleStats:
 class Stats:
     """Byte and tensor counts of one ``compress`` block (or of an attached model's latest forward).
 
-    raw_bytes: bytes the packed tensors held before packing (each storage view counted once).
+    raw_bytes: bytes the packed tensors held before packing (each storage view counted once per
+        packing: twice for one packed at two widths, for savers that asked for both; ``overrides``).
     packed_bytes: bytes they hold packed (payload plus metadata).
     passed_bytes: bytes of the storages of saved tensors kept as they were, each counted once;
         parameters and buffers excluded (the model holds them anyway: they cost the step nothing).
