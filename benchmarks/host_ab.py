@@ -20,7 +20,7 @@ figure then includes the copies). Per saved tensor:
   whole chain              forward and backward of the chain, without the wrapper, divided by its length:
                            includes tanh itself and what the hooks leave behind (freeing handles).
 
-  traced ops              one call of ``pack_saved`` and one of ``unpack_saved`` on the chain's tensor: the
+  traced ops               one call of ``pack_saved`` and one of ``unpack_saved`` on the chain's tensor: the
                            custom ops a model compiled under compress() calls per packed tensor
                            (tritonquant/traced.py), through torch's dispatcher, per pair.
 

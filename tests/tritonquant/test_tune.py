@@ -220,6 +220,21 @@ def test_gpu_suite_all_selects_every_stage(tmp_path):
     assert "Not selected" not in (results / "summary.md").read_text()
 
 
+def test_gpu_suite_gives_every_stage_a_longer_budget_unless_told(tmp_path):
+    # Every stage takes about 14 minutes on an H200: the default stages' 465 s would skip the last ones.
+    for budget, expected in ((None, "960s"), ("300", "300s")):
+        results = tmp_path / f"results-{budget}"
+        env = clean_env(OUT=str(results), PYTHON=sys.executable, SUITE_STAGES="all", SUITE_FORCE_SHIM="1")
+        env.pop("SUITE_BUDGET_S", None)
+        if budget is not None:
+            env["SUITE_BUDGET_S"] = budget
+        proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--setup-only"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"stages: tests-gpu,demo,tune,kernels,pool,activation,host,bench,offload,checkpoint,compiled,tests; " \
+               f"budget {expected}" in (results / "logs" / "suite.log").read_text()
+
+
 def test_gpu_suite_refuses_an_unknown_stage_by_name(tmp_path):
     env = clean_env(OUT=str(tmp_path / "results"), SUITE_STAGES="bench,compiles")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh")], env=env, cwd=tmp_path,
