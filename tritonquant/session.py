@@ -283,6 +283,16 @@ def _standardized(key: tuple, kind: str) -> tuple:
     return key + ("standardized", kind)
 
 
+def _serves(packed: PackedTensor, bits: int, kind: str | None) -> bool:
+    """Whether ``packed``, made for one saver, may stand for a tensor another saver asks to get at
+    ``bits`` and of ``policy.standardize_kind`` ``kind``: as many bits or more (a bool packing is
+    lossless), and standardized (zero not exact, signs not kept) only where that saver's tensor may
+    be standardized too."""
+    if packed.meta is None:
+        return True
+    return packed.bits >= bits and (packed.channels is None or standardization(kind, packed.bits) is not None)
+
+
 # The key, in an autograd node's ``metadata``, of {output number: (weak reference to the _Packed of that
 # output, the output's version when packed)}: how an activation's output finds its input's packing
 # (``Session._recompute``). Kept on the node, not in a table keyed by the node's Python object: that object
@@ -634,7 +644,7 @@ class Session:
         # A plain packing serves every saver of the same memory that asks for no more bits.
         key = _dedup_key(t)
         hit = self._dedup.get(key)
-        if hit is not None and self._wide_enough(hit, override, t):
+        if hit is not None and self._wide_enough(hit, override, t, None):  # (plain: no kind needed)
             reused = self._reuse(hit, module, t)
             if reused is not None:
                 return reused
@@ -645,7 +655,7 @@ class Session:
         if kind is not None:
             standardized_key = _standardized(_view_key(t), kind)
             hit = self._dedup.get(standardized_key)
-            if hit is not None and self._wide_enough(hit, override, t):
+            if hit is not None and self._wide_enough(hit, override, t, kind):
                 reused = self._reuse(hit, module, t)
                 if reused is not None:
                     return reused
@@ -699,7 +709,7 @@ class Session:
         if base is None:
             return None
         packed = base.packed if isinstance(base.packed, PackedTensor) else base.packed.host
-        if (packed.bits < quant.bits or packed.channels is not None or packed.dtype != out.dtype
+        if (not _serves(packed, quant.bits, None) or packed.dtype != out.dtype
                 or packed.shape != out.shape or packed.stride != out.stride() or packed.stored_stride != packed.stride
                 or packed.stored_shape != packed.shape):
             return None
@@ -723,8 +733,7 @@ class Session:
             return None
         source = base.source()
         packed = base.packed
-        if (source is None or source._version != packed_version or packed.bits < quant.bits
-                or (packed.channels is not None and standardization(kind, packed.bits) is None)
+        if (source is None or source._version != packed_version or not _serves(packed, quant.bits, kind)
                 or packed.device != t.device or packed.shape != t.shape or packed.stride != t.stride()
                 or packed.stored_shape != packed.shape or packed.stored_stride != packed.stride):
             return None
@@ -762,21 +771,20 @@ class Session:
         self._count_passed(row, reason, held)
         return _Kept(t)
 
-    def _wide_enough(self, hit: _Packed | ProbeTensor, override, t: torch.Tensor) -> bool:
+    def _wide_enough(self, hit: _Packed | ProbeTensor, override, t: torch.Tensor, kind: str | None) -> bool:
         """Whether ``hit``, an earlier saver's packing of ``t``'s memory, has as many bits as this saver
-        asks for. Only per-module ``overrides`` make savers of one tensor ask for different widths (the
-        floor for probabilities follows the tensor, not its saver); reusing a narrower packing would
-        quietly weaken the wider request, so such a saver packs the tensor anew, and the savers after
-        it find that packing. (bits="auto" decides widths per tensor already.)"""
+        asks for (``_serves``; ``kind``: ``t``'s ``standardize_kind``). Only per-module ``overrides``
+        make savers of one tensor ask for different widths (the floor for probabilities follows the
+        tensor, not its saver); reusing a narrower packing would quietly weaken the wider request, so
+        such a saver packs the tensor anew, and the savers after it find that packing. (bits="auto"
+        decides widths per tensor already.)"""
         if not self.config.overrides or not isinstance(hit, _Packed) or self.config.auto_budget is not None:
             return True
         packed = hit.packed if isinstance(hit.packed, PackedTensor) else hit.packed.host
-        if packed.meta is None:  # (bool: lossless at 1 bit)
-            return True
         if override is not _NO_MATCH:
-            return packed.bits >= override.bits
+            return _serves(packed, override.bits, kind)
         floor = self.config.sensitive_bits if is_sensitive(t, producer(t)) else 1
-        return packed.bits >= max(self.config.quant.bits, floor)
+        return _serves(packed, max(self.config.quant.bits, floor), kind)
 
     def _reuse(self, hit: _Packed | ProbeTensor, module: nn.Module | None,
                t: torch.Tensor) -> _Packed | _PackedView | ProbeTensor | None:
