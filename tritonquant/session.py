@@ -108,6 +108,13 @@ class _Packed:
         self.unpacked = 0  # unpacks in this backward pass (_decode)
         self.decoded: torch.Tensor | None = None  # kept for the next saver's unpack (_decode)
 
+    @property
+    def description(self) -> PackedTensor:
+        """The packing's settings and layout (bits, shape, strides, standardization), wherever its data
+        lives: on the device, or in host memory (offload)."""
+        packed = self.packed
+        return packed if isinstance(packed, PackedTensor) else packed.host
+
 
 class _PackedView:
     """Another view of the memory a ``_Packed`` holds (same start, same elements, other shape or
@@ -708,7 +715,7 @@ class Session:
         base, _ = _filed_by_producer(input_node, output_nr)
         if base is None:
             return None
-        packed = base.packed if isinstance(base.packed, PackedTensor) else base.packed.host
+        packed = base.description
         if (not _serves(packed, quant.bits, None) or packed.dtype != out.dtype
                 or packed.shape != out.shape or packed.stride != out.stride() or packed.stored_stride != packed.stride
                 or packed.stored_shape != packed.shape):
@@ -780,7 +787,7 @@ class Session:
         decides widths per tensor already.)"""
         if not self.config.overrides or not isinstance(hit, _Packed) or self.config.auto_budget is not None:
             return True
-        packed = hit.packed if isinstance(hit.packed, PackedTensor) else hit.packed.host
+        packed = hit.description
         if override is not _NO_MATCH:
             return _serves(packed, override.bits, kind)
         floor = self.config.sensitive_bits if is_sensitive(t, producer(t)) else 1
