@@ -1,7 +1,9 @@
 """Per-GPU autotuning of the quantize/dequantize launch configuration, with a small on-disk cache.
 
-What is tuned: ``rows`` (groups per program, the kernels' ``ROWS`` tile) and ``num_warps``. ``num_stages``
-is left at Triton's default: the kernels have no loops, so software pipelining has nothing to overlap.
+What is tuned: ``rows`` (groups a tile, the kernels' ``ROWS``), ``num_warps``, and for quantize ``tiles``
+(tiles a program quantizes in turn, loading the next while it computes: the kernel's ``TILES``).
+``num_stages`` is left at Triton's default: Triton's own pipelining does not overlap these kernels'
+plain pointer loads (docs/kernels.md, "Quantize from bf16: bytes in flight"); ``tiles`` does it by hand.
 The tile never changes the result: every group is computed independently from its own elements, so the
 bytes written are identical for every configuration (tests/kernels/test_autotune.py checks this).
 
@@ -55,8 +57,9 @@ from .launch import default_group_tile, env_flag, is_interpreted, next_power_of_
 # tiles of 8 rows or more per warp share each row among 4 threads instead of 8. 5: fp16 ranges are
 # found in fp16, with 40-96 registers instead of 68-128. 6: each value's code bounds come from two
 # selects by its sign, float32 inputs test signs after the reductions, and nearest rounding rounds
-# the product once in an fma: registers move by -24 to +47 under Triton 3.6).
-FORMAT_VERSION = 6
+# the product once in an fma: registers move by -24 to +47 under Triton 3.6. 7: quantize configs carry
+# ``tiles``, and pipelined ones are candidates).
+FORMAT_VERSION = 7
 ENV_AUTOTUNE = "TRITONQUANT_AUTOTUNE"  # "0" (or off/false/no): never tune, use the heuristic
 ENV_CACHE_DIR = "TRITONQUANT_CACHE_DIR"  # folder of the cache file, overrides the user cache dir
 
@@ -75,6 +78,11 @@ MAX_TUNED_BUCKET = 13  # 4**13 = 67,108,864 elements (256 MiB of fp32); larger t
 # chose them for 22 of its 39 dequantize keys).
 CANDIDATE_TILES = ((1024, 1), (1024, 2), (1024, 4), (2048, 2), (4096, 2), (4096, 4), (8192, 4), (8192, 8),
                    (16384, 8))
+# Quantize also times these tiles pipelined, PIPELINED_TILES tiles a program (quantize.py, TILES): by
+# their registers, the tiles that let an SM keep the most input in flight while it computes
+# (benchmarks/bytes_in_flight.py; docs/kernels.md, "Quantize from bf16: bytes in flight").
+PIPELINED_CANDIDATE_TILES = ((2048, 2), (4096, 2), (4096, 4), (8192, 4))
+PIPELINED_TILES = 4
 VALID_NUM_WARPS = (1, 2, 4, 8, 16, 32)
 MAX_TILE_ELEMENTS = 1 << 20  # Triton's largest block
 
@@ -87,10 +95,13 @@ _TRITON_VERSION = triton.__version__
 
 
 class LaunchConfig(NamedTuple):
-    """One launch configuration: ``rows`` groups per program (a power of two) and ``num_warps``."""
+    """One launch configuration: ``rows`` groups a tile (a power of two), ``num_warps``, and ``tiles``, the
+    tiles one quantize program takes in turn (dequantize always takes one; so does a standardized
+    quantize, whatever the config says)."""
 
     rows: int
     num_warps: int
+    tiles: int = 1
 
 
 class TuneKey(NamedTuple):
@@ -203,8 +214,11 @@ def interpreter_config(n_groups: int, group_size: int) -> LaunchConfig:
     return LaunchConfig(*default_group_tile(n_groups, group_size, interpreted=True))
 
 
-def candidate_configs(n_groups: int, group_size: int, interpreted: bool | None = None) -> list[LaunchConfig]:
-    """Configs worth timing for ``n_groups`` groups, the heuristic first (ties keep it).
+def candidate_configs(n_groups: int, group_size: int, interpreted: bool | None = None,
+                      pipelined: bool = False) -> list[LaunchConfig]:
+    """Configs worth timing for ``n_groups`` groups, the heuristic first (ties keep it); with ``pipelined``
+    (quantize) also PIPELINED_CANDIDATE_TILES at PIPELINED_TILES tiles a program, where the tensor has
+    groups for more than one tile a program.
 
     Under the interpreter (``interpreted``; None: ``launch.is_interpreted()``) this is the one interpreter
     config.
@@ -219,6 +233,12 @@ def candidate_configs(n_groups: int, group_size: int, interpreted: bool | None =
         config = LaunchConfig(min(max(1, tile // group_size), cap), num_warps)
         if config not in configs:
             configs.append(config)
+    if pipelined:
+        for tile, num_warps in PIPELINED_CANDIDATE_TILES:
+            rows = max(1, tile // group_size)
+            config = LaunchConfig(rows, num_warps, PIPELINED_TILES)
+            if rows * PIPELINED_TILES <= cap and config not in configs:
+                configs.append(config)
     return configs
 
 
@@ -238,8 +258,9 @@ def traffic_bytes(kind: str, n_elements: int, bits: int, group_size: int, elemen
 
 
 @contextlib.contextmanager
-def use_config(config: LaunchConfig | tuple[int, int]) -> Iterator[LaunchConfig]:
-    """Force every quantize/dequantize launch of this thread to ``config`` (rows, num_warps) while open.
+def use_config(config: LaunchConfig | tuple[int, ...]) -> Iterator[LaunchConfig]:
+    """Force every quantize/dequantize launch of this thread to ``config`` (rows, num_warps[, tiles]) while
+    open (``tiles``, 1 when left out, applies to plain quantize launches only: LaunchConfig).
 
     Used by the tuner to time candidates and by tests; results do not depend on the config.
     """
@@ -248,6 +269,8 @@ def use_config(config: LaunchConfig | tuple[int, int]) -> Iterator[LaunchConfig]
         raise ValueError(f"rows must be a power of two >= 1, got {config.rows}")
     if config.num_warps not in VALID_NUM_WARPS:
         raise ValueError(f"num_warps must be one of {VALID_NUM_WARPS}, got {config.num_warps}")
+    if isinstance(config.tiles, bool) or not isinstance(config.tiles, int) or config.tiles < 1:
+        raise ValueError(f"tiles must be an int >= 1, got {config.tiles!r}")
     global _open_forcings
     previous = getattr(_thread_state, "config", None)
     _thread_state.config = config
@@ -269,8 +292,8 @@ def active_override() -> LaunchConfig | None:
 def quantize_launch_config(
     flat: torch.Tensor, n_groups: int, bits: int, group_size: int, sigma: bool, stochastic: bool,
     standardize: bool = False,
-) -> tuple[int, int]:
-    """(rows, num_warps) for quantizing the 1-D tensor ``flat`` (float32/float16/bfloat16).
+) -> tuple[int, int, int]:
+    """(rows, num_warps, tiles) for quantizing the 1-D tensor ``flat`` (float32/float16/bfloat16).
 
     ``standardize``: a standardized packing (per-channel statistics), which gets the untuned tile: its
     kernel holds 1.4-2x the registers of the plain one the tuner times (sm_90: 94-128 against 67-76 at
@@ -283,25 +306,26 @@ def quantize_launch_config(
 def dequantize_launch_config(out: torch.Tensor, n_groups: int, bits: int, group_size: int,
                              standardize: bool = False) -> tuple[int, int]:
     """(rows, num_warps) for decoding into the 1-D tensor ``out`` (float32/float16/bfloat16);
-    ``standardize`` as for ``quantize_launch_config``."""
-    return _launch_config("dequantize", out.device, out.dtype, out.numel(), n_groups, bits, group_size,
-                          False, False, standardize)
+    ``standardize`` as for ``quantize_launch_config``. (Dequantize takes one tile a program.)"""
+    rows, num_warps, _ = _launch_config("dequantize", out.device, out.dtype, out.numel(), n_groups, bits, group_size,
+                                        False, False, standardize)
+    return rows, num_warps
 
 
 def _launch_config(
     kind: str, device: torch.device, dtype: torch.dtype, n_elements: int, n_groups: int, bits: int,
     group_size: int, sigma: bool, stochastic: bool, standardize: bool = False,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     # Runs once per packed tensor: the cheap tests first, and plain int arithmetic throughout.
     forced = getattr(_thread_state, "config", None) if _open_forcings else None
     if forced is not None:
         return forced
     if is_interpreted():
-        return default_group_tile(n_groups, group_size, interpreted=True)
+        return (*default_group_tile(n_groups, group_size, interpreted=True), 1)
     bucket = size_bucket(n_elements)
     # (Standardized packings take the untuned tile: quantize_launch_config says why.)
     if standardize or bucket < MIN_TUNED_BUCKET or not autotune_enabled():
-        return default_group_tile(n_groups, group_size, interpreted=False)
+        return (*default_group_tile(n_groups, group_size, interpreted=False), 1)
     fast_key = (kind, device, dtype, bucket, bits, group_size, sigma, stochastic)
     config = _resolved.get(fast_key)
     if config is None:
@@ -314,10 +338,11 @@ def _launch_config(
         config = entry.config
         if _entries.get(key) is entry:  # (not the stand-in used during a CUDA graph capture)
             _resolved[fast_key] = config
-    rows, num_warps = config
+    rows, num_warps, tiles = config
     # The bucket was timed at 4**bucket elements; a smaller tensor in it may have fewer groups than a tile.
+    # (A pipelined program's tiles past the last group are masked: they load and store nothing.)
     cap = next_power_of_2(n_groups)
-    return (rows if rows <= cap else cap), num_warps
+    return (rows if rows <= cap else cap), num_warps, tiles
 
 
 def _resolve_miss(key: TuneKey, device: torch.device) -> CacheEntry:
@@ -396,7 +421,7 @@ def tune(
     n = bucket_elements(key.bucket)
     n_groups = -(-n // key.group_size)
     if candidates is None:
-        candidates = candidate_configs(n_groups, key.group_size)
+        candidates = candidate_configs(n_groups, key.group_size, pipelined=key.kind == "quantize")
     if len(candidates) == 1:
         return TuneResult(key, CacheEntry(candidates[0]), "single", {})
     timer = timer or benchmark
@@ -561,6 +586,7 @@ def _entry_to_json(key: TuneKey, entry: CacheEntry) -> dict:
         "elements": bucket_elements(key.bucket),
         "rows": entry.config.rows,
         "num_warps": entry.config.num_warps,
+        "tiles": entry.config.tiles,
         "ms": entry.ms,
         "heuristic_ms": entry.heuristic_ms,
     }
@@ -585,12 +611,15 @@ def _entry_from_json(item: object) -> tuple[TuneKey, CacheEntry]:
     kind, bits, group_size = typed("kind", str), typed("bits", int), typed("group_size", int)
     sigma, stochastic, dtype = typed("sigma", bool), typed("stochastic", bool), typed("dtype", str)
     bucket, rows, num_warps = typed("bucket", int), typed("rows", int), typed("num_warps", int)
+    tiles = typed("tiles", int)
     if kind not in KINDS or bits not in (1, 2, 4, 8) or dtype not in DTYPES:
         raise ValueError("kind/bits/dtype")
     if group_size < 8 or group_size & (group_size - 1) or not 0 <= bucket <= MAX_TUNED_BUCKET:
         raise ValueError("group_size/bucket")
     if rows < 1 or rows & (rows - 1) or rows * group_size > MAX_TILE_ELEMENTS or num_warps not in VALID_NUM_WARPS:
         raise ValueError("rows/num_warps")
+    if tiles < 1 or (kind == "dequantize" and tiles != 1):
+        raise ValueError("tiles")
     if kind == "dequantize" and (sigma or stochastic):
         raise ValueError("dequantize keys carry no scheme or rounding")
     times = []
@@ -601,7 +630,7 @@ def _entry_from_json(item: object) -> tuple[TuneKey, CacheEntry]:
         times.append(None if value is None else float(value))
     key = TuneKey(typed("gpu", str), (capability[0], capability[1]), typed("triton", str), kind, bits, group_size,
                   sigma, stochastic, dtype, bucket)
-    return key, CacheEntry(LaunchConfig(rows, num_warps), times[0], times[1])
+    return key, CacheEntry(LaunchConfig(rows, num_warps, tiles), times[0], times[1])
 
 
 def _atomic_write(path: Path, document: dict) -> None:

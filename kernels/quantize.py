@@ -141,6 +141,7 @@ def _quantize_kernel(
     SIGMA: tl.constexpr, STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, INDEX64: tl.constexpr,
     ROW_CHANNELS: tl.constexpr, RUNS: tl.constexpr,
     EVEN: tl.constexpr, SPLIT: tl.constexpr, SPLIT_FIRST: tl.constexpr, EXACT_FMA: tl.constexpr,
+    TILES: tl.constexpr,
 ):
     # The kernel is bound by instructions per element, not bytes: work that can be done once per row
     # (group) is done per row, and each row is shared by as few threads as keep loads coalesced.
@@ -162,14 +163,71 @@ def _quantize_kernel(
     # per row; the groups are numbered, dithered and stored as for a dense copy of x. (The launcher
     # admits RUNS only with EVEN and without STANDARDIZE, whose channels are found from the element's
     # offset: ``check_runs``.)
+    # TILES: the tiles of ROWS groups one program quantizes in turn. With more than one, the program
+    # loads the next tile before it quantizes the one it holds, so its loads stay in flight while it
+    # computes (the tuner's pipelined configs; docs/kernels.md, "Pipelined programs"). The next tile is
+    # held as raw input, two bf16 values to a register. Standardized packings gather their channel
+    # statistics before each load and take one tile a program.
     CHUNK: tl.constexpr = GROUP // SPLIT
-    LEVELS_M1: tl.constexpr = (1 << BITS) - 1
-    # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
-    Z_MIN: tl.constexpr = 1 if BITS > 1 else 0
-    Z_MAX: tl.constexpr = LEVELS_M1 - 1 if BITS > 1 else LEVELS_M1
-
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+    if TILES == 1:
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        idx, valid = _tile_elements(rows, n_elements, n_groups, run_divisor, run_stride, GROUP, SPLIT, SPLIT_FIRST,
+                                    EVEN, RUNS)
+        # Standardized tiles gather their channel statistics before loading x. Triton 3.6 gives the gather a
+        # layout of one element per thread; loaded after x, that layout took over the whole tile (x converted
+        # through shared memory: 78 instructions per element for bf16 at 2 bits), loaded before, only the
+        # gathered values are converted (54). Triton 3.9 compiles both orders alike (52).
+        if STANDARDIZE and ROW_CHANNELS:  # each group in at most two channels: their statistics per row
+            minimum, reciprocal, next_minimum, next_reciprocal, boundary = row_channels(
+                channels_ptr, rows, rows < n_groups, stride_divisor, count_divisor, GROUP)
+            position = _per_chunk(tl.arange(0, SPLIT) * CHUNK, SPLIT_FIRST) + tl.arange(0, CHUNK)[None, None, :]
+            in_next = position >= _per_row(boundary, SPLIT_FIRST)
+            minimum = tl.where(in_next, _per_row(next_minimum, SPLIT_FIRST), _per_row(minimum, SPLIT_FIRST))
+            reciprocal = tl.where(in_next, _per_row(next_reciprocal, SPLIT_FIRST), _per_row(reciprocal, SPLIT_FIRST))
+        elif STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
+            channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
+            minimum, reciprocal = channel_statistics(channels_ptr, channel, valid)  # (minimum, 1 / scale)
+        else:  # (not read)
+            minimum = 0.0
+            reciprocal = 0.0
+        x_loaded = tl.load(x_ptr + idx, mask=valid, other=0.0)
+        _quantize_tile(x_loaded, valid, rows, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
+                       minimum, reciprocal, BITS, GROUP, ROWS, SIGMA, STOCHASTIC, STANDARDIZE, EVEN, SPLIT,
+                       SPLIT_FIRST, EXACT_FMA)
+    else:
+        tl.static_assert(not STANDARDIZE, "standardized packings take one tile a program")
+        rows = pid * (ROWS * TILES) + tl.arange(0, ROWS)
+        idx, valid = _tile_elements(rows, n_elements, n_groups, run_divisor, run_stride, GROUP, SPLIT, SPLIT_FIRST,
+                                    EVEN, RUNS)
+        x_loaded = tl.load(x_ptr + idx, mask=valid, other=0.0)
+        # Only the rows and the raw input cross from one tile to the next (names first bound before the
+        # loop and bound again inside it are carried in registers): the offsets and masks are cheaper to
+        # compute again than to hold.
+        for _tile in range(TILES - 1):
+            next_rows = rows + ROWS
+            next_idx, next_valid = _tile_elements(next_rows, n_elements, n_groups, run_divisor, run_stride, GROUP,
+                                                  SPLIT, SPLIT_FIRST, EVEN, RUNS)
+            x_next = tl.load(x_ptr + next_idx, mask=next_valid, other=0.0)
+            tile_idx, tile_valid = _tile_elements(rows, n_elements, n_groups, run_divisor, run_stride, GROUP, SPLIT,
+                                                  SPLIT_FIRST, EVEN, RUNS)
+            _quantize_tile(x_loaded, tile_valid, rows, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
+                           0.0, 0.0, BITS, GROUP, ROWS, SIGMA, STOCHASTIC, False, EVEN, SPLIT, SPLIT_FIRST,
+                           EXACT_FMA)
+            rows = next_rows
+            x_loaded = x_next
+        idx, valid = _tile_elements(rows, n_elements, n_groups, run_divisor, run_stride, GROUP, SPLIT, SPLIT_FIRST,
+                                    EVEN, RUNS)
+        _quantize_tile(x_loaded, valid, rows, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset,
+                       0.0, 0.0, BITS, GROUP, ROWS, SIGMA, STOCHASTIC, False, EVEN, SPLIT, SPLIT_FIRST, EXACT_FMA)
+
+
+@triton.jit
+def _tile_elements(rows, n_elements, n_groups, run_divisor, run_stride, GROUP: tl.constexpr, SPLIT: tl.constexpr,
+                   SPLIT_FIRST: tl.constexpr, EVEN: tl.constexpr, RUNS: tl.constexpr):
+    """(offsets, mask) of the tile of groups ``rows``: where in x each of its elements lies, and whether
+    it exists."""
+    CHUNK: tl.constexpr = GROUP // SPLIT
     row_valid = rows < n_groups
     if RUNS:
         run = divide(rows.to(tl.uint32), run_divisor)
@@ -184,28 +242,30 @@ def _quantize_kernel(
                  & (tl.arange(0, CHUNK) < CHUNK)[None, None, :])
     else:
         valid = idx < n_elements
-    # Standardized tiles gather their channel statistics before loading x. Triton 3.6 gives the gather a
-    # layout of one element per thread; loaded after x, that layout took over the whole tile (x converted
-    # through shared memory: 78 instructions per element for bf16 at 2 bits), loaded before, only the
-    # gathered values are converted (54). Triton 3.9 compiles both orders alike (52).
-    if STANDARDIZE and ROW_CHANNELS:  # each group in at most two channels: their statistics per row
-        minimum, reciprocal, next_minimum, next_reciprocal, boundary = row_channels(
-            channels_ptr, rows, row_valid, stride_divisor, count_divisor, GROUP)
-        position = _per_chunk(tl.arange(0, SPLIT) * CHUNK, SPLIT_FIRST) + tl.arange(0, CHUNK)[None, None, :]
-        in_next = position >= _per_row(boundary, SPLIT_FIRST)
-        minimum = tl.where(in_next, _per_row(next_minimum, SPLIT_FIRST), _per_row(minimum, SPLIT_FIRST))
-        reciprocal = tl.where(in_next, _per_row(next_reciprocal, SPLIT_FIRST), _per_row(reciprocal, SPLIT_FIRST))
-    elif STANDARDIZE:  # (kernels/channels.py: the channel index without a division per element)
-        channel = channel_of(idx, stride_divisor, count_divisor, INDEX64)
-        minimum, reciprocal = channel_statistics(channels_ptr, channel, valid)  # (minimum, 1 / scale)
-    x_loaded = tl.load(x_ptr + idx, mask=valid, other=0.0)
+    return idx, valid
+
+
+@triton.jit
+def _quantize_tile(x_loaded, valid, rows, payload_ptr, meta_ptr, n_elements, n_groups, seed, rng_offset, minimum,
+                   reciprocal, BITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, SIGMA: tl.constexpr,
+                   STOCHASTIC: tl.constexpr, STANDARDIZE: tl.constexpr, EVEN: tl.constexpr, SPLIT: tl.constexpr,
+                   SPLIT_FIRST: tl.constexpr, EXACT_FMA: tl.constexpr):
+    """Quantize one loaded tile (``x_loaded``, in x's dtype, laid out as _tile_elements lays it out;
+    ``valid`` its mask) of the groups ``rows``, and store their codes and (base, step).
+    ``minimum`` and ``reciprocal``: the elements' channel statistics when STANDARDIZE."""
+    CHUNK: tl.constexpr = GROUP // SPLIT
+    LEVELS_M1: tl.constexpr = (1 << BITS) - 1
+    # With one bit a mixed-sign group cannot keep both signs; with more, zero gets a level on each side.
+    Z_MIN: tl.constexpr = 1 if BITS > 1 else 0
+    Z_MAX: tl.constexpr = LEVELS_M1 - 1 if BITS > 1 else LEVELS_M1
+    row_valid = rows < n_groups
     x = x_loaded.to(tl.float32)
     if STANDARDIZE:
         x = (x - minimum) * reciprocal + 1.0  # (masked elements: kept out of the reductions below)
     # fp16 ranges are found on the loaded values: the same minimum and maximum (widening is exact and
     # keeps the order), two per instruction on sm_80 and later (sm_90, Triton 3.6, 4 bits: 18.0 -> 17.3
     # instructions per element). Triton takes a bf16 minimum in float32 and rounds it back, a loss.
-    if x_ptr.dtype.element_ty == tl.float16 and not STANDARDIZE:
+    if x_loaded.dtype == tl.float16 and not STANDARDIZE:
         x_range = x_loaded
     else:
         x_range = x
@@ -307,7 +367,7 @@ def _quantize_kernel(
         lower = _K_MAGIC
         upper = _per_row(tl.where(bad, 0.0, LEVELS_M1 * 1.0) + _K_MAGIC, SPLIT_FIRST)
     else:
-        if x_ptr.dtype.element_ty == tl.float32:
+        if x_loaded.dtype == tl.float32:
             zero = _per_row(lo * 0.0, SPLIT_FIRST)
         else:
             zero = 0.0
@@ -329,7 +389,7 @@ def _quantize_kernel(
     # Each thread's codes fill whole bytes of one run (a 16-byte vector of bf16 at 4 bits: 4 bytes); the
     # contiguity hint keeps the store in that layout instead of a round trip through shared memory
     # to make 16-byte stores.
-    VECTOR: tl.constexpr = 128 // x_ptr.dtype.element_ty.primitive_bitwidth
+    VECTOR: tl.constexpr = 128 // x_loaded.dtype.primitive_bitwidth
     THREAD_BYTES: tl.constexpr = max(VECTOR * BITS // 8, 1)
     out_idx = (_per_row(rows.to(tl.int64) * BYTES_PER_GROUP, SPLIT_FIRST)
                + _per_chunk(tl.arange(0, SPLIT) * CHUNK_BYTES, SPLIT_FIRST)
@@ -480,19 +540,22 @@ def triton_quantize(
     meta = torch.empty((n_groups, 2), dtype=torch.float32, device=device)
     if n == 0:
         return payload, meta
-    rows, num_warps = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic, channels is not None)
+    rows, num_warps, tiles = quantize_launch_config(x, n_groups, bits, group_size, sigma, stochastic,
+                                                    channels is not None)
     plan = None
     if channels is None and runs is None:
         # What this launch's grid, constexprs and Triton's specialization depend on, bar payload and meta,
         # whose fresh allocations are always 16-byte aligned: a repeat skips building them
         # (KernelLauncher.launch_planned), as every layer of a model repeats each step.
-        plan = (x.dtype, n, bits, group_size, sigma, stochastic, rows, num_warps, x.data_ptr() % 16 == 0,
+        plan = (x.dtype, n, bits, group_size, sigma, stochastic, rows, num_warps, tiles, x.data_ptr() % 16 == 0,
                 int_width(seed), int_width(rng_offset))
         if _launch_quantize.launch_planned(plan, _plain_arguments(x, payload, meta, n, n_groups, seed, rng_offset)):
             return payload, meta
+    elif channels is not None:
+        tiles = 1  # (the kernel pipelines plain tiles only)
     args, constexprs = quantize_launch_arguments(x, payload, meta, bits, group_size, rows, num_warps, sigma, stochastic,
-                                                 seed, rng_offset, channels, channel_stride, runs)
-    _launch_quantize(cdiv(n_groups, rows), args, constexprs, num_warps, plan)
+                                                 seed, rng_offset, channels, channel_stride, runs, tiles)
+    _launch_quantize(cdiv(n_groups, rows * tiles), args, constexprs, num_warps, plan)
     return payload, meta
 
 
@@ -507,9 +570,13 @@ def quantize_launch_arguments(
     x: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, bits: int, group_size: int, rows: int, num_warps: int,
     sigma: bool = False, stochastic: bool = False, seed: int = 0, rng_offset: int = 0,
     channels: torch.Tensor | None = None, channel_stride: int = 1, runs: tuple[int, int] | None = None,
+    tiles: int = 1,
 ) -> tuple[tuple, dict]:
     """(runtime arguments, constexprs) of one _quantize_kernel launch: what ``triton_quantize`` passes,
-    for callers that launch the kernel themselves (benchmarks/profile_host.py)."""
+    for callers that launch the kernel themselves (benchmarks/profile_host.py). Its grid is
+    ``cdiv(n_groups, rows * tiles)`` programs; ``tiles`` > 1 only without ``channels``."""
+    if tiles > 1 and channels is not None:
+        raise ValueError(f"tiles must be 1 with channels (standardization), got {tiles}")
     n = x.numel()
     if channels is not None:
         channels = standardizing_pairs(channels)
@@ -530,7 +597,7 @@ def quantize_launch_arguments(
                       STANDARDIZE=channels is not None, INDEX64=index64, ROW_CHANNELS=by_row, RUNS=runs is not None,
                       EVEN=n % group_size == 0,
                       SPLIT=split_for(group_size, x.element_size(), threads_per_group(rows, num_warps)),
-                      SPLIT_FIRST=SPLIT_FIRST, EXACT_FMA=_EXACT_FMA)
+                      SPLIT_FIRST=SPLIT_FIRST, EXACT_FMA=_EXACT_FMA, TILES=tiles)
     return args, constexprs
 
 

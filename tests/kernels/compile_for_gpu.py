@@ -80,11 +80,11 @@ def variants(quick: bool):
                      "GROUP": "constexpr", "ROWS": "constexpr", "SIGMA": "constexpr", "STOCHASTIC": "constexpr",
                      "STANDARDIZE": "constexpr", "INDEX64": "constexpr", "ROW_CHANNELS": "constexpr",
                      "RUNS": "constexpr", "EVEN": "constexpr", "SPLIT": "constexpr", "SPLIT_FIRST": "constexpr",
-                     "EXACT_FMA": "constexpr"}
+                     "EXACT_FMA": "constexpr", "TILES": "constexpr"}
         split = split_for(256, ELEMENT_SIZES[dtype], threads_per_group(rows, NUM_WARPS))
         constants = {"BITS": bits, "GROUP": 256, "ROWS": rows, "SIGMA": sigma, "STOCHASTIC": stochastic,
                      "STANDARDIZE": standardize, "INDEX64": index64, "ROW_CHANNELS": row_channels, "RUNS": runs,
-                     "EVEN": even, "SPLIT": split, "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True}
+                     "EVEN": even, "SPLIT": split, "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True, "TILES": 1}
         if not runs:
             constants.update(dict.fromkeys(RUN_ARGUMENTS, 1))
         name = (f"quantize {bits}bit {dtype} sigma={sigma} stochastic={stochastic} standardize={standardize}"

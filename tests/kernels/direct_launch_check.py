@@ -52,6 +52,7 @@ except Exception as exc:  # noqa: BLE001
 os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # (the launchers' untuned tile: nothing runs to time candidates on)
 
 from tritonquant.kernels import launch as launch_module  # noqa: E402
+from tritonquant.kernels.autotune import use_config  # noqa: E402
 from tritonquant.kernels.channels import divider  # noqa: E402
 from tritonquant.kernels.dequantize import _dequantize_kernel, _launch_dequantize, triton_dequantize  # noqa: E402
 from tritonquant.kernels.launch import KernelLauncher  # noqa: E402
@@ -178,6 +179,16 @@ def launcher_calls():
     yield "quantize bf16, stochastic", _launch_quantize, quantize(aligned, stochastic=True, seed=7, offset=5)
     yield "quantize bf16, stochastic, offset beyond int32", _launch_quantize, quantize(
         aligned, stochastic=True, seed=7, offset=2**40)
+
+    def forced(config, call):
+        def run():
+            with use_config(config):
+                return call()
+        return run
+
+    # The same tile, one program for each tile or for two of them: two plans.
+    yield "quantize bf16, 4 rows x 4 warps", _launch_quantize, forced((4, 4, 1), quantize(aligned))
+    yield "quantize bf16, 4 rows x 4 warps, 2 tiles a program", _launch_quantize, forced((4, 4, 2), quantize(aligned))
 
     payload, meta = triton_quantize(aligned, 4, 256, False, False, 0, 0)
     payload_bytes = torch.zeros(payload.numel() + 16, dtype=torch.uint8)

@@ -116,7 +116,7 @@ def test_each_gpu_gets_its_own_tuned_entry(fake_gpu, monkeypatch, isolated_cache
     x = big()
     autotune.quantize_launch_config(x, n_groups_of(x.numel()), 4, GROUP, False, False)
     calls_h200 = len(fake_gpu.calls)
-    assert calls_h200 == len(autotune.candidate_configs(n_groups_of(4**9), GROUP, interpreted=False))
+    assert calls_h200 == len(autotune.candidate_configs(n_groups_of(4**9), GROUP, interpreted=False, pipelined=True))
 
     autotune.reset()
     monkeypatch.setattr(autotune, "device_identity", lambda device: A100)
@@ -143,6 +143,21 @@ def test_candidates_start_with_the_heuristic_and_are_distinct():
     # Few groups: rows never exceed the next power of two of the group count, duplicates merge.
     small = autotune.candidate_configs(3, 1024, interpreted=False)
     assert all(c.rows <= 4 for c in small) and len(small) == len(set(small))
+    assert all(config.tiles == 1 for config in configs + small)
+
+
+def test_quantize_also_times_pipelined_tiles_where_a_program_can_take_several():
+    n_groups = n_groups_of(4**10)
+    plain = autotune.candidate_configs(n_groups, GROUP, interpreted=False)
+    configs = autotune.candidate_configs(n_groups, GROUP, interpreted=False, pipelined=True)
+    assert configs[:len(plain)] == plain
+    assert configs[len(plain):] == [LaunchConfig(tile // GROUP, num_warps, autotune.PIPELINED_TILES)
+                                    for tile, num_warps in autotune.PIPELINED_CANDIDATE_TILES]
+    # 8 groups: too few for 4 tiles of 2 or more a program.
+    few = autotune.candidate_configs(8, GROUP, interpreted=False, pipelined=True)
+    assert few == autotune.candidate_configs(8, GROUP, interpreted=False)
+    assert autotune.candidate_configs(n_groups, GROUP, interpreted=True, pipelined=True) == [
+        autotune.interpreter_config(n_groups, GROUP)]
 
 
 def test_tuning_picks_the_fastest_config(fake_gpu):
@@ -176,8 +191,9 @@ def test_ties_keep_the_heuristic_and_failing_candidates_are_skipped(fake_gpu):
 
 
 def test_hot_path_tunes_once_persists_and_then_only_looks_up(fake_gpu, monkeypatch, isolated_cache):
-    candidates = autotune.candidate_configs(n_groups_of(4**10), GROUP, interpreted=False)
-    best = candidates[3]
+    candidates = autotune.candidate_configs(n_groups_of(4**10), GROUP, interpreted=False, pipelined=True)
+    best = candidates[-1]
+    assert best.tiles > 1, "a pipelined config is stored and found again"
     fake_gpu.costs = {best: 0.5}
     x = big(4**10, torch.bfloat16)
     n_groups = n_groups_of(x.numel())
@@ -191,7 +207,7 @@ def test_hot_path_tunes_once_persists_and_then_only_looks_up(fake_gpu, monkeypat
     [entry] = document["entries"]
     assert (entry["gpu"], entry["kind"], entry["bits"], entry["dtype"], entry["bucket"]) == (
         "NVIDIA H200", "quantize", 2, "bf16", 10)
-    assert (entry["rows"], entry["num_warps"], entry["ms"]) == (best.rows, best.num_warps, 0.5)
+    assert (entry["rows"], entry["num_warps"], entry["tiles"], entry["ms"]) == (*best, 0.5)
 
     # Later launches of the same key: no timing, no file access, same answer (a smaller tensor of the
     # same bucket too, with rows capped to its group count).
@@ -203,8 +219,8 @@ def test_hot_path_tunes_once_persists_and_then_only_looks_up(fake_gpu, monkeypat
     for _ in range(3):
         assert tuple(autotune.quantize_launch_config(x, n_groups, 2, GROUP, False, False)) == tuple(best)
     smaller = big(4**9 + 1, torch.bfloat16)
-    rows, warps = autotune.quantize_launch_config(smaller, n_groups_of(smaller.numel()), 2, GROUP, False, False)
-    assert (rows, warps) == (min(best.rows, 2 ** (n_groups_of(smaller.numel()) - 1).bit_length()), best.num_warps)
+    config = autotune.quantize_launch_config(smaller, n_groups_of(smaller.numel()), 2, GROUP, False, False)
+    assert config == (min(best.rows, 2 ** (n_groups_of(smaller.numel()) - 1).bit_length()), best.num_warps, best.tiles)
     assert len(fake_gpu.calls) == len(candidates)
 
 
@@ -214,7 +230,7 @@ def test_standardized_launches_use_the_untuned_tile_and_time_nothing(fake_gpu, i
     heuristic = autotune.heuristic_config(n_groups, GROUP)
     assert tuple(autotune.quantize_launch_config(x, n_groups, 2, GROUP, False, False, standardize=True)) == tuple(
         heuristic)
-    assert tuple(autotune.dequantize_launch_config(x, n_groups, 2, GROUP, standardize=True)) == tuple(heuristic)
+    assert tuple(autotune.dequantize_launch_config(x, n_groups, 2, GROUP, standardize=True)) == heuristic[:2]
     assert fake_gpu.calls == [] and autotune.read_cache() == {}
     # The same key unstandardized is tuned as ever: the check above could have failed.
     autotune.quantize_launch_config(x, n_groups, 2, GROUP, False, False)
@@ -225,7 +241,7 @@ def test_second_process_reads_the_cache_instead_of_tuning(fake_gpu, isolated_cac
     candidates = autotune.candidate_configs(n_groups_of(4**9), GROUP, interpreted=False)
     fake_gpu.costs = {candidates[2]: 0.1}
     out = big(4**9, torch.float16)
-    assert tuple(autotune.dequantize_launch_config(out, n_groups_of(out.numel()), 8, GROUP)) == tuple(candidates[2])
+    assert tuple(autotune.dequantize_launch_config(out, n_groups_of(out.numel()), 8, GROUP)) == candidates[2][:2]
 
     script = textwrap.dedent("""
         import sys, torch
@@ -242,7 +258,7 @@ def test_second_process_reads_the_cache_instead_of_tuning(fake_gpu, isolated_cac
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(tuple(candidates[2]))
+    assert proc.stdout.strip() == str(tuple(candidates[2][:2]))
 
 
 def test_autotune_off_uses_the_heuristic_without_timing(fake_gpu, monkeypatch, isolated_cache):
@@ -251,7 +267,7 @@ def test_autotune_off_uses_the_heuristic_without_timing(fake_gpu, monkeypatch, i
     for value in ("0", "off", "False"):
         monkeypatch.setenv(autotune.ENV_AUTOTUNE, value)
         config = autotune.quantize_launch_config(x, n_groups, 4, GROUP, False, False)
-        assert tuple(config) == default_group_tile(n_groups, GROUP, interpreted=False)
+        assert config == (*default_group_tile(n_groups, GROUP, interpreted=False), 1)
     assert fake_gpu.calls == []
     assert not autotune.cache_path().exists()
     monkeypatch.setenv(autotune.ENV_AUTOTUNE, "1")
@@ -262,8 +278,8 @@ def test_autotune_off_uses_the_heuristic_without_timing(fake_gpu, monkeypatch, i
 def test_small_tensors_use_the_heuristic_without_timing(fake_gpu):
     x = big(4 ** (autotune.MIN_TUNED_BUCKET - 1))
     n_groups = n_groups_of(x.numel())
-    assert tuple(autotune.quantize_launch_config(x, n_groups, 4, GROUP, False, False)) == default_group_tile(
-        n_groups, GROUP, interpreted=False)
+    assert autotune.quantize_launch_config(x, n_groups, 4, GROUP, False, False) == (
+        *default_group_tile(n_groups, GROUP, interpreted=False), 1)
     assert fake_gpu.calls == []
 
 
@@ -292,7 +308,7 @@ def test_failed_tuning_falls_back_to_the_heuristic_in_memory_only(fake_gpu, isol
     n_groups = n_groups_of(x.numel())
     with pytest.warns(RuntimeWarning, match="autotuning"):
         config = autotune.quantize_launch_config(x, n_groups, 4, GROUP, False, False)
-    assert tuple(config) == default_group_tile(n_groups, GROUP, interpreted=False)
+    assert config == (*default_group_tile(n_groups, GROUP, interpreted=False), 1)
     calls = len(fake_gpu.calls)
     autotune.quantize_launch_config(x, n_groups, 4, GROUP, False, False)
     assert len(fake_gpu.calls) == calls, "a failed key is not retried on every launch"
@@ -323,7 +339,7 @@ def test_a_tuned_tile_is_capped_to_a_smaller_tensors_groups(fake_gpu):
     x = big(4**7 + 1)  # bucket 8: 65 groups of 256
     key = autotune.make_key("quantize", x.device, x.dtype, x.numel(), 4, GROUP)
     autotune._entries[key] = autotune.CacheEntry(LaunchConfig(4096, 4), 0.1)
-    assert autotune.quantize_launch_config(x, n_groups_of(x.numel()), 4, GROUP, False, False) == (128, 4)
+    assert autotune.quantize_launch_config(x, n_groups_of(x.numel()), 4, GROUP, False, False) == (128, 4, 1)
     assert fake_gpu.calls == []
 
 
@@ -339,11 +355,15 @@ def test_use_config_is_checked_nested_and_per_thread():
     with pytest.raises(ValueError):
         with autotune.use_config((4, 3)):
             pass
+    for tiles in (0, 2.0, True):
+        with pytest.raises(ValueError, match="tiles"):
+            with autotune.use_config((4, 2, tiles)):
+                pass
     seen = []
     with autotune.use_config((4, 2)):
-        with autotune.use_config((8, 8)):
-            assert autotune.active_override() == (8, 8)
-        assert autotune.active_override() == (4, 2)
+        with autotune.use_config((8, 8, 4)):
+            assert autotune.active_override() == (8, 8, 4)
+        assert autotune.active_override() == (4, 2, 1)
         worker = threading.Thread(target=lambda: seen.append(autotune.active_override()))
         worker.start()
         worker.join()
@@ -359,10 +379,12 @@ class KernelSpy:
         self.kernel = kernel
         self.launches = []
         self.splits = []
+        self.tiles = []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((kwargs["ROWS"], kwargs["num_warps"], grid))
+            self.tiles.append(kwargs.get("TILES", 1))
             if "SPLIT" in kwargs:
                 self.splits.append(kwargs["SPLIT"])
             return self.kernel[grid](*args, **kwargs)
@@ -371,7 +393,9 @@ class KernelSpy:
 
 
 # (16, 2) has 8 rows a warp: its rows are shared by 4 threads, the others' by 8 (quantize.threads_per_group).
-FORCED = [LaunchConfig(1, 1), LaunchConfig(4, 2), LaunchConfig(16, 2), LaunchConfig(32, 8)]
+# The last three pipeline quantize (tiles a program: 4, 3 and 2); dequantize takes one tile a program.
+FORCED = [LaunchConfig(1, 1), LaunchConfig(4, 2), LaunchConfig(16, 2), LaunchConfig(32, 8),
+          LaunchConfig(1, 1, 4), LaunchConfig(4, 2, 3), LaunchConfig(16, 2, 2)]
 
 
 @pytest.mark.parametrize(
@@ -393,11 +417,14 @@ def test_forced_configs_give_identical_bytes(bits, sigma, stochastic, dtype, dev
             out = torch.full((n,), float("nan"), dtype=dtype, device=device)
             triton_dequantize(payload, meta, out, bits, group)
         outputs.append((payload, meta, out))
-    assert [launch[:2] for launch in spy.launches] == [tuple(c) for c in FORCED], "the forced tile reached the kernel"
-    assert [launch[2] for launch in spy.launches] == [(38,), (10,), (3,), (2,)]
+    assert [launch[:2] for launch in spy.launches] == [c[:2] for c in FORCED], "the forced tile reached the kernel"
+    assert spy.tiles == [c.tiles for c in FORCED]
+    # 38 groups: a program for every rows * tiles of them.
+    assert [launch[2] for launch in spy.launches] == [(38,), (10,), (3,), (2,), (10,), (4,), (2,)]
     # A group of 64 is one chunk of 8 threads' vectors (2 for fp32), and two of 4 threads' (4 for fp32).
-    assert spy.splits == ([1, 1, 2, 1] if dtype == torch.bfloat16 else [2, 2, 4, 2])
-    assert decode_spy.launches == spy.launches
+    assert spy.splits == ([1, 1, 2, 1, 1, 1, 2] if dtype == torch.bfloat16 else [2, 2, 4, 2, 2, 2, 4])
+    assert [launch[:2] for launch in decode_spy.launches] == [c[:2] for c in FORCED]
+    assert [launch[2] for launch in decode_spy.launches] == [(38,), (10,), (3,), (2,), (38,), (10,), (3,)]
     reference_payload, reference_meta = torch_quantize(x, bits, group, sigma, stochastic, 7, 3)
     reference_out = torch.empty(n, dtype=dtype, device=device)
     torch_dequantize(reference_payload, reference_meta, reference_out, bits, group)

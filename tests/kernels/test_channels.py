@@ -9,9 +9,11 @@ import triton.language as tl
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritonquant.kernels import triton_dequantize, triton_quantize
+from tritonquant.kernels.autotune import use_config
 from tritonquant.kernels.channels import (COUNT_LIMIT, INDEX32_LIMIT, as_loadable, channel_index_args,
                                           channel_launch_args, channel_of, divider, row_channels,
                                           torch_channel_pieces, uses_row_channels)
+from tritonquant.kernels.quantize import quantize_launch_arguments
 
 # Divisors the layouts give (feature-map areas, channel counts, a vocabulary) and the awkward ones.
 DIVISORS = [1, 2, 3, 7, 49, 64, 196, 255, 256, 257, 784, 3136, 50257, 2**16 + 1, 2**30 - 1, 2**30, 2**30 + 1,
@@ -211,3 +213,19 @@ def test_statistics_at_a_misaligned_address_are_copied_and_give_the_same_bytes(d
     for out, stats in zip(outs, (aligned, misaligned)):
         triton_dequantize(*packed[0], out, 2, 64, stats, 64)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_standardized_packings_take_one_tile_a_program_whatever_the_config(device):
+    # The kernel pipelines plain tiles only (quantize.py, TILES): a config that asks for more leaves a
+    # standardized launch at one tile a program, with the same bytes; a caller that launches the kernel
+    # itself is told.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    stats = torch.stack([torch.randn(3), torch.rand(3) + 0.5], 1).to(device)
+    expected = triton_quantize(x, 2, 64, False, False, 0, 0, stats, 64)
+    with use_config((2, 1, 4)):
+        packed = triton_quantize(x, 2, 64, False, False, 0, 0, stats, 64)
+    assert all(torch.equal(a, b) for a, b in zip(expected, packed))
+    payload, meta = torch.empty_like(packed[0]), torch.empty_like(packed[1])
+    with pytest.raises(ValueError, match="tiles must be 1 with channels"):
+        quantize_launch_arguments(x, payload, meta, 2, 64, 2, 1, channels=stats, channel_stride=64, tiles=4)

@@ -20,6 +20,7 @@ from tritonquant.kernels import (
     triton_quantize,
     triton_unpack_bool,
 )
+from tritonquant.kernels import autotune
 from tritonquant.kernels.channels import COUNT_LIMIT, uses_row_channels
 from tritonquant.kernels.launch import BOOL_BLOCK_BYTES
 
@@ -48,6 +49,24 @@ def test_compiled_kernels_match_references(bits, dtype, scheme, stochastic, n):
     triton_dequantize(payload, meta, out, bits, GROUP)
     torch_dequantize(ref_payload, ref_meta, ref_out, bits, GROUP)
     assert_same_bits(out, ref_out, torch.int16 if dtype == torch.bfloat16 else torch.int32, nan_count=2 * GROUP)
+
+
+@pytest.mark.parametrize("scheme, stochastic", VARIANTS, ids=["minmax", "sigma", "stochastic"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_pipelined_programs_write_what_the_reference_writes(dtype, scheme, stochastic):
+    """Compiled programs of several tiles (the tuner's pipelined candidates; the nearest-rounding minmax
+    scheme for each, the others for one, to bound the compiles) write the reference's bytes, on a
+    tensor whose last program is partial."""
+    n = 1001 * GROUP + 5
+    x = activation_like(n, dtype, GROUP, seed=4, device="cuda")
+    x[600 * GROUP + 9] = float("nan")
+    expected = torch_quantize(x, 4, GROUP, scheme == "sigma", stochastic, 3, 7)
+    configs = [(tile // GROUP, warps, autotune.PIPELINED_TILES) for tile, warps in autotune.PIPELINED_CANDIDATE_TILES]
+    for config in configs if scheme == "minmax" and not stochastic else configs[1:2]:
+        with autotune.use_config(config):
+            payload, meta = triton_quantize(x, 4, GROUP, scheme == "sigma", stochastic, 3, 7)
+        assert torch.equal(payload, expected[0]), config
+        assert_same_bits(meta, expected[1], torch.int32, nan_count=1)
 
 
 @pytest.mark.parametrize("scheme, stochastic", VARIANTS, ids=["minmax", "sigma", "stochastic"])

@@ -102,5 +102,6 @@ def test_direct_launches_pass_what_the_dispatch_passes():
     assert result.returncode == 0, "\n".join(lines[-3:]) or result.stderr[-3000:]
     # Nine quantize argument sets, and the dequantize kernel with three values of its string constexpr.
     assert sum(line.endswith("identical launcher arguments)") for line in lines) == 12
-    # Ten calls of triton_quantize and four of triton_dequantize, each made into a plan of its own.
-    assert sum(line.endswith("from a plan by the fourth call)") for line in lines) == 14
+    # Twelve calls of triton_quantize (two with the same tile, one and two tiles a program) and four of
+    # triton_dequantize, each made into a plan of its own.
+    assert sum(line.endswith("from a plan by the fourth call)") for line in lines) == 16

@@ -6,6 +6,7 @@ exact zeros stay zero and signs never flip (1 bit: for one-signed groups); a non
 to non-finite; stochastic rounding is unbiased and reproducible and leaves torch's RNG alone.
 """
 
+import contextlib
 import itertools
 import math
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from tests.activations import activation_like
+from tritonquant.kernels import autotune
 from tritonquant.kernels import quantize as quantize_module
 from tritonquant.kernels import torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
 from tritonquant.kernels.quantize import payload_nbytes
@@ -191,9 +193,11 @@ def test_runs_are_read_where_they_lie_and_packed_as_their_dense_copy(bits, dtype
         runs = (heads * head_dim, 3 * heads * head_dim)
         dense_copy = torch.empty_like(view).copy_(view)
         expected = quantize(dense_copy, bits, scheme, stochastic, seed=5, offset=8)
-        for backend in ("torch", "triton"):
-            fn = triton_quantize if backend == "triton" else torch_quantize
-            payload, meta = fn(view, bits, GROUP, scheme == "sigma", stochastic, 5, 8, runs=runs)
+        for backend in ("torch", "triton", "triton, pipelined"):
+            fn = torch_quantize if backend == "torch" else triton_quantize
+            # Pipelined: 3 tiles of 4 groups a program, the last program's partial.
+            with autotune.use_config((4, 2, 3)) if backend.endswith("pipelined") else contextlib.nullcontext():
+                payload, meta = fn(view, bits, GROUP, scheme == "sigma", stochastic, 5, 8, runs=runs)
             assert torch.equal(payload, expected[0]), (backend, index)
             assert torch.equal(meta, expected[1]), (backend, index)
 
