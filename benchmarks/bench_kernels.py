@@ -199,7 +199,8 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
             fns = {"triton": lambda: triton_dequantize(payload, meta_, out, bits, GROUP, channels, stride),
                    "torch": lambda: torch_dequantize(payload, meta_, out, bits, GROUP, channels, stride)}
         heuristic = autotune.heuristic_config(n_groups, GROUP)
-        row["config"] = f"{config[0]}x{config[1]}"
+        # rows x warps, and x tiles a program where a quantize program takes more than one
+        row["config"] = "x".join(str(part) for part in (config if len(config) == 3 and config[2] > 1 else config[:2]))
         row["heuristic_config"] = f"{heuristic.rows}x{heuristic.num_warps}"
 
         def forced_heuristic() -> object:

@@ -16,6 +16,7 @@ tuning of some item failed (that key falls back to the heuristic); 2 for invalid
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from typing import NamedTuple, Sequence, TextIO
@@ -121,8 +122,10 @@ def run_tune(
         print(f"[{index:>{width}}/{len(items)} {_clock(time.monotonic() - start)}] {label}: {_outcome(result)}",
               file=out, flush=True)
 
-    headers = ["kind", "scheme", "bits", "group", "dtype", "elements", "rows", "warps", "elements/program",
-               "ms", "GB/s", "vs heuristic", "source"]
+    # "1-tile ms": the fastest config of one tile a program, timed in the same tuning (quantize, when
+    # tuned now): beside "ms", what loading the next tile while computing one gained, or not.
+    headers = ["kind", "scheme", "bits", "group", "dtype", "elements", "rows", "warps", "tiles", "elements/program",
+               "ms", "1-tile ms", "GB/s", "vs heuristic", "source"]
     print(file=out)
     print(tabulate(rows, headers=headers, tablefmt="github", floatfmt=".4g"), file=out)
     print(f"\n{len(items) - failed - skipped} of {len(items)} configurations tuned or cached, {failed} failed, "
@@ -173,13 +176,16 @@ def _row(item: TuneItem, result: autotune.TuneResult | None) -> list:
     row = [item.kind, item.scheme + ("+stochastic" if item.stochastic else ""), item.bits, item.group_size,
            item.dtype, f"4^{item.bucket} = {elements:,}"]
     if result is None:
-        return row + ["", "", "", "", "", "", "skipped"]
+        return row + ["", "", "", "", "", "", "", "", "skipped"]
     config, ms, heuristic_ms = result.entry
     traffic = autotune.traffic_bytes(item.kind, elements, item.bits, item.group_size,
                                      autotune.DTYPES[item.dtype].itemsize)
     gbps = traffic / (ms * 1e6) if ms else None
     speedup = f"{heuristic_ms / ms:.2f}x" if ms and heuristic_ms else ""
-    return row + [config.rows, config.num_warps, config.rows * item.group_size, ms, gbps, speedup, result.source]
+    one_tile = [time for candidate, time in result.timings.items() if candidate.tiles == 1 and math.isfinite(time)]
+    one_tile_ms = min(one_tile) if one_tile and item.kind == "quantize" else None
+    return row + [config.rows, config.num_warps, config.tiles, config.rows * config.tiles * item.group_size, ms,
+                  one_tile_ms, gbps, speedup, result.source]
 
 
 def _describe(item: TuneItem) -> str:
@@ -191,6 +197,8 @@ def _describe(item: TuneItem) -> str:
 def _outcome(result: autotune.TuneResult) -> str:
     config, ms, heuristic_ms = result.entry
     text = f"rows {config.rows}, {config.num_warps} warps"
+    if config.tiles > 1:
+        text += f", {config.tiles} tiles a program"
     if ms is not None:
         text += f", {ms:.4g} ms"
         if heuristic_ms:

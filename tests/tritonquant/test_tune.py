@@ -69,8 +69,11 @@ class FakeTuner:
         self.keys.append(key)
         if key.bits in self.fail_bits:
             raise RuntimeError("simulated failure")
-        config = LaunchConfig(2 ** (key.bits % 5), 4)
-        return TuneResult(key, CacheEntry(config, 0.01 * key.bits, 0.02 * key.bits), "tuned", {config: 0.01})
+        tiles = 4 if key.kind == "quantize" and key.bits == 2 else 1  # (a pipelined config)
+        config = LaunchConfig(2 ** (key.bits % 5), 4, tiles)
+        one_tile = LaunchConfig(64, 8)  # (the fastest of one tile a program: slower)
+        timings = {config: 0.01 * key.bits, one_tile: 0.0375 * key.bits, LaunchConfig(128, 8): float("inf")}
+        return TuneResult(key, CacheEntry(config, 0.01 * key.bits, 0.02 * key.bits), "tuned", timings)
 
 
 @pytest.fixture
@@ -95,6 +98,13 @@ def test_tune_prints_progress_and_a_table_then_reuses_the_cache(pretend_gpu, iso
     assert len(progress) == n_items
     assert progress[0].startswith(f"[ 1/{n_items} 0:00] quantize minmax 4-bit g256 bf16 4^9=262,144 el")
     assert "rows 16, 4 warps, 0.04 ms (heuristic 0.08 ms) [tuned]" in progress[0]
+    pipelined = [line for line in progress if "quantize minmax 2-bit" in line]
+    assert pipelined and all("rows 4, 4 warps, 4 tiles a program, 0.02 ms" in line for line in pipelined)
+    # The table: rows, warps, tiles, the elements a program takes (4 x 4 x 256), ms, and the fastest
+    # config of one tile a program, for quantize (at 4 bits the winner itself).
+    assert re.search(r"\| +4 \| +4 \| +4 \| +4096 \| +0\.02 +\| +0\.075 +\|", text)
+    assert re.search(r"\| quantize .*\| +16 \| +4 \| +1 \| +4096 \| +0\.04 +\| +0\.04 +\|", text)
+    assert re.search(r"\| dequantize .*\| +16 \| +4 \| +1 \| +4096 \| +0\.04 +\| +\|", text)
     assert "| kind " in text and "vs heuristic" in text and "2.00x" in text
     assert f"{n_items} of {n_items} configurations tuned or cached, 0 failed, 0 skipped" in text
     assert len(pretend_gpu.keys) == n_items
