@@ -10,10 +10,14 @@ tiles an SM runs at once, and with them how many bytes of input the SM can have 
 used. A memory-bound kernel needs about bandwidth x latency of them per SM to keep the memory busy.
 
 This compiles the quantize tiles the tuner chose (the autotune cache ``--cache``, at its largest size
-bucket for each dtype and width) and the untuned default tile, for sm_90 without a GPU (Triton's
-frontend and bundled ptxas), reads each one's registers with the bundled cuobjdump, and prints the
-tiles and warps an SM can hold (65,536 registers, allocated 256 per warp; at most 64 warps and 32
-tiles) and the input bytes those tiles load. Exits 2 where this Triton lacks cuobjdump.
+bucket for each dtype and width), the untuned default tile, and the tuner's pipelined candidates
+(``autotune.PIPELINED_CANDIDATE_TILES``: programs that load their next tile while they compute one), for
+sm_90 without a GPU (Triton's frontend and bundled ptxas). It reads each one's registers with the
+bundled cuobjdump, and prints the programs and warps an SM can hold (65,536 registers, allocated 256
+per warp; at most 64 warps and 32 programs), the input bytes their tiles load, and how many of those
+bytes can be on their way while the programs compute: none for one tile a program, whose loads must
+all arrive before it computes, and a tile a program when each loads its next one first. Exits 2
+where this Triton lacks cuobjdump.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tabulate import tabulate  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from tritonquant.kernels.autotune import PIPELINED_CANDIDATE_TILES, PIPELINED_TILES  # noqa: E402
 from tritonquant.kernels.launch import default_group_tile  # noqa: E402
 from tritonquant.kernels.quantize import SPLIT_FIRST, _quantize_kernel, split_for, threads_per_group  # noqa: E402
 
@@ -50,14 +55,14 @@ def cuobjdump() -> str | None:
     return str(path) if os.access(path, os.X_OK) else None
 
 
-def tile_registers(dtype: str, bits: int, rows: int, num_warps: int, tool: str) -> int:
+def tile_registers(dtype: str, bits: int, rows: int, num_warps: int, tool: str, tiles: int = 1) -> int:
     """Registers per thread of the plain quantize kernel (whole groups, no scheme or standardization)
-    for ``dtype`` at ``bits``, ``rows`` groups a tile on ``num_warps`` warps, compiled for sm_90 as a
-    launch with 16-byte aligned pointers compiles it."""
+    for ``dtype`` at ``bits``, ``rows`` groups a tile on ``num_warps`` warps, ``tiles`` tiles a program,
+    compiled for sm_90 as a launch with 16-byte aligned pointers compiles it."""
     constexprs = {"BITS": bits, "GROUP": GROUP, "ROWS": rows, "SIGMA": False, "STOCHASTIC": False,
                   "STANDARDIZE": False, "INDEX64": False, "ROW_CHANNELS": False, "RUNS": False, "EVEN": True,
                   "SPLIT": split_for(GROUP, ELEMENT_SIZES[dtype], threads_per_group(rows, num_warps)),
-                  "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True, "run_divisor": 1, "run_stride": 1}
+                  "SPLIT_FIRST": SPLIT_FIRST, "EXACT_FMA": True, "TILES": tiles, "run_divisor": 1, "run_stride": 1}
     signature = {"x_ptr": f"*{dtype}", "payload_ptr": "*u8", "meta_ptr": "*fp32", "n_elements": "i64",
                  "n_groups": "i32", "seed": "i64", "rng_offset": "i64", "channels_ptr": "*fp32",
                  "stride_divisor": "i64", "count_divisor": "i64", **dict.fromkeys(constexprs, "constexpr")}
@@ -75,22 +80,23 @@ def tile_registers(dtype: str, bits: int, rows: int, num_warps: int, tool: str) 
 
 
 def residency(registers: int, num_warps: int) -> tuple[int, int]:
-    """(tiles, warps) one SM holds at once for a tile of ``num_warps`` warps of ``registers`` each."""
+    """(programs, warps) one SM holds at once for programs of ``num_warps`` warps of ``registers`` each."""
     per_warp = -(-registers * 32 // REGISTERS_PER_WARP_GRANULE) * REGISTERS_PER_WARP_GRANULE
     tiles = min(REGISTERS // (per_warp * num_warps), MAX_WARPS // num_warps, MAX_TILES)
     return tiles, tiles * num_warps
 
 
-def tuned_tiles(cache: Path, dtypes: list[str], bits: list[int]) -> dict[tuple[str, int], tuple[int, int, int]]:
-    """{(dtype, bits): (rows, num_warps, bucket)} of the plain quantize entries at each one's largest bucket."""
-    chosen: dict[tuple[str, int], tuple[int, int, int]] = {}
+def tuned_tiles(cache: Path, dtypes: list[str], bits: list[int]) -> dict[tuple[str, int], tuple[int, int, int, int]]:
+    """{(dtype, bits): (rows, num_warps, tiles, bucket)} of the plain quantize entries at each one's
+    largest bucket (``tiles`` 1 in caches from before format 7, which had no pipelined configs)."""
+    chosen: dict[tuple[str, int], tuple[int, int, int, int]] = {}
     for entry in json.loads(cache.read_text())["entries"]:
         key = (entry["dtype"], entry["bits"])
         if (entry["kind"] != "quantize" or entry["sigma"] or entry["stochastic"] or entry["group_size"] != GROUP
                 or key[0] not in dtypes or key[1] not in bits):
             continue
-        if key not in chosen or entry["bucket"] > chosen[key][2]:
-            chosen[key] = (entry["rows"], entry["num_warps"], entry["bucket"])
+        if key not in chosen or entry["bucket"] > chosen[key][3]:
+            chosen[key] = (entry["rows"], entry["num_warps"], entry.get("tiles", 1), entry["bucket"])
     return chosen
 
 
@@ -121,22 +127,26 @@ def main() -> int:
 
     default_rows, default_warps = default_group_tile(1 << 20, GROUP, interpreted=False)
     rows_out = []
+    pipelined = [(tile // GROUP, warps, PIPELINED_TILES) for tile, warps in PIPELINED_CANDIDATE_TILES]
     for dtype in dtypes:
         for width in bits:
-            tiles = [("default", default_rows, default_warps)]
+            configs = [("default", default_rows, default_warps, 1)]
             if (dtype, width) in tuned:
-                rows, warps, bucket = tuned[dtype, width]
-                tiles.insert(0, (f"tuned (bucket {bucket})", rows, warps))
-            for source, rows, warps in tiles:
-                registers = tile_registers(dtype, width, rows, warps, tool)
+                rows, warps, tiles, bucket = tuned[dtype, width]
+                configs.insert(0, (f"tuned (bucket {bucket})", rows, warps, tiles))
+            configs += [("pipelined candidate", *config) for config in pipelined]
+            for source, rows, warps, tiles in configs:
+                registers = tile_registers(dtype, width, rows, warps, tool, tiles)
                 resident, warps_per_sm = residency(registers, warps)
                 tile_kb = rows * GROUP * ELEMENT_SIZES[dtype] / 1024
-                rows_out.append([dtype, width, f"{rows} x {warps}", source, registers, resident, warps_per_sm,
-                                 f"{tile_kb:g}", f"{resident * tile_kb:g}"])
+                while_computing = resident * tile_kb if tiles > 1 else 0
+                rows_out.append([dtype, width, f"{rows} x {warps} x {tiles}", source, registers, resident,
+                                 warps_per_sm, f"{tile_kb:g}", f"{resident * tile_kb:g}", f"{while_computing:g}"])
     print(f"Triton {triton.__version__}, sm_90, plain quantize at group size {GROUP}; tuned tiles from "
           f"{args.cache}\n")
-    print(tabulate(rows_out, headers=["dtype", "bits", "tile (rows x warps)", "tile from", "registers",
-                                      "tiles per SM", "warps per SM", "input KB a tile", "input KB per SM"],
+    print(tabulate(rows_out, headers=["dtype", "bits", "rows x warps x tiles", "config from", "registers",
+                                      "programs per SM", "warps per SM", "input KB a tile", "input KB per SM",
+                                      "KB loading while computing"],
                    tablefmt="github", disable_numparse=True))
     return 0
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "bytes_in_flight.py"
-ROW = re.compile(r"^\| (bf16|fp32)\s+\| (\d)\s+\| (\d+) x (\d+)\s+\| (tuned \(bucket \d+\)|default)\s+\| (\d+)\s+\| (\d+)\s+"
-                 r"\| (\d+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\|$", re.MULTILINE)
+ROW = re.compile(r"^\| (bf16|fp32)\s+\| (\d)\s+\| (\d+) x (\d+) x (\d+)\s+\| (tuned \(bucket \d+\)|default|pipelined candidate)"
+                 r"\s+\| (\d+)\s+\| (\d+)\s+\| (\d+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\|$", re.MULTILINE)
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -23,27 +23,35 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.cpu_only
-def test_tuned_and_default_tiles_with_their_registers_and_residency(tmp_path):
+def test_tuned_default_and_pipelined_tiles_with_their_registers_and_residency(tmp_path):
     cache = tmp_path / "autotune.json"
     entry = {"kind": "quantize", "dtype": "bf16", "bits": 4, "group_size": 256, "sigma": False, "stochastic": False,
              "rows": 32, "num_warps": 4}
     cache.write_text(json.dumps({"entries": [{**entry, "bucket": 12, "rows": 8, "num_warps": 2},
-                                             {**entry, "bucket": 13},  # the largest bucket decides
+                                             {**entry, "bucket": 13, "tiles": 2},  # the largest bucket decides
                                              {**entry, "bucket": 13, "kind": "dequantize", "rows": 64}]}))
     result = run("--cache", str(cache), "--dtypes", "bf16", "--bits", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = ROW.findall(result.stdout)
-    assert [(r[2], r[3], r[4]) for r in rows] == [("32", "4", "tuned (bucket 13)"), ("16", "4", "default")], result.stdout
-    for dtype, bits, tile_rows, warps, _, registers, tiles, warps_per_sm, tile_kb, sm_kb in rows:
-        registers, tiles, warps_per_sm = int(registers), int(tiles), int(warps_per_sm)
+    assert [r[2:6] for r in rows] == [("32", "4", "2", "tuned (bucket 13)"), ("16", "4", "1", "default"),
+                                      ("8", "2", "4", "pipelined candidate"), ("16", "2", "4", "pipelined candidate"),
+                                      ("16", "4", "4", "pipelined candidate"), ("32", "4", "4", "pipelined candidate")
+                                      ], result.stdout
+    registers_by_config = {}
+    for dtype, bits, tile_rows, warps, tiles, _, registers, programs, warps_per_sm, tile_kb, sm_kb, loading in rows:
+        registers, programs, warps_per_sm = int(registers), int(programs), int(warps_per_sm)
+        registers_by_config[tile_rows, warps, tiles] = registers
         assert 16 <= registers <= 255
-        assert 1 <= tiles <= 32 and warps_per_sm == tiles * int(warps) <= 64
-        # (registers are allocated 256 a warp: the tiles fit in the SM's 65,536, one more would not)
-        per_tile = -(-registers * 32 // 256) * 256 * int(warps)
-        assert tiles * per_tile <= 65536 and (tiles == 32 or warps_per_sm + int(warps) > 64
-                                              or (tiles + 1) * per_tile > 65536)
+        assert 1 <= programs <= 32 and warps_per_sm == programs * int(warps) <= 64
+        # (registers are allocated 256 a warp: the programs fit in the SM's 65,536, one more would not)
+        per_program = -(-registers * 32 // 256) * 256 * int(warps)
+        assert programs * per_program <= 65536 and (programs == 32 or warps_per_sm + int(warps) > 64
+                                                    or (programs + 1) * per_program > 65536)
         assert float(tile_kb) == int(tile_rows) * 256 * 2 / 1024
-        assert float(sm_kb) == tiles * float(tile_kb)
+        assert float(sm_kb) == programs * float(tile_kb)
+        assert float(loading) == (float(sm_kb) if tiles != "1" else 0.0)
+    # The next tile's input costs registers: a pipelined program holds more than one tile a program.
+    assert registers_by_config["16", "4", "4"] > registers_by_config["16", "4", "1"]
 
 
 def test_bad_arguments_are_refused_by_name(tmp_path):
