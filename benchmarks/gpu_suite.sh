@@ -309,8 +309,9 @@ SHARDS=(${SUITE_SHARDS:+--shards "$SUITE_SHARDS"})
 run_stage tests-gpu 180 env TRITONQUANT_AUTOTUNE=0 "$PY" benchmarks/pytest_shards.py "${SHARDS[@]}" \
     --junitxml "$RESULTS/pytest-gpu.xml" -- -q -m gpu -p no:cacheprovider "${TEST_DIRS[@]}"
 # The main job, as a user on a GPU machine runs it first. Without autotuning: its codec table alone
-# (an 800K-element tensor, bucket 10) would tune 12 keys of 9 candidates, about 56 s of compiles, past
-# the stage's timeout; the demo checks that the job works, its speed is what tune, kernels and bench measure.
+# (an 800K-element tensor, bucket 10) would tune 12 keys of 9 candidates, about 56 s of compiles (more
+# since quantize times 4 pipelined candidates too), past the stage's timeout; the demo checks that the
+# job works, its speed is what tune, kernels and bench measure.
 run_stage demo 60 env TRITONQUANT_AUTOTUNE=0 "$PY" -m tritonquant demo
 # Only what the measurements use: bf16 and fp32 (no fp16), bits 4, 2, 8 (no 1), in the order the targets
 # need them, so that a budget that runs out loses the least used.
