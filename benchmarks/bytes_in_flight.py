@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How much of its input a quantize tile lets one SM hold at once: registers, tiles per SM, bytes.
 
-    python benchmarks/bytes_in_flight.py [--cache FILE] [--dtypes bf16,fp32] [--bits 4,2,8]
+    python benchmarks/bytes_in_flight.py [--cache FILE] [--dtypes bf16,fp32] [--bits 4,2,8] [--maxnreg N]
 
 Why: on the H200 (2026-11-30) quantize from bf16 reached 71-80% of copy bandwidth at 256 MiB, and
 from fp32 89-93%, though neither needs more instructions per element than the bandwidth leaves
@@ -16,8 +16,10 @@ sm_90 without a GPU (Triton's frontend and bundled ptxas). It reads each one's r
 bundled cuobjdump, and prints the programs and warps an SM can hold (65,536 registers, allocated 256
 per warp; at most 64 warps and 32 programs), the input bytes their tiles load, and how many of those
 bytes can be on their way while the programs compute: none for one tile a program, whose loads must
-all arrive before it computes, and a tile a program when each loads its next one first. Exits 2
-where this Triton lacks cuobjdump.
+all arrive before it computes, and a tile a program when each loads its next one first.
+``--maxnreg N`` compiles the pipelined candidates with Triton's register cap (``maxnreg``): fewer
+registers, more programs an SM, unless ptxas must spill to fit (the ``spilled bytes`` column, the
+stack each thread then uses). Exits 2 where this Triton lacks cuobjdump.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ def cuobjdump() -> str | None:
     return str(path) if os.access(path, os.X_OK) else None
 
 
-def tile_registers(dtype: str, bits: int, rows: int, num_warps: int, tool: str, tiles: int = 1) -> int:
-    """Registers per thread of the plain quantize kernel (whole groups, no scheme or standardization)
-    for ``dtype`` at ``bits``, ``rows`` groups a tile on ``num_warps`` warps, ``tiles`` tiles a program,
-    compiled for sm_90 as a launch with 16-byte aligned pointers compiles it."""
+def tile_registers(dtype: str, bits: int, rows: int, num_warps: int, tool: str, tiles: int = 1,
+                   maxnreg: int | None = None) -> tuple[int, int]:
+    """(registers, spilled bytes) per thread of the plain quantize kernel (whole groups, no scheme or
+    standardization) for ``dtype`` at ``bits``, ``rows`` groups a tile on ``num_warps`` warps, ``tiles``
+    tiles a program, at most ``maxnreg`` registers (None: ptxas's choice), compiled for sm_90 as a
+    launch with 16-byte aligned pointers compiles it."""
     constexprs = {"BITS": bits, "GROUP": GROUP, "ROWS": rows, "SIGMA": False, "STOCHASTIC": False,
                   "STANDARDIZE": False, "INDEX64": False, "ROW_CHANNELS": False, "RUNS": False, "EVEN": True,
                   "SPLIT": split_for(GROUP, ELEMENT_SIZES[dtype], threads_per_group(rows, num_warps)),
@@ -68,15 +72,17 @@ def tile_registers(dtype: str, bits: int, rows: int, num_warps: int, tool: str, 
                  "stride_divisor": "i64", "count_divisor": "i64", **dict.fromkeys(constexprs, "constexpr")}
     pointers = [i for i, kind in enumerate(k for k in signature.values() if k != "constexpr") if kind.startswith("*")]
     attributes = {(i,): [["tt.divisibility", 16]] for i in pointers}
+    options = {"num_warps": num_warps, "enable_fp_fusion": False}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     compiled = triton.compile(ASTSource(_quantize_kernel, signature, constexprs, attributes),
-                              target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "enable_fp_fusion": False})
+                              target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(compiled.asm["cubin"])
         handle.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True,
                                check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
 def residency(registers: int, num_warps: int) -> tuple[int, int]:
@@ -106,6 +112,8 @@ def main() -> int:
                         help=f"an autotune cache file (default: {DEFAULT_CACHE.relative_to(REPO)})")
     parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated, of bf16, fp16, fp32 (default bf16,fp32)")
     parser.add_argument("--bits", default="4,2,8", help="comma-separated, of 1, 2, 4, 8 (default 4,2,8)")
+    parser.add_argument("--maxnreg", type=int, default=None,
+                        help="a register cap for the pipelined candidates, 16 to 255 (default: none)")
     args = parser.parse_args()
     dtypes = args.dtypes.split(",")
     if not set(dtypes) <= ELEMENT_SIZES.keys():
@@ -116,6 +124,8 @@ def main() -> int:
         bits = []
     if not bits or not set(bits) <= {1, 2, 4, 8}:
         parser.error(f"--bits must name some of 1, 2, 4, 8, got {args.bits!r}")
+    if args.maxnreg is not None and not 16 <= args.maxnreg <= 255:
+        parser.error(f"--maxnreg must be 16 to 255, got {args.maxnreg}")
     try:
         tuned = tuned_tiles(args.cache, dtypes, bits)
     except (OSError, ValueError, KeyError) as exc:
@@ -136,17 +146,20 @@ def main() -> int:
                 configs.insert(0, (f"tuned (bucket {bucket})", rows, warps, tiles))
             configs += [("pipelined candidate", *config) for config in pipelined]
             for source, rows, warps, tiles in configs:
-                registers = tile_registers(dtype, width, rows, warps, tool, tiles)
+                cap = args.maxnreg if source == "pipelined candidate" else None
+                registers, spilled = tile_registers(dtype, width, rows, warps, tool, tiles, cap)
                 resident, warps_per_sm = residency(registers, warps)
                 tile_kb = rows * GROUP * ELEMENT_SIZES[dtype] / 1024
                 while_computing = resident * tile_kb if tiles > 1 else 0
                 rows_out.append([dtype, width, f"{rows} x {warps} x {tiles}", source, registers, resident,
-                                 warps_per_sm, f"{tile_kb:g}", f"{resident * tile_kb:g}", f"{while_computing:g}"])
+                                 warps_per_sm, f"{tile_kb:g}", f"{resident * tile_kb:g}", f"{while_computing:g}",
+                                 spilled])
+    capped = f"; pipelined candidates at most {args.maxnreg} registers" if args.maxnreg is not None else ""
     print(f"Triton {triton.__version__}, sm_90, plain quantize at group size {GROUP}; tuned tiles from "
-          f"{args.cache}\n")
+          f"{args.cache}{capped}\n")
     print(tabulate(rows_out, headers=["dtype", "bits", "rows x warps x tiles", "config from", "registers",
                                       "programs per SM", "warps per SM", "input KB a tile", "input KB per SM",
-                                      "KB loading while computing"],
+                                      "KB loading while computing", "spilled bytes"],
                    tablefmt="github", disable_numparse=True))
     return 0
 

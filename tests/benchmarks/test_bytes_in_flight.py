@@ -11,7 +11,8 @@ import pytest
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "bytes_in_flight.py"
 ROW = re.compile(r"^\| (bf16|fp32)\s+\| (\d)\s+\| (\d+) x (\d+) x (\d+)\s+\| (tuned \(bucket \d+\)|default|pipelined candidate)"
-                 r"\s+\| (\d+)\s+\| (\d+)\s+\| (\d+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\|$", re.MULTILINE)
+                 r"\s+\| (\d+)\s+\| (\d+)\s+\| (\d+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| (\d+)\s+\|$",
+                 re.MULTILINE)
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -38,7 +39,7 @@ def test_tuned_default_and_pipelined_tiles_with_their_registers_and_residency(tm
                                       ("16", "4", "4", "pipelined candidate"), ("32", "4", "4", "pipelined candidate")
                                       ], result.stdout
     registers_by_config = {}
-    for dtype, bits, tile_rows, warps, tiles, _, registers, programs, warps_per_sm, tile_kb, sm_kb, loading in rows:
+    for dtype, bits, tile_rows, warps, tiles, _, registers, programs, warps_per_sm, tile_kb, sm_kb, loading, _ in rows:
         registers, programs, warps_per_sm = int(registers), int(programs), int(warps_per_sm)
         registers_by_config[tile_rows, warps, tiles] = registers
         assert 16 <= registers <= 255
@@ -53,11 +54,23 @@ def test_tuned_default_and_pipelined_tiles_with_their_registers_and_residency(tm
     # The next tile's input costs registers: a pipelined program holds more than one tile a program.
     assert registers_by_config["16", "4", "4"] > registers_by_config["16", "4", "1"]
 
+    # Capped: the pipelined candidates fit in 96 registers (spilling if they must), the others are as before.
+    capped = ROW.findall(run("--cache", str(cache), "--dtypes", "bf16", "--bits", "4", "--maxnreg", "96").stdout)
+    assert [r[2:6] for r in capped] == [r[2:6] for r in rows]
+    for row in capped:
+        registers, spilled = int(row[6]), int(row[12])
+        if row[5] == "pipelined candidate":
+            assert registers <= 96 and spilled >= 0
+        else:
+            assert registers == registers_by_config[row[2:5]]
+
 
 def test_bad_arguments_are_refused_by_name(tmp_path):
     result = run("--bits", "3")
     assert result.returncode == 2 and "--bits must name some of 1, 2, 4, 8, got '3'" in result.stderr
     result = run("--dtypes", "int8")
     assert result.returncode == 2 and "--dtypes must name some of bf16, fp16, fp32" in result.stderr
+    result = run("--maxnreg", "300")
+    assert result.returncode == 2 and "--maxnreg must be 16 to 255, got 300" in result.stderr
     result = run("--cache", str(tmp_path / "missing.json"))
     assert result.returncode == 2 and "--cache: cannot read an autotune cache" in result.stderr
