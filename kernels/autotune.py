@@ -218,7 +218,7 @@ def candidate_configs(n_groups: int, group_size: int, interpreted: bool | None =
                       pipelined: bool = False) -> list[LaunchConfig]:
     """Configs worth timing for ``n_groups`` groups, the heuristic first (ties keep it); with ``pipelined``
     (quantize) also PIPELINED_CANDIDATE_TILES at PIPELINED_TILES tiles a program, where the tensor has
-    groups for more than one tile a program.
+    groups for all of a program's tiles.
 
     Under the interpreter (``interpreted``; None: ``launch.is_interpreted()``) this is the one interpreter
     config.

@@ -182,7 +182,8 @@ def _row(item: TuneItem, result: autotune.TuneResult | None) -> list:
                                      autotune.DTYPES[item.dtype].itemsize)
     gbps = traffic / (ms * 1e6) if ms else None
     speedup = f"{heuristic_ms / ms:.2f}x" if ms and heuristic_ms else ""
-    one_tile = [time for candidate, time in result.timings.items() if candidate.tiles == 1 and math.isfinite(time)]
+    one_tile = [timing for candidate, timing in result.timings.items()
+                if candidate.tiles == 1 and math.isfinite(timing)]
     one_tile_ms = min(one_tile) if one_tile and item.kind == "quantize" else None
     return row + [config.rows, config.num_warps, config.tiles, config.rows * config.tiles * item.group_size, ms,
                   one_tile_ms, gbps, speedup, result.source]
