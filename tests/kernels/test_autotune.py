@@ -629,7 +629,7 @@ def test_real_tuning_on_the_gpu(kind, isolated_cache):
     rng_state = torch.cuda.get_rng_state(device)
     result = autotune.get_or_tune(key, device)
     assert result.source == "tuned"
-    assert result.entry.config in autotune.candidate_configs(n_groups_of(n), GROUP)
+    assert result.entry.config in autotune.candidate_configs(n_groups_of(n), GROUP, pipelined=kind == "quantize")
     assert 0 < result.entry.ms <= min(result.timings.values()) + 1e-9
     assert torch.equal(torch.cuda.get_rng_state(device), rng_state), "tuning leaves torch's RNG alone"
     assert key in autotune.read_cache()
@@ -641,4 +641,5 @@ def test_real_tuning_on_the_gpu(kind, isolated_cache):
         config = autotune.quantize_launch_config(x, n_groups_of(n), 4, GROUP, False, False)
     else:
         config = autotune.dequantize_launch_config(x, n_groups_of(n), 4, GROUP)
-    assert tuple(config) == tuple(result.entry.config)
+    # (Dequantize's config leaves out the tiles a program: always one.)
+    assert tuple(config) == tuple(result.entry.config)[:len(config)]
