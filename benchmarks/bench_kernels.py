@@ -24,7 +24,7 @@ Why the graph column: do_bench launches each call after flushing the L2 cache, a
 longer to launch a call than the GPU takes to flush (small tensors, a slow host), the wait lands inside
 the timed interval: run 1 timed a 1 MiB quantize at 16 us, longer than a 16 MiB one. Captured in a CUDA
 graph the calls run back to back without the host, as in a captured training step; each call reads
-buffers of its own, 4 x the L2 cache in all (at most GRAPH_MAX_CALLS calls), so no call finds its input
+buffers of its own, 4 x the L2 cache in all (at most 256 calls: kernels/gpu_timing.py), so no call finds its input
 in the cache. "graph %copy, same bytes" divides by a copy of the row's bytes timed the same way.
 With --quick, torch.compile runs for 4-bit rows only (each compile costs tens of seconds); it is not
 run for standardized rows.
@@ -57,8 +57,9 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-from tritonquant.bench import environment as shared_environment, replay_times_ms, write_atomically
+from tritonquant.bench import environment as shared_environment, write_atomically
 from tritonquant.kernels import autotune, torch_dequantize, torch_quantize, triton_dequantize, triton_quantize
+from tritonquant.kernels.gpu_timing import graph_ms_per_call, l2_cache_bytes, rotation_count
 
 GROUP = 256
 MIB = 1 << 20
@@ -70,9 +71,6 @@ QUICK_GPU_SIZES_MIB = (1, 16, 256)
 CPU_SIZES_KIB = (64, 256, 1024)
 QUICK_CPU_SIZES_KIB = (64,)
 IMPLS = ("triton", "graph", "heuristic", "torch", "compiled")
-# The graph column: calls on buffers of their own adding up to GRAPH_L2_MULTIPLE x the L2 cache (at most
-# GRAPH_MAX_CALLS of them), the graph replayed GRAPH_REPLAYS times.
-GRAPH_L2_MULTIPLE, GRAPH_MAX_CALLS, GRAPH_REPLAYS = 4, 256, 20
 # Standardized packings timed on a GPU: (dtype, bits, layout) of BatchNorm inputs under bf16 autocast at 2
 # bits and of fp32 softmax outputs at 4 bits, laid out as a 56x56 map of 256 channels in NCHW (ResNet-50's
 # first stage: element i is in channel (i // 3136) % 256); and of fp32 log-probabilities at 4 bits, one
@@ -154,8 +152,7 @@ def measure_gpu(args: argparse.Namespace, meta: dict, save: Callable[[list[dict]
     copy_gbps = meta["copy_gbps"]
     same_size_copies: dict[int, float] = {}  # traffic bytes -> GB/s of a copy moving that many
     same_size_graph_copies: dict[int, float] = {}  # the same, timed as the graph column is
-    # (64 MiB where torch does not say: more than the L2 cache of any GPU this was written for.)
-    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 * MIB
+    l2_bytes = l2_cache_bytes(device)
     meta["l2_cache_mib"] = round(l2_bytes / MIB, 1)
 
     def inputs(row: dict):
@@ -421,34 +418,6 @@ def _record_copy_of_row_bytes(row: dict, impl: str, copy_ms: Callable[[int], flo
     row[f"{prefix}size_copy_gbps"] = cache[n_bytes]
     if f"{impl}_gbps" in row:
         row[f"{impl}_frac_of_size_copy"] = row[f"{impl}_gbps"] / cache[n_bytes]
-
-
-def rotation_count(buffer_bytes: int, l2_bytes: int) -> int:
-    """How many calls, each on buffers of its own of ``buffer_bytes`` input, the graph column runs: enough
-    to read GRAPH_L2_MULTIPLE x the L2 cache between two calls on the same buffer, at most
-    GRAPH_MAX_CALLS."""
-    return max(1, min(GRAPH_MAX_CALLS, -(-GRAPH_L2_MULTIPLE * l2_bytes // max(buffer_bytes, 1))))
-
-
-def graph_ms_per_call(calls: list[Callable[[], object]], replays: int = GRAPH_REPLAYS) -> float:
-    """GPU ms per call: ``calls`` run in turn from one CUDA graph, the median of ``replays`` replays
-    divided by their number. Each is called once before the capture (compiling, tuning and allocating
-    there, not inside it)."""
-    stream = torch.cuda.current_stream()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(stream)
-        with torch.cuda.stream(side):
-            for call in calls:
-                call()
-        stream.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            for call in calls:
-                call()
-    finally:
-        torch.cuda.set_stream(stream)  # (a capture that fails leaves its own stream current)
-    return statistics.median(replay_times_ms(graph, replays)) / len(calls)
 
 
 def graph_row_ms(row: dict, inputs: Callable[[dict], tuple], l2_bytes: int) -> float:

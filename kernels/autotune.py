@@ -32,6 +32,7 @@ memory for the rest of the process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -46,6 +47,7 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 import triton
 
+from .gpu_timing import graph_ms_per_call, l2_cache_bytes, rotation_count
 from .launch import default_group_tile, env_flag, is_interpreted, next_power_of_2
 
 # Bumped whenever a kernel changes in a way that can move its best tile (its tiling, its registers), so
@@ -89,6 +91,12 @@ MAX_TILE_ELEMENTS = 1 << 20  # Triton's largest block
 # do_bench settings while tuning: short, because a key has up to len(CANDIDATE_TILES) configs to time.
 TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 20
+# Buckets up to this one (4**12 elements: 32 MiB of bf16, about 10 us to quantize on an H200) are timed
+# from a CUDA graph, on buffer sets whose bytes add up to 4 x the L2 cache (gpu_timing). do_bench, which
+# times each call from the host, timed the gaps between the host's launches there: on the H200 the
+# plain kernels at 16 MiB ran at 31-67% more GB/s from a graph than by do_bench, while at 256 MiB the
+# graph gave 0.2-11% less (docs/results/2026-11-30-h200/bench_kernels.json).
+GRAPH_TIMED_MAX_BUCKET = 12
 
 _LOCK_TIMEOUT_S = 5.0
 _TRITON_VERSION = triton.__version__
@@ -395,26 +403,49 @@ def _tune_and_store(key: TuneKey, device: torch.device) -> TuneResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def benchmark(fn: Callable[[], object], warmup_ms: float = TUNE_WARMUP_MS, rep_ms: float = TUNE_REP_MS) -> float:
-    """Median GPU time of ``fn()`` in ms, by ``triton.testing.do_bench`` (Triton 3.x; CUDA only)."""
+def timed_from_a_graph(bucket: int, device: torch.device) -> bool:
+    """Whether the tuner times ``bucket``'s candidates from a CUDA graph (``graph_benchmark``) rather than
+    with do_bench (``benchmark``): on CUDA, for buckets up to GRAPH_TIMED_MAX_BUCKET."""
+    return device.type == "cuda" and bucket <= GRAPH_TIMED_MAX_BUCKET
+
+
+def benchmark(calls: list[Callable[[], object]], warmup_ms: float = TUNE_WARMUP_MS,
+              rep_ms: float = TUNE_REP_MS) -> float:
+    """Median GPU time in ms of ``calls[0]()``, by ``triton.testing.do_bench`` (Triton 3.x; CUDA only),
+    which flushes the L2 cache before each call (so one buffer set will do)."""
     from triton.testing import do_bench
 
+    fn = calls[0]
     if "return_mode" in inspect.signature(do_bench).parameters:
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms))
 
 
+def graph_benchmark(calls: list[Callable[[], object]]) -> float:
+    """GPU ms per call of ``calls``, each on buffers of its own, replayed from one CUDA graph
+    (``gpu_timing.graph_ms_per_call``). A capture that fails (a driver or Triton that cannot launch
+    there) falls back to ``benchmark``, once per process with a warning."""
+    try:
+        return graph_ms_per_call(calls)
+    except RuntimeError as exc:
+        _warn_once("graph-timing", f"tritonquant autotuning could not time from a CUDA graph ({exc}); "
+                                   "timing with triton.testing.do_bench instead")
+        return benchmark(calls)
+
+
 def tune(
     key: TuneKey,
     device: torch.device,
-    timer: Callable[[Callable[[], object]], float] | None = None,
+    timer: Callable[[list[Callable[[], object]]], float] | None = None,
     candidates: list[LaunchConfig] | None = None,
 ) -> TuneResult:
     """Time every candidate config of ``key`` on buffers of 4**key.bucket elements on ``device``.
 
-    ``timer(fn) -> ms`` defaults to ``benchmark`` (module attribute, looked up at call time so tests can
-    replace it); it is called while the candidate is forced with ``use_config``, so ``active_override()``
-    tells it which config runs. With a single candidate (the interpreter) nothing is allocated or timed.
+    ``timer(calls) -> ms per call`` defaults to ``graph_benchmark`` for the buckets ``timed_from_a_graph``
+    (``calls`` then runs the kernel on enough buffer sets to read past the L2 cache) and to
+    ``benchmark`` for the others (one set); module attributes, looked up at call time so tests can
+    replace them. It is called while the candidate is forced with ``use_config``, so
+    ``active_override()`` tells it which config runs. With a single candidate (the interpreter) nothing is allocated or timed.
     Returns the fastest config (ties keep the earlier candidate, the heuristic); does not touch the cache.
     Raises RuntimeError when no candidate ran.
     """
@@ -424,38 +455,43 @@ def tune(
         candidates = candidate_configs(n_groups, key.group_size, pipelined=key.kind == "quantize")
     if len(candidates) == 1:
         return TuneResult(key, CacheEntry(candidates[0]), "single", {})
-    timer = timer or benchmark
     heuristic = heuristic_config(n_groups, key.group_size)
     from .dequantize import triton_dequantize
     from .quantize import triton_quantize
 
     dtype = DTYPES[key.dtype]
+    graph_timed = timed_from_a_graph(key.bucket, device)
+    copies = 1
+    if graph_timed:
+        traffic = traffic_bytes(key.kind, n, key.bits, key.group_size, dtype.itemsize)
+        copies = rotation_count(traffic, l2_cache_bytes(device))
+    timer = timer or (graph_benchmark if graph_timed else benchmark)
     timings: dict[LaunchConfig, float] = {}
     errors: list[str] = []
     with _device_context(device):
         # A private generator: tuning must not advance torch's global RNG (dropout masks would change).
         generator = torch.Generator(device=device).manual_seed(0)
-        if key.kind == "quantize":
-            x = torch.randn(n, generator=generator, device=device, dtype=torch.float32).to(dtype)
-
-            def run() -> object:
-                return triton_quantize(x, key.bits, key.group_size, key.sigma, key.stochastic, 0, 0)
-        else:
-            # Decoding speed does not depend on the values: random codes on a fixed grid will do, and
-            # making them needs no kernel launch (and no memory-hungry torch reference).
-            payload = torch.randint(0, 256, (n_groups * key.group_size * key.bits // 8,), generator=generator,
-                                    device=device, dtype=torch.uint8)
-            meta = torch.tensor([-1.0, 2.0 / ((1 << key.bits) - 1)], dtype=torch.float32,
-                                device=device).repeat(n_groups, 1)
-            out = torch.empty(n, dtype=dtype, device=device)
-
-            def run() -> object:
-                return triton_dequantize(payload, meta, out, key.bits, key.group_size)
+        # ``copies`` calls, each on buffers of its own (graph_timed: none finds its input in the L2 cache).
+        calls: list[Callable[[], object]] = []
+        for _ in range(copies):
+            if key.kind == "quantize":
+                x = torch.randn(n, generator=generator, device=device, dtype=torch.float32).to(dtype)
+                calls.append(functools.partial(triton_quantize, x, key.bits, key.group_size, key.sigma,
+                                               key.stochastic, 0, 0))
+            else:
+                # Decoding speed does not depend on the values: random codes on a fixed grid will do, and
+                # making them needs no kernel launch (and no memory-hungry torch reference).
+                payload = torch.randint(0, 256, (n_groups * key.group_size * key.bits // 8,), generator=generator,
+                                        device=device, dtype=torch.uint8)
+                meta = torch.tensor([-1.0, 2.0 / ((1 << key.bits) - 1)], dtype=torch.float32,
+                                    device=device).repeat(n_groups, 1)
+                out = torch.empty(n, dtype=dtype, device=device)
+                calls.append(functools.partial(triton_dequantize, payload, meta, out, key.bits, key.group_size))
 
         for config in candidates:
             with use_config(config):
                 try:
-                    ms = float(timer(run))
+                    ms = float(timer(calls))
                 except Exception as exc:  # noqa: BLE001 - e.g. out of registers/shared memory for a big tile
                     ms = math.inf
                     errors.append(f"{tuple(config)}: {type(exc).__name__}: {exc}")

@@ -36,6 +36,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kernels.gpu_timing import replay_times_ms
 from .models import ResNet50Like, SmallCNN, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss
 from .session import compress
 
@@ -271,21 +272,6 @@ def measure_gpu_graphed(model, workload: Workload, method: str, batch_size: int,
         graph = None
         torch.cuda.empty_cache()
     return {"peak_mb": peak / MB, "activation_mb": None, "accounted_mb": None, "step_ms": statistics.median(times)}
-
-
-def replay_times_ms(graph: torch.cuda.CUDAGraph, replays: int) -> list[float]:
-    """GPU ms of each of ``replays`` replays of ``graph``, timed with CUDA events, after one untimed
-    replay (the first uploads the graph)."""
-    graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def measure_cpu(model, workload: Workload, method: str, batch_size: int, steps: int) -> dict:

@@ -188,16 +188,6 @@ def test_a_copy_that_fails_leaves_the_row_its_other_figures(bench_kernels, monke
     assert "OutOfMemoryError" in bench_kernels.table([row], bench_kernels.IMPLS)
 
 
-@pytest.mark.parametrize("buffer_bytes, expected", [
-    (1 << 20, 200),  # 1 MiB buffers against a 50 MiB cache: 200 calls read 4 x the cache
-    (16 << 20, 13),
-    (256 << 20, 1),  # one buffer already holds more than 4 x the cache
-    (1024, 256),  # at most GRAPH_MAX_CALLS
-])
-def test_the_graph_column_rotates_over_enough_buffers_to_read_past_the_cache(bench_kernels, buffer_bytes, expected):
-    assert bench_kernels.rotation_count(buffer_bytes, 50 << 20) == expected
-
-
 def test_the_graph_column_times_each_call_on_buffers_of_its_own(bench_kernels, monkeypatch):
     """The CUDA graph itself needs a GPU: here ``graph_ms_per_call`` is stood in for, and what is checked
     is what it is given and what the row records."""

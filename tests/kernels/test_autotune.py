@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,50 @@ def test_ties_keep_the_heuristic_and_failing_candidates_are_skipped(fake_gpu):
     fake_gpu.default = 3.0
     result = autotune.tune(key, CPU, timer=fake_gpu, candidates=candidates)
     assert (result.entry.config, result.entry.heuristic_ms) == (candidates[5], None)
+
+
+def test_small_buckets_are_timed_from_a_cuda_graph_on_buffers_of_their_own(fake_gpu, monkeypatch):
+    # On CUDA, buckets up to GRAPH_TIMED_MAX_BUCKET; CPU tensors here, the GPU's parts stood in for.
+    cuda = torch.device("cuda", 0)
+    assert autotune.timed_from_a_graph(autotune.GRAPH_TIMED_MAX_BUCKET, cuda)
+    assert not autotune.timed_from_a_graph(autotune.GRAPH_TIMED_MAX_BUCKET + 1, cuda)
+    assert not autotune.timed_from_a_graph(autotune.MIN_TUNED_BUCKET, CPU)
+    graph_calls = []
+
+    def fake_graph_benchmark(calls):
+        graph_calls.append((autotune.active_override(), calls))
+        return 0.5
+
+    monkeypatch.setattr(autotune, "timed_from_a_graph", lambda bucket, device: bucket <= 9)
+    monkeypatch.setattr(autotune, "l2_cache_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(autotune, "graph_benchmark", fake_graph_benchmark)
+    key = autotune.make_key("quantize", CPU, torch.float32, 4**9, 4, GROUP)
+    result = autotune.tune(key, CPU)
+    assert fake_gpu.calls == [] and [config for config, _ in graph_calls] == list(result.timings)
+    # 1 MiB of fp32 input and 136 KiB written a call: 4 calls read and write 4 x the (pretend) 1 MiB cache.
+    calls = graph_calls[0][1]
+    assert len(calls) == 4 and len({call.args[0].data_ptr() for call in calls}) == 4
+    assert all(call.func is quantize_module.triton_quantize for call in calls)
+    # A larger bucket is timed by do_bench, on one buffer set.
+    key = autotune.make_key("dequantize", CPU, torch.float32, 4**10, 4, GROUP)
+    graph_calls.clear()
+    result = autotune.tune(key, CPU)
+    assert graph_calls == [] and fake_gpu.calls == list(result.timings)
+
+
+def test_a_graph_that_cannot_be_captured_is_timed_by_do_bench_instead(fake_gpu, monkeypatch):
+    def failing_capture(calls):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(autotune, "graph_ms_per_call", failing_capture)
+    monkeypatch.setattr(autotune, "_warned", set())
+    with autotune.use_config((4, 1)):
+        with pytest.warns(RuntimeWarning, match="could not time from a CUDA graph"):
+            assert autotune.graph_benchmark([lambda: None]) == fake_gpu.default
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: not again
+            assert autotune.graph_benchmark([lambda: None]) == fake_gpu.default
+    assert fake_gpu.calls == [LaunchConfig(4, 1)] * 2
 
 
 def test_hot_path_tunes_once_persists_and_then_only_looks_up(fake_gpu, monkeypatch, isolated_cache):
@@ -627,8 +672,16 @@ def test_real_tuning_on_the_gpu(kind, isolated_cache):
     key = autotune.make_key(kind, device, torch.bfloat16, n, 4, GROUP)
     assert key.gpu == torch.cuda.get_device_name(device)
     rng_state = torch.cuda.get_rng_state(device)
-    result = autotune.get_or_tune(key, device)
+    graphs = []
+    timed = autotune.graph_ms_per_call
+    autotune.graph_ms_per_call = lambda calls: graphs.append(len(calls)) or timed(calls)
+    try:
+        result = autotune.get_or_tune(key, device)
+    finally:
+        autotune.graph_ms_per_call = timed
     assert result.source == "tuned"
+    # The smallest tuned bucket is timed from CUDA graphs, each candidate on many buffer sets.
+    assert len(graphs) == len(result.timings) and min(graphs) > 1
     assert result.entry.config in autotune.candidate_configs(n_groups_of(n), GROUP, pipelined=kind == "quantize")
     assert 0 < result.entry.ms <= min(result.timings.values()) + 1e-9
     assert torch.equal(torch.cuda.get_rng_state(device), rng_state), "tuning leaves torch's RNG alone"
