@@ -445,9 +445,9 @@ def tune(
     (``calls`` then runs the kernel on enough buffer sets to read past the L2 cache) and to
     ``benchmark`` for the others (one set); module attributes, looked up at call time so tests can
     replace them. It is called while the candidate is forced with ``use_config``, so
-    ``active_override()`` tells it which config runs. With a single candidate (the interpreter) nothing is allocated or timed.
-    Returns the fastest config (ties keep the earlier candidate, the heuristic); does not touch the cache.
-    Raises RuntimeError when no candidate ran.
+    ``active_override()`` tells it which config runs. With a single candidate (the interpreter) nothing
+    is allocated or timed. Returns the fastest config (ties keep the earlier candidate, the heuristic);
+    does not touch the cache. Raises RuntimeError when no candidate ran.
     """
     n = bucket_elements(key.bucket)
     n_groups = -(-n // key.group_size)
