@@ -91,7 +91,7 @@ MAX_TILE_ELEMENTS = 1 << 20  # Triton's largest block
 # do_bench settings while tuning: short, because a key has up to len(CANDIDATE_TILES) configs to time.
 TUNE_WARMUP_MS = 5
 TUNE_REP_MS = 20
-# Buckets up to this one (4**12 elements: 32 MiB of bf16, about 10 us to quantize on an H200) are timed
+# Buckets up to this one (4**12 elements: 32 MiB of bf16, about 15 us to quantize on an H200) are timed
 # from a CUDA graph, on buffer sets whose bytes add up to 4 x the L2 cache (gpu_timing). do_bench, which
 # times each call from the host, timed the gaps between the host's launches there: on the H200 the
 # plain kernels at 16 MiB ran at 31-67% more GB/s from a graph than by do_bench, while at 256 MiB the

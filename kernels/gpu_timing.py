@@ -1,12 +1,13 @@
 """GPU time of kernel calls without the host: the calls captured in one CUDA graph and replayed.
 
 ``triton.testing.do_bench`` launches each call from the host after flushing the L2 cache. For a kernel
-of a few microseconds (a quantize of 16 MiB takes about 5 on an H200) the gap between the host's
-launches and the GPU's start is part of what it times, and it moves with the host's load: on the H200
-the kernels reached 37-57% of copy bandwidth at 16 MiB by do_bench and 50-77% from a graph
+of a few microseconds (a quantize of 16 MiB of bf16 takes about 9 on an H200), the gap between the
+host's launch and the GPU's start is part of what it times, and it moves with the host's load: on the
+H200 the kernels reached 37-57% of copy bandwidth at 16 MiB by do_bench and 50-77% from a graph
 (docs/benchmarks.md). Calls replayed from a graph run back to back, as in a captured training step.
-Each call gets buffers of its own, enough of them that a buffer comes round again only after the
-calls between have read ``GRAPH_L2_MULTIPLE`` times the L2 cache, so no call finds its input there.
+Each call gets buffers of its own, enough of them (``rotation_count``) that a buffer comes round again
+only after the other calls have moved ``GRAPH_L2_MULTIPLE`` times the L2 cache, so no call finds its
+input there. (bench_kernels counts the bytes read; the tuner, to bound its memory, read and written.)
 
 Used by the tuner for small size buckets (kernels/autotune.py) and by benchmarks/bench_kernels.py's
 graph column, so that both time alike. CUDA only.
