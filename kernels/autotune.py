@@ -409,13 +409,11 @@ def timed_from_a_graph(bucket: int, device: torch.device) -> bool:
     return device.type == "cuda" and bucket <= GRAPH_TIMED_MAX_BUCKET
 
 
-def benchmark(calls: list[Callable[[], object]], warmup_ms: float = TUNE_WARMUP_MS,
-              rep_ms: float = TUNE_REP_MS) -> float:
-    """Median GPU time in ms of ``calls[0]()``, by ``triton.testing.do_bench`` (Triton 3.x; CUDA only),
-    which flushes the L2 cache before each call (so one buffer set will do)."""
+def benchmark(fn: Callable[[], object], warmup_ms: float = TUNE_WARMUP_MS, rep_ms: float = TUNE_REP_MS) -> float:
+    """Median GPU time of ``fn()`` in ms, by ``triton.testing.do_bench`` (Triton 3.x; CUDA only), which
+    flushes the L2 cache before each call."""
     from triton.testing import do_bench
 
-    fn = calls[0]
     if "return_mode" in inspect.signature(do_bench).parameters:
         return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms))
@@ -424,13 +422,18 @@ def benchmark(calls: list[Callable[[], object]], warmup_ms: float = TUNE_WARMUP_
 def graph_benchmark(calls: list[Callable[[], object]]) -> float:
     """GPU ms per call of ``calls``, each on buffers of its own, replayed from one CUDA graph
     (``gpu_timing.graph_ms_per_call``). A capture that fails (a driver or Triton that cannot launch
-    there) falls back to ``benchmark``, once per process with a warning."""
+    there) falls back to ``benchmark`` of the first call, with a warning once per process."""
     try:
         return graph_ms_per_call(calls)
     except RuntimeError as exc:
         _warn_once("graph-timing", f"tritonquant autotuning could not time from a CUDA graph ({exc}); "
                                    "timing with triton.testing.do_bench instead")
-        return benchmark(calls)
+        return benchmark(calls[0])
+
+
+def _benchmark_first(calls: list[Callable[[], object]]) -> float:
+    """``benchmark`` of ``calls[0]``: do_bench flushes the L2 cache itself, so one buffer set will do."""
+    return benchmark(calls[0])
 
 
 def tune(
@@ -442,8 +445,8 @@ def tune(
     """Time every candidate config of ``key`` on buffers of 4**key.bucket elements on ``device``.
 
     ``timer(calls) -> ms per call`` defaults to ``graph_benchmark`` for the buckets ``timed_from_a_graph``
-    (``calls`` then runs the kernel on enough buffer sets to read past the L2 cache) and to
-    ``benchmark`` for the others (one set); module attributes, looked up at call time so tests can
+    (``calls`` then runs the kernel on enough buffer sets to read past the L2 cache) and to ``benchmark``
+    of ``calls[0]`` for the others (one set); module attributes, looked up at call time so tests can
     replace them. It is called while the candidate is forced with ``use_config``, so
     ``active_override()`` tells it which config runs. With a single candidate (the interpreter) nothing
     is allocated or timed. Returns the fastest config (ties keep the earlier candidate, the heuristic);
@@ -465,7 +468,7 @@ def tune(
     if graph_timed:
         traffic = traffic_bytes(key.kind, n, key.bits, key.group_size, dtype.itemsize)
         copies = rotation_count(traffic, l2_cache_bytes(device))
-    timer = timer or (graph_benchmark if graph_timed else benchmark)
+    timer = timer or (graph_benchmark if graph_timed else _benchmark_first)
     timings: dict[LaunchConfig, float] = {}
     errors: list[str] = []
     with _device_context(device):

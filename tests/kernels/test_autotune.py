@@ -220,6 +220,23 @@ def test_small_buckets_are_timed_from_a_cuda_graph_on_buffers_of_their_own(fake_
     assert graph_calls == [] and fake_gpu.calls == list(result.timings)
 
 
+def test_do_bench_is_handed_the_callable_itself(monkeypatch):
+    # benchmark(fn) is also the benchmarks' GPU timer (benchmarks/one_callable.py, bench_kernels.py); the
+    # tuner's do_bench path times the first of its calls.
+    import triton.testing
+
+    ran = []
+
+    def fake_do_bench(fn, warmup=25, rep=100, return_mode="mean"):
+        fn()
+        return 0.5
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert autotune.benchmark(lambda: ran.append("benchmark")) == 0.5
+    assert autotune._benchmark_first([lambda: ran.append("first"), lambda: ran.append("second")]) == 0.5
+    assert ran == ["benchmark", "first"]
+
+
 def test_a_graph_that_cannot_be_captured_is_timed_by_do_bench_instead(fake_gpu, monkeypatch):
     def failing_capture(calls):
         raise RuntimeError("operation not permitted when stream is capturing")
