@@ -24,8 +24,8 @@ Why the graph column: do_bench launches each call after flushing the L2 cache, a
 longer to launch a call than the GPU takes to flush (small tensors, a slow host), the wait lands inside
 the timed interval: run 1 timed a 1 MiB quantize at 16 us, longer than a 16 MiB one. Captured in a CUDA
 graph the calls run back to back without the host, as in a captured training step; each call reads
-buffers of its own, 4 x the L2 cache in all (at most 256 calls: kernels/gpu_timing.py), so no call finds its input
-in the cache. "graph %copy, same bytes" divides by a copy of the row's bytes timed the same way.
+buffers of its own, 4 x the L2 cache in all (at most 256 calls: kernels/gpu_timing.py), so no call finds
+its input in the cache. "graph %copy, same bytes" divides by a copy of the row's bytes timed the same way.
 With --quick, torch.compile runs for 4-bit rows only (each compile costs tens of seconds); it is not
 run for standardized rows.
 
