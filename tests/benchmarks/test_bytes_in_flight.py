@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "bytes_in_flight.py"
-ROW = re.compile(r"^\| (bf16|fp32)\s+\| (\d)\s+\| (\d+) x (\d+) x (\d+)\s+\| (tuned \(bucket \d+\)|default|pipelined candidate)"
-                 r"\s+\| (\d+)\s+\| (\d+)\s+\| (\d+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| (\d+)\s+\|$",
+ROW = re.compile(r"^\| (bf16|fp32)\s+\| (\d)\s+\| (\d+) x (\d+) x (\d+)\s+"
+                 r"\| (tuned \(bucket \d+\)|default|pipelined candidate)\s+"
+                 r"\| (\d+)\s+\| (\d+)\s+\| (\d+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| ([\d.]+)\s+\| (\d+)\s+\|$",
                  re.MULTILINE)
 
 
