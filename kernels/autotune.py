@@ -151,6 +151,9 @@ class TuneResult(NamedTuple):
 _entries: dict[TuneKey, CacheEntry] = {}
 _identities: dict[torch.device, tuple[str, tuple[int, int]]] = {}
 _resolved: dict[tuple, LaunchConfig] = {}
+# Counts the times ``_resolved`` was emptied: a config read when it had another value may since have
+# changed (config_generation).
+_generation = 0
 _tune_lock = threading.Lock()  # one tuning at a time per process; also guards disk merges
 _file_lock = threading.Lock()  # one writer per process (across processes: the advisory lock file)
 _thread_state = threading.local()
@@ -297,6 +300,20 @@ def active_override() -> LaunchConfig | None:
     return getattr(_thread_state, "config", None)
 
 
+def config_generation() -> int | None:
+    """A number that changes whenever a launch config returned before may no longer be the one this
+    process would return (a tuning finished, the entries were reset), for callers that remember a config
+    across calls (``quantize.prepare_quantize``); None while a ``use_config`` block is open in any
+    thread, when nothing should be remembered."""
+    return None if _open_forcings else _generation
+
+
+def _forget_resolved() -> None:
+    global _generation
+    _resolved.clear()
+    _generation += 1
+
+
 def quantize_launch_config(
     flat: torch.Tensor, n_groups: int, bits: int, group_size: int, sigma: bool, stochastic: bool,
     standardize: bool = False,
@@ -387,12 +404,12 @@ def _tune_and_store(key: TuneKey, device: torch.device) -> TuneResult:
     except Exception as exc:  # noqa: BLE001 - a failed tuning must never break a training step
         entry = _heuristic_entry(key)
         _entries[key] = entry
-        _resolved.clear()
+        _forget_resolved()
         message = f"{type(exc).__name__}: {exc}"
         _warn_once(f"tune:{key}", f"tritonquant autotuning of {key} failed ({message}); using the heuristic config")
         return TuneResult(key, entry, "failed", {}, message)
     _entries[key] = result.entry
-    _resolved.clear()
+    _forget_resolved()
     if result.entry.ms is not None:
         save_entries({key: result.entry})
     return result
@@ -593,7 +610,7 @@ def reset() -> None:
     """Forget every in-process entry and device identity (the cache file is left alone). For tests."""
     with _tune_lock:
         _entries.clear()
-        _resolved.clear()
+        _forget_resolved()
         _identities.clear()
         _warned.clear()
 

@@ -16,12 +16,15 @@ result agrees with ``torch_activation`` to within a few float32 ulps, not bit fo
 (tests/kernels/test_dequantize.py holds the tolerances).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .bitpack import torch_unpack_codes, unpack_codes
-from .autotune import dequantize_launch_config
+from . import launch as launch_module
+from .autotune import config_generation, dequantize_launch_config
 from .channels import channel_launch_args, channel_of, channel_statistics, row_channels, torch_channel_pieces
 from .launch import KernelLauncher, cdiv, flat_view, is_interpreted
 from .quantize import torch_chunk_elements
@@ -164,6 +167,7 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     if channels is None:
         # What this launch's grid, constexprs and Triton's specialization depend on (payload may be a view,
         # out the caller's): a repeat skips building them (KernelLauncher.launch_planned).
+        # (_plan's tuple, built in place: one call less on every restore.)
         plan = (out.dtype, n, n_groups, bits, group_size, rows, num_warps, activation,
                 payload.data_ptr() % 16 == 0, meta.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0,
                 activated.data_ptr() % 16 == 0)
@@ -180,6 +184,51 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
         num_warps,
         plan,
     )
+
+
+def _plan(dtype: torch.dtype, n: int, n_groups: int, bits: int, group_size: int, rows: int, num_warps: int,
+          activation: str | None, *aligned: bool) -> tuple:
+    """The launch-plan key of an unstandardized dequantize launch; ``aligned``: whether payload, meta, out
+    and activated are 16-byte aligned."""
+    return (dtype, n, n_groups, bits, group_size, rows, num_warps, activation, *aligned)
+
+
+class PreparedDequantize(NamedTuple):
+    """``triton_dequantize``'s launch for one kind of output, worked out once for calls that repeat it
+    (``prepare_dequantize``)."""
+
+    n_elements: int
+    n_groups: int
+    plan: tuple  # the launcher's plan key
+    generation: int  # autotune.config_generation() when the tile was read
+
+
+def prepare_dequantize(out: torch.Tensor, n_groups: int, bits: int, group_size: int) -> PreparedDequantize | None:
+    """What ``triton_dequantize(payload, meta, out, bits, group_size)`` (no standardization, no
+    activation) launches with payload, meta and ``out`` 16-byte aligned, for a caller that decodes into
+    tensors of ``out``'s dtype, element count and dense layout again and again (``dequantize_prepared``).
+    None under the interpreter, or while a ``use_config`` block forces the tile."""
+    generation = config_generation()
+    n = out.numel()
+    if generation is None or n == 0 or is_interpreted():
+        return None
+    rows, num_warps = dequantize_launch_config(out, n_groups, bits, group_size)
+    return PreparedDequantize(n, n_groups, _plan(out.dtype, n, n_groups, bits, group_size, rows, num_warps, None,
+                                                 True, True, True, True), generation)
+
+
+def dequantize_prepared(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor,
+                        prepared: PreparedDequantize) -> bool:
+    """Decode into ``out`` as ``triton_dequantize`` does, launched from ``prepared`` (made by
+    ``prepare_dequantize`` for an output of ``out``'s dtype, element count and layout, and ``meta`` of
+    its groups). False, launching nothing, where that launch would not be the one ``triton_dequantize``
+    makes: a tensor not 16-byte aligned, a tuning since, or no plan held by the launcher (none made yet,
+    direct launches off)."""
+    if (prepared.generation != config_generation() or payload.data_ptr() % 16 or meta.data_ptr() % 16
+            or out.data_ptr() % 16 or not launch_module.DIRECT_LAUNCH):
+        return False
+    return _launch_dequantize.launch_planned(
+        prepared.plan, (payload, meta, out, out, prepared.n_elements, prepared.n_groups, meta, 1, 1))
 
 
 def _check_activation(out: torch.Tensor, activation: str | None, activated: torch.Tensor | None) -> None:

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from .bitpack import pack_codes, torch_pack_codes
-from .autotune import quantize_launch_config
+from . import launch as launch_module
+from .autotune import config_generation, quantize_launch_config
 from .channels import (COUNT_LIMIT, channel_launch_args, channel_of, channel_statistics, divide, divider, row_channels,
                        standardizing_pairs, torch_channel_pieces)
 from .launch import KernelLauncher, cdiv, flat_view, int_width, is_interpreted, runs_view, strided_runs
@@ -547,6 +548,7 @@ def triton_quantize(
         # What this launch's grid, constexprs and Triton's specialization depend on, bar payload and meta,
         # whose fresh allocations are always 16-byte aligned: a repeat skips building them
         # (KernelLauncher.launch_planned), as every layer of a model repeats each step.
+        # (_plain_plan's tuple, built in place: one call less on every pack.)
         plan = (x.dtype, n, bits, group_size, sigma, stochastic, rows, num_warps, tiles, x.data_ptr() % 16 == 0,
                 int_width(seed), int_width(rng_offset))
         if _launch_quantize.launch_planned(plan, _plain_arguments(x, payload, meta, n, n_groups, seed, rng_offset)):
@@ -557,6 +559,56 @@ def triton_quantize(
                                                  seed, rng_offset, channels, channel_stride, runs, tiles)
     _launch_quantize(cdiv(n_groups, rows * tiles), args, constexprs, num_warps, plan)
     return payload, meta
+
+
+def _plain_plan(dtype: torch.dtype, n: int, bits: int, group_size: int, sigma: bool, stochastic: bool, rows: int,
+                num_warps: int, tiles: int, aligned: bool, seed: int, rng_offset: int) -> tuple:
+    """The launch-plan key of a plain quantize launch (no standardization, no runs)."""
+    return (dtype, n, bits, group_size, sigma, stochastic, rows, num_warps, tiles, aligned, int_width(seed),
+            int_width(rng_offset))
+
+
+class PreparedQuantize(NamedTuple):
+    """``triton_quantize``'s launch for one kind of input, worked out once for calls that repeat it
+    (``prepare_quantize``)."""
+
+    n_elements: int
+    n_groups: int
+    payload_nbytes: int
+    plan: tuple  # the launcher's plan key
+    generation: int  # autotune.config_generation() when the tile was read
+
+
+def prepare_quantize(x: torch.Tensor, bits: int, group_size: int, sigma: bool) -> PreparedQuantize | None:
+    """What ``triton_quantize(x, bits, group_size, sigma, stochastic=False, seed=0, rng_offset=0)``
+    launches for a dense, 16-byte aligned ``x`` (float32/float16/bfloat16, non-empty): its tile, grid and
+    plan, for a caller that packs tensors of ``x``'s dtype, element count and layout again and again, as
+    a compiled graph's pack op does (``quantize_prepared``). None where nothing can be prepared: under
+    the interpreter (whose launches have no plans), or while a ``use_config`` block forces the tile."""
+    generation = config_generation()
+    n = x.numel()
+    if generation is None or n == 0 or is_interpreted():
+        return None
+    n_groups = cdiv(n, group_size)
+    rows, num_warps, tiles = quantize_launch_config(x, n_groups, bits, group_size, sigma, False)
+    plan = _plain_plan(x.dtype, n, bits, group_size, sigma, False, rows, num_warps, tiles, True, 0, 0)
+    return PreparedQuantize(n, n_groups, payload_nbytes(n, bits, group_size), plan, generation)
+
+
+def quantize_prepared(x: torch.Tensor, prepared: PreparedQuantize) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``triton_quantize``'s (payload, meta) for ``x``, launched from ``prepared`` (made by
+    ``prepare_quantize`` for a tensor of ``x``'s dtype, element count and dense layout) without working
+    anything out again. None, launching nothing, where that launch would not be the one
+    ``triton_quantize`` makes: ``x`` not 16-byte aligned, a tuning since that may change the tile, or no
+    plan held by the launcher (none made yet: ``triton_quantize`` makes it on its first direct launch;
+    direct launches off)."""
+    if prepared.generation != config_generation() or x.data_ptr() % 16 or not launch_module.DIRECT_LAUNCH:
+        return None
+    device = x.device
+    payload = torch.empty(prepared.payload_nbytes, dtype=torch.uint8, device=device)
+    meta = torch.empty((prepared.n_groups, 2), dtype=torch.float32, device=device)
+    arguments = _plain_arguments(x, payload, meta, prepared.n_elements, prepared.n_groups, 0, 0)
+    return (payload, meta) if _launch_quantize.launch_planned(prepared.plan, arguments) else None
 
 
 def _plain_arguments(x: torch.Tensor, payload: torch.Tensor, meta: torch.Tensor, n: int, n_groups: int, seed: int,

@@ -244,6 +244,59 @@ def _decode_stored(packed: PackedTensor, backend: str,
     return out, activated
 
 
+# -- packings repeated call after call ------------------------------------------------------------------
+# A compiled graph's pack and unpack ops (traced.pack_saved, traced.unpack_saved) handle tensors of the
+# same dtype, shape and strides in every step. Through the full path above, each call works out again
+# what the last step worked out (backend, layout, tile, launch plan). These functions work a launch out
+# once, for calls that repeat it.
+
+def prepare_repeated_quantize(x: torch.Tensor, config: QuantConfig) -> kernels.PreparedQuantize | None:
+    """``quantize_checked(x, config)``'s launch, worked out for a caller that packs tensors of ``x``'s
+    dtype, shape, strides and device with ``config`` again and again (``quantize_repeated``). None where
+    there is nothing to prepare: the torch backend, stochastic rounding (new numbers every call), a bool
+    tensor, a layout that is not one gap-free run of memory (read as runs, or copied, each call), or
+    the kernels' own reasons (``kernels.prepare_quantize``)."""
+    if (config.stochastic or x.dtype not in FLOAT_DTYPES or not is_dense(x)
+            or resolve_backend(config.backend, x.device) != "triton"):
+        return None
+    return kernels.prepare_quantize(x, config.bits, config.group_size, config.scheme == "sigma")
+
+
+def quantize_repeated(x: torch.Tensor,
+                      prepared: kernels.PreparedQuantize) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(payload, meta) of ``x`` as ``quantize_checked`` packs them, launched from ``prepared``
+    (``prepare_repeated_quantize`` for a tensor like ``x``). None, packing nothing, where the full path
+    must run: ``x`` on a CUDA device other than the current one, or ``kernels.quantize_prepared``'s
+    reasons (alignment, a tuning since, no plan yet)."""
+    device = x.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return None
+    return kernels.quantize_prepared(x, prepared)
+
+
+def prepare_repeated_dequantize(packed: PackedTensor, out: torch.Tensor,
+                                backend: str) -> kernels.PreparedDequantize | None:
+    """``dequantize(packed, backend=backend)``'s launch, worked out for a caller that restores packings
+    like ``packed`` again and again (``dequantize_repeated``); ``out``: what that call returned. None for
+    bool and standardized packings, the torch backend, broadcast ones, and the kernels' own reasons
+    (``kernels.prepare_dequantize``)."""
+    if (packed.meta is None or packed.channels is not None or out.shape != packed.stored_shape
+            or resolve_backend(backend, out.device) != "triton"):
+        return None
+    return kernels.prepare_dequantize(out, packed.meta.shape[0], packed.bits, packed.group_size)
+
+
+def dequantize_repeated(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tensor,
+                        prepared: kernels.PreparedDequantize) -> bool:
+    """Decode ``payload`` and ``meta`` into ``out`` (dense, of the dtype, shape and strides ``prepared``
+    was made for) as ``dequantize`` does, launched from ``prepared``. False, launching nothing, where the
+    full path must run (as for ``quantize_repeated``)."""
+    device = out.device
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return False
+    return kernels.dequantize_prepared(payload, meta, out, prepared)
+
+
 def encode_pool_indices(indices: torch.Tensor, windows: kernels.PoolWindows, backend: str = "auto") -> torch.Tensor:
     """int64 max-pooling indices (dense, any dimension order) -> uint8 window positions, in memory order
     (docs/format.md; ``tritonquant.pool_indices.pool_windows`` gives ``windows``). Lossless."""

@@ -51,13 +51,18 @@ except Exception as exc:  # noqa: BLE001
 
 os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # (the launchers' untuned tile: nothing runs to time candidates on)
 
+from tritonquant import codec, traced  # noqa: E402
 from tritonquant.kernels import launch as launch_module  # noqa: E402
+from tritonquant.kernels import autotune  # noqa: E402
 from tritonquant.kernels.autotune import use_config  # noqa: E402
 from tritonquant.kernels.channels import divider  # noqa: E402
 from tritonquant.kernels.dequantize import _dequantize_kernel, _launch_dequantize, triton_dequantize  # noqa: E402
 from tritonquant.kernels.launch import KernelLauncher  # noqa: E402
 from tritonquant.kernels.quantize import (_launch_quantize, _quantize_kernel, quantize_launch_arguments,  # noqa: E402
                                           triton_quantize)
+from tritonquant.traced import PACKED_DTYPES  # noqa: E402
+
+stand_in_driver.prepare_codec(codec)  # (backend="triton" on CPU tensors, for the compiled graphs' ops)
 
 DISPATCHES = []
 
@@ -204,6 +209,35 @@ def launcher_calls():
     yield "dequantize bf16, gelu", _launch_dequantize, dequantize(
         payload, torch.empty(8192, dtype=torch.bfloat16), "gelu")
 
+    # A compiled graph's ops, which after their first call of a kind launch what they prepared then
+    # (codec.quantize_repeated, codec.dequantize_repeated). REPEATED names those that must get there.
+    ops = torch.ops.tritonquant
+
+    def pack_op(x, bits=4, scheme="minmax"):
+        return lambda: ops.pack_saved(x, bits, 256, scheme, False, "triton")
+
+    def unpack_op(packed, like):
+        payload, meta = packed
+        return lambda: ops.unpack_saved(payload, meta, list(like.shape), list(like.stride()),
+                                        PACKED_DTYPES.index(like.dtype), 4, 256, "minmax", "triton")
+
+    channels_last = torch.zeros(2, 64, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    yield "pack_saved bf16", _launch_quantize, pack_op(aligned)
+    yield "pack_saved fp32, sigma, 2 bits", _launch_quantize, pack_op(torch.zeros(8192), 2, "sigma")
+    yield "pack_saved bf16, channels-last", _launch_quantize, pack_op(channels_last)
+    yield "pack_saved bf16, input 2 bytes past alignment", _launch_quantize, pack_op(misaligned)
+    packed = ops.pack_saved(aligned, 4, 256, "minmax", False, "triton")
+    yield "unpack_saved bf16", _launch_dequantize, unpack_op(packed, aligned)
+    yield "unpack_saved fp32", _launch_dequantize, unpack_op(packed, torch.zeros(8192))
+    yield "unpack_saved bf16, channels-last", _launch_dequantize, unpack_op(
+        ops.pack_saved(channels_last, 4, 256, "minmax", False, "triton"), channels_last)
+    yield "unpack_saved bf16, payload 8 bytes past alignment", _launch_dequantize, unpack_op(
+        (payload_bytes[8:8 + packed[0].numel()], packed[1]), aligned)
+
+
+REPEATED = ("pack_saved bf16", "pack_saved fp32, sigma, 2 bits", "pack_saved bf16, channels-last",
+            "unpack_saved bf16", "unpack_saved fp32", "unpack_saved bf16, channels-last")
+
 
 def check_planned_launches() -> None:
     """Each call, made four times: every launch the same as the dispatch's for the same call (made
@@ -217,12 +251,25 @@ def check_planned_launches() -> None:
             return _key(*args)
 
         launcher._key = counting_key
+    repeated = []
+    for name in ("quantize_repeated", "dequantize_repeated"):
+        function = getattr(codec, name)
+
+        def recording(*args, _function=function):
+            launched = _function(*args)
+            repeated.append(launched is not None and launched is not False)
+            return launched
+
+        setattr(codec, name, recording)
+        setattr(traced, name, recording)
     for name, launcher, call in launcher_calls():
         for attempt in range(4):
             computed = len(specializations)
+            repeated.clear()
             call()
             launched = LAUNCHES[-1]
             planned = len(specializations) == computed
+            from_prepared = repeated == [True]
             launch_module.DIRECT_LAUNCH = False
             try:
                 call()
@@ -233,7 +280,49 @@ def check_planned_launches() -> None:
                      f"{describe(LAUNCHES[-1])}")
         if not planned:
             fail(f"{name}: the fourth call still computed Triton's specialization (no plan)")
-        print(f"{name}: ok (as the dispatch launches, from a plan by the fourth call)")
+        if from_prepared != (name in REPEATED):
+            fail(f"{name}: the fourth call {'did not launch' if name in REPEATED else 'launched'} what the op's "
+                 "first call prepared")
+        how = ", what the op prepared" if from_prepared else ""
+        print(f"{name}: ok (as the dispatch launches, from a plan by the fourth call{how})")
+
+
+def check_repeated_ops() -> None:
+    """The pack op counts a tensor alike whether it launched through the full path or from what it
+    prepared, and a change of the tuned configs (``autotune.reset``) makes it work its launch out again."""
+    import tritonquant
+
+    x = torch.zeros(3, 4096, dtype=torch.bfloat16)  # (a kind no other check packs)
+    calls = []
+    quantize_repeated = traced.quantize_repeated
+
+    def recording(*args):
+        launched = quantize_repeated(*args)
+        calls.append(launched is not None)
+        return launched
+
+    traced.quantize_repeated = recording
+    try:
+        with tritonquant.compress(bits=4, backend="triton") as session:
+            for _ in range(4):
+                torch.ops.tritonquant.pack_saved(x, 4, 256, "minmax", False, "triton")
+            full = tritonquant.quantize(x, bits=4, backend="triton")
+            stats = session.stats
+            if calls[-1] is not True:
+                fail(f"pack op: the fourth call did not launch what the first prepared ({calls})")
+            if (stats.packed_tensors, stats.raw_bytes, stats.packed_bytes) != (4, 4 * full.raw_nbytes, 4 * full.nbytes):
+                fail(f"pack op: counted {stats.packed_tensors} tensors, {stats.raw_bytes} bytes into "
+                     f"{stats.packed_bytes}; expected 4, {4 * full.raw_nbytes} into {4 * full.nbytes}")
+            calls.clear()
+            autotune.reset()
+            for _ in range(3):
+                torch.ops.tritonquant.pack_saved(x, 4, 256, "minmax", False, "triton")
+            if calls != [False, True, True]:
+                fail(f"pack op after autotune.reset(): launched from the prepared launch {calls}; expected "
+                     "[False, True, True] (the stale one refused, then prepared again)")
+    finally:
+        traced.quantize_repeated = quantize_repeated
+    print("pack op: ok (counted alike both ways; prepared again after the tuned configs changed)")
 
 
 def main() -> None:
@@ -268,6 +357,7 @@ def main() -> None:
     print("seed and rng_offset values: ok (the base set's kernel, launched directly)")
 
     check_planned_launches()
+    check_repeated_ops()
 
     try:  # an argument error is the dispatch's to report...
         launcher(3, args, {k: v for k, v in constexprs.items() if k != "BITS"}, num_warps)

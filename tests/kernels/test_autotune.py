@@ -433,6 +433,23 @@ def test_use_config_is_checked_nested_and_per_thread():
     assert seen == [None], "a forced config belongs to its thread"
 
 
+def test_config_generation_changes_when_configs_may_have_and_is_none_while_forced(fake_gpu, isolated_cache):
+    # (What callers that remember a config across calls check: kernels' prepare_quantize and quantize_prepared.)
+    first = autotune.config_generation()
+    assert first is not None
+    with autotune.use_config((4, 2)):
+        assert autotune.config_generation() is None, "a forced config must not be remembered"
+    assert autotune.config_generation() == first
+    key = autotune.make_key("quantize", CPU, torch.float32, 4**9, 4, GROUP)
+    autotune.get_or_tune(key, CPU)
+    tuned = autotune.config_generation()
+    assert tuned != first, "a tuning that landed may change a config"
+    autotune.get_or_tune(key, CPU)
+    assert autotune.config_generation() == tuned, "a cached entry changes nothing"
+    autotune.reset()
+    assert autotune.config_generation() not in (first, tuned)
+
+
 class KernelSpy:
     """Wraps a jitted kernel to record the ROWS and num_warps each launch really used (and the SPLIT of
     each quantize launch, in ``splits``)."""

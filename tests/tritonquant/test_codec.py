@@ -484,3 +484,49 @@ def test_shift_keeps_non_finite_values_to_their_groups_and_packs_empty_tensors(d
 def test_unknown_standardization_is_refused():
     with pytest.raises(ValueError, match=r"standardize must be one of \(None, 'channels', 'shift'\), got 'rows'"):
         quantize_with(torch.randn(8), QuantConfig(bits=4, backend="torch"), standardize="rows")
+
+
+# Layouts whose packing is one launch on the tensor's own memory: the launch a repeated packing prepares
+# (an empty tensor's too, which kernels.prepare_quantize then turns down: nothing to launch).
+PREPARED_LAYOUTS = ("contiguous", "channels_last", "transposed", "storage_offset", "size_one_dims",
+                    "size_one_dim_any_stride", "scalar", "empty")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.keys())
+def test_a_repeated_quantize_is_prepared_for_one_run_of_memory_only(layout, monkeypatch):
+    # The kernels' part (kernels.prepare_quantize) stands in: under the interpreter it prepares nothing.
+    monkeypatch.setattr(codec.kernels, "prepare_quantize", lambda x, bits, group_size, sigma: (bits, group_size, sigma))
+    x = LAYOUTS[layout](torch.bfloat16, "cpu")
+    prepared = codec.prepare_repeated_quantize(x, QuantConfig(bits=2, scheme="sigma", backend="triton"))
+    assert prepared == ((2, 256, True) if layout in PREPARED_LAYOUTS else None)
+
+
+@pytest.mark.parametrize("config, dtype", [
+    (QuantConfig(stochastic=True, backend="triton"), torch.bfloat16),
+    (QuantConfig(backend="torch"), torch.bfloat16),
+    (QuantConfig(backend="auto"), torch.bfloat16),  # (torch on the CPU)
+    (QuantConfig(backend="triton"), torch.bool),
+], ids=["stochastic", "torch-backend", "auto-on-cpu", "bool"])
+def test_a_repeated_quantize_is_not_prepared_where_each_call_differs_or_torch_packs(config, dtype, monkeypatch):
+    monkeypatch.setattr(codec.kernels, "prepare_quantize", lambda *args: "prepared")
+    x = torch.ones(4, 256, dtype=dtype)
+    assert codec.prepare_repeated_quantize(x, config) is None
+    assert codec.prepare_repeated_quantize(x.float() if dtype == torch.bool else x,
+                                           QuantConfig(backend="triton")) == "prepared"
+
+
+def test_a_repeated_dequantize_is_prepared_for_plain_float_packings_only(monkeypatch):
+    monkeypatch.setattr(codec.kernels, "prepare_dequantize", lambda out, n_groups, bits, group_size: (n_groups, bits))
+    x = torch.randn(4, 256)
+    packed = codec.quantize_with(x, QuantConfig(bits=2, backend="triton"))
+    out = codec.dequantize(packed, backend="triton")
+    assert codec.prepare_repeated_dequantize(packed, out, "triton") == (4, 2)
+    assert codec.prepare_repeated_dequantize(packed, out, "torch") is None
+    mask = codec.quantize_with(x > 0, QuantConfig(backend="triton"))
+    assert codec.prepare_repeated_dequantize(mask, codec.dequantize(mask, backend="triton"), "triton") is None
+    standardized = codec.quantize_with(x.view(4, 256, 1), QuantConfig(backend="triton"), standardize="channels")
+    assert codec.prepare_repeated_dequantize(
+        standardized, codec.dequantize(standardized, backend="triton"), "triton") is None
+    broadcast = codec.quantize_with(x[:1].expand(4, 256), QuantConfig(backend="triton"))
+    assert codec.prepare_repeated_dequantize(
+        broadcast, codec.dequantize(broadcast, backend="triton"), "triton") is None

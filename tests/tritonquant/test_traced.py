@@ -327,6 +327,35 @@ def test_the_ops_fake_implementations_agree_with_the_real_ones(dtype, shape, cha
     assert torch.equal(restored, expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,shape,channels_last,bits,scheme", [
+    (torch.bfloat16, (4, 1024, 768), False, 4, "minmax"), (torch.float32, (8, 64, 14, 14), True, 2, "sigma"),
+    (torch.float16, (1000, 513), False, 8, "minmax"),
+], ids=["bf16-4bit", "fp32-channels-last-2bit-sigma", "fp16-8bit-partial-group"])
+def test_the_ops_repeated_calls_give_the_bytes_of_their_first_on_the_gpu(dtype, shape, channels_last, bits, scheme,
+                                                                        monkeypatch):
+    # After the first call of a kind the ops launch what it prepared (codec.quantize_repeated,
+    # dequantize_repeated); every call must pack and restore as tq.quantize and tq.dequantize do.
+    repeated = []
+    for name in ("quantize_repeated", "dequantize_repeated"):
+        function = getattr(traced, name)
+        monkeypatch.setattr(traced, name, lambda *args, _f=function: repeated.append(_f(*args)) or repeated[-1])
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=dtype, device="cuda")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    expected = tq.quantize(x, bits=bits, group_size=256, scheme=scheme)
+    restored_expected = tq.dequantize(expected)
+    for call in range(4):
+        payload, meta = torch.ops.tritonquant.pack_saved(x, bits, 256, scheme, False, "auto")
+        restored = torch.ops.tritonquant.unpack_saved(payload, meta, list(x.shape), list(x.stride()),
+                                                      traced.PACKED_DTYPES.index(dtype), bits, 256, scheme, "auto")
+        assert torch.equal(payload, expected.payload) and torch.equal(meta, expected.meta), f"call {call + 1}"
+        assert restored.stride() == x.stride() and torch.equal(restored, restored_expected), f"call {call + 1}"
+    launched = [r is not None and r is not False for r in repeated]
+    assert launched[-2:] == [True, True], f"the fourth pack and unpack must launch what was prepared: {launched}"
+
+
 def q_of_attention() -> torch.Tensor:
     """A view with gaps, as attention's q is: [batch 2, heads 4, seq 8, head dim 16] of [2, 8, 3, 4, 16]."""
     return torch.randn(2, 8, 3, 4, 16).permute(2, 0, 3, 1, 4)[0]
