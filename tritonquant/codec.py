@@ -128,7 +128,26 @@ def quantize_checked(x: torch.Tensor, config: QuantConfig, *, standardize: str |
                      stream: RandomStream | None = None) -> PackedTensor:
     """``quantize_with`` without checking ``x`` and ``standardize``, for callers that already have: the
     pack hook (``policy.pass_reason`` admits only plain strided float and bool tensors on CPU or CUDA,
-    ``policy.standardization`` names a valid ``standardize``). It runs once per saved tensor."""
+    ``policy.standardization`` names a valid ``standardize``). It runs once per saved tensor.
+
+    A packing of the same kind as an earlier one (``x``'s shape, strides, dtype and device, and
+    ``config``'s bits, group size, scheme and backend), plain and with nearest rounding, launches what
+    the first of its kind worked out (``prepare_repeated_quantize``): every layer packs the same kinds
+    every step."""
+    kind = None
+    if standardize is None and not config.stochastic:
+        # (The settings a nearest-rounding launch depends on, not ``config`` itself: hashing a dataclass
+        # runs Python, hashing its fields does not.)
+        kind = (x.shape, x.stride(), x.dtype, x.device, config.bits, config.group_size, config.scheme, config.backend)
+        prepared = _PREPARED_QUANTIZE.get(kind, _NOT_SEEN)
+        if prepared is not None and prepared is not _NOT_SEEN:
+            launched = quantize_repeated(x, prepared)
+            if launched is not None:
+                shape, stride = kind[0], kind[1]
+                return PackedTensor(launched[0], launched[1], shape, stride, shape, stride, kind[2], config.bits,
+                                    config.group_size, config.scheme, False)
+        elif prepared is None:
+            kind = None  # (a kind that always takes the path below)
     device, dtype = x.device, x.dtype
     backend = resolve_backend(config.backend, device)
     standardize = standardize if dtype != torch.bool else None
@@ -164,6 +183,8 @@ def quantize_checked(x: torch.Tensor, config: QuantConfig, *, standardize: str |
         stored_shape, stored_stride = stored.shape, torch.empty_like(stored, device="meta").stride()
     else:
         stored_shape, stored_stride = (shape, stride) if stored is x else (stored.shape, stored.stride())
+    if kind is not None:  # (first of its kind, or its prepared launch refused: prepared again)
+        _remember(_PREPARED_QUANTIZE, kind, prepare_repeated_quantize(x, config))
     return PackedTensor(payload, meta, shape, stride, stored_shape, stored_stride, dtype, bits, config.group_size,
                         scheme, stochastic, channels)
 
@@ -199,7 +220,22 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
     broadcast inputs, dense strides in the same dimension order for inputs that had gaps."""
     if not isinstance(packed, PackedTensor):
         raise TypeError(f"dequantize expects a tritonquant.PackedTensor, got {type(packed).__name__}")
+    kind = None
+    if packed.meta is not None and packed.channels is None:
+        # (As in quantize_checked: a kind restored before launches what the first of its kind worked out.)
+        device = packed.payload.device
+        kind = (packed.stored_shape, packed.stored_stride, packed.dtype, device, packed.bits, packed.group_size,
+                backend)
+        prepared = _PREPARED_DEQUANTIZE.get(kind, _NOT_SEEN)
+        if prepared is not None and prepared is not _NOT_SEEN:
+            out = torch.empty_strided(kind[0], kind[1], dtype=kind[2], device=device)
+            if dequantize_repeated(packed.payload, packed.meta, out, prepared):
+                return out if kind[0] == packed.shape else out.expand(packed.shape)
+        elif prepared is None:
+            kind = None
     out, _ = _decode_stored(packed, resolve_backend(backend, packed.device), None)
+    if kind is not None:
+        _remember(_PREPARED_DEQUANTIZE, kind, prepare_repeated_dequantize(packed, out, backend))
     if out.shape != packed.shape:
         out = out.expand(packed.shape)
     return out
@@ -245,10 +281,25 @@ def _decode_stored(packed: PackedTensor, backend: str,
 
 
 # -- packings repeated call after call ------------------------------------------------------------------
-# A compiled graph's pack and unpack ops (traced.pack_saved, traced.unpack_saved) handle tensors of the
-# same dtype, shape and strides in every step. Through the full path above, each call works out again
-# what the last step worked out (backend, layout, tile, launch plan). These functions work a launch out
-# once, for calls that repeat it.
+# Every layer packs and restores tensors of the same kinds in every step, eagerly (the pack and unpack
+# hooks) as in compiled graphs (traced.pack_saved, unpack_saved). Through the full path, each call works
+# out again what the last step's call of its kind did: backend, layout, tuned tile, launch plan. So the
+# first call of a kind also works its launch out for the calls after it (these functions), which launch
+# that (quantize_checked, dequantize). docs/benchmarks.md has the host time they take off.
+
+# kind -> what prepare_repeated_quantize / prepare_repeated_dequantize returned (None: never repeated)
+_PREPARED_QUANTIZE: dict[tuple, kernels.PreparedQuantize | None] = {}
+_PREPARED_DEQUANTIZE: dict[tuple, kernels.PreparedDequantize | None] = {}
+_NOT_SEEN = object()
+# Kinds remembered at most, per table: shapes that change every step start the table again.
+MAX_PREPARED = 4096
+
+
+def _remember(table: dict, kind: tuple, prepared: object) -> None:
+    if len(table) >= MAX_PREPARED:
+        table.clear()
+    table[kind] = prepared
+
 
 def prepare_repeated_quantize(x: torch.Tensor, config: QuantConfig) -> kernels.PreparedQuantize | None:
     """``quantize_checked(x, config)``'s launch, worked out for a caller that packs tensors of ``x``'s
@@ -277,9 +328,9 @@ def quantize_repeated(x: torch.Tensor,
 def prepare_repeated_dequantize(packed: PackedTensor, out: torch.Tensor,
                                 backend: str) -> kernels.PreparedDequantize | None:
     """``dequantize(packed, backend=backend)``'s launch, worked out for a caller that restores packings
-    like ``packed`` again and again (``dequantize_repeated``); ``out``: what that call returned. None for
-    bool and standardized packings, the torch backend, broadcast ones, and the kernels' own reasons
-    (``kernels.prepare_dequantize``)."""
+    like ``packed`` again and again (``dequantize_repeated``); ``out``: the tensor it decoded into (at
+    ``packed.stored_shape``, before any broadcast). None for bool and standardized packings, the torch
+    backend, and the kernels' own reasons (``kernels.prepare_dequantize``)."""
     if (packed.meta is None or packed.channels is not None or out.shape != packed.stored_shape
             or resolve_backend(backend, out.device) != "triton"):
         return None

@@ -833,17 +833,14 @@ class Session:
 
     def _count_packed(self, row: ModuleStats, packed: PackedTensor) -> None:
         """Count one packed tensor: its bytes before and after."""
-        self._count_packed_bytes(row, packed.raw_nbytes, packed.nbytes, packed.bits)
-
-    def _count_packed_bytes(self, row: ModuleStats, raw_nbytes: int, packed_nbytes: int, bits: int) -> None:
-        """Count one packed tensor of ``raw_nbytes`` packed into ``packed_nbytes`` at ``bits``."""
+        raw_nbytes, packed_nbytes = packed.raw_nbytes, packed.nbytes
         self.stats.packed_tensors += 1
         self.stats.raw_bytes += raw_nbytes
         self.stats.packed_bytes += packed_nbytes
         row.packed_tensors += 1
         row.raw_bytes += raw_nbytes
         row.packed_bytes += packed_nbytes
-        row.bits.add(bits)
+        row.bits.add(packed.bits)
 
     def _count_passed(self, row: ModuleStats, reason: str, held_bytes: int) -> None:
         """Count one saved tensor that was not quantized (``policy.REASONS``), and the bytes it holds."""

@@ -41,8 +41,7 @@ from torch import fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from . import kernels
-from .codec import (dequantize, dequantize_repeated, prepare_repeated_dequantize, prepare_repeated_quantize,
-                    quantize_checked, quantize_repeated)
+from .codec import dequantize, quantize_checked
 from .config import CompressConfig, QuantConfig
 from .packed import PackedTensor
 
@@ -86,18 +85,6 @@ _LIBRARY.define("unpack_saved(Tensor payload, Tensor meta, SymInt[] shape, SymIn
 
 
 _CONFIGS: dict[tuple, QuantConfig] = {}  # (bits, group_size, scheme, stochastic, backend) -> its QuantConfig
-# A compiled graph calls the ops with tensors of the same kind every step. The first call of each kind
-# takes the full path (codec.quantize_checked, codec.dequantize) and then works out its launch for the
-# calls after it (codec.prepare_repeated_quantize, prepare_repeated_dequantize): benchmarks/host_ab.py
-# measured 40.7 -> 27.1 us a pack and unpack pair on this project's CPU (docs/integrations/compile.md).
-# Pack: (x's shape, strides, dtype, device, bits, group_size, scheme, stochastic, backend)
-#   -> (prepared launch, or None where the full path always runs; bytes before; bytes packed)
-_PACKS: dict[tuple, tuple] = {}
-# Unpack: (shape, strides, dtype code, device, bits, group_size, scheme, backend) -> prepared launch or None
-_UNPACKS: dict[tuple, object] = {}
-_NOT_SEEN = object()
-# Kinds remembered at most; shapes that change every step start the tables again.
-MAX_KINDS = 4096
 
 
 def pack_saved(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochastic: bool,
@@ -105,18 +92,6 @@ def pack_saved(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochas
     """``tritonquant::pack_saved``: (payload, meta) of ``x`` (dense; float32/float16/bfloat16 or bool), as
     ``tq.quantize`` packs it: uint8 [payload_nbytes] and float32 [n_groups, 2]; for bool, 1-bit codes
     and an empty [0, 2] meta. Counted in the innermost open block's stats."""
-    kind = (x.shape, x.stride(), x.dtype, x.device, bits, group_size, scheme, stochastic, backend)
-    known = _PACKS.get(kind)
-    if known is not None and known[0] is not None:
-        prepared, raw_nbytes, packed_nbytes = known
-        packed = quantize_repeated(x, prepared)
-        if packed is not None:
-            session = _innermost_session()
-            if session is not None:
-                session._count_packed_bytes(session._module_row(session._stack.current()), raw_nbytes,
-                                            packed_nbytes, bits)
-            return packed
-        known = None  # (not launched: a tuning since, say; the full path, then prepared again)
     config = _CONFIGS.get((bits, group_size, scheme, stochastic, backend))
     if config is None:
         config = _CONFIGS[bits, group_size, scheme, stochastic, backend] = QuantConfig(
@@ -125,10 +100,6 @@ def pack_saved(x: torch.Tensor, bits: int, group_size: int, scheme: str, stochas
     session = _innermost_session()
     if session is not None:
         session._count_packed(session._module_row(session._stack.current()), packed)
-    if known is None:
-        if len(_PACKS) >= MAX_KINDS:
-            _PACKS.clear()
-        _PACKS[kind] = (prepare_repeated_quantize(x, config), packed.raw_nbytes, packed.nbytes)
     meta = packed.meta if packed.meta is not None else x.new_empty((0, 2), dtype=torch.float32)
     return packed.payload, meta
 
@@ -145,24 +116,13 @@ def unpack_saved(payload: torch.Tensor, meta: torch.Tensor, shape: list[int], st
                  bits: int, group_size: int, scheme: str, backend: str) -> torch.Tensor:
     """``tritonquant::unpack_saved``: the tensor ``pack_saved`` packed, at ``shape`` and ``stride``
     (dense), of ``PACKED_DTYPES[dtype_code]``."""
-    dtype, device = PACKED_DTYPES[dtype_code], payload.device
-    kind = (tuple(shape), tuple(stride), dtype_code, device, bits, group_size, scheme, backend)
-    prepared = _UNPACKS.get(kind, _NOT_SEEN)
-    if prepared is not None and prepared is not _NOT_SEEN:
-        out = torch.empty_strided(shape, stride, dtype=dtype, device=device)
-        if dequantize_repeated(payload, meta, out, prepared):
-            return out
+    dtype = PACKED_DTYPES[dtype_code]
     size, strides = torch.Size(shape), tuple(stride)
     if dtype == torch.bool:
         packed = PackedTensor(payload, None, size, strides, size, strides, dtype, 1, group_size, "bool", False)
     else:
         packed = PackedTensor(payload, meta, size, strides, size, strides, dtype, bits, group_size, scheme, False)
-    out = dequantize(packed, backend=backend)
-    if prepared is not None:  # (first of its kind, or not launched from the prepared launch: prepared again)
-        if len(_UNPACKS) >= MAX_KINDS:
-            _UNPACKS.clear()
-        _UNPACKS[kind] = prepare_repeated_dequantize(packed, out, backend)
-    return out
+    return dequantize(packed, backend=backend)
 
 
 def _unpack_saved_fake(payload, meta, shape, stride, dtype_code, bits, group_size, scheme, backend):

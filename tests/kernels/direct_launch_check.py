@@ -51,7 +51,7 @@ except Exception as exc:  # noqa: BLE001
 
 os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # (the launchers' untuned tile: nothing runs to time candidates on)
 
-from tritonquant import codec, traced  # noqa: E402
+from tritonquant import codec  # noqa: E402
 from tritonquant.kernels import launch as launch_module  # noqa: E402
 from tritonquant.kernels import autotune  # noqa: E402
 from tritonquant.kernels.autotune import use_config  # noqa: E402
@@ -209,8 +209,17 @@ def launcher_calls():
     yield "dequantize bf16, gelu", _launch_dequantize, dequantize(
         payload, torch.empty(8192, dtype=torch.bfloat16), "gelu")
 
-    # A compiled graph's ops, which after their first call of a kind launch what they prepared then
-    # (codec.quantize_repeated, codec.dequantize_repeated). REPEATED names those that must get there.
+    # Packings through the codec (tq.quantize and tq.dequantize, the pack and unpack hooks, a compiled
+    # graph's ops), which after their first call of a kind launch what it prepared (codec.quantize_repeated,
+    # codec.dequantize_repeated). REPEATED names those that must get there.
+    import tritonquant
+
+    yield "tq.quantize bf16", _launch_quantize, lambda: tritonquant.quantize(aligned, bits=4, backend="triton")
+    yield "tq.quantize bf16, stochastic", _launch_quantize, lambda: tritonquant.quantize(
+        aligned, bits=4, stochastic=True, seed=7, backend="triton")
+    broadcast = tritonquant.quantize(aligned[:256].expand(32, 256), bits=4, backend="triton")
+    yield "tq.dequantize bf16, broadcast", _launch_dequantize, lambda: tritonquant.dequantize(broadcast,
+                                                                                            backend="triton")
     ops = torch.ops.tritonquant
 
     def pack_op(x, bits=4, scheme="minmax"):
@@ -235,8 +244,9 @@ def launcher_calls():
         (payload_bytes[8:8 + packed[0].numel()], packed[1]), aligned)
 
 
-REPEATED = ("pack_saved bf16", "pack_saved fp32, sigma, 2 bits", "pack_saved bf16, channels-last",
-            "unpack_saved bf16", "unpack_saved fp32", "unpack_saved bf16, channels-last")
+REPEATED = ("tq.quantize bf16", "tq.dequantize bf16, broadcast", "pack_saved bf16", "pack_saved fp32, sigma, 2 bits",
+            "pack_saved bf16, channels-last", "unpack_saved bf16", "unpack_saved fp32",
+            "unpack_saved bf16, channels-last")
 
 
 def check_planned_launches() -> None:
@@ -261,7 +271,6 @@ def check_planned_launches() -> None:
             return launched
 
         setattr(codec, name, recording)
-        setattr(traced, name, recording)
     for name, launcher, call in launcher_calls():
         for attempt in range(4):
             computed = len(specializations)
@@ -281,9 +290,9 @@ def check_planned_launches() -> None:
         if not planned:
             fail(f"{name}: the fourth call still computed Triton's specialization (no plan)")
         if from_prepared != (name in REPEATED):
-            fail(f"{name}: the fourth call {'did not launch' if name in REPEATED else 'launched'} what the op's "
+            fail(f"{name}: the fourth call {'did not launch' if name in REPEATED else 'launched'} what the "
                  "first call prepared")
-        how = ", what the op prepared" if from_prepared else ""
+        how = ", what the first call prepared" if from_prepared else ""
         print(f"{name}: ok (as the dispatch launches, from a plan by the fourth call{how})")
 
 
@@ -294,14 +303,14 @@ def check_repeated_ops() -> None:
 
     x = torch.zeros(3, 4096, dtype=torch.bfloat16)  # (a kind no other check packs)
     calls = []
-    quantize_repeated = traced.quantize_repeated
+    quantize_repeated = codec.quantize_repeated
 
     def recording(*args):
         launched = quantize_repeated(*args)
         calls.append(launched is not None)
         return launched
 
-    traced.quantize_repeated = recording
+    codec.quantize_repeated = recording
     try:
         with tritonquant.compress(bits=4, backend="triton") as session:
             for _ in range(4):
@@ -321,7 +330,7 @@ def check_repeated_ops() -> None:
                 fail(f"pack op after autotune.reset(): launched from the prepared launch {calls}; expected "
                      "[False, True, True] (the stale one refused, then prepared again)")
     finally:
-        traced.quantize_repeated = quantize_repeated
+        codec.quantize_repeated = quantize_repeated
     print("pack op: ok (counted alike both ways; prepared again after the tuned configs changed)")
 
 

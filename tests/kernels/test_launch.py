@@ -103,7 +103,8 @@ def test_direct_launches_pass_what_the_dispatch_passes():
     # Nine quantize argument sets, and the dequantize kernel with three values of its string constexpr.
     assert sum(line.endswith("identical launcher arguments)") for line in lines) == 12
     # Twelve calls of triton_quantize (two with the same tile, one and two tiles a program) and four of
-    # triton_dequantize, each made into a plan of its own; four of the pack op and four of the unpack op,
-    # three of each launching by their fourth call what their first call prepared.
-    assert sum(line.endswith("from a plan by the fourth call)") for line in lines) == 18
-    assert sum(line.endswith("from a plan by the fourth call, what the op prepared)") for line in lines) == 6
+    # triton_dequantize, each made into a plan of its own; three through tq.quantize and tq.dequantize, four
+    # of the pack op and four of the unpack op, eight of which launch by their fourth call what their
+    # first call prepared.
+    assert sum(line.endswith("from a plan by the fourth call)") for line in lines) == 19
+    assert sum(line.endswith("from a plan by the fourth call, what the first call prepared)") for line in lines) == 8

@@ -518,15 +518,17 @@ def test_a_repeated_quantize_is_not_prepared_where_each_call_differs_or_torch_pa
 def test_a_repeated_dequantize_is_prepared_for_plain_float_packings_only(monkeypatch):
     monkeypatch.setattr(codec.kernels, "prepare_dequantize", lambda out, n_groups, bits, group_size: (n_groups, bits))
     x = torch.randn(4, 256)
-    packed = codec.quantize_with(x, QuantConfig(bits=2, backend="triton"))
-    out = codec.dequantize(packed, backend="triton")
-    assert codec.prepare_repeated_dequantize(packed, out, "triton") == (4, 2)
-    assert codec.prepare_repeated_dequantize(packed, out, "torch") is None
-    mask = codec.quantize_with(x > 0, QuantConfig(backend="triton"))
-    assert codec.prepare_repeated_dequantize(mask, codec.dequantize(mask, backend="triton"), "triton") is None
-    standardized = codec.quantize_with(x.view(4, 256, 1), QuantConfig(backend="triton"), standardize="channels")
-    assert codec.prepare_repeated_dequantize(
-        standardized, codec.dequantize(standardized, backend="triton"), "triton") is None
-    broadcast = codec.quantize_with(x[:1].expand(4, 256), QuantConfig(backend="triton"))
-    assert codec.prepare_repeated_dequantize(
-        broadcast, codec.dequantize(broadcast, backend="triton"), "triton") is None
+
+    def prepared(packed, backend="triton", shape=None):
+        # ``out``: the tensor a decode writes, at the stored shape (before any broadcast)
+        out = torch.empty_strided(shape or packed.stored_shape, packed.stored_stride, dtype=packed.dtype)
+        return codec.prepare_repeated_dequantize(packed, out, backend)
+
+    config = QuantConfig(bits=2, backend="triton")
+    packed = codec.quantize_with(x, config)
+    assert prepared(packed) == (4, 2)
+    assert prepared(packed, backend="torch") is None
+    assert prepared(codec.quantize_with(x[:1].expand(4, 256), config)) == (1, 2), "decoded once, then expanded"
+    assert prepared(codec.quantize_with(x[:1].expand(4, 256), config), shape=(4, 256)) is None
+    assert prepared(codec.quantize_with(x > 0, config)) is None
+    assert prepared(codec.quantize_with(x.view(4, 256, 1), config, standardize="channels")) is None

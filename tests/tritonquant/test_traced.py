@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import tritonquant as tq
-from tritonquant import traced
+from tritonquant import codec, traced
 from tritonquant.codec import quantize_checked
 from tritonquant.config import QuantConfig
 from tritonquant.models import TinyTransformer, lm_batch, lm_loss
@@ -334,12 +334,12 @@ def test_the_ops_fake_implementations_agree_with_the_real_ones(dtype, shape, cha
 ], ids=["bf16-4bit", "fp32-channels-last-2bit-sigma", "fp16-8bit-partial-group"])
 def test_the_ops_repeated_calls_give_the_bytes_of_their_first_on_the_gpu(dtype, shape, channels_last, bits, scheme,
                                                                         monkeypatch):
-    # After the first call of a kind the ops launch what it prepared (codec.quantize_repeated,
-    # dequantize_repeated); every call must pack and restore as tq.quantize and tq.dequantize do.
+    # After the first packing of a kind the codec launches what it prepared (codec.quantize_repeated,
+    # dequantize_repeated); every call must pack and restore as the first did.
     repeated = []
     for name in ("quantize_repeated", "dequantize_repeated"):
-        function = getattr(traced, name)
-        monkeypatch.setattr(traced, name, lambda *args, _f=function: repeated.append(_f(*args)) or repeated[-1])
+        function = getattr(codec, name)
+        monkeypatch.setattr(codec, name, lambda *args, _f=function: repeated.append(_f(*args)) or repeated[-1])
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype, device="cuda")
     if channels_last:
