@@ -581,10 +581,11 @@ class PreparedQuantize(NamedTuple):
 
 def prepare_quantize(x: torch.Tensor, bits: int, group_size: int, sigma: bool) -> PreparedQuantize | None:
     """What ``triton_quantize(x, bits, group_size, sigma, stochastic=False, seed=0, rng_offset=0)``
-    launches for a dense, 16-byte aligned ``x`` (float32/float16/bfloat16, non-empty): its tile, grid and
-    plan, for a caller that packs tensors of ``x``'s dtype, element count and layout again and again, as
-    a compiled graph's pack op does (``quantize_prepared``). None where nothing can be prepared: under
-    the interpreter (whose launches have no plans), or while a ``use_config`` block forces the tile."""
+    launches for a dense, 16-byte aligned ``x`` (float32/float16/bfloat16, non-empty): its tile, grid
+    and plan, for a caller that packs tensors of ``x``'s dtype, element count and layout again and
+    again, as every layer does every step (``quantize_prepared``; tritonquant's codec). None where
+    nothing can be prepared: under the interpreter (whose launches have no plans), or while a
+    ``use_config`` block forces the tile."""
     generation = config_generation()
     n = x.numel()
     if generation is None or n == 0 or is_interpreted():
