@@ -167,10 +167,9 @@ def triton_dequantize(payload: torch.Tensor, meta: torch.Tensor, out: torch.Tens
     if channels is None:
         # What this launch's grid, constexprs and Triton's specialization depend on (payload may be a view,
         # out the caller's): a repeat skips building them (KernelLauncher.launch_planned).
-        # (_plan's tuple, built in place: one call less on every restore.)
-        plan = (out.dtype, n, n_groups, bits, group_size, rows, num_warps, activation,
-                payload.data_ptr() % 16 == 0, meta.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0,
-                activated.data_ptr() % 16 == 0)
+        plan = _plan(out.dtype, n, n_groups, bits, group_size, rows, num_warps, activation,
+                     payload.data_ptr() % 16 == 0, meta.data_ptr() % 16 == 0, out.data_ptr() % 16 == 0,
+                     activated.data_ptr() % 16 == 0)
         if _launch_dequantize.launch_planned(plan, (payload, meta, out, activated, n, n_groups, meta, 1, 1)):
             return
     statistics, stride_divisor, count_divisor, index64, by_row = channel_launch_args(

@@ -548,9 +548,8 @@ def triton_quantize(
         # What this launch's grid, constexprs and Triton's specialization depend on, bar payload and meta,
         # whose fresh allocations are always 16-byte aligned: a repeat skips building them
         # (KernelLauncher.launch_planned), as every layer of a model repeats each step.
-        # (_plain_plan's tuple, built in place: one call less on every pack.)
-        plan = (x.dtype, n, bits, group_size, sigma, stochastic, rows, num_warps, tiles, x.data_ptr() % 16 == 0,
-                int_width(seed), int_width(rng_offset))
+        plan = _plain_plan(x.dtype, n, bits, group_size, sigma, stochastic, rows, num_warps, tiles,
+                           x.data_ptr() % 16 == 0, seed, rng_offset)
         if _launch_quantize.launch_planned(plan, _plain_arguments(x, payload, meta, n, n_groups, seed, rng_offset)):
             return payload, meta
     elif channels is not None:

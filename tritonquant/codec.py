@@ -19,6 +19,7 @@ import torch
 from . import kernels
 from .config import BACKENDS, MAX_SEED, QuantConfig
 from .kernels import pool_indices as pool_kernels
+from .kernels.autotune import config_generation
 from .kernels.launch import is_interpreted
 from .kernels.quantize import readable_runs
 from .packed import PackedTensor
@@ -183,7 +184,7 @@ def quantize_checked(x: torch.Tensor, config: QuantConfig, *, standardize: str |
         stored_shape, stored_stride = stored.shape, torch.empty_like(stored, device="meta").stride()
     else:
         stored_shape, stored_stride = (shape, stride) if stored is x else (stored.shape, stored.stride())
-    if kind is not None:  # (first of its kind, or its prepared launch refused: prepared again)
+    if kind is not None and _needs_preparing(prepared):
         _remember(_PREPARED_QUANTIZE, kind, prepare_repeated_quantize(x, config))
     return PackedTensor(payload, meta, shape, stride, stored_shape, stored_stride, dtype, bits, config.group_size,
                         scheme, stochastic, channels)
@@ -234,7 +235,7 @@ def dequantize(packed: PackedTensor, *, backend: str = "auto") -> torch.Tensor:
         elif prepared is None:
             kind = None
     out, _ = _decode_stored(packed, resolve_backend(backend, packed.device), None)
-    if kind is not None:
+    if kind is not None and _needs_preparing(prepared):
         _remember(_PREPARED_DEQUANTIZE, kind, prepare_repeated_dequantize(packed, out, backend))
     if out.shape != packed.shape:
         out = out.expand(packed.shape)
@@ -293,6 +294,15 @@ _PREPARED_DEQUANTIZE: dict[tuple, kernels.PreparedDequantize | None] = {}
 _NOT_SEEN = object()
 # Kinds remembered at most, per table: shapes that change every step start the table again.
 MAX_PREPARED = 4096
+
+
+def _needs_preparing(prepared: object) -> bool:
+    """Whether a kind whose call just took the full path should have its launch worked out (again):
+    when it was not seen before, or was prepared before the tuned configs changed. A prepared launch
+    refused for this call alone (an input not 16-byte aligned, no plan yet) is kept. Nothing is
+    remembered while ``use_config`` forces a tile: the forced tile would outlive the block."""
+    generation = config_generation()
+    return generation is not None and (prepared is _NOT_SEEN or prepared.generation != generation)
 
 
 def _remember(table: dict, kind: tuple, prepared: object) -> None:

@@ -532,3 +532,14 @@ def test_a_repeated_dequantize_is_prepared_for_plain_float_packings_only(monkeyp
     assert prepared(codec.quantize_with(x[:1].expand(4, 256), config), shape=(4, 256)) is None
     assert prepared(codec.quantize_with(x > 0, config)) is None
     assert prepared(codec.quantize_with(x.view(4, 256, 1), config, standardize="channels")) is None
+
+
+def test_a_kind_is_prepared_when_new_or_stale_and_never_while_a_tile_is_forced():
+    from tritonquant.kernels import autotune
+
+    current = kernels.PreparedQuantize(256, 1, 128, (), autotune.config_generation())
+    stale = current._replace(generation=current.generation - 1)
+    assert codec._needs_preparing(codec._NOT_SEEN) and codec._needs_preparing(stale)
+    assert not codec._needs_preparing(current), "refused for one call (alignment, no plan yet): kept"
+    with autotune.use_config((4, 2)):
+        assert not codec._needs_preparing(codec._NOT_SEEN), "a forced tile must not be remembered"
