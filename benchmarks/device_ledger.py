@@ -37,6 +37,7 @@ os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # nothing to time kernels on
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
@@ -48,7 +49,7 @@ stand_in_driver.install_for_cpu_tensors()
 
 import tritonquant as tq  # noqa: E402
 from tritonquant import codec  # noqa: E402
-from tritonquant.models import ResNet50Like, TinyTransformer, cnn_batch, cnn_loss, lm_batch, lm_loss  # noqa: E402
+from tritonquant.models import ResNet50Like, TinyTransformer, cnn_batch, cnn_loss, lm_batch  # noqa: E402
 from tritonquant.session import Session  # noqa: E402
 
 H200_COPY_GB_PER_S = 4119  # bench_kernels.py, 2026-11-29: copy_ of 256 MiB, read + write
@@ -78,11 +79,22 @@ def gpt2_small() -> TinyTransformer:
     return model
 
 
+def lm_loss_as_on_a_gpu(model: nn.Module, batch) -> torch.Tensor:
+    """``lm_loss`` as CUDA autocast runs it: log_softmax in the logits' dtype (bf16), which saves its
+    output, and nll_loss, which autocast runs in float32, on a float32 copy, which it saves. CPU autocast
+    runs the whole cross-entropy in float32 and saves one float32 tensor, so it is written out here."""
+    tokens, targets = batch
+    logits = model(tokens)
+    with torch.autocast("cpu", enabled=False):
+        log_probs = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        return F.nll_loss(log_probs.float(), targets.reshape(-1))
+
+
 # name: (model, batch of (batch size, image size or sequence length), loss, description); the bench's
 # workloads (tritonquant/bench.py), under bf16 autocast as it runs them.
 WORKLOADS = {
     "resnet50": (ResNet50Like, lambda b, size: cnn_batch(b, size=size, classes=1000), cnn_loss, "ResNet-50, {} px"),
-    "gpt2-small": (gpt2_small, lambda b, seq: lm_batch(b, seq=seq, vocab=50257), lm_loss,
+    "gpt2-small": (gpt2_small, lambda b, seq: lm_batch(b, seq=seq, vocab=50257), lm_loss_as_on_a_gpu,
                    "GPT-2 small (as on a GPU: gpt2_small), sequence {}"),
 }
 DEFAULT_SIZES = {"resnet50": 224, "gpt2-small": 1024}
@@ -157,13 +169,34 @@ def kernel_calls_counted(ledger: Ledger):
         ledger.record(("Triton", name), sum({**tensor_bytes(args), **tensor_bytes(out)}.values()))
         return out
 
+    # A kind's later packings and restores launch from what its first call prepared, past the tables.
+    quantize_repeated, dequantize_repeated = codec.quantize_repeated, codec.dequantize_repeated
+
+    def quantize_repeated_counted(x, prepared):
+        with _disable_current_modes():
+            out = quantize_repeated(x, prepared)
+        if out is not None:
+            ledger.record(("Triton", "quantize"), sum({**tensor_bytes(x), **tensor_bytes(out)}.values()))
+        return out
+
+    def dequantize_repeated_counted(payload, meta, out, prepared):
+        with _disable_current_modes():
+            launched = dequantize_repeated(payload, meta, out, prepared)
+            if launched:
+                out.zero_()
+        if launched:
+            ledger.record(("Triton", "dequantize"), sum(tensor_bytes(payload, meta, out).values()))
+        return launched
+
     for name, table in KERNEL_TABLES.items():
         table["triton"] = functools.partial(counted, name, originals[name])
+    codec.quantize_repeated, codec.dequantize_repeated = quantize_repeated_counted, dequantize_repeated_counted
     try:
         yield
     finally:
         for name, table in KERNEL_TABLES.items():
             table["triton"] = originals[name]
+        codec.quantize_repeated, codec.dequantize_repeated = quantize_repeated, dequantize_repeated
 
 
 def ledger_of_step(workload: str, batch_size: int, size: int, bits: int) -> Ledger:
@@ -185,6 +218,12 @@ def ledger_of_step(workload: str, batch_size: int, size: int, bits: int) -> Ledg
             loss.backward()
     finally:
         Session._unpack = staticmethod(unpack)
+    # Every packing goes through one of the counted launches: a packing the ledger did not see would be
+    # device work left out of the table.
+    counted = ledger.calls[("Triton", "quantize")] + ledger.calls[("Triton", "pack bool")]
+    if counted != session.stats.packed_tensors:
+        raise RuntimeError(f"the ledger counted {counted} packing launches, the session made "
+                           f"{session.stats.packed_tensors} packings")
     return ledger
 
 

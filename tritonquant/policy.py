@@ -276,6 +276,25 @@ def cast_source(t: torch.Tensor) -> tuple[object, int] | None:
     return None if source_node is None else (source_node, output_nr)
 
 
+# Backward nodes that read their input, log-probabilities, for its shape, dtype and device alone:
+# nll_loss's. ATen's nll_loss backward (CPU and CUDA, 1-d to n-d targets) allocates the gradient from
+# the input's sizes and writes the targets' entries; its other saves, the integer target, the class
+# weight and the scalar total weight, it reads. Its own derivative (double backward) does not read the
+# input either.
+_METADATA_READER_GRAD_FNS = frozenset({"NllLossBackward0", "NllLoss2DBackward0"})
+
+
+def unpacking_for_metadata_only() -> bool:
+    """Whether the backward node unpacking saved tensors right now reads saved log-probabilities for
+    their shape, dtype and device alone (nll_loss's). Under CUDA autocast its input is a float32 copy
+    of bf16 log-probabilities (``cast_source``): restored, it is decoded and widened, 6 bytes written
+    an element, batch x sequence x vocabulary of them, for nothing. False outside backward
+    (``grad_fn._saved_self`` read by hand). The session asks only for packings of log-probabilities
+    (``standardize_kind``), so the node's other saves are never in question."""
+    node = torch._C._current_autograd_node()
+    return node is not None and type(node).__name__ in _METADATA_READER_GRAD_FNS
+
+
 def in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread."""
     return torch._C._current_graph_task_id() != -1

@@ -36,7 +36,7 @@ from .packed import PackedTensor
 from .pool_indices import PoolWindows, pool_windows
 from .policy import (MAX_POOL_SPATIAL_DIMS, activation_output, cast_source, is_frozen_weight_cast, is_row_statistic,
                      is_sensitive, narrow_index_dtype, pass_reason, producer, recastable, standardize_kind, standardization,
-                     weight_cast_source)
+                     unpacking_for_metadata_only, weight_cast_source)
 
 OUTSIDE_MODULES = "(outside modules)"
 # What an override lookup returns when no override pattern matched (None means one matched: keep).
@@ -96,11 +96,16 @@ class Stats:
 class _Packed:
     """What autograd holds instead of a packed tensor: one per storage, however many ops saved it."""
 
-    __slots__ = ("packed", "backend", "source", "calibration_record", "saves", "unpacked", "decoded", "__weakref__")
+    __slots__ = ("packed", "backend", "source", "log_probabilities", "calibration_record", "saves", "unpacked",
+                 "decoded", "__weakref__")
 
-    def __init__(self, packed: PackedTensor | OffloadedPacked, backend: str, source: torch.Tensor) -> None:
+    def __init__(self, packed: PackedTensor | OffloadedPacked, backend: str, source: torch.Tensor,
+                 log_probabilities: bool = False) -> None:
         self.packed = packed
         self.backend = backend
+        # A log_softmax output, or a cast or view of one: what nll_loss saves, and reads for its shape
+        # alone in backward (``_unread``).
+        self.log_probabilities = log_probabilities
         self.calibration_record = None  # bits="auto" calibration: which modules saved this tensor
         # Weak: only used to tell whether a cache hit could be a reused address (see Session._pack).
         self.source = weakref.ref(source)
@@ -114,6 +119,11 @@ class _Packed:
         lives: on the device, or in host memory (offload)."""
         packed = self.packed
         return packed if isinstance(packed, PackedTensor) else packed.host
+
+    def layout(self) -> tuple[torch.Size, tuple[int, ...], torch.dtype, torch.device]:
+        """(shape, strides, dtype, device) of what ``_decode`` restores."""
+        description = self.description
+        return description.shape, description.stride, description.dtype, self.packed.device
 
 
 class _PackedView:
@@ -166,7 +176,13 @@ class _CastOfPacked:
         self.dtype = dtype
 
     def restore(self) -> torch.Tensor:
+        if self.base.log_probabilities and unpacking_for_metadata_only():
+            return _unread(self)  # (nll_loss's float32 copy of CUDA autocast's log-probabilities)
         return _decode(self.base).to(self.dtype)  # (a dense tensor's cast keeps its strides)
+
+    def layout(self) -> tuple[torch.Size, tuple[int, ...], torch.dtype, torch.device]:
+        shape, stride, _, device = self.base.layout()
+        return shape, stride, self.dtype, device
 
 
 class _Kept:
@@ -420,12 +436,26 @@ def _decode_anew(handle: _Packed, activation: str | None) -> tuple[torch.Tensor,
     return dequantize_activated(packed, activation, backend=handle.backend)
 
 
-def _count_unpack(handle: _Packed, decoded: torch.Tensor) -> None:
-    """One more of ``handle``'s savers unpacked ``decoded``: keep it for the next one, if any is left."""
+def _unread(handle: _Packed | _CastOfPacked) -> torch.Tensor:
+    """An uninitialized tensor of the layout ``handle`` restores, for log-probabilities (or a cast of
+    them) unpacked by a backward node that reads them for their shape, dtype and device alone
+    (``policy.unpacking_for_metadata_only``: nll_loss, whose other saves, the target and the weights,
+    are not log-probabilities). Counted as one of the packing's unpacks (``_decode`` keeps a decoded
+    tensor until the last). The allocation stays: nll_loss's CUDA backward makes its input contiguous,
+    so a broadcast view of one element would be copied out to full size."""
+    shape, stride, dtype, device = handle.layout()
+    _count_unpack(handle if isinstance(handle, _Packed) else handle.base, None)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
+def _count_unpack(handle: _Packed, decoded: torch.Tensor | None) -> None:
+    """One more of ``handle``'s savers unpacked ``decoded`` (None: a stand-in, ``_unread``): keep it for
+    the next one, if any is left."""
     handle.unpacked += 1
     if handle.unpacked < handle.saves:
-        handle.decoded = decoded
-        _kept_decode.handle = weakref.ref(handle)
+        if decoded is not None:
+            handle.decoded = decoded
+            _kept_decode.handle = weakref.ref(handle)
     else:  # its last saver: nothing to keep (a second backward through a retained graph counts afresh)
         handle.decoded = None
         handle.unpacked = 0
@@ -687,7 +717,7 @@ class Session:
                 return cast
         standardize = standardization(kind, quant.bits)
         packed = quantize_checked(t, quant, standardize=standardize, stream=self._seeded_stream(quant))
-        handle = _Packed(packed, quant.backend, t)
+        handle = _Packed(packed, quant.backend, t, log_probabilities=kind == "log-probability")
         if calibration is not None:
             handle.calibration_record = calibration.record_tensor(
                 slot, t, quant, isinstance(module, NORMALIZATION_TYPES), min_bits=floor, standardize_kind=kind)
@@ -865,6 +895,8 @@ class Session:
                     "scope; modify a copy instead, or modify it after backward."
                 )
             return t if isinstance(handle, _Kept) else handle.restore()
+        if handle.log_probabilities and unpacking_for_metadata_only():
+            return _unread(handle)
         return _decode(handle)
 
     # -- helpers ----------------------------------------------------------------------------------

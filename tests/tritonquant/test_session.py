@@ -1770,6 +1770,71 @@ def test_cuda_autocasts_cross_entropy_packs_its_log_probabilities_once():
     assert torch.isfinite(logits.grad).all()
 
 
+@pytest.fixture
+def nan_filled_empties():
+    """Uninitialized memory filled with NaN (deterministic mode does that), so that a read of a tensor
+    nothing wrote into shows in the gradients."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("class_weight", [False, True], ids=["unweighted", "class-weighted"])
+@pytest.mark.parametrize("logits_shape", [(32, 256), (4, 256, 8)], ids=["rows", "sequences"])
+def test_nll_loss_backward_gets_its_input_unread(monkeypatch, nan_filled_empties, logits_shape, class_weight,
+                                                 backend):
+    """nll_loss's backward reads its input, the float32 copy of CUDA autocast's log-probabilities, for
+    its shape alone: there it is neither decoded nor widened, and the gradients are those of a full
+    restore, bit for bit. Its other saves, packed at min_bytes=0, are read, and restored: the class
+    weight and the scalar total weight. A 3-d input goes through nll_loss2d, which saves a view of the
+    copy, packed on its own."""
+    from tritonquant import policy
+    from tritonquant import session as session_module
+
+    work = Counter()  # restores of a packing (decoded, or served by a decode kept for its next saver)
+    decode, decode_anew = session_module._decode, session_module._decode_anew
+
+    def counted(name, function):
+        def call(*args):
+            work[name] += 1
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(session_module, "_decode", counted("restores", decode))
+    monkeypatch.setattr(session_module, "_decode_anew", counted("decodes", decode_anew))
+
+    def step() -> tuple[torch.Tensor, Counter]:
+        work.clear()
+        torch.manual_seed(0)
+        logits = torch.randn(logits_shape, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.randint(0, logits_shape[1], logits_shape[:1] + logits_shape[2:])
+        weight = torch.rand(logits_shape[1]) if class_weight else None
+        with tq.compress(bits=4, min_bytes=0, backend=backend):
+            log_probs = F.log_softmax(logits, dim=1)  # (held while nll_loss saves the copy, as under autocast)
+            loss = F.nll_loss(log_probs.float(), targets, weight=weight)
+        loss.backward(retain_graph=True)
+        # Every saver of the log-probabilities has unpacked, the stand-in's counted: none keeps a decode.
+        kept = getattr(session_module._kept_decode, "handle", None)
+        assert kept is None or kept() is None or kept().decoded is None
+        in_backward = Counter(work)
+        assert torch.isfinite(loss.grad_fn._saved_self).all()  # (read outside backward: restored)
+        return logits.grad, in_backward
+
+    unread_grad, unread_work = step()
+    monkeypatch.setattr(policy, "_METADATA_READER_GRAD_FNS", frozenset())
+    restored_grad, restored_work = step()
+    assert torch.isfinite(unread_grad).all()
+    torch.testing.assert_close(unread_grad, restored_grad, rtol=0, atol=0)
+    # Restored: the bf16 log-probabilities for log_softmax's backward, the total and the class weight.
+    assert unread_work == Counter(restores=2 + class_weight, decodes=2 + class_weight), unread_work
+    # And the copy: for rows a widening of the log-probabilities' decode (which the weights' decodes then
+    # drop, so log_softmax's backward decodes again), for sequences a view of it packed on its own.
+    assert restored_work == Counter(restores=3 + class_weight, decodes=3 + class_weight), restored_work
+
+
 def test_a_standardized_packing_does_not_serve_a_cast_whose_saver_reads_signs():
     """BatchNorm packs its input standardized at 2 bits: zero not exact, signs not kept, as its backward
     allows. leaky_relu of a bf16 copy of that input reads the copy's signs in backward, so the copy is

@@ -230,3 +230,39 @@ def test_a_transformer_compiled_whole_packs_attention_in_its_graph_and_trains(mo
     got = flat_grads(tq.compress(bits=8, min_bytes=0))
     assert shapes.count((batch, heads, seq, dim // heads)) == 2 * 4, shapes  # q, k, v, output; 2 layers
     assert torch.nn.functional.cosine_similarity(got, exact, dim=0).item() > 0.999
+
+
+def test_cuda_autocasts_cross_entropy_backward_reads_no_restored_float32_copy(monkeypatch):
+    """Under CUDA autocast a bf16 model's cross-entropy saves a float32 copy of its log-probabilities for
+    nll_loss, whose CUDA backward reads it for its shape alone: it is not restored (no widening of a
+    decode), and the gradients are those of a full restore, bit for bit, with uninitialized memory
+    NaN-filled."""
+    from tritonquant import policy
+    from tritonquant import session as session_module
+
+    restores = []
+    decode = session_module._decode
+    monkeypatch.setattr(session_module, "_decode", lambda handle: restores.append(handle) or decode(handle))
+
+    def grads() -> tuple[torch.Tensor, int]:
+        restores.clear()
+        torch.manual_seed(0)
+        logits = torch.randn(512, 4096, device="cuda", requires_grad=True)
+        targets = torch.randint(0, 4096, (512,), device="cuda")
+        with tq.compress(bits=4) as session, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(logits.to(torch.bfloat16), targets)
+        assert session.stats.packed_tensors == session.stats.deduplicated == 1  # (the copy: served)
+        loss.backward()
+        return logits.grad, len(restores)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # (fills uninitialized memory with NaN)
+    try:
+        unread, unread_restores = grads()
+        monkeypatch.setattr(policy, "_METADATA_READER_GRAD_FNS", frozenset())
+        restored, restored_restores = grads()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert (unread_restores, restored_restores) == (1, 2)  # (log_softmax's; and the copy's widening)
+    assert torch.isfinite(unread).all()
+    torch.testing.assert_close(unread, restored, rtol=0, atol=0)
