@@ -29,6 +29,9 @@ def test_the_ledger_of_a_resnet50_step_holds_only_kernels_and_weight_casts():
         result.stdout, re.MULTILINE)}
     assert rows, result.stdout
     assert rows[("Triton", "quantize")][0] > 0 and rows[("Triton", "dequantize")][0] > 0, result.stdout
+    # Every packing is decoded at least once in backward (the script itself checks the packings' count),
+    # whether its launch was worked out for it or repeated from its kind's first.
+    assert rows[("Triton", "dequantize")][0] >= rows[("Triton", "quantize")][0], result.stdout
     # The stem pool's indices: one launch each way, as many bytes each way (int64 indices and their codes).
     encode, decode = rows[("Triton", "encode pool indices")], rows[("Triton", "decode pool indices")]
     assert encode[0] == decode[0] == 1 and encode[1] == decode[1] > 0, result.stdout
