@@ -282,6 +282,8 @@ def cast_source(t: torch.Tensor) -> tuple[object, int] | None:
 # weight and the scalar total weight, it reads. Its own derivative (double backward) does not read the
 # input either.
 _METADATA_READER_GRAD_FNS = frozenset({"NllLossBackward0", "NllLoss2DBackward0"})
+# (A private function of torch's: where it is missing, every packing is restored, as before.)
+_current_autograd_node = getattr(torch._C, "_current_autograd_node", lambda: None)
 
 
 def unpacking_for_metadata_only() -> bool:
@@ -291,7 +293,7 @@ def unpacking_for_metadata_only() -> bool:
     an element, batch x sequence x vocabulary of them, for nothing. False outside backward
     (``grad_fn._saved_self`` read by hand). The session asks only for packings of log-probabilities
     (``standardize_kind``), so the node's other saves are never in question."""
-    node = torch._C._current_autograd_node()
+    node = _current_autograd_node()
     return node is not None and type(node).__name__ in _METADATA_READER_GRAD_FNS
 
 
