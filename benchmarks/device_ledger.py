@@ -37,7 +37,6 @@ os.environ["TRITONQUANT_AUTOTUNE"] = "0"  # nothing to time kernels on
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
@@ -49,7 +48,8 @@ stand_in_driver.install_for_cpu_tensors()
 
 import tritonquant as tq  # noqa: E402
 from tritonquant import codec  # noqa: E402
-from tritonquant.models import ResNet50Like, TinyTransformer, cnn_batch, cnn_loss, lm_batch  # noqa: E402
+from tritonquant.models import (ResNet50Like, TinyTransformer, cnn_batch, cnn_loss, lm_batch,  # noqa: E402
+                                lm_loss_as_cuda_autocast_runs_it)
 from tritonquant.session import Session  # noqa: E402
 
 H200_COPY_GB_PER_S = 4119  # bench_kernels.py, 2026-11-29: copy_ of 256 MiB, read + write
@@ -79,22 +79,11 @@ def gpt2_small() -> TinyTransformer:
     return model
 
 
-def lm_loss_as_on_a_gpu(model: nn.Module, batch) -> torch.Tensor:
-    """``lm_loss`` as CUDA autocast runs it: log_softmax in the logits' dtype (bf16), which saves its
-    output, and nll_loss, which autocast runs in float32, on a float32 copy, which it saves. CPU autocast
-    runs the whole cross-entropy in float32 and saves one float32 tensor, so it is written out here."""
-    tokens, targets = batch
-    logits = model(tokens)
-    with torch.autocast("cpu", enabled=False):
-        log_probs = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
-        return F.nll_loss(log_probs.float(), targets.reshape(-1))
-
-
 # name: (model, batch of (batch size, image size or sequence length), loss, description); the bench's
 # workloads (tritonquant/bench.py), under bf16 autocast as it runs them.
 WORKLOADS = {
     "resnet50": (ResNet50Like, lambda b, size: cnn_batch(b, size=size, classes=1000), cnn_loss, "ResNet-50, {} px"),
-    "gpt2-small": (gpt2_small, lambda b, seq: lm_batch(b, seq=seq, vocab=50257), lm_loss_as_on_a_gpu,
+    "gpt2-small": (gpt2_small, lambda b, seq: lm_batch(b, seq=seq, vocab=50257), lm_loss_as_cuda_autocast_runs_it,
                    "GPT-2 small (as on a GPU: gpt2_small), sequence {}"),
 }
 DEFAULT_SIZES = {"resnet50": 224, "gpt2-small": 1024}

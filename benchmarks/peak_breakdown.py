@@ -3,6 +3,7 @@
 
     python benchmarks/peak_breakdown.py                       # GPT-2 small's shape, batch 1
     python benchmarks/peak_breakdown.py --layers 12 --batch 8  # the GPU bench's batch (about 10 GB of RAM)
+    python benchmarks/peak_breakdown.py --cuda-autocast-loss   # the loss saving what it saves on a GPU
 
 Why: the peak of a step decides the batch that fits, and a GPU is rarely at hand. Here the built-in
 transformer (GPT-2 small's shape by default: 50,257-word vocabulary, tied head, bf16 autocast) runs one
@@ -42,7 +43,7 @@ stand_in_driver.install_for_cpu_tensors()  # the launchers allocate as on a GPU;
 
 import tritonquant as tq  # noqa: E402
 from tritonquant.bench import allocation_events, checkpointed_blocks  # noqa: E402
-from tritonquant.models import TinyTransformer, lm_batch, lm_loss  # noqa: E402
+from tritonquant.models import TinyTransformer, lm_batch, lm_loss, lm_loss_as_cuda_autocast_runs_it  # noqa: E402
 
 MB = 2**20
 BACKWARD_MARK = "peak_breakdown: backward"
@@ -92,13 +93,18 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--top", type=int, default=5, help="ops listed per method (5)")
+    parser.add_argument("--cuda-autocast-loss", action="store_true",
+                        help="the loss as CUDA autocast runs it: bf16 log-probabilities and a float32 copy for "
+                             "nll_loss (CPU autocast runs the whole cross-entropy in float32)")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = TinyTransformer(vocab=args.vocab, dim=768, heads=12, layers=args.layers, seq=args.seq, dropout=0.0,
                             tied=True)
     batch = lm_batch(args.batch, seq=args.seq, vocab=args.vocab)
+    loss_fn = lm_loss_as_cuda_autocast_runs_it if args.cuda_autocast_loss else lm_loss
+    loss_note = " (the loss as CUDA autocast runs it)" if args.cuda_autocast_loss else ""
     print(f"transformer: {args.layers} layers, dim 768, vocabulary {args.vocab}, tied head; batch {args.batch} x "
-          f"{args.seq}; bf16 autocast on the CPU; launches not run. MB above the step's start.\n")
+          f"{args.seq}; bf16 autocast on the CPU{loss_note}; launches not run. MB above the step's start.\n")
     summary, details = [], []
     for method in METHODS:
         bits = int(method.split("tq-")[1][0]) if "tq-" in method else None
@@ -107,7 +113,7 @@ def main() -> int:
         model.zero_grad(set_to_none=True)
         with model_change, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with session(), torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = lm_loss(model, batch)
+                loss = loss_fn(model, batch)
             with record_function(BACKWARD_MARK):
                 loss.backward()
         del loss

@@ -183,3 +183,15 @@ def lm_loss(model: nn.Module, batch) -> torch.Tensor:
     tokens, targets = batch
     logits = model(tokens)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def lm_loss_as_cuda_autocast_runs_it(model: nn.Module, batch) -> torch.Tensor:
+    """``lm_loss`` written out as CUDA autocast runs it, for CPU runs that count what a GPU step saves:
+    log_softmax in the logits' dtype (bf16), which saves its output, and nll_loss, which CUDA autocast
+    runs in float32, on a float32 copy, which it saves too. CPU autocast runs the whole cross-entropy in
+    float32 and saves one float32 tensor."""
+    tokens, targets = batch
+    logits = model(tokens)
+    with torch.autocast(logits.device.type, enabled=False):
+        log_probs = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1)
+        return F.nll_loss(log_probs.float(), targets.reshape(-1))
