@@ -3,7 +3,8 @@
 * Every Python block in README.md and docs/ uses only names ``tritonquant`` has, with keywords its
   functions take; every ``python -m tritonquant ...`` line parses with the CLI's parser.
 * Each complete program in docs/integrations/ runs in a process of its own (the distributed ones
-  under torchrun, as their first line says), unless it imports a package that is not installed.
+  under torchrun, as their first line says), unless it imports a package that is not installed; on a
+  CPU with the torch the doc names, it prints what the doc quotes it printing.
 * The fragments of README.md and docs/usage.md, which leave ``model``, ``batch`` and the like to the
   reader, run in order against small stand-ins for those names.
 """
@@ -59,9 +60,35 @@ def keywords_of(function) -> set[str]:
     return names
 
 
+def quoted_output(text_after: str) -> tuple[str | None, list[str]]:
+    """(the torch version named, the quoted lines) of the sentence that tells what a program printed: the
+    first one after the program's block that starts "On a CPU" or "Run on a CPU", up to its first full
+    stop outside backquotes (a quoted line may end in "..."). (None, []) when there is none."""
+    prose = re.sub(r"```.*?```", "", text_after.split("```python")[0], flags=re.S)
+    start = re.search(r"^(Run o|O)n a CPU", prose, flags=re.M)
+    if start is None:
+        return None, []
+    sentence, quoted = [], False
+    for i, char in enumerate(prose[start.start():]):
+        quoted ^= char == "`"
+        after = prose[start.start() + i + 1:][:1]
+        if char == "." and not quoted and after in ("", " ", "\n") and not "".join(sentence).endswith(".."):
+            break
+        sentence.append(char)
+    sentence = "".join(sentence)
+    version = re.search(r"torch (\d+\.\d+)", sentence)
+    return version and version[1], re.findall(r"`([^`]+)`", sentence)
+
+
+def programs(path: Path) -> list:
+    text = path.read_text()
+    found = re.finditer(r"```python\n(.*?)```", text, flags=re.S)
+    return [(block[1], *quoted_output(text[block.end():])) for block in found if not has_placeholders(block[1])]
+
+
 PYTHON_BLOCKS = [pytest.param(code, id=f"{doc_id(path)}-{i}") for path in DOCS for i, code in enumerate(blocks(path))]
-PROGRAMS = [pytest.param(code, id=f"{path.stem}-{i}") for path in sorted((ROOT / "docs" / "integrations").glob("*.md"))
-            for i, code in enumerate(blocks(path)) if not has_placeholders(code)]
+PROGRAMS = [pytest.param(*program, id=f"{path.stem}-{i}") for path in sorted((ROOT / "docs" / "integrations").glob("*.md"))
+            for i, program in enumerate(programs(path))]
 
 
 def test_the_docs_hold_code_to_check():
@@ -92,8 +119,31 @@ def test_a_command_line_in_the_docs_parses(where, line):
     build_parser().parse_args(argv)
 
 
-@pytest.mark.parametrize("code", PROGRAMS)
-def test_an_integration_program_runs(code, tmp_path):
+def test_the_quoted_output_of_a_program_is_found():
+    text = ("\n```\n\n```bash\nrun it\n```\n\nRun on a CPU (torch 2.13): `step 0 loss 5.086\nactivations` ... "
+            "`total ... 7.53x` ... `7.529...`. Use `cuda` on a GPU.\n\n```python\nx = 1\n```\nOn a CPU this prints `2`.")
+    assert quoted_output(text) == ("2.13", ["step 0 loss 5.086\nactivations", "total ... 7.53x",
+                                                "7.529..."])
+    assert quoted_output("\n```\nOn a GPU it prints `1`.") == (None, [])
+
+
+def printed(quoted: str, output: str) -> bool:
+    """Whether ``output`` holds ``quoted``, whose "..." stand for anything, with runs of white space and
+    backquotes (Lightning quotes names in its messages) not counted."""
+    def plain(text: str) -> str:
+        return " ".join(text.replace("`", "").split())
+
+    output, position = plain(output), 0
+    for piece in (plain(piece) for piece in quoted.split("...")):
+        position = output.find(piece, position)
+        if position < 0:
+            return False
+        position += len(piece)
+    return True
+
+
+@pytest.mark.parametrize("code, quoted_torch, quoted", PROGRAMS)
+def test_an_integration_program_runs(code, quoted_torch, quoted, tmp_path):
     imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(code))
@@ -115,6 +165,11 @@ def test_an_integration_program_runs(code, tmp_path):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.strip(), "the program printed nothing"
+    # What the doc says it printed, where this run is the one the doc describes: on a CPU, with that torch.
+    if quoted_torch is not None and torch.__version__.startswith(quoted_torch + ".") and not torch.cuda.is_available():
+        for line in quoted:
+            assert printed(line, result.stdout + result.stderr), f"the doc quotes {line!r}; the program printed:\n" + \
+                result.stdout[-3000:]
 
 
 def stand_ins() -> dict:

@@ -26,7 +26,7 @@ from tritonquant.models import TinyTransformer, lm_batch, lm_loss
 WORLD = 2
 TIMEOUT_S = 120
 # Cosine similarity of the full gradient with exact training, measured on this model (torch 2.13, CPU,
-# both ranks): 8 bits 0.99999, 4 bits 0.9995. The thresholds leave room for other versions and kernels.
+# both ranks): 8 bits 0.99999, 4 bits 0.9944. The thresholds leave room for other versions and kernels.
 AGREEMENT = {8: 0.9995, 4: 0.99}
 
 

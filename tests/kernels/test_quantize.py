@@ -381,8 +381,9 @@ def test_zeros_exact_in_groups_whose_step_has_no_reciprocal(backend, bits, stoch
     assert (xh[xg == 0] == 0).all() and not xh[xg == 0].signbit().any()
     kept = steps > 0  # groups where codes can tell the signs apart
     assert (xh[kept][xg[kept] > 0] > 0).all() and (xh[kept][xg[kept] < 0] < 0).all()
-    reference = quantize(x, bits, stochastic=stochastic, seed=3)
-    assert torch.equal(payload, reference[0]) and torch.equal(meta, reference[1])
+    if backend == "triton":  # (the torch backend is the reference)
+        reference = quantize(x, bits, stochastic=stochastic, seed=3, backend="torch")
+        assert torch.equal(payload, reference[0]) and torch.equal(meta, reference[1])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

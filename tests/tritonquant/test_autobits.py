@@ -300,7 +300,8 @@ def test_calibrate_honours_floors_and_overrides():
         lm_loss(model, batch).backward()
     rows = session.stats.modules
     assert 8 in rows["blocks.0.attn"].bits and 8 in rows["blocks.1.attn"].bits  # the probabilities' floor
-    assert rows["blocks.1.mlp.0"].bits == {4} and "head" not in rows or not rows["head"].bits
+    assert rows["blocks.1.mlp.0"].bits == {4}  # the override's width, not the plan's
+    assert not rows["head"].bits, "the excluded head packs nothing"
     tq.recalibrate(model)
 
 

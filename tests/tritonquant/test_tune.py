@@ -45,8 +45,9 @@ def test_invalid_choices_exit_2():
     assert run_tune(bits=(3,), stream=out) == 2
     assert "invalid bits [3]" in out.getvalue()
     assert run_tune(buckets=(20,), stream=io.StringIO()) == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exited:
         cli.main(["tune", "--bits", "four"])
+    assert exited.value.code == 2
 
 
 def test_plan_covers_the_requested_grid_in_order():
