@@ -22,6 +22,7 @@ import warnings
 import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -461,16 +462,51 @@ def _count_unpack(handle: _Packed, decoded: torch.Tensor | None) -> None:
         handle.unpacked = 0
 
 
+class _PerModule:
+    """A dict keyed by module identity that keeps no module alive.
+
+    Keyed by ``id()`` alone, an entry would outlive its module and be read as a later module's: CPython
+    gives a freed module's address to the next object of its size, such as a module built afresh each
+    step, whose buffers would then never be registered (and be packed). Each entry holds a weak
+    reference that tells whether its module is still the one it was filed for. Entries of freed modules
+    are swept whenever the table has doubled since the last sweep (no weakref callback per module).
+    """
+
+    _MIN_SWEEP = 256
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+        self._sweep_at = self._MIN_SWEEP
+
+    def get(self, module: nn.Module, default: Any = None) -> Any:
+        entry = self._entries.get(id(module))
+        return entry[1] if entry is not None and entry[0]() is module else default
+
+    def __contains__(self, module: nn.Module) -> bool:
+        entry = self._entries.get(id(module))
+        return entry is not None and entry[0]() is module
+
+    def __setitem__(self, module: nn.Module, value: Any) -> None:
+        self._entries[id(module)] = (weakref.ref(module), value)
+        if len(self._entries) >= self._sweep_at:
+            self._entries = {key: entry for key, entry in self._entries.items() if entry[0]() is not None}
+            self._sweep_at = max(self._MIN_SWEEP, 2 * len(self._entries))
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+
 class _ModuleStack:
     """The modules running right now, innermost last, with their qualified names."""
 
     def __init__(self) -> None:
         self.frames: list[nn.Module] = []
-        self.names: dict[int, str] = {}
+        self.names = _PerModule()  # module -> qualified name
+        self.all_names: dict[str, None] = {}  # every name given in this block (freed modules' too), in order
         self._root_prefixes: set[str] = set()
 
     def push(self, module: nn.Module) -> None:
-        if not self.frames and id(module) not in self.names:
+        if not self.frames and module not in self.names:
             # A root module: name its whole tree once ("layer1.0.conv1"); the first root itself is "".
             # A later root of another tree (a block that runs model.encoder, then model.decoder; or G,
             # then D) is named by its class ("Sequential", then "Sequential_2"), and its tree under that
@@ -481,7 +517,10 @@ class _ModuleStack:
             for name, sub in module.named_modules():
                 if _COMPILE_WRAPPED in name:  # (a submodule compiled on its own: "blocks.0._orig_mod")
                     name = ".".join(part for part in name.split(".") if part != _COMPILE_WRAPPED)
-                self.names.setdefault(id(sub), f"{prefix}.{name}" if prefix and name else prefix or name)
+                if sub not in self.names:  # (one already named under an earlier root keeps that name)
+                    qualified = f"{prefix}.{name}" if prefix and name else prefix or name
+                    self.names[sub] = qualified
+                    self.all_names[qualified] = None
         self.frames.append(module)
 
     def _new_root_prefix(self, module: nn.Module) -> str:
@@ -500,7 +539,7 @@ class _ModuleStack:
                 return
 
     def name_of(self, module: nn.Module) -> str:
-        name = self.names.get(id(module))
+        name = self.names.get(module)
         return name if name else type(module).__name__
 
     def current(self) -> nn.Module | None:
@@ -540,8 +579,8 @@ class Session:
         self.stats = Stats()
         self._stack = _ModuleStack()
         self._module_tensors = _ModuleStorages()
-        self._seen_modules: set[int] = set()
-        self._override_cache: dict[int, object] = {}  # module id -> QuantConfig, None (keep) or _NO_MATCH
+        self._seen_modules = _PerModule()  # module -> True once its parameters and buffers are registered
+        self._override_cache = _PerModule()  # module -> QuantConfig, None (keep) or _NO_MATCH
         self._quant_by_bits: dict[int, QuantConfig] = {}
         # Stochastic rounding with a fixed seed: one stream per seed for this block, so each packed
         # tensor draws its own random numbers (the block run again draws the same ones).
@@ -574,8 +613,8 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self._close()
         _BLOCK_MODULE_HOOKS.remove(self)
-        if self.config.overrides and self._stack.names:
-            _warn_unmatched_overrides(self.config.overrides, self._stack.names.values(), stacklevel=3)
+        if self.config.overrides and self._stack.all_names:
+            _warn_unmatched_overrides(self.config.overrides, self._stack.all_names, stacklevel=3)
 
     def _open(self) -> None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -606,7 +645,7 @@ class Session:
         if _compiling() or isinstance(module, fx.GraphModule):  # (GraphModule: what torch.compile runs)
             return
         module = _compiled_module_target(module)
-        if not self._stack.frames and id(module) in self._seen_modules:
+        if not self._stack.frames and module in self._seen_modules:
             # The outermost module run again in this block (a model called twice, a cell in a loop): its
             # weight copies are needed again, and autocast's cache saves a cast per call from here on.
             self._release_weight_copies = False
@@ -617,8 +656,8 @@ class Session:
             calibration = self._auto_state()
             if isinstance(calibration, Calibration):
                 calibration.enter(self._stack.name_of(module), module)
-        if id(module) not in self._seen_modules:
-            self._seen_modules.add(id(module))
+        if module not in self._seen_modules:
+            self._seen_modules[module] = True
             # The module's own registries, as parameters(recurse=False) and buffers(recurse=False) would
             # list them, without their generator machinery: this runs for every module of every step.
             for tensor in (*module._parameters.values(), *module._buffers.values()):
@@ -935,10 +974,10 @@ class Session:
     def _override_for(self):
         """The override deciding for tensors saved now (a QuantConfig, or None: keep), else _NO_MATCH."""
         for frame in reversed(self._stack.frames) if self.config.overrides else ():
-            decision = self._override_cache.get(id(frame), _UNCACHED)
+            decision = self._override_cache.get(frame, _UNCACHED)
             if decision is _UNCACHED:
                 decision = self._match_override(frame)
-                self._override_cache[id(frame)] = decision
+                self._override_cache[frame] = decision
             if decision is not _NO_MATCH:
                 return decision
         return _NO_MATCH
@@ -963,7 +1002,7 @@ class Session:
         return quant
 
     def _match_override(self, module: nn.Module):
-        name = self._stack.names.get(id(module), "")
+        name = self._stack.names.get(module, "")
         for key, quant in self.config.overrides:
             if isinstance(key, str) and fnmatch.fnmatchcase(name, key):
                 return quant

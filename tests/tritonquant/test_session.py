@@ -764,6 +764,62 @@ def test_a_module_calling_itself_is_still_running_when_its_inner_call_returns():
     assert rows["Recursive"].packed_tensors == 2  # both calls' tanh outputs
 
 
+class _Scale(nn.Module):
+    def __init__(self, features: int):
+        super().__init__()
+        self.register_buffer("scale", torch.randn(features))
+
+    def forward(self, x):
+        return (x * self.scale).exp()  # mul saves the buffer, exp its output
+
+
+class _WideScale(_Scale):
+    pass
+
+
+def _modules_until_an_address_is_reused(build, steps: int = 200, of_another_class: bool = False):
+    """Yields ``build(step)`` for step 0, 1, ..., each module freed before the next is built, until one
+    is built at the address (the id()) of a freed one (``of_another_class``: a freed module of another
+    class), as CPython does for objects of one size; fails if none is."""
+    class_at = {}
+    for step in range(steps):
+        module = build(step)
+        earlier = class_at.get(id(module))
+        reused = earlier is not None and (earlier is not type(module) or not of_another_class)
+        class_at[id(module)] = type(module)
+        yield module
+        del module
+        gc.collect()
+        if reused:
+            return
+    pytest.fail(f"no module among {steps} was built at a freed one's address: nothing was tested")
+
+
+def test_a_module_built_at_a_freed_modules_address_has_its_buffers_kept():
+    grad_out = torch.randn(16, 64)
+    with tq.compress(bits=2, min_bytes=0, backend="torch") as session:
+        for module in _modules_until_an_address_is_reused(lambda step: _Scale(64)):
+            x = torch.randn(16, 64, requires_grad=True)
+            out = module(x)
+            restored = out.grad_fn._saved_result  # exp's output is packed: its gradient uses this value
+            out.backward(grad_out)
+            assert torch.equal(x.grad, grad_out * restored * module.scale)
+    assert session.stats.passed_by_reason["parameter"] > 1 and session.stats.packed_tensors > 1
+
+
+def test_a_module_built_at_a_freed_modules_address_takes_no_name_or_override_of_it():
+    x = torch.randn(16, 64, requires_grad=True)
+    built = Counter()
+    with tq.compress(bits=2, min_bytes=0, overrides={_WideScale: {"bits": 8}}) as session:
+        build = lambda step: (_WideScale, _Scale)[step % 3 == 2](64)  # noqa: E731
+        for module in _modules_until_an_address_is_reused(build, of_another_class=True):
+            built[type(module).__name__] += 1
+            module(x).sum().backward()
+    # Each module is a root of its own, so each has a row of its own: "_Scale", "_Scale_2", ...
+    rows = Counter((name.rstrip("_0123456789"), frozenset(row.bits)) for name, row in session.stats.modules.items())
+    assert rows == {("_WideScale", frozenset({8})): built["_WideScale"], ("_Scale", frozenset({2})): built["_Scale"]}
+
+
 def test_overrides_by_name_and_type_and_exclusion():
     torch.manual_seed(0)
     model, batch = SmallCNN(width=8, blocks=1), cnn_batch(8)
