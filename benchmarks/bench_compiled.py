@@ -35,8 +35,8 @@ and on CUDA the memory held after the forward (activations) and the step's peak
 (``torch.cuda.max_memory_allocated``), each with its ratio to exact. On the CPU the models are small,
 so the step times mostly measure the host's work.
 
-Writes compiled.md and compiled.json (``rows``, ``gpu``, ``env``; benchmarks/targets.py reads it) to --out, else
-$OUT, else benchmarks/results/, after every workload.
+Writes compiled.md and compiled.json (``rows``, ``planned``, ``gpu``, ``env``; benchmarks/targets.py reads it) to
+--out, else $OUT, else benchmarks/results/, after every workload.
 """
 
 from __future__ import annotations
@@ -290,8 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.type == "cuda"
     where = torch.cuda.get_device_name() if cuda else "CPU (host time; no memory figures)"
     env = bench.environment()
+    all_cases = cases(device)
+    # The target workloads and their methods, so that targets.py can tell a cell never reached from one
+    # never planned.
+    planned = [{"workload": case.name, "methods": list(case.methods)} for case in all_cases if case.target]
     results = []
-    for case in cases(device):
+    for case in all_cases:
         torch.manual_seed(0)
         model = case.make_model()
         for method in case.methods:
@@ -308,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"triton {env['triton']})\n\n"
                 + tabulate(rows, headers, tablefmt="github", disable_numparse=True) + "\n")
         path = write_result(text, "compiled.md", args.out)
-        write_result(json.dumps({"gpu": cuda, "env": env, "rows": results}, indent=1), "compiled.json", args.out)
+        summary = {"gpu": cuda, "env": env, "planned": planned, "rows": results}
+        write_result(json.dumps(summary, indent=1), "compiled.json", args.out)
     print(text)
     print(f"wrote {path} and compiled.json")
     failed = [r for r in results if r["error"] is not None]

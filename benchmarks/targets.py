@@ -73,7 +73,7 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
                 exact_ms, tq_ms = measured("exact" + suffix, "step_ms"), measured("tq-4bit" + suffix, "step_ms")
                 if exact_ms and tq_ms:
                     overhead = tq_ms / exact_ms - 1
-                    rows.append([label, name, f"{overhead:+.0%} ({tq_ms:.1f} vs {exact_ms:.1f} ms)",
+                    rows.append([label, name, f"{overhead:+.1%} ({tq_ms:.2f} vs {exact_ms:.2f} ms)",
                                  verdict(overhead < STEP_OVERHEAD_MAX)])
                 # (A file without "planned" may be from before the bench captured steps: no such row then.)
                 elif suffix == "" or planned is not None or (workload, batch, "exact" + suffix) in cells:
@@ -85,7 +85,7 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
         if exact_act and tq_act:
             accounted = measured("tq-2bit", "accounted_mb")
             note = "" if accounted is None else f"; {accounted:.0f} MB by the session's count"
-            rows.append([label, name, f"1/{exact_act / tq_act:.2f} ({tq_act:.0f} vs {exact_act:.0f} MB{note})",
+            rows.append([label, name, f"1/{exact_act / tq_act:.3f} ({tq_act:.0f} vs {exact_act:.0f} MB{note})",
                          verdict(tq_act < limit * exact_act)])
         else:
             rows.append([label, name, "not measured", "-"])
@@ -103,7 +103,7 @@ def bench_rows(bench: dict | None) -> list[list[str]]:
                 ratio = peak / checkpoint_peak
                 phases = peak_phase(method), peak_phase("checkpoint")
                 where = "" if None in phases else f"; peaks in {phases[0]} / {phases[1]}"
-                rows.append([label, name, f"{ratio:.2f}x ({peak:.0f} vs {checkpoint_peak:.0f} MB{where})",
+                rows.append([label, name, f"{ratio:.3f}x ({peak:.0f} vs {checkpoint_peak:.0f} MB{where})",
                              verdict(ratio <= PEAK_VS_CHECKPOINT_MAX)])
             else:
                 rows.append([label, name, "not measured", "-"])
@@ -120,19 +120,28 @@ def compiled_rows(compiled: dict | None) -> list[list[str]]:
         return [[label, "-", "compiled.json is from a CPU run: no GPU figures", "-"]]
     graphed_label = f"step time, 4 bits, torch.compile with CUDA graphs: under +{STEP_OVERHEAD_MAX:.0%}"
     cells = {(r["workload"], r["method"]): r for r in compiled["rows"] if r.get("error") is None}
-    methods = {(r["workload"], r["method"]) for r in compiled["rows"]}
+    # The target workloads and methods the run set out to measure ("planned"), so that one it never reached
+    # (a stage cut short by the suite's time limit) reads "not measured" instead of being left out. Older
+    # files have no "planned": their measured target workloads and methods only.
+    planned = compiled.get("planned")
+    if planned is None:
+        target_workloads = dict.fromkeys(r["workload"] for r in compiled["rows"] if r.get("target"))
+        planned = [{"workload": workload,
+                    "methods": [r["method"] for r in compiled["rows"] if r["workload"] == workload]}
+                   for workload in target_workloads]
     rows = []
-    for workload in dict.fromkeys(r["workload"] for r in compiled["rows"] if r.get("target")):
+    for entry in planned:
+        workload, methods = entry["workload"], entry["methods"]
         for row_label, exact_method, packed_method in (
                 (label, "exact", "tq-4bit traced"),
                 (graphed_label, "exact, CUDA graphs", "tq-4bit traced, CUDA graphs")):
-            if row_label is graphed_label and (workload, packed_method) not in methods:
+            if packed_method not in methods:
                 continue  # (CUDA graphs are measured on some workloads only)
             exact, packed = cells.get((workload, exact_method)), cells.get((workload, packed_method))
             if exact and packed:
                 overhead = packed["step_ms"] / exact["step_ms"] - 1
                 rows.append([row_label, workload,
-                             f"{overhead:+.0%} ({packed['step_ms']:.1f} vs {exact['step_ms']:.1f} ms)",
+                             f"{overhead:+.1%} ({packed['step_ms']:.2f} vs {exact['step_ms']:.2f} ms)",
                              verdict(overhead < STEP_OVERHEAD_MAX)])
             else:
                 rows.append([row_label, workload, "not measured", "-"])
@@ -152,7 +161,8 @@ def kernel_rows(kernels: dict | None) -> list[list[str]]:
         name = f"{kind} {r['dtype']} {r['bits']}-bit, {r['input_bytes'] >> 20} MiB"
         if "triton_frac" in r:
             rows.append([BANDWIDTH_LABEL, name,
-                         f"{r['triton_frac']:.0%} ({r['triton_gbps']:.0f} GB/s)", verdict(r["triton_frac"] >= COPY_FRACTION_MIN)])
+                         f"{r['triton_frac']:.1%} ({r['triton_gbps']:.0f} GB/s)",
+                         verdict(r["triton_frac"] >= COPY_FRACTION_MIN)])
         else:
             rows.append([BANDWIDTH_LABEL, name, r.get("triton_error") or "not measured", "-"])
     return rows
